@@ -1,0 +1,435 @@
+"""The Lightning callback: sharpness-aware unlearning at the end of ``fit``, or on demand."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from lightning_sa_unlearn.curvature import CURVATURE_METHODS, hessian_diagonal
+from lightning_sa_unlearn.data import UnlearningData, checked_labels, limit_samples, sized
+from lightning_sa_unlearn.evaluation import classification_metrics
+from lightning_sa_unlearn.functional import LossFn, batches_for, eval_mode, require_trainable_parameters
+from lightning_sa_unlearn.report import UnlearningReport
+from lightning_sa_unlearn.selection import SELECTION_RULES, layer_sharpness, select_layers, trainable_layers
+from lightning_sa_unlearn.updates import (
+    apply_first_order,
+    choose_tau,
+    default_forget_loss,
+    default_tau_grid,
+    fine_tune,
+    forget_gradient,
+    mean_loss,
+)
+
+UPDATES = ("first_order", "fine_tune")
+_FAST_DEV_RUN_SAMPLES = 64
+
+
+class SharpnessAwareUnlearning(Callback):
+    r"""Remove the effect of wrong training data by updating only the layers chosen by curvature.
+
+    At the end of ``trainer.fit`` (or through :meth:`unlearn` on a fitted model) it:
+
+    1. measures ``diag H_learn(θ*)`` on ``train_dataloader()`` (:func:`hessian_diagonal`);
+    2. averages it per layer (:func:`layer_sharpness`) and picks layers (:meth:`select_layers`);
+    3. freezes every other parameter;
+    4. updates the picked layers: ``"first_order"`` is Warnecke et al.'s
+       ``θ_S ← θ_S − τ·∇_S L_forget`` with ``L_forget`` the paper's eq. 7 in sum reduction
+       (:meth:`forget_loss`); ``"fine_tune"`` runs SGD on ``D_r ∪ D̃_f`` over ``θ_S`` only;
+    5. reports held-out and forget-set metrics before and after (:attr:`report`).
+
+    Only the selected parameters change; every other tensor, BatchNorm buffers included, stays
+    bitwise identical. ``requires_grad`` flags and train/eval modes are restored. If anything
+    fails midway, the weights are restored before the error is raised.
+
+    Args:
+        update: ``"first_order"`` or ``"fine_tune"``.
+        selection: ``"flattest"`` (smallest mean diagonal; paper section 4.1 and Figure 1),
+            ``"sharpest"`` (largest; the abstract and section 5.1), ``"last"`` (Warnecke et al.'s
+            baseline), ``"all"``, or a list of module paths.
+        num_layers: how many layers a rule picks.
+        curvature: a :func:`hessian_diagonal` method; ``"ggn"`` equals the Hessian diagonal for
+            ReLU/max-pool networks.
+        curvature_samples: at most this many training samples for curvature (None: all).
+        num_probes: probes for ``curvature="hutchinson"``.
+        tau: the first-order step size, or ``"auto"``: the τ of least validation loss on a log
+            grid that includes 0 (no update). Validation is ``val_dataloader()`` or, without one,
+            the first ``validation_samples`` of the retain set; never the test set.
+        tau_grid: the τ values tried by ``"auto"`` (default: :func:`default_tau_grid`).
+        validation_samples: size of the retain slice used when there is no validation set.
+        epochs, lr, momentum: SGD settings of ``update="fine_tune"``.
+        loss_fn: the training loss, ``loss_fn(logits, y)`` with mean reduction.
+        seed: seeds all randomness of the run (the caller's global RNG state is left as it was).
+        report_path, plot_path: where rank 0 writes the JSON report and the sharpness plot.
+        progress_bar: show progress on steps that take more than a couple of seconds.
+        verbose: print the before/after table when done.
+    """
+
+    def __init__(
+        self,
+        update: str = "first_order",
+        selection: str | list[str] = "flattest",
+        num_layers: int = 1,
+        curvature: str = "ggn",
+        curvature_samples: int | None = None,
+        num_probes: int = 100,
+        tau: float | str = "auto",
+        tau_grid: list[float] | None = None,
+        validation_samples: int = 5000,
+        epochs: int = 1,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        loss_fn: LossFn = F.cross_entropy,
+        seed: int = 0,
+        report_path: str | None = None,
+        plot_path: str | None = None,
+        progress_bar: bool = True,
+        verbose: bool = True,
+    ) -> None:
+        if update not in UPDATES:
+            raise ValueError(f"unknown update {update!r}; choose one of {UPDATES}.")
+        if isinstance(selection, str) and selection not in SELECTION_RULES:
+            raise ValueError(f"unknown selection {selection!r}; use one of {SELECTION_RULES} or a list of module paths.")
+        if not isinstance(selection, str) and not list(selection):
+            raise ValueError("selection is an empty list; name at least one module path.")
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}.")
+        if curvature not in CURVATURE_METHODS:
+            raise ValueError(f"unknown curvature {curvature!r}; choose one of {CURVATURE_METHODS}.")
+        if curvature_samples is not None and curvature_samples < 1:
+            raise ValueError(f"curvature_samples must be >= 1 or None (all), got {curvature_samples}.")
+        if isinstance(tau, str) and tau != "auto" or not isinstance(tau, str) and not tau >= 0:
+            raise ValueError(f"tau must be 'auto' or a number >= 0, got {tau!r}.")
+        if tau_grid is not None and (not tau_grid or any(not t >= 0 for t in tau_grid)):
+            raise ValueError(f"tau_grid must be a non-empty list of numbers >= 0, got {tau_grid!r}.")
+        if epochs < 1 or lr <= 0:
+            raise ValueError(f"fine_tune needs epochs >= 1 and lr > 0, got epochs={epochs}, lr={lr}.")
+        self.update = update
+        self.selection = selection if isinstance(selection, str) else list(selection)
+        self.num_layers = num_layers
+        self.curvature = curvature
+        self.curvature_samples = curvature_samples
+        self.num_probes = num_probes
+        self.tau = tau
+        self.tau_grid = tau_grid
+        self.validation_samples = validation_samples
+        self.epochs, self.lr, self.momentum = epochs, lr, momentum
+        self.loss_fn = loss_fn
+        self.seed = seed
+        self.report_path, self.plot_path = report_path, plot_path
+        self.progress_bar, self.verbose = progress_bar, verbose
+        self.report: UnlearningReport | None = None
+
+    # ------------------------------------------------------------------ override points
+    def forget_loss(self, pl_module: nn.Module, forget_batch: tuple[Tensor, Tensor],
+                    corrected_batch: tuple[Tensor, Tensor] | None) -> Tensor:
+        """The loss whose gradient drives the update, on one pair of aligned batches.
+
+        Default: paper eq. 7 with sum reduction, ``Σ_{D̃_f} ℓ − Σ_{D_f} ℓ``. ``corrected_batch``
+        is None for sample unlearning (then the default is gradient ascent on ``D_f``).
+        Batches arrive on the model's device. Override for a custom forget objective.
+        """
+        return default_forget_loss(pl_module, forget_batch, corrected_batch, self.loss_fn)
+
+    def select_layers(self, sharpness: dict[str, float]) -> list[str]:
+        """Module paths to update, given ``{module path: mean Hessian diagonal}`` in registration order.
+
+        Default: :func:`~lightning_sa_unlearn.selection.select_layers` with ``selection`` and
+        ``num_layers``. Override for a rule of your own; return names from ``sharpness``.
+        """
+        return select_layers(sharpness, self.selection, self.num_layers)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
+            raise RuntimeError(
+                f"SharpnessAwareUnlearning does not support {type(trainer.strategy).__name__}, which shards "
+                "parameters. Use a single device or strategy='ddp' / 'ddp_spawn'."
+            )
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.run(trainer, pl_module, trainer.datamodule)
+
+    # ------------------------------------------------------------------ entry points
+    def unlearn(self, model: pl.LightningModule, datamodule: Any = None,
+                trainer: pl.Trainer | None = None) -> UnlearningReport:
+        """Unlearn on an already fitted ``model`` without training; returns the report.
+
+        A LightningDataModule gets ``prepare_data()`` and ``setup("fit")``/``setup("test")``
+        first. Without a ``trainer``, a minimal one (no logger, no checkpoints) is built.
+        """
+        if trainer is None:
+            trainer = pl.Trainer(
+                accelerator="cpu" if _device(model).type == "cpu" else "auto",
+                devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                enable_progress_bar=False,
+            )
+        if isinstance(datamodule, pl.LightningDataModule):
+            datamodule.prepare_data()
+            datamodule.setup("fit")
+            datamodule.setup("test")
+        return self.run(trainer, model, datamodule)
+
+    def run(self, trainer: pl.Trainer, pl_module: nn.Module, datamodule: Any = None) -> UnlearningReport:
+        """Unlearn on ``pl_module`` with the data of ``datamodule`` (then ``pl_module``)."""
+        snapshot = {name: t.detach().clone() for name, t in _tensors(pl_module)}
+        flags = {name: p.requires_grad for name, p in pl_module.named_parameters()}
+        try:
+            with torch.inference_mode(False), torch.enable_grad(), _seeded(self.seed), eval_mode(pl_module):
+                report = self._unlearn(trainer, pl_module, datamodule)
+        except BaseException:
+            _restore(pl_module, snapshot)
+            raise
+        finally:
+            for name, p in pl_module.named_parameters():
+                p.requires_grad_(flags[name])
+        self.report = report
+        self._publish(trainer, report)
+        return report
+
+    # ------------------------------------------------------------------ the work
+    def _unlearn(self, trainer: pl.Trainer, model: nn.Module, datamodule: Any) -> UnlearningReport:
+        seconds: dict[str, float] = {}
+        total_start = time.perf_counter()
+        require_trainable_parameters(model)
+        data = UnlearningData.resolve(datamodule, model)
+        if self.update == "fine_tune" and data.retain is None:
+            raise ValueError(
+                "update='fine_tune' needs the retain set: define retain_dataloader() on your datamodule "
+                "or LightningModule, or use update='first_order'."
+            )
+        layers = trainable_layers(model)
+        placeholder = dict.fromkeys(layers, 0.0)
+        if not isinstance(self.selection, str) or self.selection in ("flattest", "sharpest", "last"):
+            select_layers(placeholder, self.selection, self.num_layers)  # fail before any work
+        num_classes = _num_classes(model, data.forget)
+        cap = _FAST_DEV_RUN_SAMPLES if trainer.fast_dev_run else None
+
+        def checked(batches: Any, what: str) -> Iterable[Any] | None:
+            return None if batches is None else checked_labels(limit_samples(batches, cap), num_classes, what)
+
+        with _stage(seconds, "evaluation"):
+            heldout_before, forget_before = self._evaluate(model, data, num_classes, datamodule, checked, trainer)
+
+        with _stage(seconds, "forget_gradient"):
+            gradient = forget_gradient(
+                model, checked(data.forget, "forget"), checked(data.corrected, "corrected"),
+                forget_loss=lambda m, f, c: self.forget_loss(m, f, c),
+            )
+
+        with _stage(seconds, "curvature"):
+            samples = _min_or_none(self.curvature_samples, cap)
+            train_batches = self._progress(trainer, limit_samples(checked(data.train, "training"), samples),
+                                           f"curvature ({self.curvature})", _num_batches(data.train, samples))
+            counted = _Counted(train_batches)
+            diag = hessian_diagonal(
+                model, counted, loss_fn=self.loss_fn, method=self.curvature, num_probes=self.num_probes,
+                generator=torch.Generator(device=_device(model)).manual_seed(self.seed),
+            )
+            bad = [name for name, d in diag.items() if not torch.isfinite(d).all()]
+            if bad:
+                raise RuntimeError(f"the curvature of {bad} is not finite; the model's weights or data may "
+                                   "hold NaN/inf. Weights were left unchanged.")
+
+        with _stage(seconds, "selection"):
+            sharpness = layer_sharpness(model, diag)
+            selected = list(self.select_layers(sharpness))
+            unknown = [name for name in selected if name not in layers]
+            if not selected or unknown:
+                raise ValueError(f"select_layers returned {selected}, which must be a non-empty subset of {list(layers)}.")
+            names = [name for layer in selected for name in layers[layer]]
+
+        tau: float | None = None
+        tau_search: list[tuple[float, float]] = []
+        steps = None
+        validation, validation_source = self._validation_batches(data, cap)
+        with _stage(seconds, "update"), _frozen_except(model, names):
+            if self.update == "first_order":
+                if self.tau == "auto":
+                    if validation is None:
+                        raise ValueError("tau='auto' needs a validation set: define val_dataloader() or "
+                                         "retain_dataloader(), or pass a fixed tau.")
+                    grid = self.tau_grid or default_tau_grid(model, gradient, names)
+                    tau, losses = choose_tau(
+                        model, gradient, names, grid,
+                        lambda m: mean_loss(m, checked(validation, "validation"), self.loss_fn),
+                        progress=lambda it: self._progress(trainer, it, "choosing tau", len(grid)),
+                    )
+                    tau_search = sorted(losses.items())
+                else:
+                    tau = float(self.tau)
+                    apply_first_order(model, gradient, names, tau)
+            else:
+                sources = [checked(data.retain, "retain")]
+                if data.corrected is not None:
+                    sources.append(checked(data.corrected, "corrected"))
+                steps = fine_tune(
+                    model, names, sources, epochs=self.epochs, lr=self.lr, momentum=self.momentum,
+                    loss_fn=self.loss_fn, seed=self.seed,
+                    progress=lambda it: self._progress(trainer, it, "fine-tuning", None),
+                )
+            self._check_finite(model, names, validation if validation is not None else data.forget, checked)
+
+        with _stage(seconds, "evaluation"):
+            heldout_after, forget_after = self._evaluate(model, data, num_classes, datamodule, checked, trainer)
+        seconds["total"] = time.perf_counter() - total_start
+        return UnlearningReport(
+            layer_sharpness=sharpness,
+            selected_layers=selected,
+            num_updated_parameters=sum(dict(model.named_parameters())[n].numel() for n in names),
+            tau=tau,
+            heldout_before=heldout_before,
+            heldout_after=heldout_after,
+            forget_before=forget_before,
+            forget_after=forget_after,
+            seconds=seconds,
+            update=self.update,
+            selection=self.selection,
+            curvature=self.curvature,
+            curvature_samples=counted.samples,
+            tau_search=tau_search,
+            validation_source=validation_source if self.update == "first_order" and self.tau == "auto" else None,
+            fine_tune_steps=steps,
+        )
+
+    def _evaluate(self, model, data: UnlearningData, num_classes: int, datamodule: Any, checked, trainer):
+        target_class = getattr(datamodule, "target_class", None)
+        heldout: dict[str, float] = {}
+        if data.test is not None:
+            heldout = classification_metrics(
+                model, checked(data.test, "test"), num_classes, target_class=target_class, loss_fn=self.loss_fn,
+                progress=lambda it: self._progress(trainer, it, "held-out metrics", sized(data.test)),
+            )
+        forget = {"accuracy_trained_labels": self._accuracy(model, checked(data.forget, "forget"), num_classes)}
+        if data.corrected is not None:
+            forget["accuracy_corrected_labels"] = self._accuracy(model, checked(data.corrected, "corrected"), num_classes)
+        return heldout, forget
+
+    def _accuracy(self, model: nn.Module, batches: Iterable[Any], num_classes: int) -> float:
+        return classification_metrics(model, batches, num_classes, loss_fn=self.loss_fn)["accuracy"]
+
+    def _validation_batches(self, data: UnlearningData, cap: int | None) -> tuple[Any, str | None]:
+        if data.val is not None:
+            return _Reiterable(data.val, cap), "val_dataloader"
+        if data.retain is not None:
+            return _Reiterable(data.retain, _min_or_none(self.validation_samples, cap)), "retain slice"
+        return None, None
+
+    def _check_finite(self, model: nn.Module, names: Sequence[str], batches: Any, checked) -> None:
+        params = dict(model.named_parameters())
+        loss = mean_loss(model, checked(batches, "validation"), self.loss_fn)
+        if not all(torch.isfinite(params[n]).all() for n in names) or loss != loss or abs(loss) == float("inf"):
+            raise RuntimeError(f"the update made the model non-finite (loss {loss}); the weights were restored. "
+                               "Lower tau or lr, or check the forget loss.")
+
+    def _progress(self, trainer: pl.Trainer, iterable: Iterable[Any], desc: str, total: int | None) -> Iterable[Any]:
+        enabled = self.progress_bar and trainer.is_global_zero
+        return tqdm(iterable, desc=desc, total=total, leave=False, delay=2.0, disable=not enabled, dynamic_ncols=True)
+
+    def _publish(self, trainer: pl.Trainer, report: UnlearningReport) -> None:
+        metrics = report.scalar_metrics()
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if not trainer.is_global_zero:
+            return
+        if self.report_path:
+            report.to_json(self.report_path)
+        if self.plot_path:
+            report.plot(self.plot_path)
+        if self.verbose:
+            rank_zero_info("\nSharpness-aware unlearning\n" + report.format_table())
+
+
+# ---------------------------------------------------------------------- helpers
+class _Counted:
+    """An iterable that counts the samples it serves."""
+
+    def __init__(self, batches: Iterable[Any]) -> None:
+        self.batches, self.samples = batches, 0
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.batches:
+            self.samples += len(batch[1])
+            yield batch
+
+
+class _Reiterable:
+    """A loader limited to ``max_samples``, iterable many times (one pass per τ)."""
+
+    def __init__(self, loader: Any, max_samples: int | None) -> None:
+        self.loader, self.max_samples = loader, max_samples
+
+    def __iter__(self) -> Iterator[Any]:
+        return limit_samples(self.loader, self.max_samples)
+
+
+def _tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    yield from model.named_parameters()
+    yield from model.named_buffers()
+
+
+@torch.no_grad()
+def _restore(model: nn.Module, snapshot: dict[str, Tensor]) -> None:
+    for name, t in _tensors(model):
+        t.copy_(snapshot[name])
+
+
+@contextlib.contextmanager
+def _frozen_except(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
+    """``requires_grad`` False on every parameter outside ``names`` (the caller restores the flags)."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in names)
+    yield
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def _stage(seconds: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+@torch.no_grad()
+def _num_classes(model: nn.Module, forget: Any) -> int:
+    for x, _ in batches_for(model, forget):
+        if len(x):
+            return int(model(x[:1]).shape[-1])
+    raise ValueError("the forget set is empty: forget_dataloader() served no samples. Nothing to unlearn.")
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters(), torch.empty(0)).device
+
+
+def _min_or_none(a: int | None, b: int | None) -> int | None:
+    values = [v for v in (a, b) if v is not None]
+    return min(values) if values else None
+
+
+def _num_batches(loader: Any, max_samples: int | None) -> int | None:
+    total = sized(loader)
+    batch_size = getattr(loader, "batch_size", None)
+    if total is None or max_samples is None or not batch_size:
+        return total
+    return min(total, -(-max_samples // batch_size))

@@ -1,0 +1,215 @@
+"""Diagonal curvature of the training loss at the trained weights.
+
+The paper (section 4.1, eq. 8 and the text after it) measures sharpness along each parameter by
+the diagonal of ``H_learn(θ*)``, the Hessian of the learning loss (eq. 2). All estimators here
+return the diagonal for the MEAN loss ``(1/N) Σ_n ℓ(h(x_n, θ), y_n)`` over every sample of
+``batches``; multiply by N for the SUM loss of eq. 2 (the scale does not change any ranking).
+
+Every estimator runs the model in eval mode (BatchNorm uses its running statistics, dropout is
+off) and puts each module's mode back afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import grad, hessian, jvp, vjp, vmap
+
+from lightning_sa_unlearn.functional import (
+    LossFn,
+    batches_for,
+    chunks,
+    eval_mode,
+    model_buffers,
+    require_trainable_parameters,
+    stateless_logits,
+    stateless_loss,
+    tree_add_,
+)
+
+CURVATURE_METHODS = ("exact", "ggn", "hutchinson", "empirical_fisher")
+EXACT_MAX_PARAMETERS = 50_000
+"""``method="exact"`` costs one Hessian-vector product per parameter and per batch; above this it refuses."""
+
+
+def hessian_diagonal(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    loss_fn: LossFn = F.cross_entropy,
+    method: str = "ggn",
+    num_probes: int = 100,
+    generator: torch.Generator | None = None,
+    chunk_size: int = 32,
+    exact_max_parameters: int = EXACT_MAX_PARAMETERS,
+) -> dict[str, Tensor]:
+    """Diagonal of the Hessian of the mean loss over ``batches``, one tensor per trainable parameter.
+
+    Args:
+        model: the trained network; only parameters with ``requires_grad`` get an entry.
+        batches: any iterable of ``(x, y)`` pairs, for example a DataLoader.
+        loss_fn: ``loss_fn(logits, y)`` returning the batch MEAN (torch's default reduction).
+        method: ``"exact"``, ``"ggn"``, ``"hutchinson"`` or ``"empirical_fisher"``:
+
+            * ``"exact"``: ``diag H`` from one Hessian-vector product per parameter (vmapped).
+              A test reference for small models; refuses above ``exact_max_parameters``.
+            * ``"ggn"``: the exact diagonal of the generalized Gauss-Newton matrix
+              ``G = (1/N) Σ_n J_nᵀ (∇²_f ℓ_n) J_n``. For cross-entropy,
+              ``diag G = (1/N) Σ_n Σ_c p_nc · (∇_θ ℓ(x_n, c))²``, from per-example gradients.
+              For networks that are piecewise linear in each layer (ReLU, max-pool, eval-mode
+              BatchNorm, dropout in eval) it EQUALS the Hessian diagonal; for smooth
+              nonlinearities (tanh, GELU, ...) it is the positive semi-definite Gauss-Newton
+              part of the Hessian.
+            * ``"hutchinson"``: the unbiased estimate ``E_z[z ⊙ Hz]`` with ``num_probes``
+              Rademacher probes and forward-over-reverse Hessian-vector products. Any
+              twice-differentiable model.
+            * ``"empirical_fisher"``: ``(1/N) Σ_n (∇_θ ℓ(x_n, y_n))²`` at the given labels.
+              Cheap and biased: not a curvature estimate away from a perfect fit.
+        num_probes: probes per batch for ``"hutchinson"``.
+        generator: random source of the Hutchinson probes.
+        chunk_size: examples (or probes, or basis vectors) vmapped at once; bounds memory.
+        exact_max_parameters: the size limit of ``"exact"``.
+
+    Returns:
+        ``{name: diagonal}`` with each parameter's name and shape.
+    """
+    if method not in CURVATURE_METHODS:
+        raise ValueError(f"unknown curvature method {method!r}; choose one of {CURVATURE_METHODS}.")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    params = require_trainable_parameters(model)
+    if method == "exact":
+        size = sum(p.numel() for p in params.values())
+        if size > exact_max_parameters:
+            raise ValueError(
+                f"method='exact' needs one Hessian-vector product per parameter, and this model has "
+                f"{size:,} trainable parameters, above the limit of {exact_max_parameters:,} "
+                "(exact_max_parameters). Use method='ggn', which is exact for ReLU/max-pool "
+                "networks, or method='hutchinson' for any model."
+            )
+    if method == "hutchinson" and num_probes < 1:
+        raise ValueError(f"num_probes must be >= 1 for method='hutchinson', got {num_probes}.")
+    per_batch = {
+        "exact": _exact_batch,
+        "ggn": _ggn_batch,
+        "hutchinson": _hutchinson_batch,
+        "empirical_fisher": _empirical_fisher_batch,
+    }[method]
+
+    total: dict[str, Tensor] | None = None
+    count = 0
+    with eval_mode(model), torch.enable_grad():
+        buffers = model_buffers(model)
+        options = dict(loss_fn=loss_fn, num_probes=num_probes, generator=generator, chunk_size=chunk_size)
+        for x, y in batches_for(model, batches):
+            if x.shape[0] == 0:
+                continue
+            total = tree_add_(total, per_batch(model, params, buffers, x, y, **options))
+            count += x.shape[0]
+    if total is None:
+        raise ValueError("hessian_diagonal got no samples: `batches` is empty.")
+    return {name: value / count for name, value in total.items()}
+
+
+def _exact_batch(model, params, buffers, x, y, *, loss_fn, chunk_size, **_) -> dict[str, Tensor]:
+    """Σ over the batch of ``diag ∇²ℓ``: column i of H is ``H e_i``; keep its i-th entry."""
+    batch_loss = stateless_loss(model, buffers, loss_fn)
+    size = x.shape[0]
+
+    def hvp(tangent: dict[str, Tensor]) -> dict[str, Tensor]:
+        return jvp(grad(lambda p: batch_loss(p, x, y) * size), (params,), (tangent,))[1]
+
+    names = list(params)
+    flat_size = sum(params[n].numel() for n in names)
+    reference = next(iter(params.values()))
+    diagonal = torch.empty(flat_size, dtype=reference.dtype, device=reference.device)
+    for part in chunks(flat_size, chunk_size * 8):
+        index = torch.arange(part.start, part.stop, device=reference.device)
+        basis = torch.zeros(len(index), flat_size, dtype=reference.dtype, device=reference.device)
+        basis[torch.arange(len(index)), index] = 1.0
+        columns = vmap(hvp)(_unflatten(basis, params))
+        flat_columns = torch.cat([columns[n].reshape(len(index), -1) for n in names], dim=1)
+        diagonal[part] = flat_columns[torch.arange(len(index)), index]
+    return _unflatten(diagonal[None], params, squeeze=True)
+
+
+def _output_hessian_factor(logits: Tensor, target: Tensor, loss_fn: LossFn) -> Tensor:
+    """Rows ``s_k`` with ``Σ_k s_k s_kᵀ = ∇²_f ℓ(f, y)`` for one example's logits ``f``.
+
+    For cross-entropy ``∇²_f ℓ = diag(p) − ppᵀ = Σ_c p_c (e_c − p)(e_c − p)ᵀ``, so
+    ``s_c = √p_c (e_c − p)`` and ``(J_nᵀ s_c)² = p_c (∇_θ ℓ(x_n, c))²``.
+    Other losses use the eigendecomposition; a loss with a non-convex output (a negative
+    eigenvalue) has no Gauss-Newton factor and is clipped at zero.
+    """
+    logits = logits.detach()
+    if loss_fn is F.cross_entropy:
+        p = torch.softmax(logits, dim=-1)
+        return p.sqrt()[:, None] * (torch.eye(p.shape[-1], dtype=p.dtype, device=p.device) - p[None, :])
+    output_hessian = hessian(lambda f: loss_fn(f[None], target[None]))(logits)
+    eigenvalues, eigenvectors = torch.linalg.eigh(output_hessian)
+    return (eigenvectors * eigenvalues.clamp(min=0).sqrt()[None, :]).T
+
+
+def _ggn_batch(model, params, buffers, x, y, *, loss_fn, chunk_size, **_) -> dict[str, Tensor]:
+    logits_of = stateless_logits(model, buffers)
+
+    def example(x_n: Tensor, y_n: Tensor) -> dict[str, Tensor]:
+        logits, pullback = vjp(lambda p: logits_of(p, x_n[None])[0], params)
+        factor = _output_hessian_factor(logits, y_n, loss_fn)
+        (columns,) = vmap(pullback)(factor)
+        return {k: (g**2).sum(0) for k, g in columns.items()}
+
+    return _sum_over_examples(example, x, y, chunk_size)
+
+
+def _empirical_fisher_batch(model, params, buffers, x, y, *, loss_fn, chunk_size, **_) -> dict[str, Tensor]:
+    example_loss = stateless_loss(model, buffers, loss_fn)
+
+    def example(x_n: Tensor, y_n: Tensor) -> dict[str, Tensor]:
+        g = grad(example_loss)(params, x_n[None], y_n[None])
+        return {k: v**2 for k, v in g.items()}
+
+    return _sum_over_examples(example, x, y, chunk_size)
+
+
+def _hutchinson_batch(model, params, buffers, x, y, *, loss_fn, num_probes, generator, chunk_size, **_):
+    """Σ over the batch of ``z ⊙ (∇²ℓ) z`` averaged over Rademacher probes z (fresh per batch)."""
+    batch_loss = stateless_loss(model, buffers, loss_fn)
+    size = x.shape[0]
+
+    def probe_product(z: dict[str, Tensor]) -> dict[str, Tensor]:
+        hz = jvp(grad(lambda p: batch_loss(p, x, y) * size), (params,), (z,))[1]
+        return {k: z[k] * hz[k] for k in z}
+
+    total: dict[str, Tensor] | None = None
+    for part in chunks(num_probes, chunk_size):
+        probes = {k: _rademacher((part.stop - part.start, *p.shape), p, generator) for k, p in params.items()}
+        total = tree_add_(total, {k: v.sum(0) for k, v in vmap(probe_product)(probes).items()})
+    return {k: v / num_probes for k, v in total.items()}
+
+
+def _rademacher(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
+    device = generator.device if generator is not None else like.device
+    signs = torch.randint(0, 2, shape, generator=generator, device=device)
+    return (signs * 2 - 1).to(dtype=like.dtype, device=like.device)
+
+
+def _sum_over_examples(example, x: Tensor, y: Tensor, chunk_size: int) -> dict[str, Tensor]:
+    total: dict[str, Tensor] | None = None
+    for part in chunks(x.shape[0], chunk_size):
+        total = tree_add_(total, {k: v.sum(0) for k, v in vmap(example)(x[part], y[part]).items()})
+    return total
+
+
+def _unflatten(flat: Tensor, like: dict[str, Tensor], squeeze: bool = False) -> dict[str, Tensor]:
+    """Split ``flat`` of shape ``[k, P]`` into ``{name: [k, *shape]}`` (or ``{name: shape}`` with squeeze)."""
+    out, start = {}, 0
+    for name, p in like.items():
+        piece = flat[:, start : start + p.numel()].reshape(flat.shape[0], *p.shape)
+        out[name] = piece[0] if squeeze else piece
+        start += p.numel()
+    return out

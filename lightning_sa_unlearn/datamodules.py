@@ -1,0 +1,200 @@
+"""Label-poisoning experiments (paper section 5.1) as a LightningDataModule serving the data contract."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+DATASETS = ("mnist", "cifar10", "imagefolder", "synthetic")
+POISONS = ("targeted", "untargeted")
+_MNIST_STATS = ((0.1307,), (0.3081,))
+_CIFAR_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+
+
+class PoisonedLabelDataModule(pl.LightningDataModule):
+    """Training images with ``num_poisoned`` flipped labels, and the loaders that unlearning needs.
+
+    * ``poison="targeted"``: ``num_poisoned`` training samples of ``target_class`` are relabelled
+      to random other classes (the paper's targeted attack on class 9).
+    * ``poison="untargeted"``: ``num_poisoned`` random training samples are relabelled to random
+      other classes.
+
+    The validation split is held out of the training images before poisoning, so its labels are
+    clean; by default it is what exceeds 50,000 training images (the paper's setting: MNIST 50,000
+    / 10,000), or a tenth of the images when there are fewer. The official test split is the
+    held-out set. The same ``seed`` gives the same split and the same poisoned samples.
+
+    ``dataset="imagefolder"`` reads ``root/train`` and ``root/test`` in torchvision's ImageFolder
+    layout (for example the CIFAR-10 JPEG copy); ``"synthetic"`` makes a small 1×28×28 task for tests.
+    """
+
+    def __init__(
+        self,
+        dataset: Literal["mnist", "cifar10", "imagefolder", "synthetic"] = "mnist",
+        root: str = "data",
+        download: bool = False,
+        poison: Literal["targeted", "untargeted"] = "targeted",
+        num_poisoned: int = 2500,
+        target_class: int = 9,
+        num_train: int | None = None,
+        val_size: int | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int = 1000,
+        num_workers: int = 0,
+        seed: int = 0,
+        synthetic_size: tuple[int, int] = (1200, 400),
+    ) -> None:
+        super().__init__()
+        if dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}.")
+        if poison not in POISONS:
+            raise ValueError(f"unknown poison {poison!r}; choose one of {POISONS}.")
+        if num_poisoned < 0:
+            raise ValueError(f"num_poisoned must be >= 0, got {num_poisoned}.")
+        self.save_hyperparameters()
+        self.dataset, self.root, self.download = dataset, root, download
+        self.poison, self.num_poisoned = poison, num_poisoned
+        self.target_class: int | None = target_class if poison == "targeted" else None
+        self.num_train, self.val_size = num_train, val_size
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.seed, self.synthetic_size = seed, synthetic_size
+        self._ready = False
+
+    # ----------------------------------------------------------------------------- loading
+    def prepare_data(self) -> None:
+        if self.dataset in ("mnist", "cifar10") and self.download:
+            self._torchvision_split(train=True)
+            self._torchvision_split(train=False)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._ready:
+            return
+        images, labels, test_images, test_labels = self._load()
+        self.num_classes = int(max(labels.max(), test_labels.max())) + 1
+        generator = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(len(labels), generator=generator)
+        val_size = self.val_size if self.val_size is not None else max(len(labels) - 50_000, len(labels) // 10)
+        val_index, train_index = order[:val_size], order[val_size:]
+        if self.num_train is not None:
+            train_index = train_index[: self.num_train]
+
+        true_labels = labels[train_index]
+        poisoned_labels = true_labels.clone()
+        positions = self._choose_poisoned(true_labels, generator)
+        shift = torch.randint(1, self.num_classes, (len(positions),), generator=generator)
+        poisoned_labels[positions] = (true_labels[positions] + shift) % self.num_classes
+        is_forget = torch.zeros(len(train_index), dtype=torch.bool)
+        is_forget[positions] = True
+
+        x = images[train_index]
+        self.poisoned_indices = train_index[positions]  # indices into the original training split
+        self.train_set = TensorDataset(x, poisoned_labels)
+        self.forget_set = TensorDataset(x[positions], poisoned_labels[positions])
+        self.corrected_set = TensorDataset(x[positions], true_labels[positions])
+        self.retain_set = TensorDataset(x[~is_forget], true_labels[~is_forget])
+        self.val_set = TensorDataset(images[val_index], labels[val_index])
+        self.test_set = TensorDataset(test_images, test_labels)
+        self._ready = True
+
+    def _choose_poisoned(self, true_labels: Tensor, generator: torch.Generator) -> Tensor:
+        if self.poison == "targeted":
+            if not 0 <= self.target_class < self.num_classes:
+                raise ValueError(f"target_class={self.target_class} is outside the classes 0..{self.num_classes - 1}.")
+            candidates = (true_labels == self.target_class).nonzero().flatten()
+        else:
+            candidates = torch.arange(len(true_labels))
+        if self.num_poisoned > len(candidates):
+            raise ValueError(
+                f"num_poisoned={self.num_poisoned} but only {len(candidates)} training samples can be "
+                f"poisoned ({self.poison}); lower num_poisoned or use more training images."
+            )
+        return candidates[torch.randperm(len(candidates), generator=generator)[: self.num_poisoned]].sort().values
+
+    def _load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        if self.dataset == "synthetic":
+            return _synthetic(*self.synthetic_size)
+        if self.dataset == "imagefolder":
+            train, test = (_image_folder(os.path.join(self.root, split)) for split in ("train", "test"))
+            mean, std = train[0].mean(dim=(0, 2, 3)), train[0].std(dim=(0, 2, 3))
+            return _normalize(train[0], mean, std), train[1], _normalize(test[0], mean, std), test[1]
+        stats = _MNIST_STATS if self.dataset == "mnist" else _CIFAR_STATS
+        (x, y), (xt, yt) = self._torchvision_split(True), self._torchvision_split(False)
+        mean, std = torch.tensor(stats[0]), torch.tensor(stats[1])
+        return _normalize(x, mean, std), y, _normalize(xt, mean, std), yt
+
+    def _torchvision_split(self, train: bool) -> tuple[Tensor, Tensor]:
+        import torchvision
+
+        try:
+            if self.dataset == "mnist":
+                ds = torchvision.datasets.MNIST(self.root, train=train, download=self.download)
+                return ds.data.unsqueeze(1).float() / 255, ds.targets.long()
+            ds = torchvision.datasets.CIFAR10(self.root, train=train, download=self.download)
+            return torch.from_numpy(ds.data).permute(0, 3, 1, 2).float() / 255, torch.tensor(ds.targets)
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"could not read {self.dataset} under root={self.root!r} ({error}). Point root at a folder "
+                "holding the torchvision layout (e.g. ../shared/datasets for MNIST), or set download=True."
+            ) from error
+
+    # ----------------------------------------------------------------------------- loaders
+    def _loader(self, dataset: TensorDataset, shuffle: bool, batch_size: int | None = None) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size or self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def forget_dataloader(self) -> DataLoader:
+        return self._loader(self.forget_set, shuffle=False, batch_size=self.eval_batch_size)
+
+    def corrected_dataloader(self) -> DataLoader:
+        return self._loader(self.corrected_set, shuffle=False, batch_size=self.eval_batch_size)
+
+    def retain_dataloader(self) -> DataLoader:
+        return self._loader(self.retain_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False, batch_size=self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False, batch_size=self.eval_batch_size)
+
+
+def _normalize(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def _image_folder(path: str) -> tuple[Tensor, Tensor]:
+    import torchvision
+    from torchvision.transforms.functional import pil_to_tensor
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} does not exist; dataset='imagefolder' needs root/train and root/test.")
+    folder = torchvision.datasets.ImageFolder(path)
+    images = torch.stack([pil_to_tensor(folder.loader(p).convert("RGB")) for p, _ in folder.samples])
+    return images.float() / 255, torch.tensor(folder.targets)
+
+
+def _synthetic(num_train: int, num_test: int, num_classes: int = 10) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Ten smooth 1×28×28 class prototypes plus noise: learnable by PaperCNN in seconds, fixed data."""
+    generator = torch.Generator().manual_seed(1234)
+    coarse = torch.randn(num_classes, 1, 7, 7, generator=generator)
+    prototypes = torch.nn.functional.interpolate(coarse, size=(28, 28), mode="bilinear", align_corners=False)
+
+    def sample(n: int) -> tuple[Tensor, Tensor]:
+        y = torch.arange(n) % num_classes
+        return prototypes[y] + 1.0 * torch.randn(n, 1, 28, 28, generator=generator), y
+
+    (x, y), (xt, yt) = sample(num_train), sample(num_test)
+    return x, y, xt, yt

@@ -1,0 +1,107 @@
+"""Small helpers shared by the curvature, selection and update modules.
+
+Everything here works on a plain ``torch.nn.Module`` and needs no Lightning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+"""A loss ``loss_fn(logits, targets)`` that returns the MEAN over the batch (torch's default)."""
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, Tensor]:
+    """Detached views of the parameters with ``requires_grad``, keyed as in ``named_parameters``."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def require_trainable_parameters(model: nn.Module) -> dict[str, Tensor]:
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError(
+            f"{type(model).__name__} has no trainable parameters (every requires_grad is False). "
+            "Unfreeze the layers you want to unlearn in before calling this."
+        )
+    return params
+
+
+def model_buffers(model: nn.Module) -> dict[str, Tensor]:
+    return {name: b.detach() for name, b in model.named_buffers()}
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every module in eval mode, and restore each module's own flag afterwards."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def model_device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for p in model.parameters():
+        return p.device, p.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+def split_batch(batch: Any) -> tuple[Tensor, Tensor]:
+    """Return ``(x, y)`` from a batch given as a tuple or list whose first two items are inputs and targets."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise TypeError(
+        f"expected each batch to be a tuple (inputs, targets), got {type(batch).__name__}. "
+        "Return (x, y) pairs from your dataloaders."
+    )
+
+
+def to_model(batch: Any, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Move a batch to the model's device; floating inputs take the model's dtype."""
+    x, y = split_batch(batch)
+    x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
+    return x, y.to(device)
+
+
+def batches_for(model: nn.Module, batches: Iterable[Any]) -> Iterator[tuple[Tensor, Tensor]]:
+    device, dtype = model_device_and_dtype(model)
+    for batch in batches:
+        yield to_model(batch, device, dtype)
+
+
+def stateless_loss(model: nn.Module, buffers: dict[str, Tensor], loss_fn: LossFn) -> Callable[..., Tensor]:
+    """``loss(params, x, y)``: the model's mean loss on a batch as a pure function of ``params``."""
+
+    def loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return loss_fn(functional_call(model, (params, buffers), (x,)), y)
+
+    return loss
+
+
+def stateless_logits(model: nn.Module, buffers: dict[str, Tensor]) -> Callable[..., Tensor]:
+    def logits(params: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(model, (params, buffers), (x,))
+
+    return logits
+
+
+def tree_add_(total: dict[str, Tensor] | None, part: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Accumulate ``part`` into ``total`` in place (``total`` may start as None)."""
+    if total is None:
+        return {k: v.clone() for k, v in part.items()}
+    for k, v in part.items():
+        total[k].add_(v)
+    return total
+
+
+def chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))

@@ -1,0 +1,124 @@
+"""What an unlearning run did and measured: the report, its table, its JSON and its plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class UnlearningReport:
+    """The outcome of one :class:`~lightning_sa_unlearn.SharpnessAwareUnlearning` run.
+
+    ``heldout_*`` hold ``accuracy``, ``loss``, ``accuracy_class_<k>`` (and ``accuracy_other_classes``
+    for a targeted attack) on the test set; ``forget_*`` hold accuracy on ``D_f``'s trained labels
+    (``accuracy_trained_labels``) and on ``D̃_f``'s labels (``accuracy_corrected_labels``).
+    ``seconds`` has one entry per stage. ``tau`` is None for updates that have no step size.
+    """
+
+    layer_sharpness: dict[str, float]
+    selected_layers: list[str]
+    num_updated_parameters: int
+    tau: float | None
+    heldout_before: dict[str, float] = field(default_factory=dict)
+    heldout_after: dict[str, float] = field(default_factory=dict)
+    forget_before: dict[str, float] = field(default_factory=dict)
+    forget_after: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    update: str = "first_order"
+    selection: str | list[str] = "flattest"
+    curvature: str = "ggn"
+    curvature_samples: int = 0
+    tau_search: list[tuple[float, float]] = field(default_factory=list)
+    """``(τ, validation loss)`` for each τ tried when ``tau="auto"``."""
+    validation_source: str | None = None
+    fine_tune_steps: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(_finite_or_none(self.to_dict()), f, indent=2)
+
+    def scalar_metrics(self, prefix: str = "unlearn") -> dict[str, float]:
+        """Flat ``{prefix/group/name: value}`` for ``trainer.callback_metrics`` and loggers."""
+        metrics: dict[str, float] = {}
+        for group in ("heldout_before", "heldout_after", "forget_before", "forget_after", "seconds"):
+            for name, value in getattr(self, group).items():
+                metrics[f"{prefix}/{group}/{name}"] = float(value)
+        for layer, value in self.layer_sharpness.items():
+            metrics[f"{prefix}/sharpness/{layer or '<root>'}"] = float(value)
+        metrics[f"{prefix}/num_updated_parameters"] = float(self.num_updated_parameters)
+        if self.tau is not None:
+            metrics[f"{prefix}/tau"] = float(self.tau)
+        return metrics
+
+    def format_table(self) -> str:
+        """A plain-text before/after table, the per-layer sharpness, and the seconds per stage."""
+        rows = [("held-out accuracy", "accuracy")]
+        rows += [(f"  class {k[len('accuracy_class_'):]}", k) for k in self.heldout_before if k.startswith("accuracy_class_")]
+        if "accuracy_other_classes" in self.heldout_before:
+            rows.append(("  other classes", "accuracy_other_classes"))
+        rows.append(("held-out loss", "loss"))
+        lines = [f"{'metric':<34}{'before':>10}{'after':>10}", "-" * 54]
+        for label, key in rows:
+            lines.append(f"{label:<34}{_pct(self.heldout_before, key):>10}{_pct(self.heldout_after, key):>10}")
+        for key, label in (("accuracy_trained_labels", "forget set, trained (wrong) labels"),
+                           ("accuracy_corrected_labels", "forget set, corrected labels")):
+            if key in self.forget_before:
+                lines.append(f"{label:<34}{_pct(self.forget_before, key):>10}{_pct(self.forget_after, key):>10}")
+        lines += ["", f"layer sharpness (mean Hessian diagonal, {self.curvature}, {self.curvature_samples} samples):"]
+        for layer, value in self.layer_sharpness.items():
+            mark = "  <- selected" if layer in self.selected_layers else ""
+            lines.append(f"  {layer or '<root>':<30}{value:>12.4e}{mark}")
+        tau = "n/a" if self.tau is None else f"{self.tau:.4g}"
+        lines += [
+            "",
+            f"update: {self.update}, selection: {self.selection}, tau: {tau}, "
+            f"parameters updated: {self.num_updated_parameters:,}",
+            "seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()),
+        ]
+        return "\n".join(lines)
+
+    def plot(self, path: str | os.PathLike) -> None:
+        """Bar chart of per-layer sharpness with the selected layers highlighted (paper Figure 1, left)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        layers = list(self.layer_sharpness)
+        colors = ["tab:red" if layer in self.selected_layers else "tab:blue" for layer in layers]
+        fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(layers) + 2), 3.2))
+        ax.bar(range(len(layers)), [self.layer_sharpness[layer] for layer in layers], color=colors)
+        ax.set_xticks(range(len(layers)), [layer or "<root>" for layer in layers], rotation=45, ha="right")
+        ax.set_yscale("log")
+        ax.set_ylabel("mean Hessian diagonal")
+        ax.set_title(f"layer sharpness ({self.curvature}); red: selected ({self.selection})")
+        fig.tight_layout()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+def _pct(metrics: dict[str, float], key: str) -> str:
+    value = metrics.get(key)
+    if value is None or math.isnan(value):
+        return "-"
+    return f"{value:.4f}" if key == "loss" else f"{100 * value:.2f}%"
+
+
+def _finite_or_none(value: Any) -> Any:
+    """JSON has no NaN or infinity: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value

@@ -1,0 +1,74 @@
+"""Per-layer sharpness and the rules that pick which layers to unlearn in (paper section 4.1)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+SELECTION_RULES = ("flattest", "sharpest", "last", "all")
+
+
+def trainable_layers(model: nn.Module) -> dict[str, list[str]]:
+    """``{module path: [parameter names]}`` for every module that directly owns trainable parameters.
+
+    Modules come in registration order; parameter names are full ``named_parameters`` names.
+    """
+    layers: dict[str, list[str]] = {}
+    for path, module in model.named_modules():
+        names = [f"{path}.{n}" if path else n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if names:
+            layers[path] = names
+    return layers
+
+
+def layer_sharpness(model: nn.Module, diag: dict[str, Tensor]) -> dict[str, float]:
+    """Mean Hessian diagonal of each layer: ``s_l = (1/|θ_l|) Σ_{i ∈ θ_l} H_ii``.
+
+    One entry per module that directly owns trainable parameters (weight and bias together), in
+    registration order. ``diag`` is the output of :func:`hessian_diagonal`.
+    """
+    sharpness: dict[str, float] = {}
+    for path, names in trainable_layers(model).items():
+        missing = [n for n in names if n not in diag]
+        if missing:
+            raise KeyError(f"the curvature has no entry for {missing}; compute it on the same model.")
+        total = sum(float(diag[n].double().sum()) for n in names)
+        sharpness[path] = total / sum(diag[n].numel() for n in names)
+    return sharpness
+
+
+def select_layers(sharpness: dict[str, float], rule: str | Sequence[str], num_layers: int = 1) -> list[str]:
+    """Apply a selection rule to per-layer sharpness (in registration order).
+
+    * ``"flattest"``: the ``num_layers`` smallest sharpness values (paper section 4.1, Figure 1);
+    * ``"sharpest"``: the largest (the paper's abstract and section 5.1);
+    * ``"last"``: the last ``num_layers`` layers (Warnecke et al.'s baseline);
+    * ``"all"``: every layer;
+    * a list of module paths: exactly those.
+    """
+    layers = list(sharpness)
+    if not layers:
+        raise ValueError("there are no trainable layers to select from.")
+    if not isinstance(rule, str):
+        chosen = list(rule)
+        unknown = [name for name in chosen if name not in sharpness]
+        if unknown or not chosen:
+            raise ValueError(
+                f"selection names {unknown or 'no layers'}, which are not modules that own trainable "
+                f"parameters. Choose among: {layers}."
+            )
+        return chosen
+    if rule not in SELECTION_RULES:
+        raise ValueError(f"unknown selection rule {rule!r}; use one of {SELECTION_RULES} or a list of module paths.")
+    if rule == "all":
+        return layers
+    if not 1 <= num_layers <= len(layers):
+        raise ValueError(
+            f"num_layers={num_layers} but the model has {len(layers)} trainable layers; "
+            f"choose 1 <= num_layers <= {len(layers)}."
+        )
+    if rule == "last":
+        return layers[-num_layers:]
+    ranked = sorted(layers, key=sharpness.__getitem__, reverse=rule == "sharpest")
+    return ranked[:num_layers]

@@ -1,0 +1,211 @@
+"""Unlearning updates restricted to the selected parameters S.
+
+* :func:`forget_gradient`: ``G = ∇_θ L_forget`` with the paper's eq. 7 in SUM reduction,
+  ``L_forget = Σ_{D̃_f} ℓ − Σ_{D_f} ℓ`` (sample unlearning: ``D̃_f = ∅``).
+* :func:`apply_first_order`: Warnecke et al.'s closed form ``θ_S ← θ_S − τ·G_S``.
+* :func:`choose_tau`: τ from a grid (τ = 0 included) by the loss on a validation set.
+* :func:`fine_tune`: SGD on ``D_r ∪ D̃_f`` over ``θ_S`` only (the paper's fine-tuning, restricted).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_sa_unlearn.functional import LossFn, batches_for, eval_mode
+
+Batch = tuple[Tensor, Tensor]
+ForgetLoss = Callable[[nn.Module, Batch, "Batch | None"], Tensor]
+
+
+def sum_loss(model: nn.Module, batch: Batch, loss_fn: LossFn = F.cross_entropy) -> Tensor:
+    """``Σ_{(x,y) ∈ batch} ℓ(h(x, θ), y)`` from a mean-reduced ``loss_fn``."""
+    x, y = batch
+    return loss_fn(model(x), y) * x.shape[0]
+
+
+def default_forget_loss(
+    model: nn.Module, forget_batch: Batch, corrected_batch: Batch | None, loss_fn: LossFn = F.cross_entropy
+) -> Tensor:
+    """Paper eq. 7 on one pair of batches: ``Σ_{D̃_f} ℓ − Σ_{D_f} ℓ`` (without ``D̃_f`` for sample unlearning)."""
+    loss = -sum_loss(model, forget_batch, loss_fn)
+    if corrected_batch is not None:
+        loss = loss + sum_loss(model, corrected_batch, loss_fn)
+    return loss
+
+
+def paired_batches(
+    model: nn.Module, forget: Iterable[Any], corrected: Iterable[Any] | None
+) -> Iterable[tuple[Batch, Batch | None]]:
+    """Yield ``(forget_batch, corrected_batch)`` on the model's device, checking the two sets align."""
+    forget_batches = batches_for(model, forget)
+    if corrected is None:
+        yield from ((batch, None) for batch in forget_batches)
+        return
+    missing = object()
+    for index, (f, c) in enumerate(itertools.zip_longest(forget_batches, batches_for(model, corrected), fillvalue=missing)):
+        if f is missing or c is missing or f[0].shape[0] != c[0].shape[0]:
+            raise ValueError(
+                f"the forget and corrected sets differ in length (first difference at batch {index}). "
+                "corrected_dataloader must serve the same samples as forget_dataloader, in the same "
+                "order and with the same batch size; only labels or features may differ."
+            )
+        yield f, c
+
+
+def forget_gradient(
+    model: nn.Module,
+    forget: Iterable[Any],
+    corrected: Iterable[Any] | None = None,
+    *,
+    forget_loss: ForgetLoss = default_forget_loss,
+) -> dict[str, Tensor]:
+    """``G = ∇_θ L_forget(θ; D_f, D̃_f)`` (paper eq. 7) for every trainable parameter, in eval mode."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    total = {name: torch.zeros_like(p) for name, p in params.items()}
+    count = 0
+    with eval_mode(model), torch.enable_grad():
+        for forget_batch, corrected_batch in paired_batches(model, forget, corrected):
+            loss = forget_loss(model, forget_batch, corrected_batch)
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            for name, g in zip(params, grads):
+                if g is not None:
+                    total[name].add_(g)
+            count += forget_batch[0].shape[0]
+    if count == 0:
+        raise ValueError("the forget set is empty: forget_dataloader() served no samples. Nothing to unlearn.")
+    return total
+
+
+@torch.no_grad()
+def apply_first_order(model: nn.Module, gradient: dict[str, Tensor], names: Sequence[str], tau: float) -> None:
+    """``θ_S ← θ_S − τ·G_S`` in place, for the parameter names in ``names`` (Warnecke et al.)."""
+    params = dict(model.named_parameters())
+    for name in names:
+        params[name].sub_(gradient[name], alpha=tau)
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn = F.cross_entropy) -> float:
+    """Mean of ``loss_fn`` over every sample of ``batches``, in eval mode."""
+    total, count = 0.0, 0
+    with eval_mode(model):
+        for x, y in batches_for(model, batches):
+            total += float(loss_fn(model(x), y)) * x.shape[0]
+            count += x.shape[0]
+    if count == 0:
+        raise ValueError("cannot evaluate a loss on an empty set of batches.")
+    return total / count
+
+
+def default_tau_grid(model: nn.Module, gradient: dict[str, Tensor], names: Sequence[str]) -> list[float]:
+    """``{0} ∪ {r·10^k : k = -4, -3.5, ..., 0}`` with ``r = ‖θ_S‖ / ‖G_S‖``.
+
+    The step ``τ·G_S`` then moves ``θ_S`` by 0.01% up to 100% of its own norm, whatever the scale
+    of the loss or the size of the forget set.
+    """
+    params = dict(model.named_parameters())
+    weight_norm = torch.sqrt(sum(params[n].detach().double().pow(2).sum() for n in names))
+    grad_norm = torch.sqrt(sum(gradient[n].double().pow(2).sum() for n in names))
+    if not torch.isfinite(grad_norm):
+        raise FloatingPointError("the forget gradient is not finite; check the forget and corrected data.")
+    if grad_norm == 0:
+        return [0.0]
+    ratio = float(weight_norm / grad_norm)
+    return [0.0] + [ratio * 10 ** (k / 2) for k in range(-8, 1)]
+
+
+def choose_tau(
+    model: nn.Module,
+    gradient: dict[str, Tensor],
+    names: Sequence[str],
+    grid: Sequence[float],
+    validation_loss: Callable[[nn.Module], float],
+    progress: Callable[[Iterable[float]], Iterable[float]] = lambda it: it,
+) -> tuple[float, dict[float, float]]:
+    """Try ``θ_S − τ·G_S`` for each τ in ``grid``; leave the model at the τ of least validation loss.
+
+    Returns the chosen τ and ``{τ: validation loss}``. Non-finite losses never win.
+    """
+    params = dict(model.named_parameters())
+    start = {n: params[n].detach().clone() for n in names}
+    losses: dict[float, float] = {}
+    for tau in progress(grid):
+        _reset(params, start)
+        apply_first_order(model, gradient, names, tau)
+        losses[tau] = validation_loss(model)
+    finite = {t: v for t, v in losses.items() if v == v and abs(v) != float("inf")}
+    if not finite:
+        raise FloatingPointError(f"every τ in the grid gave a non-finite validation loss: {losses}.")
+    best = min(finite, key=lambda t: (finite[t], t))
+    _reset(params, start)
+    apply_first_order(model, gradient, names, best)
+    return best, losses
+
+
+@torch.no_grad()
+def _reset(params: dict[str, nn.Parameter], values: dict[str, Tensor]) -> None:
+    for name, value in values.items():
+        params[name].copy_(value)
+
+
+def interleave(sources: Sequence[Iterable[Any]], rng: random.Random) -> Iterable[Any]:
+    """Batches from several loaders in random order, each source drawn in proportion to what it has left."""
+    iterators = [iter(s) for s in sources]
+    remaining = [len(s) if hasattr(s, "__len__") else 1 for s in sources]
+    while iterators:
+        i = rng.choices(range(len(iterators)), weights=[max(r, 1) for r in remaining])[0]
+        try:
+            yield next(iterators[i])
+            remaining[i] -= 1
+        except StopIteration:
+            del iterators[i], remaining[i]
+
+
+def fine_tune(
+    model: nn.Module,
+    names: Sequence[str],
+    sources: Sequence[Iterable[Any]],
+    *,
+    epochs: int = 1,
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    loss_fn: LossFn = F.cross_entropy,
+    seed: int = 0,
+    progress: Callable[[Iterable[Any]], Iterable[Any]] = lambda it: it,
+) -> int:
+    """SGD on the mean loss over ``sources`` (``D_r`` and ``D̃_f``), updating only ``names``.
+
+    Runs in eval mode like every other step here, so BatchNorm statistics stay as they were.
+    Parameters outside ``names`` get ``requires_grad=False`` for the duration and are never
+    handed to the optimizer. Returns the number of optimizer steps taken.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1 for update='fine_tune', got {epochs}.")
+    params = dict(model.named_parameters())
+    selected = [params[n] for n in names]
+    flags = {n: p.requires_grad for n, p in params.items()}
+    optimizer = torch.optim.SGD(selected, lr=lr, momentum=momentum)
+    rng = random.Random(seed)
+    steps = 0
+    try:
+        for name, p in params.items():
+            p.requires_grad_(name in names)
+        with eval_mode(model), torch.enable_grad():
+            for _ in range(epochs):
+                for x, y in progress(batches_for(model, interleave(sources, rng))):
+                    optimizer.zero_grad(set_to_none=True)
+                    loss_fn(model(x), y).backward()
+                    optimizer.step()
+                    steps += 1
+    finally:
+        for name, p in params.items():
+            p.requires_grad_(flags[name])
+            p.grad = None
+    return steps
