@@ -1,0 +1,151 @@
+"""hessian_diagonal against an exact Hessian from torch.autograd.functional.hessian (float64)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import autograd_hessian_diagonal, flat, relu_cnn, tanh_mlp
+from lightning_sa_unlearn import hessian_diagonal
+
+
+def relative_error(estimate, reference):
+    return float((estimate - reference).norm() / reference.norm())
+
+
+@pytest.fixture
+def cnn_data():
+    torch.manual_seed(0)
+    return relu_cnn(), torch.randn(20, 1, 8, 8, dtype=torch.float64), torch.randint(0, 3, (20,))
+
+
+@pytest.fixture
+def mlp_data():
+    torch.manual_seed(1)
+    return tanh_mlp(), torch.randn(24, 5, dtype=torch.float64), torch.randint(0, 3, (24,))
+
+
+def split(x, y, *sizes):
+    out, start = [], 0
+    for size in sizes:
+        out.append((x[start:start + size], y[start:start + size]))
+        start += size
+    return out
+
+
+@pytest.mark.parametrize("fixture", ["cnn_data", "mlp_data"])
+def test_exact_matches_autograd_hessian(fixture, request):
+    model, x, y = request.getfixturevalue(fixture)
+    reference = autograd_hessian_diagonal(model, x, y)
+    diag = hessian_diagonal(model, split(x, y, 7, len(y) - 7), method="exact")
+    assert relative_error(flat(diag), reference) < 1e-10
+    assert list(diag) == [n for n, _ in model.named_parameters()]
+    assert all(diag[n].shape == p.shape for n, p in model.named_parameters())
+
+
+def test_ggn_equals_hessian_on_relu_maxpool_cnn(cnn_data):
+    model, x, y = cnn_data
+    reference = autograd_hessian_diagonal(model, x, y)
+    ggn = flat(hessian_diagonal(model, split(x, y, 5, 15), method="ggn", chunk_size=4))
+    assert relative_error(ggn, reference) < 1e-6
+
+
+def test_ggn_differs_from_hessian_on_tanh(mlp_data):
+    model, x, y = mlp_data
+    reference = autograd_hessian_diagonal(model, x, y)
+    ggn = flat(hessian_diagonal(model, [(x, y)], method="ggn"))
+    assert relative_error(ggn, reference) > 0.05
+    assert (ggn >= 0).all()  # the Gauss-Newton part is positive semi-definite
+
+
+def test_ggn_for_cross_entropy_is_expected_squared_gradient(mlp_data):
+    """diag GGN = (1/N) Σ_n Σ_c p_nc (∇ℓ(x_n, c))², computed here with a loop of autograd.grad."""
+    model, x, y = mlp_data
+    params = list(model.parameters())
+    expected = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
+    for n in range(len(x)):
+        p = torch.softmax(model(x[n:n + 1]), -1).detach()[0]
+        for c in range(3):
+            loss = F.cross_entropy(model(x[n:n + 1]), torch.tensor([c]))
+            g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, params)])
+            expected += p[c] * g**2
+    expected /= len(x)
+    assert relative_error(flat(hessian_diagonal(model, [(x, y)], method="ggn")), expected) < 1e-12
+
+
+def test_ggn_of_another_loss_uses_its_output_hessian(cnn_data):
+    """Squared error on a piecewise-linear net: GGN = Hessian again, through the eigen-factor path."""
+    model, x, y = cnn_data
+
+    def squared_error(logits, targets):
+        return F.mse_loss(logits, torch.zeros_like(logits).scatter(-1, targets[:, None], 1.0))
+
+    reference = autograd_hessian_diagonal(model, x, y, loss_fn=squared_error)
+    ggn = flat(hessian_diagonal(model, [(x, y)], method="ggn", loss_fn=squared_error))
+    assert relative_error(ggn, reference) < 1e-6
+
+
+def test_hutchinson_converges_to_exact(mlp_data):
+    model, x, y = mlp_data
+    reference = autograd_hessian_diagonal(model, x, y)
+    errors = {}
+    for probes in (4, 400, 4000):
+        generator = torch.Generator().manual_seed(0)
+        estimate = hessian_diagonal(model, [(x, y)], method="hutchinson", num_probes=probes,
+                                    generator=generator, chunk_size=256)
+        errors[probes] = relative_error(flat(estimate), reference)
+    assert errors[4] > errors[400] > errors[4000]
+    assert errors[4000] < 0.1
+
+
+def test_hutchinson_is_reproducible_with_a_generator(mlp_data):
+    model, x, y = mlp_data
+    first, second = (flat(hessian_diagonal(model, [(x, y)], method="hutchinson", num_probes=5,
+                                           generator=torch.Generator().manual_seed(3))) for _ in range(2))
+    assert torch.equal(first, second)
+
+
+def test_empirical_fisher_is_mean_squared_gradient(mlp_data):
+    model, x, y = mlp_data
+    params = list(model.parameters())
+    expected = sum(
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(F.cross_entropy(model(x[n:n + 1]), y[n:n + 1]), params)]) ** 2
+        for n in range(len(x))
+    ) / len(x)
+    estimate = flat(hessian_diagonal(model, split(x, y, 10, 14), method="empirical_fisher"))
+    assert relative_error(estimate, expected) < 1e-12
+
+
+def test_eval_mode_is_used_and_restored():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
+    model.train()
+    model[3].eval()  # a mixed state must come back as it was
+    diag = flat(hessian_diagonal(model, [(x, y)], method="exact"))
+    assert [m.training for m in model] == [True, True, True, False]
+    reference = autograd_hessian_diagonal(model.eval(), x, y)
+    assert relative_error(diag, reference) < 1e-10
+
+
+def test_frozen_parameters_get_no_entry(cnn_data):
+    model, x, y = cnn_data
+    model[0].weight.requires_grad_(False)
+    diag = hessian_diagonal(model, [(x, y)], method="ggn")
+    assert "0.weight" not in diag and "0.bias" in diag
+
+
+def test_exact_refuses_large_models():
+    model = nn.Linear(300, 200)
+    with pytest.raises(ValueError, match="exact_max_parameters.*ggn"):
+        hessian_diagonal(model, [(torch.randn(2, 300), torch.tensor([0, 1]))], method="exact")
+
+
+def test_bad_arguments_are_refused(cnn_data):
+    model, x, y = cnn_data
+    with pytest.raises(ValueError, match="empty"):
+        hessian_diagonal(model, [], method="ggn")
+    with pytest.raises(ValueError, match="unknown curvature method"):
+        hessian_diagonal(model, [(x, y)], method="kfac")
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        hessian_diagonal(relu_cnn().requires_grad_(False), [(x, y)])

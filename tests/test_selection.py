@@ -1,0 +1,57 @@
+"""layer_sharpness and the selection rules, against hand-computed values."""
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_sa_unlearn import layer_sharpness, select_layers
+from lightning_sa_unlearn.selection import trainable_layers
+
+
+def model():
+    return nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.ReLU(), nn.Linear(3, 1))
+
+
+def test_layer_sharpness_is_mean_over_weight_and_bias():
+    net = model()
+    diag = {name: torch.full_like(p, float(i + 1)) for i, (name, p) in enumerate(net.named_parameters())}
+    # 0.weight (6 entries of 1), 0.bias (3 of 2) -> (6 + 6) / 9
+    # 1.weight (3 of 3), 1.bias (3 of 4) -> 21 / 6; 3.weight (3 of 5), 3.bias (1 of 6) -> 21 / 4
+    sharpness = layer_sharpness(net, diag)
+    assert list(sharpness) == ["0", "1", "3"]  # registration order, ReLU owns nothing
+    assert sharpness["0"] == pytest.approx(12 / 9)
+    assert sharpness["1"] == pytest.approx(21 / 6)
+    assert sharpness["3"] == pytest.approx(21 / 4)
+
+
+def test_frozen_parameters_are_left_out():
+    net = model()
+    net[0].bias.requires_grad_(False)
+    net[1].requires_grad_(False)
+    assert trainable_layers(net) == {"0": ["0.weight"], "3": ["3.weight", "3.bias"]}
+
+
+SHARPNESS = {"conv1": 0.5, "conv2": 0.1, "fc1": 0.01, "fc2": 0.3}
+
+
+@pytest.mark.parametrize("rule, num_layers, expected", [
+    ("flattest", 1, ["fc1"]),
+    ("flattest", 2, ["fc1", "conv2"]),
+    ("sharpest", 1, ["conv1"]),
+    ("sharpest", 2, ["conv1", "fc2"]),
+    ("last", 1, ["fc2"]),
+    ("last", 2, ["fc1", "fc2"]),
+    ("all", 1, ["conv1", "conv2", "fc1", "fc2"]),
+    (["conv2", "fc2"], 1, ["conv2", "fc2"]),
+])
+def test_rules(rule, num_layers, expected):
+    assert select_layers(SHARPNESS, rule, num_layers) == expected
+
+
+def test_bad_selections_say_what_to_do():
+    with pytest.raises(ValueError, match="not modules that own trainable parameters.*Choose among"):
+        select_layers(SHARPNESS, ["conv3"])
+    with pytest.raises(ValueError, match="num_layers=5.*4 trainable layers"):
+        select_layers(SHARPNESS, "flattest", 5)
+    with pytest.raises(ValueError, match="unknown selection rule"):
+        select_layers(SHARPNESS, "random")
