@@ -216,8 +216,9 @@ class SharpnessAwareUnlearning(Callback):
         num_classes = _num_classes(model, data.forget)
         cap = _FAST_DEV_RUN_SAMPLES if trainer.fast_dev_run else None
 
-        def checked(batches: Any, what: str) -> Iterable[Any] | None:
-            return None if batches is None else checked_labels(limit_samples(batches, cap), num_classes, what)
+        def checked(batches: Any, what: str, max_samples: int | None = None) -> _Batches | None:
+            limit = _min_or_none(max_samples, cap)
+            return None if batches is None else _Batches(batches, limit, num_classes, what)
 
         with _stage(seconds, "evaluation"):
             heldout_before, forget_before = self._evaluate(model, data, num_classes, datamodule, checked, trainer)
@@ -227,12 +228,14 @@ class SharpnessAwareUnlearning(Callback):
                 model, checked(data.forget, "forget"), checked(data.corrected, "corrected"),
                 forget_loss=lambda m, f, c: self.forget_loss(m, f, c),
             )
+            bad = [name for name, g in gradient.items() if not torch.isfinite(g).all()]
+            if bad:
+                raise RuntimeError(f"the forget gradient of {bad} is not finite; check forget_loss and the "
+                                   "forget/corrected data. Weights were left unchanged.")
 
         with _stage(seconds, "curvature"):
-            samples = _min_or_none(self.curvature_samples, cap)
-            train_batches = self._progress(trainer, limit_samples(checked(data.train, "training"), samples),
-                                           f"curvature ({self.curvature})", _num_batches(data.train, samples))
-            counted = _Counted(train_batches)
+            train = checked(data.train, "training", self.curvature_samples)
+            counted = _Counted(self._progress(trainer, train, f"curvature ({self.curvature})", train.num_batches))
             diag = hessian_diagonal(
                 model, counted, loss_fn=self.loss_fn, method=self.curvature, num_probes=self.num_probes,
                 generator=torch.Generator(device=_device(model)).manual_seed(self.seed),
@@ -253,7 +256,7 @@ class SharpnessAwareUnlearning(Callback):
         tau: float | None = None
         tau_search: list[tuple[float, float]] = []
         steps = None
-        validation, validation_source = self._validation_batches(data, cap)
+        validation, validation_source = self._validation_batches(data, checked)
         with _stage(seconds, "update"), _frozen_except(model, names):
             if self.update == "first_order":
                 if self.tau == "auto":
@@ -263,7 +266,7 @@ class SharpnessAwareUnlearning(Callback):
                     grid = self.tau_grid or default_tau_grid(model, gradient, names)
                     tau, losses = choose_tau(
                         model, gradient, names, grid,
-                        lambda m: mean_loss(m, checked(validation, "validation"), self.loss_fn),
+                        lambda m: mean_loss(m, validation, self.loss_fn),
                         progress=lambda it: self._progress(trainer, it, "choosing tau", len(grid)),
                     )
                     tau_search = sorted(losses.items())
@@ -279,7 +282,7 @@ class SharpnessAwareUnlearning(Callback):
                     loss_fn=self.loss_fn, seed=self.seed,
                     progress=lambda it: self._progress(trainer, it, "fine-tuning", None),
                 )
-            self._check_finite(model, names, validation if validation is not None else data.forget, checked)
+            self._check_finite(model, names, validation if validation is not None else checked(data.forget, "forget"))
 
         with _stage(seconds, "evaluation"):
             heldout_after, forget_after = self._evaluate(model, data, num_classes, datamodule, checked, trainer)
@@ -309,7 +312,7 @@ class SharpnessAwareUnlearning(Callback):
         if data.test is not None:
             heldout = classification_metrics(
                 model, checked(data.test, "test"), num_classes, target_class=target_class, loss_fn=self.loss_fn,
-                progress=lambda it: self._progress(trainer, it, "held-out metrics", sized(data.test)),
+                progress=lambda it: self._progress(trainer, it, "held-out metrics", None),
             )
         forget = {"accuracy_trained_labels": self._accuracy(model, checked(data.forget, "forget"), num_classes)}
         if data.corrected is not None:
@@ -319,16 +322,16 @@ class SharpnessAwareUnlearning(Callback):
     def _accuracy(self, model: nn.Module, batches: Iterable[Any], num_classes: int) -> float:
         return classification_metrics(model, batches, num_classes, loss_fn=self.loss_fn)["accuracy"]
 
-    def _validation_batches(self, data: UnlearningData, cap: int | None) -> tuple[Any, str | None]:
+    def _validation_batches(self, data: UnlearningData, checked) -> tuple[_Batches | None, str | None]:
         if data.val is not None:
-            return _Reiterable(data.val, cap), "val_dataloader"
+            return checked(data.val, "validation"), "val_dataloader"
         if data.retain is not None:
-            return _Reiterable(data.retain, _min_or_none(self.validation_samples, cap)), "retain slice"
+            return checked(data.retain, "retain", self.validation_samples), "retain slice"
         return None, None
 
-    def _check_finite(self, model: nn.Module, names: Sequence[str], batches: Any, checked) -> None:
+    def _check_finite(self, model: nn.Module, names: Sequence[str], batches: Iterable[Any]) -> None:
         params = dict(model.named_parameters())
-        loss = mean_loss(model, checked(batches, "validation"), self.loss_fn)
+        loss = mean_loss(model, batches, self.loss_fn)
         if not all(torch.isfinite(params[n]).all() for n in names) or loss != loss or abs(loss) == float("inf"):
             raise RuntimeError(f"the update made the model non-finite (loss {loss}); the weights were restored. "
                                "Lower tau or lr, or check the forget loss.")
@@ -365,14 +368,27 @@ class _Counted:
             yield batch
 
 
-class _Reiterable:
-    """A loader limited to ``max_samples``, iterable many times (one pass per τ)."""
+class _Batches:
+    """A loader seen through the checks: at most ``max_samples`` samples, labels in range; re-iterable."""
 
-    def __init__(self, loader: Any, max_samples: int | None) -> None:
-        self.loader, self.max_samples = loader, max_samples
+    def __init__(self, loader: Any, max_samples: int | None, num_classes: int, what: str) -> None:
+        self.loader, self.max_samples, self.num_classes, self.what = loader, max_samples, num_classes, what
 
     def __iter__(self) -> Iterator[Any]:
-        return limit_samples(self.loader, self.max_samples)
+        return checked_labels(limit_samples(self.loader, self.max_samples), self.num_classes, self.what)
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError(f"the {self.what} loader has no length")
+        return self.num_batches
+
+    @property
+    def num_batches(self) -> int | None:
+        total = sized(self.loader)
+        batch_size = getattr(self.loader, "batch_size", None)
+        if total is None or self.max_samples is None or not batch_size:
+            return total
+        return min(total, -(-self.max_samples // batch_size))
 
 
 def _tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
@@ -425,11 +441,3 @@ def _device(model: nn.Module) -> torch.device:
 def _min_or_none(a: int | None, b: int | None) -> int | None:
     values = [v for v in (a, b) if v is not None]
     return min(values) if values else None
-
-
-def _num_batches(loader: Any, max_samples: int | None) -> int | None:
-    total = sized(loader)
-    batch_size = getattr(loader, "batch_size", None)
-    if total is None or max_samples is None or not batch_size:
-        return total
-    return min(total, -(-max_samples // batch_size))

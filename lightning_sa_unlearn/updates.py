@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_sa_unlearn.data import sized
 from lightning_sa_unlearn.functional import LossFn, batches_for, eval_mode
 
 Batch = tuple[Tensor, Tensor]
@@ -158,7 +159,7 @@ def _reset(params: dict[str, nn.Parameter], values: dict[str, Tensor]) -> None:
 def interleave(sources: Sequence[Iterable[Any]], rng: random.Random) -> Iterable[Any]:
     """Batches from several loaders in random order, each source drawn in proportion to what it has left."""
     iterators = [iter(s) for s in sources]
-    remaining = [len(s) if hasattr(s, "__len__") else 1 for s in sources]
+    remaining = [sized(s) or 1 for s in sources]
     while iterators:
         i = rng.choices(range(len(iterators)), weights=[max(r, 1) for r in remaining])[0]
         try:
