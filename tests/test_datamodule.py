@@ -1,0 +1,73 @@
+"""PoisonedLabelDataModule and PaperCNN."""
+
+import pytest
+import torch
+
+from lightning_sa_unlearn import PoisonedLabelDataModule
+from lightning_sa_unlearn.models import PaperCNN
+
+
+def synthetic(**kwargs):
+    options = dict(dataset="synthetic", num_poisoned=50, seed=0)
+    options.update(kwargs)
+    dm = PoisonedLabelDataModule(**options)
+    dm.setup("fit")
+    return dm
+
+
+def test_paper_cnn_has_the_papers_parameter_count():
+    model = PaperCNN()
+    assert sum(p.numel() for p in model.parameters()) == 28_938
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_targeted_poison_flips_only_target_class_labels():
+    dm = synthetic(poison="targeted", target_class=9)
+    x_f, poisoned = dm.forget_set.tensors
+    x_c, true = dm.corrected_set.tensors
+    assert len(poisoned) == 50 and torch.equal(x_f, x_c)
+    assert (true == 9).all() and (poisoned != 9).all()
+    # the training set holds the poisoned labels, the retain set none of the forget samples
+    assert len(dm.train_set) == len(dm.retain_set) + 50
+    train_labels = dm.train_set.tensors[1]
+    assert torch.equal(train_labels.sort().values, torch.cat([dm.retain_set.tensors[1], poisoned]).sort().values)
+
+
+def test_untargeted_poison_flips_random_classes():
+    dm = synthetic(poison="untargeted", num_poisoned=100)
+    poisoned, true = dm.forget_set.tensors[1], dm.corrected_set.tensors[1]
+    assert (poisoned != true).all() and len(true.unique()) > 3
+    assert dm.target_class is None
+
+
+def test_same_seed_same_poison_and_split():
+    a, b, c = synthetic(seed=3), synthetic(seed=3), synthetic(seed=4)
+    assert torch.equal(a.poisoned_indices, b.poisoned_indices)
+    assert torch.equal(a.forget_set.tensors[1], b.forget_set.tensors[1])
+    assert not torch.equal(a.poisoned_indices, c.poisoned_indices)
+
+
+def test_validation_labels_are_clean_and_disjoint_from_training():
+    dm = synthetic()
+    assert len(dm.val_set) == 120  # a tenth of 1,200 images when there are fewer than 50,000
+    assert len(dm.train_set) + len(dm.val_set) == 1200
+
+
+def test_contract_loaders_align():
+    dm = synthetic()
+    for name in ("train", "forget", "corrected", "retain", "val", "test"):
+        assert next(iter(getattr(dm, f"{name}_dataloader")()))[0].shape[1:] == (1, 28, 28)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_poisoned=10_000), "only .* training samples can be poisoned"),
+    (dict(target_class=12), "target_class=12"),
+])
+def test_bad_poison_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        synthetic(**kwargs)
+
+
+def test_unknown_dataset_is_refused():
+    with pytest.raises(ValueError, match="unknown dataset"):
+        PoisonedLabelDataModule(dataset="imagenet")
