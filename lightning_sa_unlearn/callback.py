@@ -100,7 +100,9 @@ class SharpnessAwareUnlearning(Callback):
         if update not in UPDATES:
             raise ValueError(f"unknown update {update!r}; choose one of {UPDATES}.")
         if isinstance(selection, str) and selection not in SELECTION_RULES:
-            raise ValueError(f"unknown selection {selection!r}; use one of {SELECTION_RULES} or a list of module paths.")
+            raise ValueError(
+                f"unknown selection {selection!r}; use one of {SELECTION_RULES} or a list of module paths."
+            )
         if not isinstance(selection, str) and not list(selection):
             raise ValueError("selection is an empty list; name at least one module path.")
         if num_layers < 1:
@@ -132,8 +134,9 @@ class SharpnessAwareUnlearning(Callback):
         self.report: UnlearningReport | None = None
 
     # ------------------------------------------------------------------ override points
-    def forget_loss(self, pl_module: nn.Module, forget_batch: tuple[Tensor, Tensor],
-                    corrected_batch: tuple[Tensor, Tensor] | None) -> Tensor:
+    def forget_loss(
+        self, pl_module: nn.Module, forget_batch: tuple[Tensor, Tensor], corrected_batch: tuple[Tensor, Tensor] | None
+    ) -> Tensor:
         """The loss whose gradient drives the update, on one pair of aligned batches.
 
         Default: paper eq. 7 with sum reduction, ``Σ_{D̃_f} ℓ − Σ_{D_f} ℓ``. ``corrected_batch``
@@ -162,8 +165,9 @@ class SharpnessAwareUnlearning(Callback):
         self.run(trainer, pl_module, trainer.datamodule)
 
     # ------------------------------------------------------------------ entry points
-    def unlearn(self, model: pl.LightningModule, datamodule: Any = None,
-                trainer: pl.Trainer | None = None) -> UnlearningReport:
+    def unlearn(
+        self, model: pl.LightningModule, datamodule: Any = None, trainer: pl.Trainer | None = None
+    ) -> UnlearningReport:
         """Unlearn on an already fitted ``model`` without training; returns the report.
 
         A LightningDataModule gets ``prepare_data()`` and ``setup("fit")``/``setup("test")``
@@ -172,7 +176,10 @@ class SharpnessAwareUnlearning(Callback):
         if trainer is None:
             trainer = pl.Trainer(
                 accelerator="cpu" if _device(model).type == "cpu" else "auto",
-                devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                devices=1,
+                logger=False,
+                enable_checkpointing=False,
+                enable_model_summary=False,
                 enable_progress_bar=False,
             )
         if isinstance(datamodule, pl.LightningDataModule):
@@ -225,32 +232,44 @@ class SharpnessAwareUnlearning(Callback):
 
         with _stage(seconds, "forget_gradient"):
             gradient = forget_gradient(
-                model, checked(data.forget, "forget"), checked(data.corrected, "corrected"),
+                model,
+                checked(data.forget, "forget"),
+                checked(data.corrected, "corrected"),
                 forget_loss=lambda m, f, c: self.forget_loss(m, f, c),
             )
             bad = [name for name, g in gradient.items() if not torch.isfinite(g).all()]
             if bad:
-                raise RuntimeError(f"the forget gradient of {bad} is not finite; check forget_loss and the "
-                                   "forget/corrected data. Weights were left unchanged.")
+                raise RuntimeError(
+                    f"the forget gradient of {bad} is not finite; check forget_loss and the "
+                    "forget/corrected data. Weights were left unchanged."
+                )
 
         with _stage(seconds, "curvature"):
             train = checked(data.train, "training", self.curvature_samples)
             counted = _Counted(self._progress(trainer, train, f"curvature ({self.curvature})", train.num_batches))
             diag = hessian_diagonal(
-                model, counted, loss_fn=self.loss_fn, method=self.curvature, num_probes=self.num_probes,
+                model,
+                counted,
+                loss_fn=self.loss_fn,
+                method=self.curvature,
+                num_probes=self.num_probes,
                 generator=torch.Generator(device=_device(model)).manual_seed(self.seed),
             )
             bad = [name for name, d in diag.items() if not torch.isfinite(d).all()]
             if bad:
-                raise RuntimeError(f"the curvature of {bad} is not finite; the model's weights or data may "
-                                   "hold NaN/inf. Weights were left unchanged.")
+                raise RuntimeError(
+                    f"the curvature of {bad} is not finite; the model's weights or data may "
+                    "hold NaN/inf. Weights were left unchanged."
+                )
 
         with _stage(seconds, "selection"):
             sharpness = layer_sharpness(model, diag)
             selected = list(self.select_layers(sharpness))
             unknown = [name for name in selected if name not in layers]
             if not selected or unknown:
-                raise ValueError(f"select_layers returned {selected}, which must be a non-empty subset of {list(layers)}.")
+                raise ValueError(
+                    f"select_layers returned {selected}, which must be a non-empty subset of {list(layers)}."
+                )
             names = [name for layer in selected for name in layers[layer]]
 
         tau: float | None = None
@@ -261,11 +280,16 @@ class SharpnessAwareUnlearning(Callback):
             if self.update == "first_order":
                 if self.tau == "auto":
                     if validation is None:
-                        raise ValueError("tau='auto' needs a validation set: define val_dataloader() or "
-                                         "retain_dataloader(), or pass a fixed tau.")
+                        raise ValueError(
+                            "tau='auto' needs a validation set: define val_dataloader() or "
+                            "retain_dataloader(), or pass a fixed tau."
+                        )
                     grid = self.tau_grid or default_tau_grid(model, gradient, names)
                     tau, losses = choose_tau(
-                        model, gradient, names, grid,
+                        model,
+                        gradient,
+                        names,
+                        grid,
                         lambda m: mean_loss(m, validation, self.loss_fn),
                         progress=lambda it: self._progress(trainer, it, "choosing tau", len(grid)),
                     )
@@ -278,8 +302,14 @@ class SharpnessAwareUnlearning(Callback):
                 if data.corrected is not None:
                     sources.append(checked(data.corrected, "corrected"))
                 steps = fine_tune(
-                    model, names, sources, epochs=self.epochs, lr=self.lr, momentum=self.momentum,
-                    loss_fn=self.loss_fn, seed=self.seed,
+                    model,
+                    names,
+                    sources,
+                    epochs=self.epochs,
+                    lr=self.lr,
+                    momentum=self.momentum,
+                    loss_fn=self.loss_fn,
+                    seed=self.seed,
                     progress=lambda it: self._progress(trainer, it, "fine-tuning", None),
                 )
             self._check_finite(model, names, validation if validation is not None else checked(data.forget, "forget"))
@@ -311,12 +341,18 @@ class SharpnessAwareUnlearning(Callback):
         heldout: dict[str, float] = {}
         if data.test is not None:
             heldout = classification_metrics(
-                model, checked(data.test, "test"), num_classes, target_class=target_class, loss_fn=self.loss_fn,
+                model,
+                checked(data.test, "test"),
+                num_classes,
+                target_class=target_class,
+                loss_fn=self.loss_fn,
                 progress=lambda it: self._progress(trainer, it, "held-out metrics", None),
             )
         forget = {"accuracy_trained_labels": self._accuracy(model, checked(data.forget, "forget"), num_classes)}
         if data.corrected is not None:
-            forget["accuracy_corrected_labels"] = self._accuracy(model, checked(data.corrected, "corrected"), num_classes)
+            forget["accuracy_corrected_labels"] = self._accuracy(
+                model, checked(data.corrected, "corrected"), num_classes
+            )
         return heldout, forget
 
     def _accuracy(self, model: nn.Module, batches: Iterable[Any], num_classes: int) -> float:
@@ -333,8 +369,10 @@ class SharpnessAwareUnlearning(Callback):
         params = dict(model.named_parameters())
         loss = mean_loss(model, batches, self.loss_fn)
         if not all(torch.isfinite(params[n]).all() for n in names) or loss != loss or abs(loss) == float("inf"):
-            raise RuntimeError(f"the update made the model non-finite (loss {loss}); the weights were restored. "
-                               "Lower tau or lr, or check the forget loss.")
+            raise RuntimeError(
+                f"the update made the model non-finite (loss {loss}); the weights were restored. "
+                "Lower tau or lr, or check the forget loss."
+            )
 
     def _progress(self, trainer: pl.Trainer, iterable: Iterable[Any], desc: str, total: int | None) -> Iterable[Any]:
         enabled = self.progress_bar and trainer.is_global_zero

@@ -1,6 +1,6 @@
 """``make demo``: train PaperCNN on MNIST with 2,500 targeted poisoned labels, then unlearn them.
 
-    python -m lightning_sa_unlearn.demo --data ../shared/datasets
+python -m lightning_sa_unlearn.demo --data ../shared/datasets
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ def summary_table(report, target_class: int) -> str:
         (f"class-{target_class} accuracy", f"accuracy_class_{target_class}"),
         ("other classes' accuracy", "accuracy_other_classes"),
     ]
-    lines = [f"| {'model':<28} | " + " | ".join(f"{label:<24}" for label, _ in rows) + " |",
-             "|" + "-" * 30 + "|" + "|".join("-" * 26 for _ in rows) + "|"]
+    lines = [
+        f"| {'model':<28} | " + " | ".join(f"{label:<24}" for label, _ in rows) + " |",
+        "|" + "-" * 30 + "|" + "|".join("-" * 26 for _ in rows) + "|",
+    ]
     for name, metrics in (("poisoned", report.heldout_before), ("after unlearning", report.heldout_after)):
         lines.append(f"| {name:<28} | " + " | ".join(f"{100 * metrics[key]:>23.2f}%" for _, key in rows) + " |")
     return "\n".join(lines)
@@ -45,17 +47,32 @@ def main(argv: list[str] | None = None) -> None:
     pl.seed_everything(args.seed, workers=True, verbose=False)
     download = not os.path.exists(os.path.join(args.data, "MNIST", "raw", "train-images-idx3-ubyte"))
     datamodule = PoisonedLabelDataModule(
-        dataset="mnist", root=args.data, download=download, poison="targeted", target_class=9,
-        num_poisoned=args.num_poisoned, num_train=args.num_train, seed=args.seed,
+        dataset="mnist",
+        root=args.data,
+        download=download,
+        poison="targeted",
+        target_class=9,
+        num_poisoned=args.num_poisoned,
+        num_train=args.num_train,
+        seed=args.seed,
     )
     model = PaperCNN(lr=1e-3)
     unlearning = SharpnessAwareUnlearning(
-        curvature_samples=args.curvature_samples, seed=args.seed, verbose=False,
-        report_path=os.path.join(args.out, "report.json"), plot_path=os.path.join(args.out, "sharpness.png"),
+        curvature_samples=args.curvature_samples,
+        seed=args.seed,
+        verbose=False,
+        report_path=os.path.join(args.out, "report.json"),
+        plot_path=os.path.join(args.out, "sharpness.png"),
     )
     trainer = pl.Trainer(
-        max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_model_summary=False, callbacks=[unlearning], num_sanity_val_steps=0,
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[unlearning],
+        num_sanity_val_steps=0,
     )
     start = time.perf_counter()
     trainer.fit(model, datamodule)
@@ -63,13 +80,17 @@ def main(argv: list[str] | None = None) -> None:
     report = unlearning.report
     training = total - report.seconds["total"]
 
-    print(f"\nPaperCNN on MNIST, {len(datamodule.train_set):,} training images, "
-          f"{args.num_poisoned:,} class-9 labels poisoned, {args.epochs} epochs (seed {args.seed})\n")
+    print(
+        f"\nPaperCNN on MNIST, {len(datamodule.train_set):,} training images, "
+        f"{args.num_poisoned:,} class-9 labels poisoned, {args.epochs} epochs (seed {args.seed})\n"
+    )
     print(summary_table(report, target_class=9))
     print()
     print(report.format_table())
-    print(f"\ntraining the poisoned model: {training:.1f} s; unlearning: {report.seconds['total']:.1f} s "
-          f"({100 * report.seconds['total'] / training:.1f}% of training)")
+    print(
+        f"\ntraining the poisoned model: {training:.1f} s; unlearning: {report.seconds['total']:.1f} s "
+        f"({100 * report.seconds['total'] / training:.1f}% of training)"
+    )
     print(f"report: {unlearning.report_path}\nplot:   {unlearning.plot_path}")
 
 

@@ -61,15 +61,21 @@ class UnlearningReport:
     def format_table(self) -> str:
         """A plain-text before/after table, the per-layer sharpness, and the seconds per stage."""
         rows = [("held-out accuracy", "accuracy")]
-        rows += [(f"  class {k[len('accuracy_class_'):]}", k) for k in self.heldout_before if k.startswith("accuracy_class_")]
+        rows += [
+            (f"  class {k[len('accuracy_class_') :]}", k)
+            for k in self.heldout_before
+            if k.startswith("accuracy_class_")
+        ]
         if "accuracy_other_classes" in self.heldout_before:
             rows.append(("  other classes", "accuracy_other_classes"))
         rows.append(("held-out loss", "loss"))
         lines = [f"{'metric':<34}{'before':>10}{'after':>10}", "-" * 54]
         for label, key in rows:
             lines.append(f"{label:<34}{_pct(self.heldout_before, key):>10}{_pct(self.heldout_after, key):>10}")
-        for key, label in (("accuracy_trained_labels", "forget set, trained (wrong) labels"),
-                           ("accuracy_corrected_labels", "forget set, corrected labels")):
+        for key, label in (
+            ("accuracy_trained_labels", "forget set, trained (wrong) labels"),
+            ("accuracy_corrected_labels", "forget set, corrected labels"),
+        ):
             if key in self.forget_before:
                 lines.append(f"{label:<34}{_pct(self.forget_before, key):>10}{_pct(self.forget_after, key):>10}")
         lines += ["", f"layer sharpness (mean Hessian diagonal, {self.curvature}, {self.curvature_samples} samples):"]

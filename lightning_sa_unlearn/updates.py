@@ -50,7 +50,9 @@ def paired_batches(
         yield from ((batch, None) for batch in forget_batches)
         return
     missing = object()
-    for index, (f, c) in enumerate(itertools.zip_longest(forget_batches, batches_for(model, corrected), fillvalue=missing)):
+    for index, (f, c) in enumerate(
+        itertools.zip_longest(forget_batches, batches_for(model, corrected), fillvalue=missing)
+    ):
         if f is missing or c is missing or f[0].shape[0] != c[0].shape[0]:
             raise ValueError(
                 f"the forget and corrected sets differ in length (first difference at batch {index}). "

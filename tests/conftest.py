@@ -15,8 +15,13 @@ from lightning_sa_unlearn.models import ImageClassifier
 def relu_cnn(num_classes: int = 3) -> nn.Module:
     """ReLU + max-pool CNN on 1×8×8 inputs: piecewise linear, so diag GGN = diag H."""
     return nn.Sequential(
-        nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(2 * 3 * 3, 4), nn.ReLU(), nn.Linear(4, num_classes),
+        nn.Conv2d(1, 2, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * 3 * 3, 4),
+        nn.ReLU(),
+        nn.Linear(4, num_classes),
     ).double()
 
 
@@ -38,7 +43,7 @@ def autograd_hessian_diagonal(model: nn.Module, x: torch.Tensor, y: torch.Tensor
         params, offset = {}, 0
         for name, shape in zip(names, shapes):
             size = int(torch.Size(shape).numel())
-            params[name] = vector[offset: offset + size].reshape(shape)
+            params[name] = vector[offset : offset + size].reshape(shape)
             offset += size
         return loss_fn(torch.func.functional_call(model, params, (x,)), y)
 
@@ -64,9 +69,17 @@ class TinyClassifier(ImageClassifier):
 class TensorDataModule(pl.LightningDataModule):
     """The data contract from tensors: a learnable 3-class task with some labels flipped."""
 
-    def __init__(self, n: int = 240, num_forget: int = 30, num_classes: int = 3, seed: int = 0,
-                 with_corrected: bool = True, with_retain: bool = True, with_val: bool = True,
-                 batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        n: int = 240,
+        num_forget: int = 30,
+        num_classes: int = 3,
+        seed: int = 0,
+        with_corrected: bool = True,
+        with_retain: bool = True,
+        with_val: bool = True,
+        batch_size: int = 32,
+    ) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         prototypes = torch.randn(num_classes, 1, 8, 8, generator=g)
@@ -96,7 +109,11 @@ class TensorDataModule(pl.LightningDataModule):
         return self._loader(self.x[: self.num_forget], self.y[: self.num_forget]) if self.with_corrected else None
 
     def retain_dataloader(self):
-        return self._loader(self.x[self.num_forget:], self.y[self.num_forget:], shuffle=True) if self.with_retain else None
+        return (
+            self._loader(self.x[self.num_forget :], self.y[self.num_forget :], shuffle=True)
+            if self.with_retain
+            else None
+        )
 
     def val_dataloader(self):
         return self._loader(*self.val) if self.with_val else None
@@ -116,8 +133,15 @@ def fit_tiny(epochs: int = 3, seed: int = 0, callbacks=(), datamodule=None):
 
 
 def quiet_trainer(**kwargs) -> pl.Trainer:
-    options = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                   enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0)
+    options = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+    )
     options.update(kwargs)
     return pl.Trainer(**options)
 

@@ -7,11 +7,11 @@ import pathlib
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TensorDataModule, TinyClassifier, assert_same_state, quiet_trainer, state
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import TensorDataModule, TinyClassifier, assert_same_state, fit_tiny, quiet_trainer, state
 from lightning_sa_unlearn import SharpnessAwareUnlearning
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -27,15 +27,18 @@ def independent_forget_gradient(model, datamodule, loss=None):
     n = datamodule.num_forget
     x, wrong, right = datamodule.x[:n], datamodule.poisoned[:n], datamodule.y[:n]
     for i in range(n):
-        grads = torch.autograd.grad(loss(model(x[i:i + 1]), wrong[i:i + 1], right[i:i + 1]), list(params.values()))
+        grads = torch.autograd.grad(
+            loss(model(x[i : i + 1]), wrong[i : i + 1], right[i : i + 1]), list(params.values())
+        )
         for name, g in zip(params, grads):
             total[name] += g
     return total
 
 
 def test_fit_then_unlearn_end_to_end(tmp_path):
-    callback = SharpnessAwareUnlearning(report_path=str(tmp_path / "report.json"),
-                                        plot_path=str(tmp_path / "sharpness.png"), verbose=False)
+    callback = SharpnessAwareUnlearning(
+        report_path=str(tmp_path / "report.json"), plot_path=str(tmp_path / "sharpness.png"), verbose=False
+    )
     datamodule = TensorDataModule()
     trainer = quiet_trainer(max_epochs=3, callbacks=[callback], logger=CSVLogger(tmp_path))
     model = TinyClassifier()
@@ -82,8 +85,9 @@ def test_first_order_changes_only_the_selected_layer(tiny_model):
 
     assert report.selected_layers == ["net.fc1"] and report.tau == 0.02
     for name in ("net.fc1.weight", "net.fc1.bias"):
-        torch.testing.assert_close(dict(model.named_parameters())[name].detach(),
-                                   before[name] - 0.02 * gradient[name], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            dict(model.named_parameters())[name].detach(), before[name] - 0.02 * gradient[name], rtol=1e-5, atol=1e-7
+        )
     assert_same_state(model, before, except_names={"net.fc1.weight", "net.fc1.bias"})  # BatchNorm buffers too
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert all(m.training for m in model.modules())
@@ -116,8 +120,9 @@ def test_without_validation_set_tau_is_chosen_on_a_retain_slice(tiny_model):
 def test_fine_tune_changes_only_the_selected_layer(tiny_model):
     model, datamodule = tiny_model
     before = state(model)
-    report = SharpnessAwareUnlearning(update="fine_tune", selection="last", epochs=2, lr=0.05,
-                                      verbose=False).unlearn(model, datamodule)
+    report = SharpnessAwareUnlearning(update="fine_tune", selection="last", epochs=2, lr=0.05, verbose=False).unlearn(
+        model, datamodule
+    )
     assert report.selected_layers == ["net.fc2"] and report.tau is None
     assert report.fine_tune_steps == 2 * (7 + 1)  # 210 retain samples in batches of 32, and 30 corrected
     assert not torch.equal(model.net.fc2.weight.detach(), before["net.fc2.weight"])
@@ -156,8 +161,12 @@ def test_subclass_overrides_forget_loss_and_selection(tiny_model):
     report = callback.unlearn(model, datamodule)
     convolutions = [name for name in report.layer_sharpness if "conv" in name]
     assert report.selected_layers == convolutions == ["net.conv"]
-    torch.testing.assert_close(model.net.conv.weight.detach(), before["net.conv.weight"] - 0.01 * gradient["net.conv.weight"],
-                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        model.net.conv.weight.detach(),
+        before["net.conv.weight"] - 0.01 * gradient["net.conv.weight"],
+        rtol=1e-5,
+        atol=1e-7,
+    )
 
 
 # ---------------------------------------------------------------- bad input: clear error, model untouched
@@ -188,19 +197,36 @@ def _nan_inputs(dm):
 
 BAD_INPUTS = {
     "empty forget set": (dict(), lambda: TensorDataModule(num_forget=0), "forget set is empty"),
-    "different lengths": (dict(), lambda: CustomDataModule(corrected=(torch.randn(20, 1, 8, 8), torch.zeros(20, dtype=torch.long))),
-                          "differ in length"),
-    "labels outside classes": (dict(), lambda: CustomDataModule(corrected=(torch.randn(30, 1, 8, 8), torch.full((30,), 7))),
-                               "labels in \\[7, 7\\].*3 outputs"),
+    "different lengths": (
+        dict(),
+        lambda: CustomDataModule(corrected=(torch.randn(20, 1, 8, 8), torch.zeros(20, dtype=torch.long))),
+        "differ in length",
+    ),
+    "labels outside classes": (
+        dict(),
+        lambda: CustomDataModule(corrected=(torch.randn(30, 1, 8, 8), torch.full((30,), 7))),
+        "labels in \\[7, 7\\].*3 outputs",
+    ),
     "unknown module": (dict(selection=["net.nope"]), TensorDataModule, "not modules that own trainable parameters"),
     "module without parameters": (dict(selection=["net.relu"]), TensorDataModule, "not modules that own trainable"),
     "too many layers": (dict(num_layers=9), TensorDataModule, "num_layers=9.*4 trainable layers"),
-    "fine_tune without retain": (dict(update="fine_tune"), lambda: TensorDataModule(with_retain=False), "needs the retain set"),
-    "non-finite curvature": (dict(), lambda: CustomDataModule(train=_nan_inputs(TensorDataModule())), "curvature.*not finite"),
+    "fine_tune without retain": (
+        dict(update="fine_tune"),
+        lambda: TensorDataModule(with_retain=False),
+        "needs the retain set",
+    ),
+    "non-finite curvature": (
+        dict(),
+        lambda: CustomDataModule(train=_nan_inputs(TensorDataModule())),
+        "curvature.*not finite",
+    ),
     "non-finite loss after the update": (dict(tau=1e10, scale=1e30), TensorDataModule, "non-finite"),
     "non-finite forget gradient": (dict(scale=float("nan")), TensorDataModule, "forget gradient.*not finite"),
-    "tau auto without validation data": (dict(), lambda: TensorDataModule(with_val=False, with_retain=False),
-                                         "needs a validation set"),
+    "tau auto without validation data": (
+        dict(),
+        lambda: TensorDataModule(with_val=False, with_retain=False),
+        "needs a validation set",
+    ),
 }
 
 
@@ -255,16 +281,19 @@ def test_exact_curvature_on_a_large_model_is_refused():
     assert_same_state(model, before)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(update="newton"), "unknown update"),
-    (dict(selection="random"), "unknown selection"),
-    (dict(selection=[]), "empty list"),
-    (dict(num_layers=0), "num_layers"),
-    (dict(curvature="kfac"), "unknown curvature"),
-    (dict(tau=-1.0), "tau must be"),
-    (dict(tau="best"), "tau must be"),
-    (dict(curvature_samples=0), "curvature_samples"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(update="newton"), "unknown update"),
+        (dict(selection="random"), "unknown selection"),
+        (dict(selection=[]), "empty list"),
+        (dict(num_layers=0), "num_layers"),
+        (dict(curvature="kfac"), "unknown curvature"),
+        (dict(tau=-1.0), "tau must be"),
+        (dict(tau="best"), "tau must be"),
+        (dict(curvature_samples=0), "curvature_samples"),
+    ],
+)
 def test_bad_arguments_fail_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SharpnessAwareUnlearning(**kwargs)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import autograd_hessian_diagonal, flat, relu_cnn, tanh_mlp
 from torch import nn
 
-from conftest import autograd_hessian_diagonal, flat, relu_cnn, tanh_mlp
 from lightning_sa_unlearn import hessian_diagonal
 
 
@@ -28,7 +28,7 @@ def mlp_data():
 def split(x, y, *sizes):
     out, start = [], 0
     for size in sizes:
-        out.append((x[start:start + size], y[start:start + size]))
+        out.append((x[start : start + size], y[start : start + size]))
         start += size
     return out
 
@@ -64,9 +64,9 @@ def test_ggn_for_cross_entropy_is_expected_squared_gradient(mlp_data):
     params = list(model.parameters())
     expected = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
     for n in range(len(x)):
-        p = torch.softmax(model(x[n:n + 1]), -1).detach()[0]
+        p = torch.softmax(model(x[n : n + 1]), -1).detach()[0]
         for c in range(3):
-            loss = F.cross_entropy(model(x[n:n + 1]), torch.tensor([c]))
+            loss = F.cross_entropy(model(x[n : n + 1]), torch.tensor([c]))
             g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, params)])
             expected += p[c] * g**2
     expected /= len(x)
@@ -91,8 +91,9 @@ def test_hutchinson_converges_to_exact(mlp_data):
     errors = {}
     for probes in (4, 400, 4000):
         generator = torch.Generator().manual_seed(0)
-        estimate = hessian_diagonal(model, [(x, y)], method="hutchinson", num_probes=probes,
-                                    generator=generator, chunk_size=256)
+        estimate = hessian_diagonal(
+            model, [(x, y)], method="hutchinson", num_probes=probes, generator=generator, chunk_size=256
+        )
         errors[probes] = relative_error(flat(estimate), reference)
     assert errors[4] > errors[400] > errors[4000]
     assert errors[4000] < 0.1
@@ -100,8 +101,14 @@ def test_hutchinson_converges_to_exact(mlp_data):
 
 def test_hutchinson_is_reproducible_with_a_generator(mlp_data):
     model, x, y = mlp_data
-    first, second = (flat(hessian_diagonal(model, [(x, y)], method="hutchinson", num_probes=5,
-                                           generator=torch.Generator().manual_seed(3))) for _ in range(2))
+    first, second = (
+        flat(
+            hessian_diagonal(
+                model, [(x, y)], method="hutchinson", num_probes=5, generator=torch.Generator().manual_seed(3)
+            )
+        )
+        for _ in range(2)
+    )
     assert torch.equal(first, second)
 
 
@@ -109,7 +116,10 @@ def test_empirical_fisher_is_mean_squared_gradient(mlp_data):
     model, x, y = mlp_data
     params = list(model.parameters())
     expected = sum(
-        torch.cat([g.reshape(-1) for g in torch.autograd.grad(F.cross_entropy(model(x[n:n + 1]), y[n:n + 1]), params)]) ** 2
+        torch.cat(
+            [g.reshape(-1) for g in torch.autograd.grad(F.cross_entropy(model(x[n : n + 1]), y[n : n + 1]), params)]
+        )
+        ** 2
         for n in range(len(x))
     ) / len(x)
     estimate = flat(hessian_diagonal(model, split(x, y, 10, 14), method="empirical_fisher"))

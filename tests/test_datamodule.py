@@ -59,10 +59,13 @@ def test_contract_loaders_align():
         assert next(iter(getattr(dm, f"{name}_dataloader")()))[0].shape[1:] == (1, 28, 28)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(num_poisoned=10_000), "only .* training samples can be poisoned"),
-    (dict(target_class=12), "target_class=12"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_poisoned=10_000), "only .* training samples can be poisoned"),
+        (dict(target_class=12), "target_class=12"),
+    ],
+)
 def test_bad_poison_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         synthetic(**kwargs)

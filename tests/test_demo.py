@@ -13,8 +13,22 @@ HAS_MNIST = (DATA / "MNIST" / "raw" / "train-images-idx3-ubyte").exists()
 
 @pytest.mark.skipif(not HAS_MNIST, reason=f"MNIST is not at {DATA} (the shared offline copy)")
 def test_demo_runs_on_a_real_mnist_subset(tmp_path, capsys):
-    demo.main(["--data", str(DATA), "--num-train", "3000", "--num-poisoned", "150", "--epochs", "2",
-               "--curvature-samples", "600", "--out", str(tmp_path)])
+    demo.main(
+        [
+            "--data",
+            str(DATA),
+            "--num-train",
+            "3000",
+            "--num-poisoned",
+            "150",
+            "--epochs",
+            "2",
+            "--curvature-samples",
+            "600",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     assert "| poisoned" in out and "| after unlearning" in out and "<- selected" in out
     report = json.loads((tmp_path / "report.json").read_text())

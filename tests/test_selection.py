@@ -34,16 +34,19 @@ def test_frozen_parameters_are_left_out():
 SHARPNESS = {"conv1": 0.5, "conv2": 0.1, "fc1": 0.01, "fc2": 0.3}
 
 
-@pytest.mark.parametrize("rule, num_layers, expected", [
-    ("flattest", 1, ["fc1"]),
-    ("flattest", 2, ["fc1", "conv2"]),
-    ("sharpest", 1, ["conv1"]),
-    ("sharpest", 2, ["conv1", "fc2"]),
-    ("last", 1, ["fc2"]),
-    ("last", 2, ["fc1", "fc2"]),
-    ("all", 1, ["conv1", "conv2", "fc1", "fc2"]),
-    (["conv2", "fc2"], 1, ["conv2", "fc2"]),
-])
+@pytest.mark.parametrize(
+    "rule, num_layers, expected",
+    [
+        ("flattest", 1, ["fc1"]),
+        ("flattest", 2, ["fc1", "conv2"]),
+        ("sharpest", 1, ["conv1"]),
+        ("sharpest", 2, ["conv1", "fc2"]),
+        ("last", 1, ["fc2"]),
+        ("last", 2, ["fc1", "fc2"]),
+        ("all", 1, ["conv1", "conv2", "fc1", "fc2"]),
+        (["conv2", "fc2"], 1, ["conv2", "fc2"]),
+    ],
+)
 def test_rules(rule, num_layers, expected):
     assert select_layers(SHARPNESS, rule, num_layers) == expected
 

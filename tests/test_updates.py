@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import relu_cnn
+
 from lightning_sa_unlearn import forget_gradient
 from lightning_sa_unlearn.updates import apply_first_order, choose_tau, fine_tune, interleave, mean_loss
 
@@ -24,7 +24,9 @@ def per_sample_reference(model, x, wrong, right):
     params = list(model.parameters())
     total = [torch.zeros_like(p) for p in params]
     for i in range(len(x)):
-        loss = F.cross_entropy(model(x[i:i + 1]), right[i:i + 1]) - F.cross_entropy(model(x[i:i + 1]), wrong[i:i + 1])
+        loss = F.cross_entropy(model(x[i : i + 1]), right[i : i + 1]) - F.cross_entropy(
+            model(x[i : i + 1]), wrong[i : i + 1]
+        )
         for t, g in zip(total, torch.autograd.grad(loss, params)):
             t += g
     return dict(zip([n for n, _ in model.named_parameters()], total))
@@ -33,7 +35,9 @@ def per_sample_reference(model, x, wrong, right):
 def test_forget_gradient_is_sum_reduced_eq7(forget_data):
     model, x, wrong, right = forget_data
     reference = per_sample_reference(model, x, wrong, right)
-    gradient = forget_gradient(model, [(x[:4], wrong[:4]), (x[4:], wrong[4:])], [(x[:4], right[:4]), (x[4:], right[4:])])
+    gradient = forget_gradient(
+        model, [(x[:4], wrong[:4]), (x[4:], wrong[4:])], [(x[:4], right[:4]), (x[4:], right[4:])]
+    )
     for name in reference:
         torch.testing.assert_close(gradient[name], reference[name], rtol=1e-12, atol=1e-12)
 
@@ -89,8 +93,9 @@ def test_choose_tau_takes_the_grid_minimum_of_the_validation_loss(forget_data):
     tau, losses = choose_tau(model, gradient, names, grid, lambda m: mean_loss(m, val))
     assert losses == pytest.approx(expected)
     assert tau == min(expected, key=expected.get)
-    torch.testing.assert_close(model[4].weight.detach(), start["4.weight"] - tau * gradient["4.weight"],
-                               rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(
+        model[4].weight.detach(), start["4.weight"] - tau * gradient["4.weight"], rtol=1e-14, atol=1e-15
+    )
 
 
 def test_fine_tune_updates_only_selected_and_restores_flags(forget_data):
