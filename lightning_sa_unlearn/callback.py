@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,10 +17,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lightning_sa_unlearn.curvature import CURVATURE_METHODS, hessian_diagonal
-from lightning_sa_unlearn.data import UnlearningData, checked_labels, limit_samples, sized
-from lightning_sa_unlearn.evaluation import classification_metrics
-from lightning_sa_unlearn.functional import LossFn, batches_for, eval_mode, require_trainable_parameters
+from lightning_sa_unlearn.curvature import CURVATURE_METHODS, hessian_diagonal_sum
+from lightning_sa_unlearn.data import UnlearningData, checked_labels, is_map_style, shard, sized
+from lightning_sa_unlearn.evaluation import ClassificationMetrics
+from lightning_sa_unlearn.functional import (
+    LossFn,
+    batches_for,
+    eval_mode,
+    require_trainable_parameters,
+    trainable_parameters,
+)
 from lightning_sa_unlearn.report import UnlearningReport
 from lightning_sa_unlearn.selection import SELECTION_RULES, layer_sharpness, select_layers, trainable_layers
 from lightning_sa_unlearn.updates import (
@@ -29,7 +36,7 @@ from lightning_sa_unlearn.updates import (
     default_tau_grid,
     fine_tune,
     forget_gradient,
-    mean_loss,
+    loss_sum,
 )
 
 UPDATES = ("first_order", "fine_tune")
@@ -209,6 +216,7 @@ class SharpnessAwareUnlearning(Callback):
     def _unlearn(self, trainer: pl.Trainer, model: nn.Module, datamodule: Any) -> UnlearningReport:
         seconds: dict[str, float] = {}
         total_start = time.perf_counter()
+        processes = _Processes(trainer, _device(model))
         require_trainable_parameters(model)
         data = UnlearningData.resolve(datamodule, model)
         if self.update == "fine_tune" and data.retain is None:
@@ -216,27 +224,35 @@ class SharpnessAwareUnlearning(Callback):
                 "update='fine_tune' needs the retain set: define retain_dataloader() on your datamodule "
                 "or LightningModule, or use update='first_order'."
             )
+        _check_aligned(data.forget, data.corrected)
         layers = trainable_layers(model)
-        placeholder = dict.fromkeys(layers, 0.0)
         if not isinstance(self.selection, str) or self.selection in ("flattest", "sharpest", "last"):
-            select_layers(placeholder, self.selection, self.num_layers)  # fail before any work
+            select_layers(dict.fromkeys(layers, 0.0), self.selection, self.num_layers)  # fail before any work
         num_classes = _num_classes(model, data.forget)
         cap = _FAST_DEV_RUN_SAMPLES if trainer.fast_dev_run else None
 
-        def checked(batches: Any, what: str, max_samples: int | None = None) -> _Batches | None:
+        def batches(loader: Any, what: str, max_samples: int | None = None, **kwargs: Any) -> _Batches | None:
+            if loader is None:
+                return None
             limit = _min_or_none(max_samples, cap)
-            return None if batches is None else _Batches(batches, limit, num_classes, what)
+            kwargs.setdefault("rank", processes.rank)
+            kwargs.setdefault("world_size", processes.world_size)
+            return _Batches(loader, num_classes, what, max_samples=limit, seed=self.seed, **kwargs)
 
+        forget, corrected = batches(data.forget, "forget"), batches(data.corrected, "corrected")
+        test = batches(data.test, "test")
         with _stage(seconds, "evaluation"):
-            heldout_before, forget_before = self._evaluate(model, data, num_classes, datamodule, checked, trainer)
+            heldout_before, forget_before = self._evaluate(
+                trainer, processes, model, num_classes, datamodule, test, forget, corrected
+            )
 
         with _stage(seconds, "forget_gradient"):
-            gradient = forget_gradient(
-                model,
-                checked(data.forget, "forget"),
-                checked(data.corrected, "corrected"),
-                forget_loss=lambda m, f, c: self.forget_loss(m, f, c),
+            local = processes.agree(
+                lambda: forget_gradient(
+                    model, forget, corrected, forget_loss=lambda m, f, c: self.forget_loss(m, f, c), allow_empty=True
+                )
             )
+            gradient = processes.sum_tree(local)
             bad = [name for name, g in gradient.items() if not torch.isfinite(g).all()]
             if bad:
                 raise RuntimeError(
@@ -245,26 +261,11 @@ class SharpnessAwareUnlearning(Callback):
                 )
 
         with _stage(seconds, "curvature"):
-            train = checked(data.train, "training", self.curvature_samples)
-            counted = _Counted(self._progress(trainer, train, f"curvature ({self.curvature})", train.num_batches))
-            diag = hessian_diagonal(
-                model,
-                counted,
-                loss_fn=self.loss_fn,
-                method=self.curvature,
-                num_probes=self.num_probes,
-                generator=torch.Generator(device=_device(model)).manual_seed(self.seed),
-            )
-            bad = [name for name, d in diag.items() if not torch.isfinite(d).all()]
-            if bad:
-                raise RuntimeError(
-                    f"the curvature of {bad} is not finite; the model's weights or data may "
-                    "hold NaN/inf. Weights were left unchanged."
-                )
+            diag, curvature_samples = self._curvature(trainer, processes, model, data, batches)
 
         with _stage(seconds, "selection"):
             sharpness = layer_sharpness(model, diag)
-            selected = list(self.select_layers(sharpness))
+            selected = processes.broadcast(list(self.select_layers(sharpness)))
             unknown = [name for name in selected if name not in layers]
             if not selected or unknown:
                 raise ValueError(
@@ -275,7 +276,19 @@ class SharpnessAwareUnlearning(Callback):
         tau: float | None = None
         tau_search: list[tuple[float, float]] = []
         steps = None
-        validation, validation_source = self._validation_batches(data, checked)
+        if data.val is not None:
+            validation, validation_source = batches(data.val, "validation"), "val_dataloader"
+        elif data.retain is not None:
+            validation = batches(data.retain, "retain", self.validation_samples)
+            validation_source = "retain slice"
+        else:
+            validation, validation_source = None, None
+
+        def validation_loss(m: nn.Module, batches_: Iterable[Any] | None = validation) -> float:
+            total, count = processes.agree(lambda: loss_sum(m, batches_, self.loss_fn))
+            total, count = processes.sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
+            return total / count if count else float("nan")
+
         with _stage(seconds, "update"), _frozen_except(model, names):
             if self.update == "first_order":
                 if self.tau == "auto":
@@ -290,7 +303,7 @@ class SharpnessAwareUnlearning(Callback):
                         gradient,
                         names,
                         grid,
-                        lambda m: mean_loss(m, validation, self.loss_fn),
+                        validation_loss,
                         progress=lambda it: self._progress(trainer, it, "choosing tau", len(grid)),
                     )
                     tau_search = sorted(losses.items())
@@ -298,24 +311,19 @@ class SharpnessAwareUnlearning(Callback):
                     tau = float(self.tau)
                     apply_first_order(model, gradient, names, tau)
             else:
-                sources = [checked(data.retain, "retain")]
-                if data.corrected is not None:
-                    sources.append(checked(data.corrected, "corrected"))
-                steps = fine_tune(
-                    model,
-                    names,
-                    sources,
-                    epochs=self.epochs,
-                    lr=self.lr,
-                    momentum=self.momentum,
-                    loss_fn=self.loss_fn,
-                    seed=self.seed,
-                    progress=lambda it: self._progress(trainer, it, "fine-tuning", None),
+                steps = self._fine_tune(trainer, processes, model, names, data, batches)
+            after = validation_loss(model, validation if validation is not None else forget)
+            params = dict(model.named_parameters())
+            if not all(torch.isfinite(params[n]).all() for n in names) or not math.isfinite(after):
+                raise RuntimeError(
+                    f"the update made the model non-finite (loss {after}); the weights were restored. "
+                    "Lower tau or lr, or check the forget loss."
                 )
-            self._check_finite(model, names, validation if validation is not None else checked(data.forget, "forget"))
 
         with _stage(seconds, "evaluation"):
-            heldout_after, forget_after = self._evaluate(model, data, num_classes, datamodule, checked, trainer)
+            heldout_after, forget_after = self._evaluate(
+                trainer, processes, model, num_classes, datamodule, test, forget, corrected
+            )
         seconds["total"] = time.perf_counter() - total_start
         return UnlearningReport(
             layer_sharpness=sharpness,
@@ -330,49 +338,101 @@ class SharpnessAwareUnlearning(Callback):
             update=self.update,
             selection=self.selection,
             curvature=self.curvature,
-            curvature_samples=counted.samples,
+            curvature_samples=curvature_samples,
             tau_search=tau_search,
             validation_source=validation_source if self.update == "first_order" and self.tau == "auto" else None,
             fine_tune_steps=steps,
         )
 
-    def _evaluate(self, model, data: UnlearningData, num_classes: int, datamodule: Any, checked, trainer):
-        target_class = getattr(datamodule, "target_class", None)
-        heldout: dict[str, float] = {}
-        if data.test is not None:
-            heldout = classification_metrics(
+    def _curvature(self, trainer, processes: _Processes, model: nn.Module, data: UnlearningData, batches):
+        """Per-process sums on disjoint shards, all-reduced; Hutchinson splits probes instead of data.
+
+        With ``"hutchinson"`` every process reads the whole curvature sample with probes of its own
+        seed, and the estimates are averaged: more processes, more probes, less variance.
+        """
+        probe_parallel = self.curvature == "hutchinson"
+        shard = dict(rank=0, world_size=1) if probe_parallel else {}
+        train = batches(data.train, "training", self.curvature_samples, **shard)
+        generator = torch.Generator(device=_device(model)).manual_seed(self.seed + 7919 * processes.rank)
+        progress = self._progress(trainer, train, f"curvature ({self.curvature})", _length(train))
+        local, count = processes.agree(
+            lambda: hessian_diagonal_sum(
                 model,
-                checked(data.test, "test"),
-                num_classes,
-                target_class=target_class,
+                progress,
                 loss_fn=self.loss_fn,
-                progress=lambda it: self._progress(trainer, it, "held-out metrics", None),
+                method=self.curvature,
+                num_probes=self.num_probes,
+                generator=generator,
             )
-        forget = {"accuracy_trained_labels": self._accuracy(model, checked(data.forget, "forget"), num_classes)}
-        if data.corrected is not None:
-            forget["accuracy_corrected_labels"] = self._accuracy(
-                model, checked(data.corrected, "corrected"), num_classes
-            )
-        return heldout, forget
-
-    def _accuracy(self, model: nn.Module, batches: Iterable[Any], num_classes: int) -> float:
-        return classification_metrics(model, batches, num_classes, loss_fn=self.loss_fn)["accuracy"]
-
-    def _validation_batches(self, data: UnlearningData, checked) -> tuple[_Batches | None, str | None]:
-        if data.val is not None:
-            return checked(data.val, "validation"), "val_dataloader"
-        if data.retain is not None:
-            return checked(data.retain, "retain", self.validation_samples), "retain slice"
-        return None, None
-
-    def _check_finite(self, model: nn.Module, names: Sequence[str], batches: Iterable[Any]) -> None:
-        params = dict(model.named_parameters())
-        loss = mean_loss(model, batches, self.loss_fn)
-        if not all(torch.isfinite(params[n]).all() for n in names) or loss != loss or abs(loss) == float("inf"):
+        )
+        if local is None:
+            local = {name: torch.zeros_like(p) for name, p in trainable_parameters(model).items()}
+        total = processes.sum_tree(local)
+        count = int(processes.sum(torch.tensor(float(count), dtype=torch.float64)))
+        copies = processes.world_size if probe_parallel else 1
+        if count == 0:
+            raise ValueError("the training set is empty: train_dataloader() served no samples for the curvature.")
+        diag = {name: value / count for name, value in total.items()}  # count already holds every copy
+        bad = [name for name, d in diag.items() if not torch.isfinite(d).all()]
+        if bad:
             raise RuntimeError(
-                f"the update made the model non-finite (loss {loss}); the weights were restored. "
-                "Lower tau or lr, or check the forget loss."
+                f"the curvature of {bad} is not finite; the model's weights or data may "
+                "hold NaN/inf. Weights were left unchanged."
             )
+        return diag, count // copies
+
+    def _fine_tune(self, trainer, processes: _Processes, model, names, data: UnlearningData, batches) -> int:
+        shuffle = processes.world_size > 1  # a single process keeps the user's own loader order
+        sources = [batches(data.retain, "retain", shuffle=shuffle)]
+        if data.corrected is not None:
+            sources.append(batches(data.corrected, "corrected", shuffle=shuffle))
+        lengths = [_length(s) for s in sources]
+        steps_per_epoch = None
+        if processes.world_size > 1:
+            if None in lengths:
+                raise ValueError("fine_tune under several processes needs sized dataloaders (map-style datasets).")
+            steps_per_epoch = processes.min(sum(lengths))
+
+        def average_gradients(params: Sequence[Tensor]) -> None:
+            for p in params:
+                if p.grad is not None:
+                    p.grad = processes.mean(p.grad)
+
+        return fine_tune(
+            model,
+            names,
+            sources,
+            epochs=self.epochs,
+            lr=self.lr,
+            momentum=self.momentum,
+            loss_fn=self.loss_fn,
+            seed=self.seed + processes.rank,
+            steps_per_epoch=steps_per_epoch,
+            average_gradients=average_gradients if processes.world_size > 1 else None,
+            progress=lambda it: self._progress(trainer, it, "fine-tuning", steps_per_epoch),
+        )
+
+    def _evaluate(self, trainer, processes, model, num_classes, datamodule, test, forget, corrected):
+        target_class = getattr(datamodule, "target_class", None)
+        metrics = {"forget": (ClassificationMetrics(num_classes, loss_fn=self.loss_fn), forget)}
+        if corrected is not None:
+            metrics["corrected"] = (ClassificationMetrics(num_classes, loss_fn=self.loss_fn), corrected)
+        if test is not None:
+            held_out = ClassificationMetrics(num_classes, target_class, loss_fn=self.loss_fn)
+            metrics["test"] = (held_out, test)
+
+        def update() -> None:
+            for name, (metric, loader) in metrics.items():
+                description = "held-out metrics" if name == "test" else f"{name} metrics"
+                metric.update_from(model, loader, lambda it: self._progress(trainer, it, description, _length(loader)))
+
+        processes.agree(update)
+        values = {name: metric.compute() for name, (metric, _) in metrics.items()}  # syncs across processes
+        heldout = values.get("test", {})
+        forget_metrics = {"accuracy_trained_labels": values["forget"]["accuracy"]}
+        if "corrected" in values:
+            forget_metrics["accuracy_corrected_labels"] = values["corrected"]["accuracy"]
+        return heldout, forget_metrics
 
     def _progress(self, trainer: pl.Trainer, iterable: Iterable[Any], desc: str, total: int | None) -> Iterable[Any]:
         enabled = self.progress_bar and trainer.is_global_zero
@@ -394,39 +454,103 @@ class SharpnessAwareUnlearning(Callback):
 
 
 # ---------------------------------------------------------------------- helpers
-class _Counted:
-    """An iterable that counts the samples it serves."""
+class _Processes:
+    """Lightning's strategy as the one distributed layer: sums, broadcasts, agreement on failure.
 
-    def __init__(self, batches: Iterable[Any]) -> None:
-        self.batches, self.samples = batches, 0
+    With one process every method is the identity.
+    """
 
-    def __iter__(self) -> Iterator[Any]:
-        for batch in self.batches:
-            self.samples += len(batch[1])
-            yield batch
+    def __init__(self, trainer: pl.Trainer, device: torch.device) -> None:
+        self.strategy, self.device = trainer.strategy, device
+        self.rank, self.world_size = trainer.global_rank, trainer.world_size
+        if self.world_size > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise RuntimeError(
+                f"the trainer has {self.world_size} processes but no process group is running. Under DDP, "
+                "attach the callback to trainer.fit, or use `sa-unlearn unlearn`, so that it runs in every process."
+            )
+
+    def sum(self, value: Tensor) -> Tensor:
+        return self.strategy.reduce(value.to(self.device), reduce_op="sum") if self.world_size > 1 else value
+
+    def mean(self, value: Tensor) -> Tensor:
+        return self.strategy.reduce(value, reduce_op="mean") if self.world_size > 1 else value
+
+    def min(self, value: int) -> int:
+        if self.world_size == 1:
+            return value
+        return int(self.strategy.reduce(torch.tensor(value, device=self.device), reduce_op="min"))
+
+    def sum_tree(self, tree: dict[str, Tensor]) -> dict[str, Tensor]:
+        """All-reduce a dict of tensors with one collective (flattened into one buffer)."""
+        if self.world_size == 1:
+            return tree
+        flat = self.sum(torch.cat([t.reshape(-1) for t in tree.values()]))
+        out, start = {}, 0
+        for name, t in tree.items():
+            out[name] = flat[start : start + t.numel()].view_as(t)
+            start += t.numel()
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        return self.strategy.broadcast(obj) if self.world_size > 1 else obj
+
+    def agree(self, work: Callable[[], Any]) -> Any:
+        """Run local ``work``; if it fails on any process, every process raises (none waits forever)."""
+        if self.world_size == 1:
+            return work()
+        error: BaseException | None = None
+        try:
+            result = work()
+        except Exception as caught:  # re-raised below, after the other processes have heard of it
+            error, result = caught, None
+        failures = self.sum(torch.tensor([float(error is not None)], dtype=torch.float64))
+        if error is not None:
+            raise error
+        if failures.item() > 0:
+            raise RuntimeError(
+                "another process failed while unlearning (its error is in its log); the weights were restored."
+            )
+        return result
 
 
 class _Batches:
-    """A loader seen through the checks: at most ``max_samples`` samples, labels in range; re-iterable."""
+    """This process's shard of a loader, with labels checked; iterable many times (one pass per τ)."""
 
-    def __init__(self, loader: Any, max_samples: int | None, num_classes: int, what: str) -> None:
-        self.loader, self.max_samples, self.num_classes, self.what = loader, max_samples, num_classes, what
+    def __init__(
+        self,
+        loader: Any,
+        num_classes: int,
+        what: str,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        max_samples: int | None = None,
+        seed: int = 0,
+        shuffle: bool = False,
+    ) -> None:
+        self.loader, self.num_classes, self.what = loader, num_classes, what
+        self.options = dict(rank=rank, world_size=world_size, max_samples=max_samples, seed=seed, shuffle=shuffle)
+
+    def source(self) -> Iterable[Any]:
+        return shard(self.loader, **self.options)
 
     def __iter__(self) -> Iterator[Any]:
-        return checked_labels(limit_samples(self.loader, self.max_samples), self.num_classes, self.what)
+        return checked_labels(self.source(), self.num_classes, self.what)
 
-    def __len__(self) -> int:
-        if self.num_batches is None:
-            raise TypeError(f"the {self.what} loader has no length")
-        return self.num_batches
 
-    @property
-    def num_batches(self) -> int | None:
-        total = sized(self.loader)
-        batch_size = getattr(self.loader, "batch_size", None)
-        if total is None or self.max_samples is None or not batch_size:
-            return total
-        return min(total, -(-self.max_samples // batch_size))
+def _length(batches: Any) -> int | None:
+    return sized(batches.source()) if isinstance(batches, _Batches) else sized(batches)
+
+
+def _check_aligned(forget: Any, corrected: Any) -> None:
+    if corrected is not None and is_map_style(forget) and is_map_style(corrected):
+        if len(forget.dataset) != len(corrected.dataset) or forget.batch_size != corrected.batch_size:
+            raise ValueError(
+                f"the forget and corrected sets differ in length ({len(forget.dataset)} vs "
+                f"{len(corrected.dataset)} samples, batch sizes {forget.batch_size} vs {corrected.batch_size}). "
+                "corrected_dataloader must serve the same samples as forget_dataloader, in the same order "
+                "and with the same batch size; only labels or features may differ."
+            )
 
 
 def _tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:

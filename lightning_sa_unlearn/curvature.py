@@ -77,6 +77,37 @@ def hessian_diagonal(
     Returns:
         ``{name: diagonal}`` with each parameter's name and shape.
     """
+    total, count = hessian_diagonal_sum(
+        model,
+        batches,
+        loss_fn=loss_fn,
+        method=method,
+        num_probes=num_probes,
+        generator=generator,
+        chunk_size=chunk_size,
+        exact_max_parameters=exact_max_parameters,
+    )
+    if total is None:
+        raise ValueError("hessian_diagonal got no samples: `batches` is empty.")
+    return {name: value / count for name, value in total.items()}
+
+
+def hessian_diagonal_sum(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    loss_fn: LossFn = F.cross_entropy,
+    method: str = "ggn",
+    num_probes: int = 100,
+    generator: torch.Generator | None = None,
+    chunk_size: int = 32,
+    exact_max_parameters: int = EXACT_MAX_PARAMETERS,
+) -> tuple[dict[str, Tensor] | None, int]:
+    """``(Σ_n diag ∇²ℓ_n, N)``: the unnormalised sum behind :func:`hessian_diagonal`, and the sample count.
+
+    Sums from disjoint shards of the data add up, which is how several processes combine their
+    work (``None`` when ``batches`` held no sample). Arguments as in :func:`hessian_diagonal`.
+    """
     if method not in CURVATURE_METHODS:
         raise ValueError(f"unknown curvature method {method!r}; choose one of {CURVATURE_METHODS}.")
     if chunk_size < 1:
@@ -99,7 +130,6 @@ def hessian_diagonal(
         "hutchinson": _hutchinson_batch,
         "empirical_fisher": _empirical_fisher_batch,
     }[method]
-
     total: dict[str, Tensor] | None = None
     count = 0
     with eval_mode(model), torch.enable_grad():
@@ -110,9 +140,7 @@ def hessian_diagonal(
                 continue
             total = tree_add_(total, per_batch(model, params, buffers, x, y, **options))
             count += x.shape[0]
-    if total is None:
-        raise ValueError("hessian_diagonal got no samples: `batches` is empty.")
-    return {name: value / count for name, value in total.items()}
+    return total, count
 
 
 def _exact_batch(model, params, buffers, x, y, *, loss_fn, chunk_size, **_) -> dict[str, Tensor]:

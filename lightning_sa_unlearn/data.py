@@ -18,7 +18,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from lightning_sa_unlearn.functional import split_batch
 
@@ -102,3 +104,46 @@ def checked_labels(batches: Iterable[Any], num_classes: int, what: str) -> Itera
                 f"{num_classes} outputs (classes 0..{num_classes - 1}). Fix the labels or the model's output size."
             )
         yield batch
+
+
+def is_map_style(loader: Any) -> bool:
+    """A DataLoader over an indexable, sized dataset: it can be re-read in any subset and order."""
+    return (
+        isinstance(loader, DataLoader)
+        and not isinstance(loader.dataset, IterableDataset)
+        and sized(loader.dataset) is not None
+    )
+
+
+def shard(
+    loader: Any, rank: int, world_size: int, *, max_samples: int | None = None, seed: int = 0, shuffle: bool = False
+) -> Iterable[Any]:
+    """This process's share of ``loader``: every sample counted once across processes, none repeated.
+
+    For a map-style DataLoader the sample set is fixed first (all samples, or ``max_samples`` of
+    them drawn by ``seed``), then split by index, ``indices[rank::world_size]``, and re-batched
+    with the loader's batch size and collate function. Unlike ``DistributedSampler`` this never
+    pads, so sums over the shards equal the sum over the whole set, whatever ``world_size``.
+    Other iterables are split batch by batch (batch i goes to rank ``i % world_size``), which
+    needs the same batch order on every process.
+    """
+    if not is_map_style(loader):
+        limited = limit_samples(loader, max_samples)
+        return limited if world_size == 1 else (b for i, b in enumerate(limited) if i % world_size == rank)
+    size = len(loader.dataset)
+    if world_size == 1 and (max_samples is None or max_samples >= size) and not shuffle:
+        return loader
+    if max_samples is not None and max_samples < size:
+        indices = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:max_samples].sort().values
+    else:
+        indices = torch.arange(size)
+    generator = torch.Generator().manual_seed(seed + 1 + rank) if shuffle else None
+    return DataLoader(
+        Subset(loader.dataset, indices[rank::world_size].tolist()),
+        batch_size=loader.batch_size or 1,
+        shuffle=shuffle,
+        generator=generator,
+        collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+    )

@@ -68,8 +68,13 @@ def forget_gradient(
     corrected: Iterable[Any] | None = None,
     *,
     forget_loss: ForgetLoss = default_forget_loss,
+    allow_empty: bool = False,
 ) -> dict[str, Tensor]:
-    """``G = ∇_θ L_forget(θ; D_f, D̃_f)`` (paper eq. 7) for every trainable parameter, in eval mode."""
+    """``G = ∇_θ L_forget(θ; D_f, D̃_f)`` (paper eq. 7) for every trainable parameter, in eval mode.
+
+    A sum over samples: gradients from disjoint shards of the forget set add up. An empty forget
+    set is an error unless ``allow_empty`` (then G = 0, as for a process with an empty shard).
+    """
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     total = {name: torch.zeros_like(p) for name, p in params.items()}
     count = 0
@@ -81,7 +86,7 @@ def forget_gradient(
                 if g is not None:
                     total[name].add_(g)
             count += forget_batch[0].shape[0]
-    if count == 0:
+    if count == 0 and not allow_empty:
         raise ValueError("the forget set is empty: forget_dataloader() served no samples. Nothing to unlearn.")
     return total
 
@@ -95,13 +100,19 @@ def apply_first_order(model: nn.Module, gradient: dict[str, Tensor], names: Sequ
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn = F.cross_entropy) -> float:
-    """Mean of ``loss_fn`` over every sample of ``batches``, in eval mode."""
+def loss_sum(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn = F.cross_entropy) -> tuple[float, int]:
+    """``(Σ ℓ, N)`` over every sample of ``batches``, in eval mode (sums from shards add up)."""
     total, count = 0.0, 0
     with eval_mode(model):
         for x, y in batches_for(model, batches):
             total += float(loss_fn(model(x), y)) * x.shape[0]
             count += x.shape[0]
+    return total, count
+
+
+def mean_loss(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn = F.cross_entropy) -> float:
+    """Mean of ``loss_fn`` over every sample of ``batches``, in eval mode."""
+    total, count = loss_sum(model, batches, loss_fn)
     if count == 0:
         raise ValueError("cannot evaluate a loss on an empty set of batches.")
     return total / count
@@ -181,13 +192,17 @@ def fine_tune(
     momentum: float = 0.9,
     loss_fn: LossFn = F.cross_entropy,
     seed: int = 0,
+    steps_per_epoch: int | None = None,
+    average_gradients: Callable[[Sequence[Tensor]], None] | None = None,
     progress: Callable[[Iterable[Any]], Iterable[Any]] = lambda it: it,
 ) -> int:
     """SGD on the mean loss over ``sources`` (``D_r`` and ``D̃_f``), updating only ``names``.
 
     Runs in eval mode like every other step here, so BatchNorm statistics stay as they were.
     Parameters outside ``names`` get ``requires_grad=False`` for the duration and are never
-    handed to the optimizer. Returns the number of optimizer steps taken.
+    handed to the optimizer. ``steps_per_epoch`` caps the steps of an epoch (so that every
+    process takes the same number); ``average_gradients(params)`` runs between backward and
+    step (an all-reduce under data parallelism). Returns the number of optimizer steps taken.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1 for update='fine_tune', got {epochs}.")
@@ -202,9 +217,12 @@ def fine_tune(
             p.requires_grad_(name in names)
         with eval_mode(model), torch.enable_grad():
             for _ in range(epochs):
-                for x, y in progress(batches_for(model, interleave(sources, rng))):
+                batches = itertools.islice(interleave(sources, rng), steps_per_epoch)
+                for x, y in progress(batches_for(model, batches)):
                     optimizer.zero_grad(set_to_none=True)
                     loss_fn(model(x), y).backward()
+                    if average_gradients is not None:
+                        average_gradients(selected)
                     optimizer.step()
                     steps += 1
     finally:

@@ -177,7 +177,7 @@ class CustomDataModule(TensorDataModule):
 
     def _override(self, name, default):
         data = self.overrides[name]
-        return default() if data is None else DataLoader(TensorDataset(*data), batch_size=16)
+        return default() if data is None else DataLoader(TensorDataset(*data), batch_size=self.batch_size)
 
     def forget_dataloader(self):
         return self._override("forget", super().forget_dataloader)
