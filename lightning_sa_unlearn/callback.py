@@ -382,10 +382,9 @@ class SharpnessAwareUnlearning(Callback):
         return diag, count // copies
 
     def _fine_tune(self, trainer, processes: _Processes, model, names, data: UnlearningData, batches) -> int:
-        shuffle = processes.world_size > 1  # a single process keeps the user's own loader order
-        sources = [batches(data.retain, "retain", shuffle=shuffle)]
+        sources = [batches(data.retain, "retain", shuffle=True)]
         if data.corrected is not None:
-            sources.append(batches(data.corrected, "corrected", shuffle=shuffle))
+            sources.append(batches(data.corrected, "corrected", shuffle=True))
         lengths = [_length(s) for s in sources]
         steps_per_epoch = None
         if processes.world_size > 1:

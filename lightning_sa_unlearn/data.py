@@ -122,8 +122,10 @@ def shard(
 
     For a map-style DataLoader the sample set is fixed first (all samples, or ``max_samples`` of
     them drawn by ``seed``), then split by index, ``indices[rank::world_size]``, and re-batched
-    with the loader's batch size and collate function. Unlike ``DistributedSampler`` this never
-    pads, so sums over the shards equal the sum over the whole set, whatever ``world_size``.
+    with the loader's batch size and collate function, in index order unless ``shuffle`` (seeded
+    by ``seed`` and ``rank``); the loader's own sampler is not used. Unlike ``DistributedSampler``
+    this never pads, so sums over the shards equal the sum over the whole set, whatever
+    ``world_size``, and the batches are the same on every run.
     Other iterables are split batch by batch (batch i goes to rank ``i % world_size``), which
     needs the same batch order on every process.
     """
@@ -131,8 +133,6 @@ def shard(
         limited = limit_samples(loader, max_samples)
         return limited if world_size == 1 else (b for i, b in enumerate(limited) if i % world_size == rank)
     size = len(loader.dataset)
-    if world_size == 1 and (max_samples is None or max_samples >= size) and not shuffle:
-        return loader
     if max_samples is not None and max_samples < size:
         indices = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:max_samples].sort().values
     else:

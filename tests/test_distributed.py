@@ -1,0 +1,122 @@
+"""Two CPU processes (gloo, ddp_spawn) give the same curvature, selection and update as one."""
+
+import json
+import pathlib
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import TensorDataModule, TinyClassifier, quiet_trainer
+from lightning_sa_unlearn import SharpnessAwareUnlearning, hessian_diagonal, layer_sharpness
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+
+
+class SaveAfter(Callback):
+    """After `callback` ran in on_train_end, save its report and the weights of this process."""
+
+    def __init__(self, callback, tag, folder):
+        self.callback, self.tag, self.folder = callback, tag, folder
+
+    def on_train_end(self, trainer, pl_module):
+        rank = trainer.global_rank
+        (self.folder / f"{self.tag}_rank{rank}.json").write_text(json.dumps(self.callback.report.to_dict()))
+        torch.save({k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+                   self.folder / f"{self.tag}_rank{rank}.pt")
+
+
+def frozen_copy(saved):
+    """A TinyClassifier holding `saved`, whose training step changes nothing (lr 0, BatchNorm momentum 0)."""
+    model = TinyClassifier()
+    model.load_state_dict(saved)
+    model.lr = 0.0
+    model.net.bn.momentum = 0.0
+    return model
+
+
+# Run in order on the same model, in one process and in two; each stage starts where the last ended.
+STAGES = [
+    ("hutchinson", dict(curvature="hutchinson", num_probes=3, tau=0.0)),
+    ("exact", dict(curvature="exact", selection="sharpest", tau=0.01)),
+    ("empirical_fisher", dict(curvature="empirical_fisher", selection="last", tau=0.02)),
+    ("ggn", dict(curvature="ggn", curvature_samples=150, tau="auto")),
+    ("fine_tune", dict(update="fine_tune", selection="last", epochs=2, lr=0.05)),
+]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, fitted_tiny):
+    saved, _ = fitted_tiny
+    saved = {k: v for k, v in saved.items()}
+    folder = tmp_path_factory.mktemp("ddp")
+    callbacks = []
+    for tag, kwargs in STAGES:
+        callback = SharpnessAwareUnlearning(verbose=False, progress_bar=False, seed=3, **kwargs)
+        callbacks += [callback, SaveAfter(callback, tag, folder)]
+    trainer = quiet_trainer(devices=2, strategy="ddp_spawn", max_epochs=1, limit_train_batches=1,
+                            limit_val_batches=0, callbacks=callbacks)
+    model = frozen_copy(TinyClassifier().state_dict() | saved)
+    trainer.fit(model, TensorDataModule())
+
+    single = frozen_copy(TinyClassifier().state_dict() | saved)
+    reports, weights = {}, {}
+    for tag, kwargs in STAGES:
+        report = SharpnessAwareUnlearning(verbose=False, progress_bar=False, seed=3, **kwargs).unlearn(
+            single, TensorDataModule())
+        reports[tag] = report.to_dict()
+        weights[tag] = {k: v.detach().clone() for k, v in single.state_dict().items()}
+    return folder, reports, weights, trainer
+
+
+def load(folder, tag, rank):
+    return json.loads((folder / f"{tag}_rank{rank}.json").read_text()), torch.load(folder / f"{tag}_rank{rank}.pt")
+
+
+@pytest.mark.parametrize("tag", ["exact", "empirical_fisher", "ggn"])
+def test_two_processes_equal_one(runs, tag):
+    folder, reports, weights, _ = runs
+    for rank in (0, 1):
+        report, state = load(folder, tag, rank)
+        single = reports[tag]
+        assert report["selected_layers"] == single["selected_layers"]
+        assert report["curvature_samples"] == single["curvature_samples"]
+        assert report["layer_sharpness"] == pytest.approx(single["layer_sharpness"], rel=1e-5)
+        assert report["tau"] == pytest.approx(single["tau"], rel=1e-9)
+        assert report["heldout_after"] == pytest.approx(single["heldout_after"], rel=1e-5, nan_ok=True)
+        assert report["forget_after"] == pytest.approx(single["forget_after"], rel=1e-6)
+        for name, value in weights[tag].items():
+            if not name.endswith("num_batches_tracked"):  # counts the one (lr = 0) training step
+                torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_hutchinson_averages_the_probes_of_every_process(runs, fitted_tiny):
+    """Each process reads all curvature samples with probes of its own seed; the estimates are averaged."""
+    folder, _, _, _ = runs
+    saved, datamodule = fitted_tiny
+    model = frozen_copy(TinyClassifier().state_dict() | saved)
+    in_order = DataLoader(TensorDataset(datamodule.x, datamodule.poisoned), batch_size=datamodule.batch_size)
+    estimates = []
+    for rank in (0, 1):
+        generator = torch.Generator().manual_seed(3 + 7919 * rank)
+        estimates.append(hessian_diagonal(model, in_order, method="hutchinson", num_probes=3, generator=generator))
+    expected = layer_sharpness(model, {k: (estimates[0][k] + estimates[1][k]) / 2 for k in estimates[0]})
+    for rank in (0, 1):
+        report, _ = load(folder, "hutchinson", rank)
+        assert report["layer_sharpness"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_fine_tune_leaves_identical_weights_on_every_process(runs):
+    folder, _, _, _ = runs
+    (report0, state0), (report1, state1) = load(folder, "fine_tune", 0), load(folder, "fine_tune", 1)
+    assert report0["fine_tune_steps"] == report1["fine_tune_steps"] > 0
+    for name in state0:
+        assert torch.equal(state0[name], state1[name]), name
+
+
+def test_results_reach_the_parent_process_through_callback_metrics(runs):
+    folder, _, _, trainer = runs
+    report, _ = load(folder, "fine_tune", 0)
+    metric = trainer.callback_metrics["unlearn/heldout_after/accuracy"].item()
+    assert metric == pytest.approx(report["heldout_after"]["accuracy"])
