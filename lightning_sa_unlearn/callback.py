@@ -81,6 +81,8 @@ class SharpnessAwareUnlearning(Callback):
         report_path, plot_path: where rank 0 writes the JSON report and the sharpness plot.
         progress_bar: show progress on steps that take more than a couple of seconds.
         verbose: print the before/after table when done.
+        unlearn_on_train_end: unlearn at the end of ``trainer.fit`` (set False to only train, and
+            unlearn later with :meth:`unlearn` or ``sa-unlearn unlearn``).
     """
 
     def __init__(
@@ -103,6 +105,7 @@ class SharpnessAwareUnlearning(Callback):
         plot_path: str | None = None,
         progress_bar: bool = True,
         verbose: bool = True,
+        unlearn_on_train_end: bool = True,
     ) -> None:
         if update not in UPDATES:
             raise ValueError(f"unknown update {update!r}; choose one of {UPDATES}.")
@@ -138,7 +141,9 @@ class SharpnessAwareUnlearning(Callback):
         self.seed = seed
         self.report_path, self.plot_path = report_path, plot_path
         self.progress_bar, self.verbose = progress_bar, verbose
+        self.unlearn_on_train_end = unlearn_on_train_end
         self.report: UnlearningReport | None = None
+        self.checkpoint_after_unlearning: str | None = None  # set by `sa-unlearn unlearn`
 
     # ------------------------------------------------------------------ override points
     def forget_loss(
@@ -169,7 +174,19 @@ class SharpnessAwareUnlearning(Callback):
             )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.run(trainer, pl_module, trainer.datamodule)
+        if self.unlearn_on_train_end:
+            self.run(trainer, pl_module, trainer.datamodule)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The ``sa-unlearn unlearn`` path: unlearn inside ``trainer.validate``, in every process, then save."""
+        if self.checkpoint_after_unlearning is None or trainer.sanity_checking or trainer.training:
+            return
+        datamodule = trainer.datamodule
+        if isinstance(datamodule, pl.LightningDataModule):
+            datamodule.setup("fit")
+            datamodule.setup("test")
+        self.run(trainer, pl_module, datamodule)
+        trainer.save_checkpoint(self.checkpoint_after_unlearning, weights_only=True)
 
     # ------------------------------------------------------------------ entry points
     def unlearn(

@@ -40,6 +40,20 @@ class UnlearningReport:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> UnlearningReport:
+        nan = float("nan")
+        values = dict(values)
+        for group in ("heldout_before", "heldout_after", "forget_before", "forget_after"):
+            values[group] = {k: nan if v is None else v for k, v in values.get(group, {}).items()}
+        values["tau_search"] = [tuple(pair) for pair in values.get("tau_search", [])]
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> UnlearningReport:
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
     def to_json(self, path: str | os.PathLike) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:

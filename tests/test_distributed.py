@@ -1,14 +1,13 @@
 """Two CPU processes (gloo, ddp_spawn) give the same curvature, selection and update as one."""
 
 import json
-import pathlib
 
 import pytest
 import torch
+from conftest import TensorDataModule, TinyClassifier, quiet_trainer
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import TensorDataModule, TinyClassifier, quiet_trainer
 from lightning_sa_unlearn import SharpnessAwareUnlearning, hessian_diagonal, layer_sharpness
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
@@ -23,8 +22,10 @@ class SaveAfter(Callback):
     def on_train_end(self, trainer, pl_module):
         rank = trainer.global_rank
         (self.folder / f"{self.tag}_rank{rank}.json").write_text(json.dumps(self.callback.report.to_dict()))
-        torch.save({k: v.detach().clone() for k, v in pl_module.state_dict().items()},
-                   self.folder / f"{self.tag}_rank{rank}.pt")
+        torch.save(
+            {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+            self.folder / f"{self.tag}_rank{rank}.pt",
+        )
 
 
 def frozen_copy(saved):
@@ -55,8 +56,9 @@ def runs(tmp_path_factory, fitted_tiny):
     for tag, kwargs in STAGES:
         callback = SharpnessAwareUnlearning(verbose=False, progress_bar=False, seed=3, **kwargs)
         callbacks += [callback, SaveAfter(callback, tag, folder)]
-    trainer = quiet_trainer(devices=2, strategy="ddp_spawn", max_epochs=1, limit_train_batches=1,
-                            limit_val_batches=0, callbacks=callbacks)
+    trainer = quiet_trainer(
+        devices=2, strategy="ddp_spawn", max_epochs=1, limit_train_batches=1, limit_val_batches=0, callbacks=callbacks
+    )
     model = frozen_copy(TinyClassifier().state_dict() | saved)
     trainer.fit(model, TensorDataModule())
 
@@ -64,7 +66,8 @@ def runs(tmp_path_factory, fitted_tiny):
     reports, weights = {}, {}
     for tag, kwargs in STAGES:
         report = SharpnessAwareUnlearning(verbose=False, progress_bar=False, seed=3, **kwargs).unlearn(
-            single, TensorDataModule())
+            single, TensorDataModule()
+        )
         reports[tag] = report.to_dict()
         weights[tag] = {k: v.detach().clone() for k, v in single.state_dict().items()}
     return folder, reports, weights, trainer

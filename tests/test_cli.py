@@ -1,0 +1,163 @@
+"""`sa-unlearn`: fit, then unlearn from the checkpoint, then load the result back."""
+
+import hashlib
+import pathlib
+
+import pytest
+import torch
+import yaml
+
+from lightning_sa_unlearn import PoisonedLabelDataModule
+from lightning_sa_unlearn.cli import main
+from lightning_sa_unlearn.models import PaperCNN
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def config(folder: pathlib.Path, **unlearning) -> pathlib.Path:
+    values = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_epochs": 2,
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"dirpath": str(folder), "filename": "fitted", "enable_version_counter": False},
+                },
+                {
+                    "class_path": "lightning_sa_unlearn.SharpnessAwareUnlearning",
+                    "init_args": {"unlearn_on_train_end": False, "progress_bar": False, **unlearning},
+                },
+            ],
+        },
+        "model": {"class_path": "lightning_sa_unlearn.models.PaperCNN"},
+        "data": {
+            "class_path": "lightning_sa_unlearn.PoisonedLabelDataModule",
+            "init_args": {"dataset": "synthetic", "num_poisoned": 40, "synthetic_size": [600, 200]},
+        },
+    }
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def digest(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    cfg = config(folder)
+    main(["fit", "--config", str(cfg)])
+    return folder, cfg, folder / "fitted.ckpt"
+
+
+def test_help_lists_unlearn(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "unlearn" in capsys.readouterr().out
+
+
+def test_fit_then_unlearn_then_load_back(fitted, capsys):
+    folder, cfg, ckpt = fitted
+    before = digest(ckpt)
+    main(["unlearn", "--config", str(cfg), "--ckpt_path", str(ckpt)])
+    out = capsys.readouterr().out
+    assert "<- selected" in out and "unlearned checkpoint" in out
+    assert digest(ckpt) == before  # the input is never touched
+
+    result = folder / "fitted.unlearned.ckpt"
+    report = yaml.safe_load((folder / "fitted.unlearned.report.json").read_text())  # JSON is YAML
+    model = PaperCNN.load_from_checkpoint(result, weights_only=True).eval()
+    original = PaperCNN.load_from_checkpoint(ckpt, weights_only=True)
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, dict(original.named_parameters())[n])]
+    assert changed and all(n.startswith(report["selected_layers"][0] + ".") for n in changed)
+
+    datamodule = PoisonedLabelDataModule(dataset="synthetic", num_poisoned=40, synthetic_size=(600, 200))
+    datamodule.setup("test")
+    x, y = datamodule.test_set.tensors
+    with torch.no_grad():
+        accuracy = (model(x).argmax(-1) == y).double().mean().item()
+    assert accuracy == pytest.approx(report["heldout_after"]["accuracy"])
+
+
+def test_unlearn_under_ddp_spawn_writes_the_same_checkpoint(fitted, tmp_path):
+    folder, cfg, ckpt = fitted
+    single, double = tmp_path / "one.ckpt", tmp_path / "two.ckpt"
+    common = ["--config", str(cfg), "--ckpt_path", str(ckpt), "--trainer.callbacks.init_args.tau", "0.0002"]
+    main(["unlearn", *common, "--output_path", str(single)])
+    main(
+        ["unlearn", *common, "--output_path", str(double), "--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"]
+    )
+    one, two = (torch.load(p, weights_only=True)["state_dict"] for p in (single, double))
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], rtol=1e-5, atol=1e-6)
+
+
+def test_missing_checkpoint_is_a_clear_error(fitted):
+    _, cfg, _ = fitted
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main(["unlearn", "--config", str(cfg), "--ckpt_path", "nowhere.ckpt"])
+
+
+def without_class_path(ckpt: pathlib.Path, folder: pathlib.Path, drop_key: str | None = None) -> pathlib.Path:
+    """A copy of `ckpt` without the hyperparameters that name its class, optionally missing a weight."""
+    checkpoint = torch.load(ckpt, weights_only=True)
+    del checkpoint["hyper_parameters"]
+    if drop_key:
+        del checkpoint["state_dict"][drop_key]
+    path = folder / "other.ckpt"
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(fitted, tmp_path):
+    _, cfg, ckpt = fitted
+    with pytest.raises(ValueError, match="does not fit CifarResNet18.*different model class"):
+        main(
+            [
+                "unlearn",
+                "--config",
+                str(cfg),
+                "--ckpt_path",
+                str(without_class_path(ckpt, tmp_path)),
+                "--model",
+                "lightning_sa_unlearn.models.CifarResNet18",
+            ]
+        )
+
+
+def test_checkpoint_with_missing_keys_is_a_clear_error(fitted, tmp_path):
+    _, cfg, ckpt = fitted
+    with pytest.raises(ValueError, match=r"missing keys \['net.fc2.bias'\]"):
+        main(["unlearn", "--config", str(cfg), "--ckpt_path", str(without_class_path(ckpt, tmp_path, "net.fc2.bias"))])
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--model.init_args.no_such_argument", "3"], "no_such_argument"),
+        (["--data.init_args.num_poisoned", "many"], "num_poisoned"),
+    ],
+)
+def test_config_errors_are_reported(fitted, capsys, arguments, message):
+    _, cfg, ckpt = fitted
+    with pytest.raises(SystemExit) as exit_info:
+        main(["unlearn", "--config", str(cfg), "--ckpt_path", str(ckpt), *arguments])
+    assert exit_info.value.code != 0
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["mnist_targeted.yaml", "mnist_untargeted.yaml", "cifar10_resnet18.yaml"])
+def test_example_configs_parse(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / "examples" / name), "--print_config"])
+    assert exit_info.value.code == 0
+    assert "SharpnessAwareUnlearning" in capsys.readouterr().out
