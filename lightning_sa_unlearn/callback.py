@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -21,7 +22,6 @@ from lightning_sa_unlearn.curvature import CURVATURE_METHODS, hessian_diagonal_s
 from lightning_sa_unlearn.data import UnlearningData, checked_labels, is_map_style, shard, sized
 from lightning_sa_unlearn.evaluation import ClassificationMetrics
 from lightning_sa_unlearn.functional import (
-    LossFn,
     batches_for,
     eval_mode,
     require_trainable_parameters,
@@ -83,29 +83,33 @@ class SharpnessAwareUnlearning(Callback):
         verbose: print the before/after table when done.
         unlearn_on_train_end: unlearn at the end of ``trainer.fit`` (set False to only train, and
             unlearn later with :meth:`unlearn` or ``sa-unlearn unlearn``).
+        checkpoint_path: save the unlearned model there (a Lightning checkpoint that
+            ``load_from_checkpoint`` reads). ``ModelCheckpoint`` files written during training
+            hold the model from before unlearning.
     """
 
     def __init__(
         self,
-        update: str = "first_order",
-        selection: str | list[str] = "flattest",
+        update: Literal["first_order", "fine_tune"] = "first_order",
+        selection: Literal["flattest", "sharpest", "last", "all"] | list[str] = "flattest",
         num_layers: int = 1,
-        curvature: str = "ggn",
+        curvature: Literal["ggn", "exact", "hutchinson", "empirical_fisher"] = "ggn",
         curvature_samples: int | None = None,
         num_probes: int = 100,
-        tau: float | str = "auto",
+        tau: float | Literal["auto"] = "auto",
         tau_grid: list[float] | None = None,
         validation_samples: int = 5000,
         epochs: int = 1,
         lr: float = 0.01,
         momentum: float = 0.9,
-        loss_fn: LossFn = F.cross_entropy,
+        loss_fn: Callable[..., Any] = F.cross_entropy,
         seed: int = 0,
         report_path: str | None = None,
         plot_path: str | None = None,
         progress_bar: bool = True,
         verbose: bool = True,
         unlearn_on_train_end: bool = True,
+        checkpoint_path: str | None = None,
     ) -> None:
         if update not in UPDATES:
             raise ValueError(f"unknown update {update!r}; choose one of {UPDATES}.")
@@ -125,8 +129,12 @@ class SharpnessAwareUnlearning(Callback):
             raise ValueError(f"tau must be 'auto' or a number >= 0, got {tau!r}.")
         if tau_grid is not None and (not tau_grid or any(not t >= 0 for t in tau_grid)):
             raise ValueError(f"tau_grid must be a non-empty list of numbers >= 0, got {tau_grid!r}.")
-        if epochs < 1 or lr <= 0:
-            raise ValueError(f"fine_tune needs epochs >= 1 and lr > 0, got epochs={epochs}, lr={lr}.")
+        if epochs < 1 or lr <= 0 or not 0 <= momentum < 1:
+            raise ValueError(
+                f"fine_tune needs epochs >= 1, lr > 0 and 0 <= momentum < 1; got {epochs}, {lr}, {momentum}."
+            )
+        if num_probes < 1 or validation_samples < 1:
+            raise ValueError(f"num_probes and validation_samples must be >= 1, got {num_probes}, {validation_samples}.")
         self.update = update
         self.selection = selection if isinstance(selection, str) else list(selection)
         self.num_layers = num_layers
@@ -142,8 +150,9 @@ class SharpnessAwareUnlearning(Callback):
         self.report_path, self.plot_path = report_path, plot_path
         self.progress_bar, self.verbose = progress_bar, verbose
         self.unlearn_on_train_end = unlearn_on_train_end
+        self.checkpoint_path = checkpoint_path
         self.report: UnlearningReport | None = None
-        self.checkpoint_after_unlearning: str | None = None  # set by `sa-unlearn unlearn`
+        self.unlearn_on_validation_end = False  # set by `sa-unlearn unlearn`
 
     # ------------------------------------------------------------------ override points
     def forget_loss(
@@ -175,18 +184,12 @@ class SharpnessAwareUnlearning(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.unlearn_on_train_end:
-            self.run(trainer, pl_module, trainer.datamodule)
+            self.run(trainer, pl_module, _ready(trainer.datamodule, "test"))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The ``sa-unlearn unlearn`` path: unlearn inside ``trainer.validate``, in every process, then save."""
-        if self.checkpoint_after_unlearning is None or trainer.sanity_checking or trainer.training:
-            return
-        datamodule = trainer.datamodule
-        if isinstance(datamodule, pl.LightningDataModule):
-            datamodule.setup("fit")
-            datamodule.setup("test")
-        self.run(trainer, pl_module, datamodule)
-        trainer.save_checkpoint(self.checkpoint_after_unlearning, weights_only=True)
+        """The ``sa-unlearn unlearn`` path: unlearn inside ``trainer.validate``, in every process."""
+        if self.unlearn_on_validation_end and not trainer.sanity_checking and not trainer.training:
+            self.run(trainer, pl_module, _ready(trainer.datamodule, "fit", "test"))
 
     # ------------------------------------------------------------------ entry points
     def unlearn(
@@ -208,17 +211,25 @@ class SharpnessAwareUnlearning(Callback):
             )
         if isinstance(datamodule, pl.LightningDataModule):
             datamodule.prepare_data()
-            datamodule.setup("fit")
-            datamodule.setup("test")
-        return self.run(trainer, model, datamodule)
+        return self.run(trainer, model, _ready(datamodule, "fit", "test"))
 
     def run(self, trainer: pl.Trainer, pl_module: nn.Module, datamodule: Any = None) -> UnlearningReport:
-        """Unlearn on ``pl_module`` with the data of ``datamodule`` (then ``pl_module``)."""
+        """Unlearn on ``pl_module`` with the data of ``datamodule`` (then ``pl_module``).
+
+        Publishing the report and saving ``checkpoint_path`` are part of the run: if either fails,
+        the weights are restored too.
+        """
+        self.report = None
         snapshot = {name: t.detach().clone() for name, t in _tensors(pl_module)}
         flags = {name: p.requires_grad for name, p in pl_module.named_parameters()}
         try:
             with torch.inference_mode(False), torch.enable_grad(), _seeded(self.seed), eval_mode(pl_module):
                 report = self._unlearn(trainer, pl_module, datamodule)
+            for name, p in pl_module.named_parameters():
+                p.requires_grad_(flags[name])
+            self._publish(trainer, report)
+            if self.checkpoint_path:
+                _save_checkpoint(trainer, pl_module, self.checkpoint_path)
         except BaseException:
             _restore(pl_module, snapshot)
             raise
@@ -226,7 +237,6 @@ class SharpnessAwareUnlearning(Callback):
             for name, p in pl_module.named_parameters():
                 p.requires_grad_(flags[name])
         self.report = report
-        self._publish(trainer, report)
         return report
 
     # ------------------------------------------------------------------ the work
@@ -242,6 +252,8 @@ class SharpnessAwareUnlearning(Callback):
                 "or LightningModule, or use update='first_order'."
             )
         _check_aligned(data.forget, data.corrected)
+        if data.test is None:
+            rank_zero_warn("no test_dataloader(): the report will have no held-out metrics.")
         layers = trainable_layers(model)
         if not isinstance(self.selection, str) or self.selection in ("flattest", "sharpest", "last"):
             select_layers(dict.fromkeys(layers, 0.0), self.selection, self.num_layers)  # fail before any work
@@ -284,9 +296,10 @@ class SharpnessAwareUnlearning(Callback):
             sharpness = layer_sharpness(model, diag)
             selected = processes.broadcast(list(self.select_layers(sharpness)))
             unknown = [name for name in selected if name not in layers]
-            if not selected or unknown:
+            if not selected or unknown or len(set(selected)) != len(selected):
                 raise ValueError(
-                    f"select_layers returned {selected}, which must be a non-empty subset of {list(layers)}."
+                    f"select_layers returned {selected}, which must be a non-empty list of distinct names "
+                    f"from {list(layers)}."
                 )
             names = [name for layer in selected for name in layers[layer]]
 
@@ -567,6 +580,27 @@ def _check_aligned(forget: Any, corrected: Any) -> None:
                 "corrected_dataloader must serve the same samples as forget_dataloader, in the same order "
                 "and with the same batch size; only labels or features may differ."
             )
+
+
+def _ready(datamodule: Any, *stages: str) -> Any:
+    """Call ``setup`` for the given stages on a LightningDataModule (the test set may not exist after fit)."""
+    if isinstance(datamodule, pl.LightningDataModule):
+        for stage in stages:
+            datamodule.setup(stage)
+    return datamodule
+
+
+def _save_checkpoint(trainer: pl.Trainer, pl_module: nn.Module, path: str) -> None:
+    """Save the unlearned model (weights and hyperparameters) so that ``load_from_checkpoint`` reads it."""
+    if trainer.lightning_module is pl_module:
+        trainer.save_checkpoint(path, weights_only=True)  # a collective call: every process makes it
+        return
+    checkpoint = {"state_dict": pl_module.state_dict(), "pytorch-lightning_version": pl.__version__}
+    if isinstance(pl_module, pl.LightningModule):
+        checkpoint[pl.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY] = dict(pl_module.hparams)
+    if trainer.is_global_zero:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        torch.save(checkpoint, path)
 
 
 def _tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:

@@ -50,12 +50,12 @@ class UnlearningTrainer(pl.Trainer):
         if os.path.abspath(output_path) == os.path.abspath(ckpt_path):
             raise ValueError(f"output_path is the input checkpoint {ckpt_path}; choose a new file.")
         callback.report_path = callback.report_path or os.path.splitext(output_path)[0] + ".report.json"
-        verbose, callback.verbose = callback.verbose, False
-        callback.checkpoint_after_unlearning = output_path
+        saved = callback.verbose, callback.checkpoint_path
+        callback.verbose, callback.checkpoint_path, callback.unlearn_on_validation_end = False, output_path, True
         try:
             self.validate(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False, weights_only=weights_only)
         finally:
-            callback.checkpoint_after_unlearning, callback.verbose = None, verbose
+            (callback.verbose, callback.checkpoint_path), callback.unlearn_on_validation_end = saved, False
         report = UnlearningReport.from_json(callback.report_path)  # written by rank 0, also under ddp_spawn
         if self.is_global_zero:
             print(report.format_table())

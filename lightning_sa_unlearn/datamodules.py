@@ -92,7 +92,8 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
         is_forget[positions] = True
 
         x = images[train_index]
-        self.poisoned_indices = train_index[positions]  # indices into the original training split
+        # indices into the original training split
+        self.train_indices, self.val_indices, self.poisoned_indices = train_index, val_index, train_index[positions]
         self.train_set = TensorDataset(x, poisoned_labels)
         self.forget_set = TensorDataset(x[positions], poisoned_labels[positions])
         self.corrected_set = TensorDataset(x[positions], true_labels[positions])

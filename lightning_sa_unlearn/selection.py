@@ -12,11 +12,18 @@ SELECTION_RULES = ("flattest", "sharpest", "last", "all")
 def trainable_layers(model: nn.Module) -> dict[str, list[str]]:
     """``{module path: [parameter names]}`` for every module that directly owns trainable parameters.
 
-    Modules come in registration order; parameter names are full ``named_parameters`` names.
+    Modules come in registration order; parameter names are those of ``model.named_parameters()``.
+    A parameter shared by several modules (tied weights) belongs to the first that registers it.
     """
+    canonical = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
     layers: dict[str, list[str]] = {}
+    seen: set[int] = set()
     for path, module in model.named_modules():
-        names = [f"{path}.{n}" if path else n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        names = []
+        for p in module.parameters(recurse=False):
+            if id(p) in canonical and id(p) not in seen:
+                seen.add(id(p))
+                names.append(canonical[id(p)])
         if names:
             layers[path] = names
     return layers
@@ -52,6 +59,8 @@ def select_layers(sharpness: dict[str, float], rule: str | Sequence[str], num_la
         raise ValueError("there are no trainable layers to select from.")
     if not isinstance(rule, str):
         chosen = list(rule)
+        if len(set(chosen)) != len(chosen):
+            raise ValueError(f"selection {chosen} names a module more than once; name each module once.")
         unknown = [name for name in chosen if name not in sharpness]
         if unknown or not chosen:
             raise ValueError(

@@ -228,5 +228,6 @@ def fine_tune(
     finally:
         for name, p in params.items():
             p.requires_grad_(flags[name])
+        for p in selected:
             p.grad = None
     return steps

@@ -7,12 +7,12 @@ import pathlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TensorDataModule, TinyClassifier, assert_same_state, quiet_trainer, state
+from conftest import TensorDataModule, TinyClassifier, assert_same_state, fit_tiny, quiet_trainer, state
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_sa_unlearn import SharpnessAwareUnlearning
+from lightning_sa_unlearn import SharpnessAwareUnlearning, hessian_diagonal, layer_sharpness
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAYERS = ["net.conv", "net.bn", "net.fc1", "net.fc2"]
@@ -305,3 +305,71 @@ def test_parameter_sharding_strategies_are_refused():
 
     with pytest.raises(RuntimeError, match="shards parameters.*ddp"):
         SharpnessAwareUnlearning().setup(FakeTrainer(), TinyClassifier(), "fit")
+
+
+# ---------------------------------------------------------------- findings from review
+def test_reported_sharpness_is_the_ggn_of_the_training_set(tiny_model):
+    model, datamodule = tiny_model
+    expected = layer_sharpness(model, hessian_diagonal(model, datamodule.train_dataloader(), method="ggn"))
+    report = SharpnessAwareUnlearning(verbose=False).unlearn(model, datamodule)
+    assert report.layer_sharpness == pytest.approx(expected, rel=1e-5)
+
+
+def test_retain_slice_is_the_same_for_every_tau(tiny_model):
+    model, _ = tiny_model
+    datamodule = TensorDataModule(with_val=False)
+    x, y = datamodule.x[datamodule.num_forget :], datamodule.y[datamodule.num_forget :]
+    model.eval()
+    with torch.no_grad():
+        expected = F.cross_entropy(model(x), y).item()
+    report = SharpnessAwareUnlearning(validation_samples=10**6, verbose=False).unlearn(model, datamodule)
+    assert dict(report.tau_search)[0.0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_failure_while_publishing_restores_the_weights(tiny_model, tmp_path):
+    model, datamodule = tiny_model
+    before = state(model)
+    with pytest.raises(IsADirectoryError):
+        SharpnessAwareUnlearning(report_path=str(tmp_path), verbose=False).unlearn(model, datamodule)
+    assert_same_state(model, before)
+
+
+class LateTestSetDataModule(TensorDataModule):
+    """A common datamodule: the test loader exists only after setup('test')."""
+
+    def setup(self, stage):
+        if stage == "test":
+            self.test_ready = True
+
+    def test_dataloader(self):
+        if not getattr(self, "test_ready", False):
+            raise AttributeError("test set not built; call setup('test')")
+        return super().test_dataloader()
+
+
+def test_fit_sets_up_the_test_stage_and_can_save_the_unlearned_model(tmp_path):
+    path = tmp_path / "unlearned.ckpt"
+    callback = SharpnessAwareUnlearning(checkpoint_path=str(path), verbose=False)
+    model, _, _ = fit_tiny(epochs=1, callbacks=[callback], datamodule=LateTestSetDataModule())
+    assert "accuracy" in callback.report.heldout_after
+    loaded = TinyClassifier.load_from_checkpoint(path, weights_only=True)
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, model.state_dict()[name]), name
+
+
+def test_a_module_named_twice_is_refused(tiny_model):
+    model, datamodule = tiny_model
+    with pytest.raises(ValueError, match="more than once"):
+        SharpnessAwareUnlearning(selection=["net.fc1", "net.fc1"], verbose=False).unlearn(model, datamodule)
+
+
+@pytest.mark.parametrize("which", ["forget", "train"])
+def test_labels_outside_classes_anywhere_are_refused(tiny_model, which):
+    model, _ = tiny_model
+    before = state(model)
+    base = TensorDataModule()
+    n = base.num_forget if which == "forget" else len(base.x)
+    datamodule = CustomDataModule(**{which: (base.x[:n], torch.full((n,), -1))})
+    with pytest.raises(ValueError, match=f"the {'training' if which == 'train' else which} set has labels"):
+        SharpnessAwareUnlearning(verbose=False).unlearn(model, datamodule)
+    assert_same_state(model, before)

@@ -48,9 +48,13 @@ def test_same_seed_same_poison_and_split():
 
 
 def test_validation_labels_are_clean_and_disjoint_from_training():
-    dm = synthetic()
+    dm = synthetic(poison="untargeted", num_poisoned=300)
     assert len(dm.val_set) == 120  # a tenth of 1,200 images when there are fewer than 50,000
     assert len(dm.train_set) + len(dm.val_set) == 1200
+    assert not set(dm.val_indices.tolist()) & set(dm.train_indices.tolist())
+    true_labels = torch.arange(1200) % 10  # the synthetic task labels image i with class i mod 10
+    assert torch.equal(dm.val_set.tensors[1], true_labels[dm.val_indices])
+    assert torch.equal(dm.corrected_set.tensors[1], true_labels[dm.poisoned_indices])
 
 
 def test_contract_loaders_align():

@@ -4,6 +4,8 @@ import json
 import pathlib
 
 import pytest
+import torch
+import torchvision
 
 from lightning_sa_unlearn import PoisonedLabelDataModule, demo
 
@@ -44,3 +46,7 @@ def test_mnist_split_follows_the_paper():
     dm.setup("fit")
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (50_000, 10_000, 10_000)
     assert (dm.corrected_set.tensors[1] == 9).all() and len(dm.forget_set) == 2500
+    original = torchvision.datasets.MNIST(str(DATA), train=True).targets
+    assert torch.equal(dm.val_set.tensors[1], original[dm.val_indices])
+    assert torch.equal(dm.corrected_set.tensors[1], original[dm.poisoned_indices])
+    assert not set(dm.val_indices.tolist()) & set(dm.train_indices.tolist())

@@ -58,3 +58,16 @@ def test_bad_selections_say_what_to_do():
         select_layers(SHARPNESS, "flattest", 5)
     with pytest.raises(ValueError, match="unknown selection rule"):
         select_layers(SHARPNESS, "random")
+
+
+def test_tied_weights_belong_to_the_first_module():
+    net = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3))
+    net[2].weight = net[0].weight
+    assert trainable_layers(net) == {"0": ["0.weight", "0.bias"], "2": ["2.bias"]}
+    diag = {name: torch.ones_like(p) for name, p in net.named_parameters()}
+    assert layer_sharpness(net, diag) == {"0": 1.0, "2": 1.0}
+
+
+def test_a_module_named_twice_is_refused():
+    with pytest.raises(ValueError, match="more than once"):
+        select_layers(SHARPNESS, ["fc1", "fc1"])
