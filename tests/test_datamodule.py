@@ -78,3 +78,12 @@ def test_bad_poison_settings(kwargs, message):
 def test_unknown_dataset_is_refused():
     with pytest.raises(ValueError, match="unknown dataset"):
         PoisonedLabelDataModule(dataset="imagenet")
+
+
+def test_cifar_resnet18_is_the_cifar_form():
+    from lightning_sa_unlearn.models import CifarResNet18
+
+    model = CifarResNet18()
+    assert sum(p.numel() for p in model.parameters()) == 11_173_962  # ImageNet stem (7x7) would be 11,181,642
+    assert model.net.conv1.kernel_size == (3, 3) and isinstance(model.net.maxpool, torch.nn.Identity)
+    assert model.eval()(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
