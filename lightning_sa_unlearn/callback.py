@@ -28,18 +28,37 @@ from lightning_sa_unlearn.functional import (
     trainable_parameters,
 )
 from lightning_sa_unlearn.report import UnlearningReport
-from lightning_sa_unlearn.selection import SELECTION_RULES, layer_sharpness, select_layers, trainable_layers
+from lightning_sa_unlearn.second_order import (
+    SOLVERS,
+    conjugate_gradient,
+    damped,
+    hessian_vector_product,
+    largest_eigenvalue,
+    lissa,
+    project,
+)
+from lightning_sa_unlearn.selection import (
+    SELECTION_RULES,
+    entry_decrement,
+    layer_sharpness,
+    newton_decrement,
+    select_layers,
+    top_fraction,
+    trainable_layers,
+)
 from lightning_sa_unlearn.updates import (
+    OPTIMIZERS,
     apply_first_order,
     choose_tau,
     default_forget_loss,
     default_tau_grid,
     fine_tune,
     forget_gradient,
+    forget_loss_descent,
     loss_sum,
 )
 
-UPDATES = ("first_order", "fine_tune")
+UPDATES = ("first_order", "second_order", "forget_loss", "fine_tune")
 _FAST_DEV_RUN_SAMPLES = 64
 
 
@@ -90,18 +109,31 @@ class SharpnessAwareUnlearning(Callback):
 
     def __init__(
         self,
-        update: Literal["first_order", "fine_tune"] = "first_order",
-        selection: Literal["flattest", "sharpest", "last", "all"] | list[str] = "flattest",
+        update: Literal["first_order", "second_order", "forget_loss", "fine_tune"] = "first_order",
+        selection: Literal["flattest", "sharpest", "last", "all", "newton_decrement"] | list[str] = "flattest",
         num_layers: int = 1,
+        granularity: Literal["layer", "parameter"] = "layer",
+        fraction: float | None = None,
         curvature: Literal["ggn", "exact", "hutchinson", "empirical_fisher"] = "ggn",
         curvature_samples: int | None = None,
         num_probes: int = 100,
         tau: float | Literal["auto"] = "auto",
         tau_grid: list[float] | None = None,
         validation_samples: int = 5000,
+        damping: float = 1e-3,
+        solver: Literal["cg", "lissa"] = "cg",
+        max_iterations: int = 100,
+        tolerance: float = 1e-6,
+        lissa_scale: float | None = None,
+        fallback: Literal["first_order"] | None = None,
+        steps: int = 10,
+        retain_weight: float = 1.0,
+        retain_samples: int | None = 2500,
         epochs: int = 1,
         lr: float = 0.01,
         momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        optimizer: Literal["sgd", "adam"] = "sgd",
         loss_fn: Callable[..., Any] = F.cross_entropy,
         seed: int = 0,
         report_path: str | None = None,
@@ -111,40 +143,17 @@ class SharpnessAwareUnlearning(Callback):
         unlearn_on_train_end: bool = True,
         checkpoint_path: str | None = None,
     ) -> None:
-        if update not in UPDATES:
-            raise ValueError(f"unknown update {update!r}; choose one of {UPDATES}.")
-        if isinstance(selection, str) and selection not in SELECTION_RULES:
-            raise ValueError(
-                f"unknown selection {selection!r}; use one of {SELECTION_RULES} or a list of module paths."
-            )
-        if not isinstance(selection, str) and not list(selection):
-            raise ValueError("selection is an empty list; name at least one module path.")
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}.")
-        if curvature not in CURVATURE_METHODS:
-            raise ValueError(f"unknown curvature {curvature!r}; choose one of {CURVATURE_METHODS}.")
-        if curvature_samples is not None and curvature_samples < 1:
-            raise ValueError(f"curvature_samples must be >= 1 or None (all), got {curvature_samples}.")
-        if isinstance(tau, str) and tau != "auto" or not isinstance(tau, str) and not tau >= 0:
-            raise ValueError(f"tau must be 'auto' or a number >= 0, got {tau!r}.")
-        if tau_grid is not None and (not tau_grid or any(not t >= 0 for t in tau_grid)):
-            raise ValueError(f"tau_grid must be a non-empty list of numbers >= 0, got {tau_grid!r}.")
-        if epochs < 1 or lr <= 0 or not 0 <= momentum < 1:
-            raise ValueError(
-                f"fine_tune needs epochs >= 1, lr > 0 and 0 <= momentum < 1; got {epochs}, {lr}, {momentum}."
-            )
-        if num_probes < 1 or validation_samples < 1:
-            raise ValueError(f"num_probes and validation_samples must be >= 1, got {num_probes}, {validation_samples}.")
+        _check_arguments(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
         self.update = update
         self.selection = selection if isinstance(selection, str) else list(selection)
-        self.num_layers = num_layers
-        self.curvature = curvature
-        self.curvature_samples = curvature_samples
-        self.num_probes = num_probes
-        self.tau = tau
-        self.tau_grid = tau_grid
-        self.validation_samples = validation_samples
+        self.num_layers, self.granularity, self.fraction = num_layers, granularity, fraction
+        self.curvature, self.curvature_samples, self.num_probes = curvature, curvature_samples, num_probes
+        self.tau, self.tau_grid, self.validation_samples = tau, tau_grid, validation_samples
+        self.damping, self.solver, self.max_iterations, self.tolerance = damping, solver, max_iterations, tolerance
+        self.lissa_scale, self.fallback = lissa_scale, fallback
+        self.steps, self.retain_weight, self.retain_samples = steps, retain_weight, retain_samples
         self.epochs, self.lr, self.momentum = epochs, lr, momentum
+        self.weight_decay, self.optimizer = weight_decay, optimizer
         self.loss_fn = loss_fn
         self.seed = seed
         self.report_path, self.plot_path = report_path, plot_path
@@ -153,6 +162,7 @@ class SharpnessAwareUnlearning(Callback):
         self.checkpoint_path = checkpoint_path
         self.report: UnlearningReport | None = None
         self.unlearn_on_validation_end = False  # set by `sa-unlearn unlearn`
+        self._decrement: dict[str, float] | None = None  # newton_decrement scores of the current run
 
     # ------------------------------------------------------------------ override points
     def forget_loss(
@@ -170,8 +180,11 @@ class SharpnessAwareUnlearning(Callback):
         """Module paths to update, given ``{module path: mean Hessian diagonal}`` in registration order.
 
         Default: :func:`~lightning_sa_unlearn.selection.select_layers` with ``selection`` and
-        ``num_layers``. Override for a rule of your own; return names from ``sharpness``.
+        ``num_layers`` (``"newton_decrement"`` ranks this run's decrement scores instead of the
+        sharpness). Override for a rule of your own; return names from ``sharpness``.
         """
+        if self.selection == "newton_decrement":
+            return select_layers(self._decrement, "newton_decrement", self.num_layers)
         return select_layers(sharpness, self.selection, self.num_layers)
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -292,20 +305,14 @@ class SharpnessAwareUnlearning(Callback):
         with _stage(seconds, "curvature"):
             diag, curvature_samples = self._curvature(trainer, processes, model, data, batches)
 
+        training_size = _dataset_size(data.train) or curvature_samples
         with _stage(seconds, "selection"):
             sharpness = layer_sharpness(model, diag)
-            selected = processes.broadcast(list(self.select_layers(sharpness)))
-            unknown = [name for name in selected if name not in layers]
-            if not selected or unknown or len(set(selected)) != len(selected):
-                raise ValueError(
-                    f"select_layers returned {selected}, which must be a non-empty list of distinct names "
-                    f"from {list(layers)}."
-                )
-            names = [name for layer in selected for name in layers[layer]]
+            # H of the SUM loss (eq. 2), estimated from the curvature samples
+            diag_sum = {name: d * training_size for name, d in diag.items()}
+            self._decrement = newton_decrement(model, gradient, diag_sum, self.damping)
+            selected, names, masks = self._select(processes, model, layers, sharpness, gradient, diag, diag_sum)
 
-        tau: float | None = None
-        tau_search: list[tuple[float, float]] = []
-        steps = None
         if data.val is not None:
             validation, validation_source = batches(data.val, "validation"), "val_dataloader"
         elif data.retain is not None:
@@ -320,34 +327,26 @@ class SharpnessAwareUnlearning(Callback):
             return total / count if count else float("nan")
 
         with _stage(seconds, "update"), _frozen_except(model, names):
-            if self.update == "first_order":
-                if self.tau == "auto":
-                    if validation is None:
-                        raise ValueError(
-                            "tau='auto' needs a validation set: define val_dataloader() or "
-                            "retain_dataloader(), or pass a fixed tau."
-                        )
-                    grid = self.tau_grid or default_tau_grid(model, gradient, names)
-                    tau, losses = choose_tau(
-                        model,
-                        gradient,
-                        names,
-                        grid,
-                        validation_loss,
-                        progress=lambda it: self._progress(trainer, it, "choosing tau", len(grid)),
-                    )
-                    tau_search = sorted(losses.items())
-                else:
-                    tau = float(self.tau)
-                    apply_first_order(model, gradient, names, tau)
-            else:
-                steps = self._fine_tune(trainer, processes, model, names, data, batches)
+            outcome = self._update(
+                trainer,
+                processes,
+                model,
+                names,
+                masks,
+                gradient,
+                data,
+                batches,
+                validation,
+                validation_loss,
+                hvp_batches=batches(data.train, "training", self.curvature_samples),
+                hvp_scale=training_size / max(curvature_samples, 1),
+            )
             after = validation_loss(model, validation if validation is not None else forget)
             params = dict(model.named_parameters())
             if not all(torch.isfinite(params[n]).all() for n in names) or not math.isfinite(after):
                 raise RuntimeError(
                     f"the update made the model non-finite (loss {after}); the weights were restored. "
-                    "Lower tau or lr, or check the forget loss."
+                    "Lower tau, lr or steps, raise damping, or check the forget loss."
                 )
 
         with _stage(seconds, "evaluation"):
@@ -355,11 +354,12 @@ class SharpnessAwareUnlearning(Callback):
                 trainer, processes, model, num_classes, datamodule, test, forget, corrected
             )
         seconds["total"] = time.perf_counter() - total_start
+        uses_validation = outcome.get("tau_search") or self.update == "forget_loss"
         return UnlearningReport(
             layer_sharpness=sharpness,
             selected_layers=selected,
-            num_updated_parameters=sum(dict(model.named_parameters())[n].numel() for n in names),
-            tau=tau,
+            num_updated_parameters=_count_updated(model, names, masks),
+            tau=outcome.get("tau"),
             heldout_before=heldout_before,
             heldout_after=heldout_after,
             forget_before=forget_before,
@@ -369,10 +369,148 @@ class SharpnessAwareUnlearning(Callback):
             selection=self.selection,
             curvature=self.curvature,
             curvature_samples=curvature_samples,
-            tau_search=tau_search,
-            validation_source=validation_source if self.update == "first_order" and self.tau == "auto" else None,
-            fine_tune_steps=steps,
+            tau_search=outcome.get("tau_search", []),
+            validation_source=validation_source if uses_validation else None,
+            fine_tune_steps=outcome.get("steps"),
+            granularity=self.granularity,
+            newton_decrement=dict(self._decrement),
+            solver=outcome.get("solver"),
+            fallback=outcome.get("fallback"),
         )
+
+    def _select(self, processes, model, layers, sharpness, gradient, diag, diag_sum):
+        """Selected layers, the parameter names they own, and entry masks (``granularity="parameter"``)."""
+        if self.granularity == "parameter":
+            if self.selection == "newton_decrement":
+                masks = top_fraction(entry_decrement(gradient, diag_sum, self.damping), self.fraction, largest=True)
+            else:
+                masks = top_fraction(diag, self.fraction, largest=self.selection == "sharpest")
+            selected = [layer for layer, owned in layers.items() if any(n in masks for n in owned)]
+            return selected, [n for layer in selected for n in layers[layer] if n in masks], masks
+        selected = processes.broadcast(list(self.select_layers(sharpness)))
+        unknown = [name for name in selected if name not in layers]
+        if not selected or unknown or len(set(selected)) != len(selected):
+            raise ValueError(
+                f"select_layers returned {selected}, which must be a non-empty list of distinct names "
+                f"from {list(layers)}."
+            )
+        return selected, [name for layer in selected for name in layers[layer]], None
+
+    def _update(
+        self,
+        trainer,
+        processes,
+        model,
+        names,
+        masks,
+        gradient,
+        data,
+        batches,
+        validation,
+        validation_loss,
+        hvp_batches,
+        hvp_scale,
+    ) -> dict[str, Any]:
+        """Apply ``self.update`` to the selected parameters; returns what the report records."""
+        if self.update == "first_order":
+            return self._first_order(trainer, model, names, masks, gradient, validation, validation_loss)
+        if self.update == "second_order":
+            return self._second_order(
+                trainer, processes, model, names, masks, gradient, validation, validation_loss, hvp_batches, hvp_scale
+            )
+        if self.update == "forget_loss":
+            retain = batches(data.retain, "retain", self.retain_samples) if data.retain is not None else None
+            steps = forget_loss_descent(
+                model,
+                names,
+                batches(data.forget, "forget"),
+                batches(data.corrected, "corrected"),
+                retain,
+                steps=self.steps,
+                lr=self.lr,
+                retain_weight=self.retain_weight,
+                forget_loss=lambda m, f, c: self.forget_loss(m, f, c),
+                loss_fn=self.loss_fn,
+                masks=masks,
+                all_reduce=processes.sum_tree,
+                progress=lambda it: self._progress(trainer, it, "forget-loss descent", self.steps),
+            )
+            return {"steps": steps}
+        return {"steps": self._fine_tune(trainer, processes, model, names, masks, data, batches)}
+
+    def _first_order(self, trainer, model, names, masks, gradient, validation, validation_loss) -> dict[str, Any]:
+        if self.tau != "auto":
+            apply_first_order(model, gradient, names, float(self.tau), masks)
+            return {"tau": float(self.tau)}
+        if validation is None:
+            raise ValueError(
+                "tau='auto' needs a validation set: define val_dataloader() or retain_dataloader(), "
+                "or pass a fixed tau."
+            )
+        grid = self.tau_grid or default_tau_grid(model, gradient, names)
+        tau, losses = choose_tau(
+            model,
+            gradient,
+            names,
+            grid,
+            validation_loss,
+            progress=lambda it: self._progress(trainer, it, "choosing tau", len(grid)),
+            masks=masks,
+        )
+        return {"tau": tau, "tau_search": sorted(losses.items())}
+
+    def _second_order(
+        self, trainer, processes, model, names, masks, gradient, validation, validation_loss, hvp_batches, hvp_scale
+    ) -> dict[str, Any]:
+        """Paper eq. 12 on S: ``θ_S ← θ_S − (H_SS + λI)⁻¹ g_S`` with H of the SUM training loss."""
+        product = hessian_vector_product(
+            model,
+            hvp_batches,
+            list(names),
+            loss_fn=self.loss_fn,
+            scale=hvp_scale,
+            masks=masks,
+            all_reduce=processes.sum_tree,
+        )
+        matvec = damped(product, self.damping)
+        b = project({name: gradient[name] for name in names}, masks)
+        progress = self._progress(trainer, range(self.max_iterations), f"second order ({self.solver})", None)
+        iterations = iter(progress)
+
+        def counted(v):  # advances the progress display once per Hessian-vector product
+            next(iterations, None)
+            return matvec(v)
+
+        if self.solver == "cg":
+            result = conjugate_gradient(counted, b, max_iterations=self.max_iterations, tolerance=self.tolerance)
+            scale = None
+        else:
+            scale = self.lissa_scale or 1.1 * largest_eigenvalue(matvec, b, seed=self.seed)
+            result = lissa(counted, b, scale=scale, max_iterations=self.max_iterations, tolerance=self.tolerance)
+        solver = {
+            "name": self.solver,
+            "iterations": result.iterations,
+            "relative_residual": result.residual,
+            "status": result.reason,
+            "damping": self.damping,
+            "hvp_scale": hvp_scale,
+            "lissa_scale": scale,
+        }
+        if result.ok:
+            apply_first_order(model, result.x, names, 1.0, masks)
+            return {"solver": solver}
+        message = (
+            f"the {self.solver} solve failed ({result.reason}, relative residual {result.residual:.3g} "
+            f"after {result.iterations} iterations)"
+        )
+        if self.fallback != "first_order":
+            raise RuntimeError(
+                f"{message}; the weights were restored. Raise damping or max_iterations, use "
+                "solver='cg', or pass fallback='first_order'."
+            )
+        rank_zero_warn(f"{message}; applying the first-order update instead (fallback='first_order').")
+        outcome = self._first_order(trainer, model, names, masks, gradient, validation, validation_loss)
+        return {**outcome, "solver": solver, "fallback": f"{message}; applied first_order instead"}
 
     def _curvature(self, trainer, processes: _Processes, model: nn.Module, data: UnlearningData, batches):
         """Per-process sums on disjoint shards, all-reduced; Hutchinson splits probes instead of data.
@@ -411,7 +549,7 @@ class SharpnessAwareUnlearning(Callback):
             )
         return diag, count // copies
 
-    def _fine_tune(self, trainer, processes: _Processes, model, names, data: UnlearningData, batches) -> int:
+    def _fine_tune(self, trainer, processes: _Processes, model, names, masks, data: UnlearningData, batches) -> int:
         sources = [batches(data.retain, "retain", shuffle=True)]
         if data.corrected is not None:
             sources.append(batches(data.corrected, "corrected", shuffle=True))
@@ -434,6 +572,9 @@ class SharpnessAwareUnlearning(Callback):
             epochs=self.epochs,
             lr=self.lr,
             momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            optimizer=self.optimizer,
+            masks=masks,
             loss_fn=self.loss_fn,
             seed=self.seed + processes.rank,
             steps_per_epoch=steps_per_epoch,
@@ -567,6 +708,15 @@ class _Batches:
         return checked_labels(self.source(), self.num_classes, self.what)
 
 
+def _dataset_size(loader: Any) -> int | None:
+    return len(loader.dataset) if is_map_style(loader) else None
+
+
+def _count_updated(model: nn.Module, names: Sequence[str], masks: dict[str, Tensor] | None) -> int:
+    params = dict(model.named_parameters())
+    return sum(int(masks[n].sum()) if masks and n in masks else params[n].numel() for n in names)
+
+
 def _length(batches: Any) -> int | None:
     return sized(batches.source()) if isinstance(batches, _Batches) else sized(batches)
 
@@ -580,6 +730,79 @@ def _check_aligned(forget: Any, corrected: Any) -> None:
                 "corrected_dataloader must serve the same samples as forget_dataloader, in the same order "
                 "and with the same batch size; only labels or features may differ."
             )
+
+
+def _check_arguments(**a: Any) -> None:
+    """Fail at construction, with what to do, on arguments that can never work."""
+
+    def require(condition: bool, message: str) -> None:
+        if not condition:
+            raise ValueError(message)
+
+    require(a["update"] in UPDATES, f"unknown update {a['update']!r}; choose one of {UPDATES}.")
+    selection = a["selection"]
+    if isinstance(selection, str):
+        require(
+            selection in SELECTION_RULES,
+            f"unknown selection {selection!r}; use one of {SELECTION_RULES} or a list of module paths.",
+        )
+    else:
+        require(bool(list(selection)), "selection is an empty list; name at least one module path.")
+    require(a["num_layers"] >= 1, f"num_layers must be >= 1, got {a['num_layers']}.")
+    require(
+        a["granularity"] in ("layer", "parameter"),
+        f"unknown granularity {a['granularity']!r}; choose 'layer' or 'parameter'.",
+    )
+    if a["granularity"] == "parameter":
+        require(
+            a["fraction"] is not None and 0 < a["fraction"] <= 1,
+            f"granularity='parameter' needs a fraction in (0, 1], got {a['fraction']!r}.",
+        )
+        require(
+            selection in ("flattest", "sharpest", "newton_decrement"),
+            f"granularity='parameter' ranks single entries, which selection={selection!r} cannot do; "
+            "use 'flattest', 'sharpest' or 'newton_decrement', or granularity='layer'.",
+        )
+    else:
+        require(a["fraction"] is None, "fraction only applies to granularity='parameter'; remove it or set that.")
+    require(
+        a["curvature"] in CURVATURE_METHODS, f"unknown curvature {a['curvature']!r}; choose one of {CURVATURE_METHODS}."
+    )
+    require(
+        a["curvature_samples"] is None or a["curvature_samples"] >= 1,
+        f"curvature_samples must be >= 1 or None (all), got {a['curvature_samples']}.",
+    )
+    tau = a["tau"]
+    require(tau == "auto" if isinstance(tau, str) else tau >= 0, f"tau must be 'auto' or a number >= 0, got {tau!r}.")
+    grid = a["tau_grid"]
+    require(
+        grid is None or (bool(grid) and all(t >= 0 for t in grid)),
+        f"tau_grid must be a non-empty list of numbers >= 0, got {grid!r}.",
+    )
+    require(
+        a["num_probes"] >= 1 and a["validation_samples"] >= 1,
+        f"num_probes and validation_samples must be >= 1, got {a['num_probes']}, {a['validation_samples']}.",
+    )
+    require(a["damping"] >= 0, f"damping must be >= 0, got {a['damping']}; it is the λ of (H + λI).")
+    require(a["solver"] in SOLVERS, f"unknown solver {a['solver']!r}; choose one of {SOLVERS}.")
+    require(
+        a["max_iterations"] >= 1 and a["tolerance"] > 0,
+        f"max_iterations must be >= 1 and tolerance > 0, got {a['max_iterations']}, {a['tolerance']}.",
+    )
+    require(a["lissa_scale"] is None or a["lissa_scale"] > 0, f"lissa_scale must be > 0, got {a['lissa_scale']}.")
+    require(a["fallback"] in (None, "first_order"), f"fallback must be None or 'first_order', got {a['fallback']!r}.")
+    require(a["steps"] >= 1, f"steps must be >= 1 for update='forget_loss', got {a['steps']}.")
+    require(a["retain_weight"] >= 0, f"retain_weight must be >= 0, got {a['retain_weight']}.")
+    require(
+        a["retain_samples"] is None or a["retain_samples"] >= 1,
+        f"retain_samples must be >= 1 or None (all), got {a['retain_samples']}.",
+    )
+    require(
+        a["epochs"] >= 1 and a["lr"] > 0 and 0 <= a["momentum"] < 1 and a["weight_decay"] >= 0,
+        "the update needs epochs >= 1, lr > 0, 0 <= momentum < 1 and weight_decay >= 0; got "
+        f"{a['epochs']}, {a['lr']}, {a['momentum']}, {a['weight_decay']}.",
+    )
+    require(a["optimizer"] in OPTIMIZERS, f"unknown optimizer {a['optimizer']!r}; choose one of {OPTIMIZERS}.")
 
 
 def _ready(datamodule: Any, *stages: str) -> Any:

@@ -36,6 +36,14 @@ class UnlearningReport:
     """``(τ, validation loss)`` for each τ tried when ``tau="auto"``."""
     validation_source: str | None = None
     fine_tune_steps: int | None = None
+    """Optimizer steps of ``fine_tune``, or gradient steps of ``forget_loss``."""
+    granularity: str = "layer"
+    newton_decrement: dict[str, float] = field(default_factory=dict)
+    """Per-layer predicted decrease of the forget loss, Σ g²/(H_ii + λ) / |layer| (the ``newton_decrement`` rule)."""
+    solver: dict[str, Any] | None = None
+    """``second_order``: the solver's name, iterations, final relative residual and status."""
+    fallback: str | None = None
+    """Why ``fallback="first_order"`` replaced the second-order update, when it did."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
-SELECTION_RULES = ("flattest", "sharpest", "last", "all")
+SELECTION_RULES = ("flattest", "sharpest", "last", "all", "newton_decrement")
 
 
 def trainable_layers(model: nn.Module) -> dict[str, list[str]]:
@@ -52,6 +54,7 @@ def select_layers(sharpness: dict[str, float], rule: str | Sequence[str], num_la
     * ``"sharpest"``: the largest (the paper's abstract and section 5.1);
     * ``"last"``: the last ``num_layers`` layers (Warnecke et al.'s baseline);
     * ``"all"``: every layer;
+    * ``"newton_decrement"``: the largest values, for scores from :func:`newton_decrement`;
     * a list of module paths: exactly those.
     """
     layers = list(sharpness)
@@ -79,5 +82,48 @@ def select_layers(sharpness: dict[str, float], rule: str | Sequence[str], num_la
         )
     if rule == "last":
         return layers[-num_layers:]
-    ranked = sorted(layers, key=sharpness.__getitem__, reverse=rule == "sharpest")
+    ranked = sorted(layers, key=sharpness.__getitem__, reverse=rule in ("sharpest", "newton_decrement"))
     return ranked[:num_layers]
+
+
+def newton_decrement(
+    model: nn.Module, gradient: dict[str, Tensor], diag: dict[str, Tensor], damping: float = 0.0
+) -> dict[str, float]:
+    """Predicted decrease of the forget loss per layer under a diagonal second-order step, per parameter.
+
+    ``d_l = (1/|θ_l|) Σ_{i ∈ θ_l} g_i² / (H_ii + λ)``, with ``g = ∇L_forget`` (eq. 7) and ``H_ii``
+    the diagonal of the SUM learning loss (eq. 2). Unlike the paper's rules it uses both the
+    curvature and the forget gradient; pick the layers with the LARGEST decrement. A
+    non-positive ``H_ii + λ`` (possible with stochastic estimates) is treated as ``1e-12``.
+    """
+    scores = entry_decrement(gradient, diag, damping)
+    return {
+        path: sum(float(scores[n].sum()) for n in names) / sum(scores[n].numel() for n in names)
+        for path, names in trainable_layers(model).items()
+    }
+
+
+def entry_decrement(gradient: dict[str, Tensor], diag: dict[str, Tensor], damping: float = 0.0) -> dict[str, Tensor]:
+    """``g_i² / (H_ii + λ)`` for every entry: the per-parameter Newton decrement."""
+    return {name: gradient[name].double() ** 2 / (diag[name].double() + damping).clamp(min=1e-12) for name in diag}
+
+
+def top_fraction(scores: dict[str, Tensor], fraction: float, largest: bool) -> dict[str, Tensor]:
+    """Boolean masks of the ``fraction`` of all entries with the largest (or smallest) score, model-wide.
+
+    Exactly ``ceil(fraction · P)`` entries are selected (ties broken by position). Parameters with
+    no selected entry are left out of the result.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
+    flat = torch.cat([s.reshape(-1).double() for s in scores.values()])
+    count = math.ceil(fraction * flat.numel())
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    chosen[torch.topk(flat, count, largest=largest).indices] = True
+    masks, start = {}, 0
+    for name, s in scores.items():
+        mask = chosen[start : start + s.numel()].view(s.shape)
+        start += s.numel()
+        if mask.any():
+            masks[name] = mask
+    return masks

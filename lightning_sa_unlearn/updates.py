@@ -91,12 +91,24 @@ def forget_gradient(
     return total
 
 
+Masks = dict[str, Tensor]
+"""Boolean masks per parameter name: with ``granularity="parameter"``, only True entries move."""
+
+
 @torch.no_grad()
-def apply_first_order(model: nn.Module, gradient: dict[str, Tensor], names: Sequence[str], tau: float) -> None:
-    """``θ_S ← θ_S − τ·G_S`` in place, for the parameter names in ``names`` (Warnecke et al.)."""
+def apply_first_order(
+    model: nn.Module, gradient: dict[str, Tensor], names: Sequence[str], tau: float, masks: Masks | None = None
+) -> None:
+    """``θ_S ← θ_S − τ·G_S`` in place, for the parameter names in ``names`` (Warnecke et al.).
+
+    With ``masks``, ``θ_S ← θ_S − τ·(G_S ⊙ m)``: entries outside the mask are not written at all.
+    """
     params = dict(model.named_parameters())
     for name in names:
-        params[name].sub_(gradient[name], alpha=tau)
+        if masks is not None and name in masks:
+            params[name][masks[name]] -= tau * gradient[name][masks[name]]
+        else:
+            params[name].sub_(gradient[name], alpha=tau)
 
 
 @torch.no_grad()
@@ -142,6 +154,7 @@ def choose_tau(
     grid: Sequence[float],
     validation_loss: Callable[[nn.Module], float],
     progress: Callable[[Iterable[float]], Iterable[float]] = lambda it: it,
+    masks: Masks | None = None,
 ) -> tuple[float, dict[float, float]]:
     """Try ``θ_S − τ·G_S`` for each τ in ``grid``; leave the model at the τ of least validation loss.
 
@@ -152,14 +165,14 @@ def choose_tau(
     losses: dict[float, float] = {}
     for tau in progress(grid):
         _reset(params, start)
-        apply_first_order(model, gradient, names, tau)
+        apply_first_order(model, gradient, names, tau, masks)
         losses[tau] = validation_loss(model)
     finite = {t: v for t, v in losses.items() if v == v and abs(v) != float("inf")}
     if not finite:
         raise FloatingPointError(f"every τ in the grid gave a non-finite validation loss: {losses}.")
     best = min(finite, key=lambda t: (finite[t], t))
     _reset(params, start)
-    apply_first_order(model, gradient, names, best)
+    apply_first_order(model, gradient, names, best, masks)
     return best, losses
 
 
@@ -182,6 +195,9 @@ def interleave(sources: Sequence[Iterable[Any]], rng: random.Random) -> Iterable
             del iterators[i], remaining[i]
 
 
+OPTIMIZERS = ("sgd", "adam")
+
+
 def fine_tune(
     model: nn.Module,
     names: Sequence[str],
@@ -190,26 +206,38 @@ def fine_tune(
     epochs: int = 1,
     lr: float = 0.01,
     momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    optimizer: str = "sgd",
+    masks: Masks | None = None,
     loss_fn: LossFn = F.cross_entropy,
     seed: int = 0,
     steps_per_epoch: int | None = None,
     average_gradients: Callable[[Sequence[Tensor]], None] | None = None,
     progress: Callable[[Iterable[Any]], Iterable[Any]] = lambda it: it,
 ) -> int:
-    """SGD on the mean loss over ``sources`` (``D_r`` and ``D̃_f``), updating only ``names``.
+    """Minimise the mean loss over ``sources`` (``D_r`` and ``D̃_f``), updating only ``names``.
 
+    ``optimizer`` is ``"sgd"`` (with ``momentum``) or ``"adam"``, both with ``weight_decay``.
     Runs in eval mode like every other step here, so BatchNorm statistics stay as they were.
     Parameters outside ``names`` get ``requires_grad=False`` for the duration and are never
-    handed to the optimizer. ``steps_per_epoch`` caps the steps of an epoch (so that every
+    handed to the optimizer. With ``masks``, entries outside a mask get zero gradient and are
+    copied back after every step, so momentum, Adam moments and weight decay cannot move them:
+    they stay bitwise identical. ``steps_per_epoch`` caps the steps of an epoch (so that every
     process takes the same number); ``average_gradients(params)`` runs between backward and
     step (an all-reduce under data parallelism). Returns the number of optimizer steps taken.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1 for update='fine_tune', got {epochs}.")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}.")
     params = dict(model.named_parameters())
     selected = [params[n] for n in names]
     flags = {n: p.requires_grad for n, p in params.items()}
-    optimizer = torch.optim.SGD(selected, lr=lr, momentum=momentum)
+    frozen = {n: (~masks[n], params[n].detach()[~masks[n]].clone()) for n in names if masks and n in masks}
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(selected, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.Adam(selected, lr=lr, weight_decay=weight_decay)
     rng = random.Random(seed)
     steps = 0
     try:
@@ -219,11 +247,16 @@ def fine_tune(
             for _ in range(epochs):
                 batches = itertools.islice(interleave(sources, rng), steps_per_epoch)
                 for x, y in progress(batches_for(model, batches)):
-                    optimizer.zero_grad(set_to_none=True)
+                    opt.zero_grad(set_to_none=True)
                     loss_fn(model(x), y).backward()
                     if average_gradients is not None:
                         average_gradients(selected)
-                    optimizer.step()
+                    for name, (outside, _) in frozen.items():
+                        params[name].grad[outside] = 0
+                    opt.step()
+                    with torch.no_grad():
+                        for name, (outside, values) in frozen.items():
+                            params[name][outside] = values
                     steps += 1
     finally:
         for name, p in params.items():
@@ -231,3 +264,71 @@ def fine_tune(
         for p in selected:
             p.grad = None
     return steps
+
+
+def forget_loss_descent(
+    model: nn.Module,
+    names: Sequence[str],
+    forget: Iterable[Any],
+    corrected: Iterable[Any] | None,
+    retain: Iterable[Any] | None,
+    *,
+    steps: int = 10,
+    lr: float = 0.1,
+    retain_weight: float = 1.0,
+    forget_loss: ForgetLoss = default_forget_loss,
+    loss_fn: LossFn = F.cross_entropy,
+    masks: Masks | None = None,
+    all_reduce: Callable[[dict[str, Tensor]], dict[str, Tensor]] = lambda v: v,
+    progress: Callable[[Iterable[int]], Iterable[int]] = lambda it: it,
+) -> int:
+    """``steps`` full-batch gradient steps on paper eq. 6 over the selected parameters only.
+
+    ``J(θ) = L_forget(θ; D_f, D̃_f) / |D_f| + λ · L_{D'_r}(θ) / |D'_r|``: eq. 6 with both sums
+    taken as means (a rescaling of λ and of the step size), and ``θ_S ← θ_S − lr·∇_S J`` (masked
+    entries only, with ``masks``). The forget term is ``forget_loss`` (eq. 7 by default; a
+    subclass's loss gives gradient ascent, gradient difference or anything else). ``all_reduce``
+    sums gradients and counts across processes. Returns the number of steps taken.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1 for update='forget_loss', got {steps}.")
+    if retain_weight < 0:
+        raise ValueError(f"retain_weight must be >= 0, got {retain_weight}.")
+
+    def retain_loss(m: nn.Module, batch: Batch, _: Batch | None) -> Tensor:
+        return sum_loss(m, batch, loss_fn)
+
+    def gradient_and_count(batches: Iterable[Any], pair: Iterable[Any] | None, loss: ForgetLoss):
+        counter = _CountingBatches(batches)
+        g = forget_gradient(model, counter, pair, forget_loss=loss, allow_empty=True)
+        return g, counter.count
+
+    with eval_mode(model):
+        for _ in progress(range(steps)):
+            g_forget, n_forget = gradient_and_count(forget, corrected, forget_loss)
+            terms = {f"forget/{k}": v for k, v in g_forget.items()}
+            terms["count/forget"] = torch.tensor(float(n_forget), dtype=torch.float64)
+            if retain is not None and retain_weight > 0:
+                g_retain, n_retain = gradient_and_count(retain, None, retain_loss)
+                terms.update({f"retain/{k}": v for k, v in g_retain.items()})
+                terms["count/retain"] = torch.tensor(float(n_retain), dtype=torch.float64)
+            terms = all_reduce(terms)
+            n_f = float(terms["count/forget"])
+            if n_f == 0:
+                raise ValueError("the forget set is empty: forget_dataloader() served no samples. Nothing to unlearn.")
+            direction = {n: terms[f"forget/{n}"] / n_f for n in names}
+            if "count/retain" in terms and float(terms["count/retain"]) > 0:
+                n_r = float(terms["count/retain"])
+                direction = {n: d + retain_weight * terms[f"retain/{n}"] / n_r for n, d in direction.items()}
+            apply_first_order(model, direction, names, lr, masks)
+    return steps
+
+
+class _CountingBatches:
+    def __init__(self, batches: Iterable[Any]) -> None:
+        self.batches, self.count = batches, 0
+
+    def __iter__(self):
+        for batch in self.batches:
+            self.count += len(batch[1])
+            yield batch
