@@ -1,0 +1,285 @@
+"""Updates beyond first order, parameter masks and the newton_decrement rule, against dense references."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TensorDataModule, TinyClassifier, assert_same_state, relu_cnn, state
+from torch import nn
+
+from lightning_sa_unlearn import SharpnessAwareUnlearning, hessian_diagonal
+from lightning_sa_unlearn.second_order import (
+    conjugate_gradient,
+    damped,
+    hessian_vector_product,
+    largest_eigenvalue,
+    lissa,
+)
+from lightning_sa_unlearn.selection import newton_decrement, top_fraction
+from lightning_sa_unlearn.updates import fine_tune, forget_loss_descent
+
+
+def dense_sum_hessian(model, x, y, names):
+    """Hessian of Σ_n ℓ_n with respect to the parameters `names`, from torch.autograd.functional.hessian."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    start = torch.cat([params[n].reshape(-1) for n in names])
+
+    def loss(vector):
+        values, offset = dict(params), 0
+        for n in names:
+            values[n] = vector[offset : offset + params[n].numel()].view_as(params[n])
+            offset += params[n].numel()
+        return F.cross_entropy(torch.func.functional_call(model, values, (x,)), y, reduction="sum")
+
+    return torch.autograd.functional.hessian(loss, start)
+
+
+@pytest.fixture
+def problem(request):
+    torch.manual_seed(0)
+    model = relu_cnn()
+    x, y = torch.randn(40, 1, 8, 8, dtype=torch.float64), torch.randint(0, 3, (40,))
+    names = ["4.weight", "4.bias"]
+    g = {n: torch.randn_like(p) for n, p in model.named_parameters() if n in names}
+    damping = getattr(request, "param", 0.1)
+    matrix = dense_sum_hessian(model, x, y, names) + damping * torch.eye(
+        sum(v.numel() for v in g.values()), dtype=torch.float64
+    )
+    expected = torch.linalg.solve(matrix, torch.cat([v.reshape(-1) for v in g.values()]))
+    matvec = damped(hessian_vector_product(model, [(x[:15], y[:15]), (x[15:], y[15:])], names), damping)
+    return matvec, g, expected
+
+
+def flat(v):
+    return torch.cat([t.reshape(-1) for t in v.values()])
+
+
+def test_conjugate_gradient_matches_a_dense_solve(problem):
+    matvec, g, expected = problem
+    result = conjugate_gradient(matvec, g, max_iterations=200, tolerance=1e-10)
+    assert result.reason == "converged" and result.ok
+    assert float((flat(result.x) - expected).norm() / expected.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("problem", [1.0], indirect=True)
+def test_lissa_matches_a_dense_solve(problem):
+    """LiSSA converges linearly (about κ iterations), so it gets more of them; the tolerance is the same 1e-4."""
+    matvec, g, expected = problem
+    scale = 1.1 * largest_eigenvalue(matvec, g, iterations=50)
+    result = lissa(matvec, g, scale=scale, max_iterations=20_000, tolerance=1e-9)
+    assert result.ok
+    assert float((flat(result.x) - expected).norm() / expected.norm()) < 1e-4
+
+
+def test_lissa_with_too_small_a_scale_diverges(problem):
+    matvec, g, _ = problem
+    result = lissa(matvec, g, scale=1e-3, max_iterations=200)
+    assert result.reason == "diverged" and not result.ok
+
+
+def float64_tiny():
+    model = TinyClassifier().double()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize(
+    "solver, damping, options",
+    [
+        ("cg", 0.5, {}),
+        ("lissa", 20.0, {"max_iterations": 20_000, "tolerance": 1e-8}),  # more damping: LiSSA needs ~κ iterations
+    ],
+)
+def test_second_order_update_through_the_callback(solver, damping, options):
+    model, datamodule = float64_tiny(), TensorDataModule()
+    names = ["net.fc2.weight", "net.fc2.bias"]
+    before = state(model)
+    x, poisoned, y, n = datamodule.x.double(), datamodule.poisoned, datamodule.y, datamodule.num_forget
+    model.eval()
+    hessian = dense_sum_hessian(model, x, poisoned, names)
+    params = [dict(model.named_parameters())[name] for name in names]
+    loss = F.cross_entropy(model(x[:n]), y[:n], reduction="sum") - F.cross_entropy(
+        model(x[:n]), poisoned[:n], reduction="sum"
+    )
+    g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, params)])
+    step = torch.linalg.solve(hessian + damping * torch.eye(len(g), dtype=g.dtype), g)
+
+    report = SharpnessAwareUnlearning(
+        update="second_order", selection=["net.fc2"], damping=damping, solver=solver, verbose=False, **options
+    ).unlearn(model, datamodule)
+    expected = torch.cat([before[name].reshape(-1) for name in names]) - step
+    updated = torch.cat([dict(model.named_parameters())[name].detach().reshape(-1) for name in names])
+    assert float((updated - expected).norm() / step.norm()) < 1e-4
+    assert report.solver["name"] == solver and report.solver["relative_residual"] < 1e-4
+    assert report.solver["iterations"] >= 1
+    assert_same_state(model, before, except_names=set(names))
+
+
+def test_failed_solve_restores_or_falls_back(tiny_model):
+    model, datamodule = tiny_model
+    before = state(model)
+    diverging = dict(update="second_order", solver="lissa", lissa_scale=1e-6, max_iterations=50, verbose=False)
+    with pytest.raises(RuntimeError, match="solve failed.*diverged"):
+        SharpnessAwareUnlearning(**diverging).unlearn(model, datamodule)
+    assert_same_state(model, before)
+
+    report = SharpnessAwareUnlearning(fallback="first_order", tau=0.01, selection=["net.fc1"], **diverging).unlearn(
+        model, datamodule
+    )
+    assert "applied first_order instead" in report.fallback and report.tau == 0.01
+    reference = TinyClassifier()
+    reference.load_state_dict(before)
+    SharpnessAwareUnlearning(tau=0.01, selection=["net.fc1"], verbose=False).unlearn(reference, datamodule)
+    assert torch.equal(reference.net.fc1.weight, model.net.fc1.weight)
+
+
+def test_forget_loss_descent_equals_hand_computed_steps():
+    torch.manual_seed(0)
+    model = relu_cnn()
+    x = torch.randn(12, 1, 8, 8, dtype=torch.float64)
+    wrong, right = torch.randint(0, 3, (12,)), torch.randint(0, 3, (12,))
+    retain = (torch.randn(20, 1, 8, 8, dtype=torch.float64), torch.randint(0, 3, (20,)))
+    names = ["4.weight", "4.bias"]
+    reference = relu_cnn()
+    reference.load_state_dict(model.state_dict())
+    lr, weight = 0.05, 0.5
+    for _ in range(3):  # J = (Σ ℓ(x, ỹ) − Σ ℓ(x, y)) / 12 + 0.5 · mean retain loss
+        params = [reference[4].weight, reference[4].bias]
+        loss = (
+            F.cross_entropy(reference(x), right, reduction="sum")
+            - F.cross_entropy(reference(x), wrong, reduction="sum")
+        ) / 12
+        loss = loss + weight * F.cross_entropy(reference(retain[0]), retain[1])
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p -= lr * g
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in names)
+    steps = forget_loss_descent(
+        model,
+        names,
+        [(x[:5], wrong[:5]), (x[5:], wrong[5:])],
+        [(x[:5], right[:5]), (x[5:], right[5:])],
+        [retain],
+        steps=3,
+        lr=lr,
+        retain_weight=weight,
+    )
+    assert steps == 3
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, dict(reference.named_parameters())[name], rtol=1e-12, atol=1e-12)
+
+
+def test_forget_loss_update_through_the_callback_touches_only_selected(tiny_model):
+    model, datamodule = tiny_model
+    before = state(model)
+    report = SharpnessAwareUnlearning(update="forget_loss", selection="last", steps=3, lr=0.05, verbose=False).unlearn(
+        model, datamodule
+    )
+    assert report.fine_tune_steps == 3 and report.selected_layers == ["net.fc2"]
+    assert not torch.equal(model.net.fc2.weight, before["net.fc2.weight"])
+    assert_same_state(model, before, except_names={"net.fc2.weight", "net.fc2.bias"})
+
+
+@pytest.mark.parametrize(
+    "optimizer, options", [("sgd", dict(momentum=0.9, weight_decay=0.1)), ("adam", dict(weight_decay=0.1))]
+)
+def test_masked_out_entries_stay_bitwise_identical(optimizer, options):
+    torch.manual_seed(0)
+    model = relu_cnn()
+    x, y = torch.randn(30, 1, 8, 8, dtype=torch.float64), torch.randint(0, 3, (30,))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    masks = {"4.weight": torch.rand(before["4.weight"].shape) < 0.3, "6.bias": torch.tensor([True, False, True])}
+    fine_tune(
+        model,
+        ["4.weight", "6.bias"],
+        [[(x[:10], y[:10]), (x[10:], y[10:])]],
+        epochs=5,
+        lr=0.1,
+        optimizer=optimizer,
+        masks=masks,
+        **options,
+    )
+    for name, p in model.named_parameters():
+        if name in masks:
+            assert torch.equal(p[~masks[name]], before[name][~masks[name]])
+            assert (p[masks[name]] != before[name][masks[name]]).all()
+        else:
+            assert torch.equal(p, before[name])
+
+
+def test_parameter_granularity_updates_the_flattest_fraction(tiny_model):
+    model, datamodule = tiny_model
+    before = state(model)
+    diag = hessian_diagonal(model, datamodule.train_dataloader())
+    report = SharpnessAwareUnlearning(
+        granularity="parameter", fraction=0.1, update="fine_tune", optimizer="adam", weight_decay=0.1, verbose=False
+    ).unlearn(model, datamodule)
+    total = sum(d.numel() for d in diag.values())
+    assert report.num_updated_parameters == math.ceil(0.1 * total)
+    changed = {n: p.detach() != before[n] for n, p in model.named_parameters()}
+    moved = torch.cat([diag[n][changed[n]] for n in diag])
+    still = torch.cat([diag[n][~changed[n]] for n in diag])
+    assert 0 < moved.numel() <= report.num_updated_parameters
+    assert moved.max() <= still.min() * (1 + 1e-4)  # only the flattest entries moved
+    assert_same_state(model, before, except_names=set(diag))  # buffers untouched
+
+
+def test_top_fraction_counts_exactly():
+    scores = {"a": torch.tensor([3.0, 1.0, 2.0]), "b": torch.tensor([0.5, 4.0])}
+    masks = top_fraction(scores, 0.4, largest=True)
+    assert masks["b"].tolist() == [False, True] and masks["a"].tolist() == [True, False, False]
+    assert list(top_fraction(scores, 0.2, largest=False)) == ["b"]
+
+
+def test_newton_decrement_on_a_hand_built_example():
+    net = nn.Sequential(nn.Linear(1, 2), nn.Linear(2, 1, bias=False))
+    gradient = {
+        "0.weight": torch.tensor([[1.0], [2.0]]),
+        "0.bias": torch.tensor([0.0, 1.0]),
+        "1.weight": torch.tensor([[3.0, 3.0]]),
+    }
+    diag = {
+        "0.weight": torch.tensor([[1.0], [3.0]]),
+        "0.bias": torch.tensor([1.0, 1.0]),
+        "1.weight": torch.tensor([[8.0, 17.0]]),
+    }
+    # layer 0: (1/2 + 4/4 + 0/2 + 1/2) / 4 = 0.5 ; layer 1: (9/9 + 9/18) / 2 = 0.75, with λ = 1
+    scores = newton_decrement(net, gradient, diag, damping=1.0)
+    assert scores == pytest.approx({"0": 0.5, "1": 0.75})
+    callback = SharpnessAwareUnlearning(selection="newton_decrement")
+    callback._decrement = scores
+    assert callback.select_layers({"0": 0.0, "1": 1.0}) == ["1"]
+
+
+def test_newton_decrement_through_the_callback(tiny_model):
+    model, datamodule = tiny_model
+    report = SharpnessAwareUnlearning(selection="newton_decrement", verbose=False).unlearn(model, datamodule)
+    assert report.selected_layers == [max(report.newton_decrement, key=report.newton_decrement.get)]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(update="second_order", damping=-1.0), "damping must be >= 0"),
+        (dict(granularity="parameter", fraction=0.0), "fraction in \\(0, 1\\]"),
+        (dict(granularity="parameter", fraction=1.5), "fraction in \\(0, 1\\]"),
+        (dict(granularity="parameter"), "needs a fraction"),
+        (dict(update="forget_loss", steps=0), "steps must be >= 1"),
+        (dict(granularity="parameter", fraction=0.1, selection="last"), "ranks single entries"),
+        (dict(granularity="block"), "unknown granularity"),
+        (dict(fraction=0.5), "fraction only applies"),
+        (dict(update="second_order", solver="newton"), "unknown solver"),
+    ],
+)
+def test_bad_arguments(kwargs, message, tiny_model):
+    model, _ = tiny_model
+    before = state(model)
+    with pytest.raises(ValueError, match=message):
+        SharpnessAwareUnlearning(**kwargs)
+    assert_same_state(model, before)
