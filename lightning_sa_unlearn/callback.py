@@ -60,6 +60,8 @@ from lightning_sa_unlearn.updates import (
 
 UPDATES = ("first_order", "second_order", "forget_loss", "fine_tune")
 _FAST_DEV_RUN_SAMPLES = 64
+SECOND_ORDER_TAUS = [0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0]
+"""Step sizes along the Newton direction tried by ``update="second_order", tau="auto"`` (1 is eq. 12)."""
 
 
 class SharpnessAwareUnlearning(Callback):
@@ -72,7 +74,8 @@ class SharpnessAwareUnlearning(Callback):
     3. freezes every other parameter;
     4. updates the picked layers: ``"first_order"`` is Warnecke et al.'s
        ``θ_S ← θ_S − τ·∇_S L_forget`` with ``L_forget`` the paper's eq. 7 in sum reduction
-       (:meth:`forget_loss`); ``"fine_tune"`` runs SGD on ``D_r ∪ D̃_f`` over ``θ_S`` only;
+       (:meth:`forget_loss`); ``"second_order"`` is eq. 12, ``θ_S ← θ_S − (H_SS + λI)⁻¹ ∇_S L_forget``;
+       ``"forget_loss"`` descends eq. 6; ``"fine_tune"`` trains ``θ_S`` on ``D_r ∪ D̃_f``;
     5. reports held-out and forget-set metrics before and after (:attr:`report`).
 
     Only the selected parameters change; every other tensor, BatchNorm buffers included, stays
@@ -80,21 +83,38 @@ class SharpnessAwareUnlearning(Callback):
     fails midway, the weights are restored before the error is raised.
 
     Args:
-        update: ``"first_order"`` or ``"fine_tune"``.
+        update: ``"first_order"``, ``"second_order"``, ``"forget_loss"`` or ``"fine_tune"``.
         selection: ``"flattest"`` (smallest mean diagonal; paper section 4.1 and Figure 1),
             ``"sharpest"`` (largest; the abstract and section 5.1), ``"last"`` (Warnecke et al.'s
-            baseline), ``"all"``, or a list of module paths.
+            baseline), ``"all"``, ``"newton_decrement"`` (largest ``Σ g²/(H_ii + λ)`` per
+            parameter, :func:`~lightning_sa_unlearn.selection.newton_decrement`), or module paths.
         num_layers: how many layers a rule picks.
+        granularity: ``"layer"``, or ``"parameter"``: the ``fraction`` of single entries, model-wide,
+            that the rule ranks first; masked-out entries stay bitwise identical.
+        fraction: the share of entries updated with ``granularity="parameter"``, in (0, 1].
         curvature: a :func:`hessian_diagonal` method; ``"ggn"`` equals the Hessian diagonal for
             ReLU/max-pool networks.
         curvature_samples: at most this many training samples for curvature (None: all).
         num_probes: probes for ``curvature="hutchinson"``.
         tau: the first-order step size, or ``"auto"``: the τ of least validation loss on a log
             grid that includes 0 (no update). Validation is ``val_dataloader()`` or, without one,
-            the first ``validation_samples`` of the retain set; never the test set.
+            the first ``validation_samples`` of the retain set; never the test set. For
+            ``second_order``, τ scales the solved step: ``tau=1.0`` is eq. 12 exactly, ``"auto"``
+            searches :data:`SECOND_ORDER_TAUS` (0 and 1 included) on validation. ``forget_loss``
+            keeps the step count (0 included) of least validation loss.
         tau_grid: the τ values tried by ``"auto"`` (default: :func:`default_tau_grid`).
         validation_samples: size of the retain slice used when there is no validation set.
-        epochs, lr, momentum: SGD settings of ``update="fine_tune"``.
+        damping: λ in ``H + λI`` (``second_order``, ``newton_decrement``).
+        solver: ``"cg"`` (conjugate gradient) or ``"lissa"`` for ``second_order``, with
+            ``max_iterations`` and ``tolerance`` (relative residual); ``lissa_scale`` (default: from a
+            power iteration) must exceed the largest eigenvalue of ``H + λI``.
+        fallback: ``"first_order"`` applies the first-order update when the solve fails, and the
+            report says so; None raises (after restoring the weights).
+        steps, retain_weight, retain_samples: ``forget_loss`` runs ``steps`` gradient steps of size
+            ``lr`` on eq. 6 with λ = ``retain_weight`` and ``|D'_r|`` = ``retain_samples``.
+        epochs, lr, momentum, weight_decay, optimizer: ``fine_tune``'s optimizer (``"sgd"`` or
+            ``"adam"``); ``lr`` is also the step size of ``forget_loss``.
+        include_corrected: ``fine_tune`` on ``D_r ∪ D̃_f`` (True) or on ``D_r`` alone.
         loss_fn: the training loss, ``loss_fn(logits, y)`` with mean reduction.
         seed: seeds all randomness of the run (the caller's global RNG state is left as it was).
         report_path, plot_path: where rank 0 writes the JSON report and the sharpness plot.
@@ -134,6 +154,7 @@ class SharpnessAwareUnlearning(Callback):
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         optimizer: Literal["sgd", "adam"] = "sgd",
+        include_corrected: bool = True,
         loss_fn: Callable[..., Any] = F.cross_entropy,
         seed: int = 0,
         report_path: str | None = None,
@@ -154,6 +175,7 @@ class SharpnessAwareUnlearning(Callback):
         self.steps, self.retain_weight, self.retain_samples = steps, retain_weight, retain_samples
         self.epochs, self.lr, self.momentum = epochs, lr, momentum
         self.weight_decay, self.optimizer = weight_decay, optimizer
+        self.include_corrected = include_corrected
         self.loss_fn = loss_fn
         self.seed = seed
         self.report_path, self.plot_path = report_path, plot_path
@@ -433,6 +455,7 @@ class SharpnessAwareUnlearning(Callback):
                 loss_fn=self.loss_fn,
                 masks=masks,
                 all_reduce=processes.sum_tree,
+                validation_loss=validation_loss if validation is not None else None,
                 progress=lambda it: self._progress(trainer, it, "forget-loss descent", self.steps),
             )
             return {"steps": steps}
@@ -497,8 +520,18 @@ class SharpnessAwareUnlearning(Callback):
             "lissa_scale": scale,
         }
         if result.ok:
-            apply_first_order(model, result.x, names, 1.0, masks)
-            return {"solver": solver}
+            if self.tau != "auto":
+                apply_first_order(model, result.x, names, float(self.tau), masks)
+                return {"solver": solver, "tau": float(self.tau)}
+            if validation is None:
+                raise ValueError(
+                    "tau='auto' needs a validation set: define val_dataloader() or retain_dataloader(), "
+                    "or pass tau=1.0 for the plain eq. 12 step."
+                )
+            tau, losses = choose_tau(
+                model, result.x, names, self.tau_grid or SECOND_ORDER_TAUS, validation_loss, masks=masks
+            )
+            return {"solver": solver, "tau": tau, "tau_search": sorted(losses.items())}
         message = (
             f"the {self.solver} solve failed ({result.reason}, relative residual {result.residual:.3g} "
             f"after {result.iterations} iterations)"
@@ -551,7 +584,7 @@ class SharpnessAwareUnlearning(Callback):
 
     def _fine_tune(self, trainer, processes: _Processes, model, names, masks, data: UnlearningData, batches) -> int:
         sources = [batches(data.retain, "retain", shuffle=True)]
-        if data.corrected is not None:
+        if data.corrected is not None and self.include_corrected:
             sources.append(batches(data.corrected, "corrected", shuffle=True))
         lengths = [_length(s) for s in sources]
         steps_per_epoch = None

@@ -2,6 +2,7 @@
 
     sa-unlearn fit --config examples/mnist_targeted.yaml
     sa-unlearn unlearn --config examples/mnist_targeted.yaml --ckpt_path outputs/mnist_targeted/fitted.ckpt
+    sa-unlearn benchmark --setting mnist_targeted --seeds 0 1 2 3 4     # the paper's tables, vs retraining
 
 ``unlearn`` loads the fitted checkpoint, runs the ``SharpnessAwareUnlearning`` callback configured
 under ``trainer.callbacks``, writes the unlearned model to a NEW checkpoint (the input is never
@@ -13,6 +14,7 @@ process.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import lightning.pytorch as pl
@@ -101,6 +103,13 @@ class SAUnlearnCLI(LightningCLI):
 
 
 def main(args: Any = None) -> None:
+    """``sa-unlearn``; ``sa-unlearn benchmark ...`` runs :mod:`lightning_sa_unlearn.benchmarks`."""
+    argv = list(args) if args is not None else sys.argv[1:]
+    if argv[:1] == ["benchmark"]:
+        from lightning_sa_unlearn import benchmarks
+
+        benchmarks.main(argv[1:])
+        return
     SAUnlearnCLI(trainer_class=UnlearningTrainer, args=args, save_config_kwargs={"overwrite": True})
 
 

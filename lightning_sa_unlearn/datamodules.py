@@ -24,6 +24,9 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
     * ``poison="untargeted"``: ``num_poisoned`` random training samples are relabelled to random
       other classes.
 
+    ``train_labels="corrected"`` serves the same training images with their true labels
+    (``D_r ∪ D̃_f``), for the model retrained from scratch that unlearning is measured against.
+
     The validation split is held out of the training images before poisoning, so its labels are
     clean; by default it is what exceeds 50,000 training images (the paper's setting: MNIST 50,000
     / 10,000), or a tenth of the images when there are fewer. The official test split is the
@@ -48,12 +51,15 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         synthetic_size: tuple[int, int] = (1200, 400),
+        train_labels: Literal["poisoned", "corrected"] = "poisoned",
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}.")
         if poison not in POISONS:
             raise ValueError(f"unknown poison {poison!r}; choose one of {POISONS}.")
+        if train_labels not in ("poisoned", "corrected"):
+            raise ValueError(f"train_labels must be 'poisoned' or 'corrected', got {train_labels!r}.")
         if num_poisoned < 0:
             raise ValueError(f"num_poisoned must be >= 0, got {num_poisoned}.")
         self.save_hyperparameters()
@@ -62,7 +68,7 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
         self.target_class: int | None = target_class if poison == "targeted" else None
         self.num_train, self.val_size = num_train, val_size
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
-        self.seed, self.synthetic_size = seed, synthetic_size
+        self.seed, self.synthetic_size, self.train_labels = seed, synthetic_size, train_labels
         self._ready = False
 
     # ----------------------------------------------------------------------------- loading
@@ -94,7 +100,8 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
         x = images[train_index]
         # indices into the original training split
         self.train_indices, self.val_indices, self.poisoned_indices = train_index, val_index, train_index[positions]
-        self.train_set = TensorDataset(x, poisoned_labels)
+        # train_labels="corrected" trains the gold-standard model on D_r ∪ D̃_f: the same images, true labels
+        self.train_set = TensorDataset(x, poisoned_labels if self.train_labels == "poisoned" else true_labels)
         self.forget_set = TensorDataset(x[positions], poisoned_labels[positions])
         self.corrected_set = TensorDataset(x[positions], true_labels[positions])
         self.retain_set = TensorDataset(x[~is_forget], true_labels[~is_forget])

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -280,6 +281,7 @@ def forget_loss_descent(
     loss_fn: LossFn = F.cross_entropy,
     masks: Masks | None = None,
     all_reduce: Callable[[dict[str, Tensor]], dict[str, Tensor]] = lambda v: v,
+    validation_loss: Callable[[nn.Module], float] | None = None,
     progress: Callable[[Iterable[int]], Iterable[int]] = lambda it: it,
 ) -> int:
     """``steps`` full-batch gradient steps on paper eq. 6 over the selected parameters only.
@@ -288,7 +290,9 @@ def forget_loss_descent(
     taken as means (a rescaling of λ and of the step size), and ``θ_S ← θ_S − lr·∇_S J`` (masked
     entries only, with ``masks``). The forget term is ``forget_loss`` (eq. 7 by default; a
     subclass's loss gives gradient ascent, gradient difference or anything else). ``all_reduce``
-    sums gradients and counts across processes. Returns the number of steps taken.
+    sums gradients and counts across processes. With ``validation_loss``, the parameters end at
+    the step (0 included) of least validation loss: early stopping that never makes the model
+    worse on validation. Returns that step (``steps`` without ``validation_loss``).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1 for update='forget_loss', got {steps}.")
@@ -303,8 +307,12 @@ def forget_loss_descent(
         g = forget_gradient(model, counter, pair, forget_loss=loss, allow_empty=True)
         return g, counter.count
 
+    params = dict(model.named_parameters())
+    best_step, best_loss, best = 0, math.inf, None
+    if validation_loss is not None:
+        best_loss, best = validation_loss(model), {n: params[n].detach().clone() for n in names}
     with eval_mode(model):
-        for _ in progress(range(steps)):
+        for step in progress(range(1, steps + 1)):
             g_forget, n_forget = gradient_and_count(forget, corrected, forget_loss)
             terms = {f"forget/{k}": v for k, v in g_forget.items()}
             terms["count/forget"] = torch.tensor(float(n_forget), dtype=torch.float64)
@@ -321,7 +329,14 @@ def forget_loss_descent(
                 n_r = float(terms["count/retain"])
                 direction = {n: d + retain_weight * terms[f"retain/{n}"] / n_r for n, d in direction.items()}
             apply_first_order(model, direction, names, lr, masks)
-    return steps
+            if validation_loss is not None:
+                loss = validation_loss(model)
+                if loss < best_loss:  # a NaN loss never wins
+                    best_step, best_loss, best = step, loss, {n: params[n].detach().clone() for n in names}
+    if best is None:
+        return steps
+    _reset(params, best)
+    return best_step
 
 
 class _CountingBatches:

@@ -181,7 +181,7 @@ def test_forget_loss_update_through_the_callback_touches_only_selected(tiny_mode
     report = SharpnessAwareUnlearning(update="forget_loss", selection="last", steps=3, lr=0.05, verbose=False).unlearn(
         model, datamodule
     )
-    assert report.fine_tune_steps == 3 and report.selected_layers == ["net.fc2"]
+    assert 1 <= report.fine_tune_steps <= 3 and report.selected_layers == ["net.fc2"]  # best step on validation
     assert not torch.equal(model.net.fc2.weight, before["net.fc2.weight"])
     assert_same_state(model, before, except_names={"net.fc2.weight", "net.fc2.bias"})
 

@@ -1,0 +1,397 @@
+"""Reproduce the paper's experiments against a model retrained from scratch (paper Tables 2-4, Figure 1).
+
+    python -m lightning_sa_unlearn.benchmarks --setting mnist_targeted --seeds 0 1 2 3 4
+    sa-unlearn benchmark --setting mnist_targeted --seeds 0 1 2 3 4      # the same
+
+For each seed it trains the poisoned model and the retrained model (same recipe, corrected
+labels: the gold standard), then runs every method from the poisoned weights and writes
+``<out>/<setting>.json`` (raw numbers) and ``<out>/<setting>.md`` (mean ± std over seeds), plus
+``<out>/<setting>_layers.png`` (Figure 1: per-layer sharpness and per-layer gain). Trained models
+and finished method results are cached under ``--cache``, so a rerun only redoes what changed and
+an interrupted run resumes. τ is chosen on the validation split; the test split is only measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_sa_unlearn.callback import SharpnessAwareUnlearning
+from lightning_sa_unlearn.datamodules import PoisonedLabelDataModule
+from lightning_sa_unlearn.evaluation import classification_metrics
+from lightning_sa_unlearn.models import CifarResNet18, PaperCNN
+from lightning_sa_unlearn.selection import select_layers, trainable_layers
+
+
+@dataclass
+class Setting:
+    """One experiment: data, poison, model and training recipe."""
+
+    dataset: str
+    poison: str
+    num_poisoned: int
+    model: str = "paper_cnn"
+    epochs: int = 8
+    lr: float = 1e-3
+    batch_size: int = 128
+    num_train: int | None = None
+    root: str = "../shared/datasets"
+    curvature_samples: int | None = 10_000
+    fine_tune_epochs: int = 1
+    fine_tune_lr: float = 0.01
+    damping: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def target_class(self) -> int | None:
+        return 9 if self.poison == "targeted" else None
+
+
+SETTINGS = {
+    "mnist_targeted": Setting("mnist", "targeted", 2500),
+    "mnist_untargeted_2500": Setting("mnist", "untargeted", 2500),
+    "mnist_untargeted_5000": Setting("mnist", "untargeted", 5000),
+    # CIFAR-10 scaled for a 2-core CPU: 10,000 training images, ResNet-18 (CIFAR form), 4 epochs.
+    "cifar10_cpu": Setting(
+        "imagefolder",
+        "targeted",
+        500,
+        model="cifar_resnet18",
+        epochs=4,
+        lr=0.05,
+        num_train=10_000,
+        root="cache/cifar10",
+        curvature_samples=1000,
+        damping=10.0,
+    ),
+    # Seconds on a CPU: the CI test of this pipeline.
+    "synthetic": Setting(
+        "synthetic", "targeted", 40, epochs=3, curvature_samples=None, extra={"synthetic_size": (600, 200)}
+    ),
+}
+
+METHODS: dict[str, dict[str, Any]] = {
+    "fine-tune all layers on D_r": dict(update="fine_tune", selection="all", include_corrected=False),
+    "first-order, last layer": dict(selection="last"),
+    "SA first-order, flattest": dict(selection="flattest"),
+    "SA first-order, sharpest": dict(selection="sharpest"),
+    "first-order, newton_decrement": dict(selection="newton_decrement"),
+    "SA second-order, flattest": dict(update="second_order", selection="flattest", max_iterations=30),
+    "fine-tune flattest layer on D_r ∪ D̃_f": dict(update="fine_tune", selection="flattest"),
+}
+RULES = ("flattest", "sharpest", "last", "newton_decrement")
+
+
+def make_model(setting: Setting) -> pl.LightningModule:
+    if setting.model == "paper_cnn":
+        return PaperCNN(lr=setting.lr)
+    return CifarResNet18(lr=setting.lr)
+
+
+def make_datamodule(setting: Setting, seed: int, train_labels: str = "poisoned") -> PoisonedLabelDataModule:
+    datamodule = PoisonedLabelDataModule(
+        dataset=setting.dataset,
+        root=setting.root,
+        poison=setting.poison,
+        num_poisoned=setting.num_poisoned,
+        target_class=9,
+        num_train=setting.num_train,
+        batch_size=setting.batch_size,
+        seed=seed,
+        train_labels=train_labels,
+        **setting.extra,
+    )
+    datamodule.setup("fit")
+    return datamodule
+
+
+def train(setting: Setting, seed: int, labels: str, path: str) -> tuple[pl.LightningModule, float]:
+    """Train (or load from the cache) one model; returns it and its training seconds."""
+    model = make_model(setting)
+    if os.path.exists(path):
+        saved = torch.load(path, weights_only=True)
+        model.load_state_dict(saved["state_dict"])
+        return model, saved["seconds"]
+    pl.seed_everything(seed, verbose=False)
+    trainer = pl.Trainer(
+        max_epochs=setting.epochs,
+        accelerator="auto",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    start = time.perf_counter()
+    trainer.fit(model, make_datamodule(setting, seed, labels))
+    seconds = time.perf_counter() - start
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "seconds": seconds}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return model, seconds
+
+
+def measure(model: pl.LightningModule, datamodule: PoisonedLabelDataModule, target_class: int | None) -> dict:
+    heldout = classification_metrics(
+        model, datamodule.test_dataloader(), datamodule.num_classes, target_class=target_class
+    )
+    forget_true = classification_metrics(model, datamodule.corrected_dataloader(), datamodule.num_classes)
+    forget_trained = classification_metrics(model, datamodule.forget_dataloader(), datamodule.num_classes)
+    return {
+        "heldout": heldout,
+        "forget_true_labels": forget_true["accuracy"],
+        "forget_trained_labels": forget_trained["accuracy"],
+    }
+
+
+def run_seed(name: str, setting: Setting, seed: int, cache: str) -> dict:
+    """Everything for one seed, resumable: a finished method is read back from the cache."""
+    folder = os.path.join(cache, name, f"seed{seed}")
+    results_path = os.path.join(folder, "results.json")
+    results = json.load(open(results_path)) if os.path.exists(results_path) else {}
+
+    def save() -> None:
+        with open(results_path + ".tmp", "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(results_path + ".tmp", results_path)
+
+    datamodule = make_datamodule(setting, seed)
+    poisoned, poisoned_seconds = train(setting, seed, "poisoned", os.path.join(folder, "poisoned.pt"))
+    retrained, retrained_seconds = train(setting, seed, "corrected", os.path.join(folder, "retrained.pt"))
+    results["poisoned"] = {**measure(poisoned, datamodule, setting.target_class), "seconds": poisoned_seconds}
+    results["retrained"] = {**measure(retrained, datamodule, setting.target_class), "seconds": retrained_seconds}
+    save()
+
+    def unlearn(key: str, **kwargs: Any) -> dict:
+        if key in results:
+            return results[key]
+        model = make_model(setting)
+        model.load_state_dict(poisoned.state_dict())
+        callback = SharpnessAwareUnlearning(
+            curvature_samples=setting.curvature_samples,
+            damping=setting.damping,
+            epochs=setting.fine_tune_epochs,
+            lr=setting.fine_tune_lr,
+            seed=seed,
+            verbose=False,
+            progress_bar=False,
+            **kwargs,
+        )
+        start = time.perf_counter()
+        report = callback.unlearn(model, datamodule)
+        results[key] = {
+            **measure(model, datamodule, setting.target_class),
+            "seconds": time.perf_counter() - start,
+            "report": report.to_dict(),
+        }
+        save()
+        return results[key]
+
+    layers = list(trainable_layers(make_model(setting))) if setting.model == "paper_cnn" else []
+    for layer in layers:  # the Figure 1 sweep, for models with few layers
+        sweep = unlearn(f"layer {layer}", selection=[layer])["report"]
+    for method, kwargs in METHODS.items():
+        rule = kwargs.get("selection")
+        if layers and kwargs.get("update", "first_order") == "first_order" and rule in RULES:
+            scores = sweep["newton_decrement"] if rule == "newton_decrement" else sweep["layer_sharpness"]
+            results[method] = results[f"layer {select_layers(scores, rule)[0]}"]  # the same run as the sweep's
+            continue
+        unlearn(method, **kwargs)
+    save()
+    return results
+
+
+def summarize(name: str, setting: Setting, runs: dict[int, dict], out: str, command: str) -> str:
+    """Write ``<out>/<name>.md`` and ``.json``; returns the markdown."""
+    target = setting.target_class
+    seeds = sorted(runs)
+
+    def stat(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+        values = [v for v in values if v is not None and not math.isnan(v)]
+        if not values:
+            return "-"
+        mean = statistics.fmean(values) * scale
+        std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+        return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+    def column(row: str, pick) -> list[float]:
+        return [pick(runs[s][row], runs[s]) for s in seeds]
+
+    def gap(row_metrics, run, key="accuracy"):
+        poisoned, retrained = run["poisoned"]["heldout"][key], run["retrained"]["heldout"][key]
+        return (row_metrics["heldout"][key] - poisoned) / (retrained - poisoned) if retrained != poisoned else math.nan
+
+    rows = ["poisoned", "retrained", *METHODS]
+    damage = [runs[s]["retrained"]["heldout"]["accuracy"] - runs[s]["poisoned"]["heldout"]["accuracy"] for s in seeds]
+    lines = [
+        f"# {name}: unlearning against retraining from scratch",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Setting: {json.dumps(dataclasses.asdict(setting))}; seeds {seeds}; mean ± std over seeds.",
+        "",
+        f"**Damage** (retrained − poisoned held-out accuracy): {stat(damage)} points.",
+    ]
+    if target is not None:
+        class_damage = [
+            runs[s]["retrained"]["heldout"][f"accuracy_class_{target}"]
+            - runs[s]["poisoned"]["heldout"][f"accuracy_class_{target}"]
+            for s in seeds
+        ]
+        lines[-1] += f" On class {target}: {stat(class_damage)} points."
+    fit = [runs[s]["poisoned"]["forget_trained_labels"] for s in seeds]
+    lines += [f"The poisoned model fits {stat(fit)}% of the poisoned labels of D_f.", ""]
+    header = ["method", "held-out acc %"]
+    if target is not None:
+        header += [f"class {target} acc %", "other classes acc %"]
+    header += ["gap restored %", "D_f acc (true labels) %", "seconds", "seconds / retraining"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row, stat(column(row, lambda r, run: r["heldout"]["accuracy"]))]
+        if target is not None:
+            cells += [
+                stat(column(row, lambda r, run: r["heldout"][f"accuracy_class_{target}"])),
+                stat(column(row, lambda r, run: r["heldout"]["accuracy_other_classes"])),
+            ]
+        cells += [
+            "" if row in ("poisoned", "retrained") else stat(column(row, lambda r, run: gap(r, run)), 100.0, 0),
+            stat(column(row, lambda r, run: r["forget_true_labels"])),
+            "" if row == "poisoned" else stat(column(row, lambda r, run: r["seconds"]), 1.0, 1),
+            ""
+            if row in ("poisoned", "retrained")
+            else stat(column(row, lambda r, run: r["seconds"] / run["retrained"]["seconds"]), 100.0, 1) + "%",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += _sweep_lines(runs, seeds)
+    text = "\n".join(lines) + "\n"
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(
+            {
+                "setting": dataclasses.asdict(setting),
+                "command": command,
+                "runs": {str(s): _without_reports(runs[s]) for s in seeds},
+            },
+            f,
+            indent=1,
+        )
+    _plot(runs, seeds, os.path.join(out, f"{name}_layers.png"), name)
+    return text
+
+
+def _layer_runs(run: dict) -> dict[str, dict]:
+    return {key[len("layer ") :]: value for key, value in run.items() if key.startswith("layer ")}
+
+
+def _sweep(runs: dict[int, dict], seeds: list[int]) -> dict[str, tuple[list[float], list[float]]]:
+    """``{layer: (mean Hessian diagonal per seed, held-out accuracy gain per seed)}`` of the layer sweep."""
+    layers = list(_layer_runs(runs[seeds[0]]))
+    out = {}
+    for layer in layers:
+        sweeps = [_layer_runs(runs[s])[layer] for s in seeds]
+        sharpness = [sweep["report"]["layer_sharpness"][layer] for sweep in sweeps]
+        gains = [
+            sweep["heldout"]["accuracy"] - runs[s]["poisoned"]["heldout"]["accuracy"] for sweep, s in zip(sweeps, seeds)
+        ]
+        out[layer] = (sharpness, gains)
+    return out
+
+
+def _sweep_lines(runs: dict[int, dict], seeds: list[int]) -> list[str]:
+    sweep = _sweep(runs, seeds)
+    if not sweep:
+        return []
+    lines = [
+        "",
+        "## Layer sweep (Figure 1): first-order update of one layer at a time",
+        "",
+        "| layer | mean Hessian diagonal | held-out accuracy gain (points) |",
+        "|---|---|---|",
+    ]
+    for layer, (sharpness, gains) in sweep.items():
+        spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
+        lines.append(
+            f"| {layer} | {statistics.fmean(sharpness):.3e} | "
+            f"{100 * statistics.fmean(gains):+.2f} ± {100 * spread:.2f} |"
+        )
+    lines += ["", "| rule | picks the best layer in | layers it picked |", "|---|---|---|"]
+    for rule in RULES:
+        hits, picks = 0, []
+        for s in seeds:
+            layer_runs = _layer_runs(runs[s])
+            first = next(iter(layer_runs.values()))["report"]
+            scores = first["newton_decrement"] if rule == "newton_decrement" else first["layer_sharpness"]
+            pick = select_layers(scores, rule)[0]
+            hits += pick == max(layer_runs, key=lambda layer: layer_runs[layer]["heldout"]["accuracy"])
+            picks.append(pick)
+        lines.append(f"| {rule} | {hits} of {len(seeds)} seeds | {', '.join(picks)} |")
+    return lines
+
+
+def _plot(runs: dict[int, dict], seeds: list[int], path: str, title: str) -> None:
+    sweep = _sweep(runs, seeds)
+    if not sweep:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(sweep)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    left.bar(layers, [statistics.fmean(sweep[layer][0]) for layer in layers], color="tab:blue")
+    left.set_yscale("log")
+    left.set_title("mean Hessian diagonal")
+    right.bar(layers, [100 * statistics.fmean(sweep[layer][1]) for layer in layers], color="tab:green")
+    right.axhline(0, color="black", linewidth=0.8)
+    right.set_title("held-out accuracy gain (points)")
+    for ax in (left, right):
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle(f"{title}: per-layer first-order unlearning, mean over {len(seeds)} seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _without_reports(run: dict) -> dict:
+    """The raw numbers, with each report cut to what the tables use."""
+    keep = ("layer_sharpness", "selected_layers", "tau", "newton_decrement", "solver", "seconds")
+    return {k: {**v, "report": {r: v["report"].get(r) for r in keep}} if "report" in v else v for k, v in run.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", choices=sorted(SETTINGS), required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--cache", default="cache/benchmarks")
+    parser.add_argument("--root", default=None, help="override the setting's data folder")
+    args = parser.parse_args(argv)
+    setting = SETTINGS[args.setting]
+    if args.root:
+        setting = dataclasses.replace(setting, root=args.root)
+    runs = {}
+    for seed in args.seeds:
+        print(f"[{args.setting}] seed {seed}", flush=True)
+        runs[seed] = run_seed(args.setting, setting, seed, args.cache)
+    command = "python -m lightning_sa_unlearn.benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(summarize(args.setting, setting, runs, args.out, command.strip()))
+
+
+if __name__ == "__main__":
+    main()
