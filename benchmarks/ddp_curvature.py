@@ -37,12 +37,25 @@ def main() -> None:
     runs = {}
     for processes, extra in ((1, []), (2, ["--trainer.strategy", "ddp"])):
         output = OUT / f"unlearned_{processes}p.ckpt"
-        stdout = sa_unlearn("unlearn", "--ckpt_path", str(fitted), "--output_path", str(output),
-                            "--trainer.devices", str(processes), *extra)
+        stdout = sa_unlearn(
+            "unlearn",
+            "--ckpt_path",
+            str(fitted),
+            "--output_path",
+            str(output),
+            "--trainer.devices",
+            str(processes),
+            *extra,
+        )
         report = json.loads(output.with_suffix(".report.json").read_text())
-        runs[processes] = {"seconds": report["seconds"], "selected_layers": report["selected_layers"],
-                           "tau": report["tau"], "heldout_after": report["heldout_after"]["accuracy"],
-                           "curvature_samples": report["curvature_samples"], "stdout": stdout}
+        runs[processes] = {
+            "seconds": report["seconds"],
+            "selected_layers": report["selected_layers"],
+            "tau": report["tau"],
+            "heldout_after": report["heldout_after"]["accuracy"],
+            "curvature_samples": report["curvature_samples"],
+            "stdout": stdout,
+        }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "ddp_curvature.json").write_text(json.dumps({str(k): v for k, v in runs.items()}, indent=2))
     lines = [
@@ -62,8 +75,16 @@ def main() -> None:
             f"{100 * run['heldout_after']:.2f}% |"
         )
     ratio = runs[1]["seconds"]["curvature"] / runs[2]["seconds"]["curvature"]
-    lines += ["", f"Curvature speed-up with 2 processes: {ratio:.2f}x.", "",
-              "Output of the 1-process `sa-unlearn unlearn`:", "", "```", runs[1]["stdout"].strip(), "```"]
+    lines += [
+        "",
+        f"Curvature speed-up with 2 processes: {ratio:.2f}x.",
+        "",
+        "Output of the 1-process `sa-unlearn unlearn`:",
+        "",
+        "```",
+        runs[1]["stdout"].strip(),
+        "```",
+    ]
     (RESULTS / "ddp_curvature.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -37,17 +37,25 @@ RUNS = {
 
 
 def main() -> None:
-    datamodule = PoisonedLabelDataModule(dataset="mnist", root=str(ROOT.parent / "shared" / "datasets"),
-                                         poison="targeted", target_class=9, num_poisoned=2500, seed=0)
+    datamodule = PoisonedLabelDataModule(
+        dataset="mnist",
+        root=str(ROOT.parent / "shared" / "datasets"),
+        poison="targeted",
+        target_class=9,
+        num_poisoned=2500,
+        seed=0,
+    )
     rows = {}
     for name, kwargs in RUNS.items():
         model = PaperCNN.load_from_checkpoint(CHECKPOINT, weights_only=True)
         callback = SharpnessAwareUnlearning(curvature_samples=SAMPLES, verbose=False, progress_bar=False, **kwargs)
         report = callback.unlearn(model, datamodule)
         rows[name] = report.to_dict()
-        print(f"{name:<40} acc {100 * report.heldout_after['accuracy']:.2f}%  "
-              f"class 9 {100 * report.heldout_after['accuracy_class_9']:.2f}%  {report.seconds['total']:.1f} s",
-              flush=True)
+        print(
+            f"{name:<40} acc {100 * report.heldout_after['accuracy']:.2f}%  "
+            f"class 9 {100 * report.heldout_after['accuracy_class_9']:.2f}%  {report.seconds['total']:.1f} s",
+            flush=True,
+        )
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "updates_mnist.json").write_text(json.dumps(rows, indent=2, default=str))
     before = next(iter(rows.values()))["heldout_before"]

@@ -34,6 +34,7 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
 
     ``dataset="imagefolder"`` reads ``root/train`` and ``root/test`` in torchvision's ImageFolder
     layout (for example the CIFAR-10 JPEG copy); ``"synthetic"`` makes a small 1×28×28 task for tests.
+    With ``device="cuda"`` every set is moved to the GPU once and batched there.
     """
 
     def __init__(
@@ -52,6 +53,7 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
         seed: int = 0,
         synthetic_size: tuple[int, int] = (1200, 400),
         train_labels: Literal["poisoned", "corrected"] = "poisoned",
+        device: str | None = None,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -69,6 +71,7 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
         self.num_train, self.val_size = num_train, val_size
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.seed, self.synthetic_size, self.train_labels = seed, synthetic_size, train_labels
+        self.device = device
         self._ready = False
 
     # ----------------------------------------------------------------------------- loading
@@ -107,6 +110,9 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
         self.retain_set = TensorDataset(x[~is_forget], true_labels[~is_forget])
         self.val_set = TensorDataset(images[val_index], labels[val_index])
         self.test_set = TensorDataset(test_images, test_labels)
+        if self.device is not None:
+            for name in ("train_set", "forget_set", "corrected_set", "retain_set", "val_set", "test_set"):
+                setattr(self, name, TensorDataset(*(t.to(self.device) for t in getattr(self, name).tensors)))
         self._ready = True
 
     def _choose_poisoned(self, true_labels: Tensor, generator: torch.Generator) -> Tensor:
@@ -152,6 +158,8 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
 
     # ----------------------------------------------------------------------------- loaders
     def _loader(self, dataset: TensorDataset, shuffle: bool, batch_size: int | None = None) -> DataLoader:
+        if self.device is not None:  # data already on the accelerator: batch it there, no workers, no copies
+            return TensorBatches(dataset, batch_size or self.batch_size, shuffle)
         return DataLoader(
             dataset,
             batch_size=batch_size or self.batch_size,
@@ -177,6 +185,23 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False, batch_size=self.eval_batch_size)
+
+
+class TensorBatches:
+    """Batches sliced from tensors where they live (e.g. on the GPU), reshuffled each pass if ``shuffle``."""
+
+    def __init__(self, dataset: TensorDataset, batch_size: int, shuffle: bool) -> None:
+        self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    def __iter__(self):
+        x, y = self.dataset.tensors
+        order = torch.randperm(len(y), device=y.device) if self.shuffle else torch.arange(len(y), device=y.device)
+        for start in range(0, len(y), self.batch_size):
+            index = order[start : start + self.batch_size]
+            yield x[index], y[index]
 
 
 def _normalize(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
