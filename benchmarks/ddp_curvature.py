@@ -64,7 +64,8 @@ def main() -> None:
         "Command: `python benchmarks/ddp_curvature.py` (PaperCNN, MNIST, `examples/mnist_targeted.yaml`, "
         f"GGN on {runs[1]['curvature_samples']:,} samples; machine: {os.cpu_count()} CPU cores, gloo).",
         "",
-        "| processes | curvature s | forget gradient s | update s | evaluation s | total s | selected | tau | held-out acc |",
+        "| processes | curvature s | forget gradient s | update s | evaluation s | total s | selected | tau "
+        "| held-out acc |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for processes, run in runs.items():

@@ -63,7 +63,8 @@ def main() -> None:
         "# Updates and rules on the fitted MNIST model (one seed)",
         "",
         f"Command: `python benchmarks/updates_mnist.py` (checkpoint of `examples/mnist_targeted.yaml`, seed 0; "
-        f"GGN curvature and Hessian-vector products on {SAMPLES:,} training samples; {torch.get_num_threads()} threads).",
+        f"GGN curvature and Hessian-vector products on {SAMPLES:,} training samples; "
+        f"{torch.get_num_threads()} threads).",
         "",
         "| run | layers | parameters updated | held-out acc | class 9 | other classes | seconds | note |",
         "|---|---|---|---|---|---|---|---|",
@@ -74,12 +75,15 @@ def main() -> None:
         a = r["heldout_after"]
         note = ""
         if r["solver"]:
-            note = f"{r['solver']['iterations']} iterations, residual {r['solver']['relative_residual']:.2g}"
-        elif r["tau"] is not None:
-            note = f"tau {r['tau']:.3g}"
+            note = f"{r['solver']['iterations']} iterations, residual {r['solver']['relative_residual']:.2g}; "
+        if r["tau"] is not None:
+            note += f"tau {r['tau']:.3g}"
+        if r["update"] == "forget_loss":
+            note += f"best step {r['fine_tune_steps']} of 20 (validation)"
         lines.append(
             f"| {name} | {', '.join(r['selected_layers'])} | {r['num_updated_parameters']:,} | "
-            f"{100 * a['accuracy']:.2f}% | {100 * a['accuracy_class_9']:.2f}% | {100 * a['accuracy_other_classes']:.2f}% | "
+            f"{100 * a['accuracy']:.2f}% | {100 * a['accuracy_class_9']:.2f}% | "
+            f"{100 * a['accuracy_other_classes']:.2f}% | "
             f"{r['seconds']['total']:.1f} | {note} |"
         )
     (RESULTS / "updates_mnist.md").write_text("\n".join(lines) + "\n")

@@ -87,3 +87,18 @@ def test_cifar_resnet18_is_the_cifar_form():
     assert sum(p.numel() for p in model.parameters()) == 11_173_962  # ImageNet stem (7x7) would be 11,181,642
     assert model.net.conv1.kernel_size == (3, 3) and isinstance(model.net.maxpool, torch.nn.Identity)
     assert model.eval()(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_device_resident_sets_are_batched_in_place():
+    """device=... keeps every set on that device and batches it there; the callback reads such loaders."""
+    from lightning_sa_unlearn import SharpnessAwareUnlearning
+    from lightning_sa_unlearn.datamodules import TensorBatches
+
+    dm = synthetic(device="cpu", batch_size=100)
+    loader = dm.train_dataloader()
+    assert isinstance(loader, TensorBatches) and len(loader) == -(-len(dm.train_set) // 100)
+    seen = torch.cat([y for _, y in loader])
+    assert torch.equal(seen.sort().values, dm.train_set.tensors[1].sort().values)  # every sample once
+    model = PaperCNN()
+    report = SharpnessAwareUnlearning(curvature_samples=200, verbose=False, progress_bar=False).unlearn(model, dm)
+    assert report.curvature_samples == 200
