@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad, hessian, jvp, vjp, vmap
 
+from lightning_sa_unlearn import ggn_fast
 from lightning_sa_unlearn.functional import (
     LossFn,
     batches_for,
@@ -183,6 +184,18 @@ def _output_hessian_factor(logits: Tensor, target: Tensor, loss_fn: LossFn) -> T
 
 
 def _ggn_batch(model, params, buffers, x, y, *, loss_fn, chunk_size, **_) -> dict[str, Tensor]:
+    """Hooks and one batched backward for Linear/Conv/BatchNorm networks (:mod:`ggn_fast`), else vmap."""
+    if ggn_fast.supports(model):
+        return _ggn_batch_hooks(model, params, buffers, x, y, loss_fn=loss_fn, chunk_size=chunk_size)
+    return _ggn_batch_vmap(model, params, buffers, x, y, loss_fn=loss_fn, chunk_size=chunk_size)
+
+
+def _ggn_batch_hooks(model, params, buffers, x, y, *, loss_fn, chunk_size, **_) -> dict[str, Tensor]:
+    factor = vmap(lambda z, t: _output_hessian_factor(z, t, loss_fn))
+    return ggn_fast.ggn_diagonal_sum(model, x, lambda logits: factor(logits, y), chunk_size)
+
+
+def _ggn_batch_vmap(model, params, buffers, x, y, *, loss_fn, chunk_size, **_) -> dict[str, Tensor]:
     logits_of = stateless_logits(model, buffers)
 
     def example(x_n: Tensor, y_n: Tensor) -> dict[str, Tensor]:

@@ -159,3 +159,29 @@ def test_bad_arguments_are_refused(cnn_data):
         hessian_diagonal(model, [(x, y)], method="kfac")
     with pytest.raises(ValueError, match="no trainable parameters"):
         hessian_diagonal(relu_cnn().requires_grad_(False), [(x, y)])
+
+
+def test_hook_path_equals_vmap_path_on_a_residual_network():
+    """The fast GGN (hooks, one batched backward) against per-example vmap, with in-place ReLU and `+=`."""
+    from torchvision.models.resnet import BasicBlock
+
+    from lightning_sa_unlearn.curvature import _ggn_batch_hooks, _ggn_batch_vmap
+    from lightning_sa_unlearn.functional import model_buffers, trainable_parameters
+
+    torch.manual_seed(0)
+    downsample = nn.Sequential(nn.Conv2d(4, 8, 1, stride=2, bias=False), nn.BatchNorm2d(8))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(inplace=True), BasicBlock(4, 4),
+        BasicBlock(4, 8, stride=2, downsample=downsample), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(8, 5), nn.Unflatten(1, (1, 5)), nn.Conv1d(1, 1, 3, padding=1), nn.Flatten(),
+    ).double().eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(), module.running_var.uniform_(0.5, 2), module.weight.normal_()
+    x, y = torch.randn(6, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (6,))
+    args = (model, trainable_parameters(model), model_buffers(model), x, y)
+    hooks = _ggn_batch_hooks(*args, loss_fn=F.cross_entropy, chunk_size=4)
+    reference = _ggn_batch_vmap(*args, loss_fn=F.cross_entropy, chunk_size=4)
+    assert list(hooks) == list(reference)
+    assert relative_error(flat(hooks), flat(reference)) < 1e-12

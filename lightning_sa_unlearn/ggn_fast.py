@@ -1,0 +1,111 @@
+"""The exact GGN diagonal from one batched backward pass and per-layer products, without per-example vmap.
+
+``diag G = Σ_n Σ_k (J_nᵀ s_nk)²`` where ``s_nk`` are the rows of a factor of the output Hessian
+(:func:`~lightning_sa_unlearn.curvature._output_hessian_factor`). Back-propagating the K rows at
+once (``is_grads_batched``) gives, at each layer output, the signals ``δ_nk = J_{n,out}ᵀ s_nk``;
+the squared parameter gradients then follow from the layer's saved input ``a_n``:
+
+* ``Linear`` (2-D input): ``Σ_{n,k} δ²_nk ⊗ a²_n``, a single matrix product;
+* ``Linear`` on sequences, ``Conv1d/2d``: per-example gradients ``δ_nk · unfold(a_n)ᵀ``, squared;
+* ``BatchNorm`` in eval mode: ``(Σ_pixels δ x̂)²`` and ``(Σ_pixels δ)²``.
+
+The same quantity as the vmap path in ``curvature.py``; it is used when every module that owns a
+trainable parameter is of a supported type, and the tests compare the two.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def supports(model: nn.Module) -> bool:
+    """True when every module owning a trainable parameter is one this path handles (convolutions: groups=1)."""
+    for module in model.modules():
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        if not isinstance(module, SUPPORTED) or getattr(module, "groups", 1) != 1:
+            return False
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and (isinstance(module.padding, str) or module.padding_mode != "zeros"):
+            return False
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (module.training or not module.track_running_stats):
+            return False
+    return True
+
+
+def ggn_diagonal_sum(model: nn.Module, x: Tensor, factor_fn, chunk_size: int) -> dict[str, Tensor]:
+    """``Σ_n diag GGN_n`` over the batch ``x``; ``factor_fn(logits) -> [N, K, C]`` gives the factor rows."""
+    owners = {
+        module: [(name, p) for name, p in module.named_parameters(recurse=False) if p.requires_grad]
+        for module in model.modules()
+    }
+    owners = {m: ps for m, ps in owners.items() if ps}
+    full_names = {id(p): name for name, p in model.named_parameters()}
+    saved: dict[nn.Module, tuple[Tensor, Tensor]] = {}
+
+    def keep(module, inputs, output):
+        saved[module] = (inputs[0].detach(), output)
+        return output.clone()  # later in-place ops (ReLU(inplace), +=) must not rewrite the saved output
+
+    handles = [module.register_forward_hook(keep) for module in owners]
+    total: dict[str, Tensor] = {}
+    try:
+        logits = model(x)
+        factor = factor_fn(logits.detach())  # [N, K, C]
+        modules = list(owners)
+        signals = torch.autograd.grad(
+            logits, [saved[m][1] for m in modules], grad_outputs=factor.transpose(0, 1), is_grads_batched=True
+        )  # each [K, N, *output shape]
+        for module, delta in zip(modules, signals):
+            squares = _squared_gradients(module, saved[module][0], delta, chunk_size)
+            for (local, p), value in zip(owners[module], squares):
+                name = full_names[id(p)]
+                total[name] = total.get(name, 0) + value.reshape(p.shape)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+def _squared_gradients(module: nn.Module, a: Tensor, delta: Tensor, chunk_size: int) -> list[Tensor]:
+    """``[Σ_{n,k} g_nk² for each trainable parameter of module]`` in ``named_parameters`` order."""
+    wanted = [name for name, p in module.named_parameters(recurse=False) if p.requires_grad]
+    if isinstance(module, nn.Linear) and a.dim() == 2:
+        out = {"weight": torch.einsum("kno,ni->oi", delta**2, a**2), "bias": (delta**2).sum(dim=(0, 1))}
+        return [out[n] for n in wanted]
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        shape = [1, -1] + [1] * (a.dim() - 2)
+        x_hat = (a - module.running_mean.view(shape)) / torch.sqrt(module.running_var.view(shape) + module.eps)
+        reduce = tuple(range(3, delta.dim()))  # pixels
+        out = {"weight": ((delta * x_hat).sum(dim=reduce) ** 2).sum(dim=(0, 1)) if reduce else
+               ((delta * x_hat) ** 2).sum(dim=(0, 1)),
+               "bias": (delta.sum(dim=reduce) ** 2).sum(dim=(0, 1)) if reduce else (delta**2).sum(dim=(0, 1))}
+        return [out[n] for n in wanted]
+    # Per-example gradients, chunked over examples: weight g = δ · unfold(a)ᵀ
+    totals = {n: 0 for n in wanted}
+    for start in range(0, a.shape[0], chunk_size):
+        a_part, d_part = a[start : start + chunk_size], delta[:, start : start + chunk_size]
+        if isinstance(module, nn.Linear):  # [n, ..., in] inputs: sum over the extra positions
+            unfolded = a_part.reshape(a_part.shape[0], -1, a_part.shape[-1]).transpose(1, 2)  # [n, in, L]
+            d = d_part.reshape(d_part.shape[0], d_part.shape[1], -1, d_part.shape[-1]).transpose(2, 3)  # [k,n,o,L]
+        else:
+            unfolded = _unfold(module, a_part)  # [n, in·kernel, L]
+            d = d_part.reshape(d_part.shape[0], d_part.shape[1], d_part.shape[2], -1)  # [k, n, out, L]
+        if "weight" in totals:
+            totals["weight"] = totals["weight"] + (torch.einsum("knol,nil->knoi", d, unfolded) ** 2).sum(dim=(0, 1))
+        if "bias" in totals:
+            totals["bias"] = totals["bias"] + (d.sum(dim=-1) ** 2).sum(dim=(0, 1))
+    return [totals[n] for n in wanted]
+
+
+def _unfold(module: nn.Module, a: Tensor) -> Tensor:
+    if isinstance(module, nn.Conv1d):
+        a, kernel = a.unsqueeze(-1), (module.kernel_size[0], 1)
+        options = dict(dilation=(module.dilation[0], 1), padding=(module.padding[0], 0), stride=(module.stride[0], 1))
+    else:
+        kernel = module.kernel_size
+        options = dict(dilation=module.dilation, padding=module.padding, stride=module.stride)
+    return F.unfold(a, kernel, **options)
