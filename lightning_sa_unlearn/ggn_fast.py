@@ -94,18 +94,30 @@ def _squared_gradients(module: nn.Module, a: Tensor, delta: Tensor, chunk_size: 
         else:
             unfolded = _unfold(module, a_part)  # [n, in·kernel, L]
             d = d_part.reshape(d_part.shape[0], d_part.shape[1], d_part.shape[2], -1)  # [k, n, out, L]
-        if "weight" in totals:
-            totals["weight"] = totals["weight"] + (torch.einsum("knol,nil->knoi", d, unfolded) ** 2).sum(dim=(0, 1))
+        if "weight" in totals:  # per example n: [k·out, L] @ [L, in·kernel], as one batched matmul
+            k, n, o, length = d.shape
+            per_example = torch.bmm(d.permute(1, 0, 2, 3).reshape(n, k * o, length), unfolded.transpose(1, 2))
+            totals["weight"] = totals["weight"] + (per_example**2).sum(dim=0).view(k, o, -1).sum(dim=0)
         if "bias" in totals:
             totals["bias"] = totals["bias"] + (d.sum(dim=-1) ** 2).sum(dim=(0, 1))
     return [totals[n] for n in wanted]
 
 
 def _unfold(module: nn.Module, a: Tensor) -> Tensor:
+    """``[n, in·kh·kw, L]`` patches of the layer input, the columns a convolution multiplies its kernel with.
+
+    Built from strided views (``Tensor.unfold``) and one copy, which is many times faster on CPU
+    than ``F.unfold``; dilated kernels use ``F.unfold``.
+    """
     if isinstance(module, nn.Conv1d):
-        a, kernel = a.unsqueeze(-1), (module.kernel_size[0], 1)
-        options = dict(dilation=(module.dilation[0], 1), padding=(module.padding[0], 0), stride=(module.stride[0], 1))
+        a = a.unsqueeze(-1)
+        kernel, stride, padding, dilation = (
+            (module.kernel_size[0], 1), (module.stride[0], 1), (module.padding[0], 0), (module.dilation[0], 1))
     else:
-        kernel = module.kernel_size
-        options = dict(dilation=module.dilation, padding=module.padding, stride=module.stride)
-    return F.unfold(a, kernel, **options)
+        kernel, stride, padding, dilation = module.kernel_size, module.stride, module.padding, module.dilation
+    if dilation != (1, 1):
+        return F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
+    a = F.pad(a, (padding[1], padding[1], padding[0], padding[0]))
+    patches = a.unfold(2, kernel[0], stride[0]).unfold(3, kernel[1], stride[1])  # [n, c, H', W', kh, kw]
+    n, c, height, width = patches.shape[:4]
+    return patches.permute(0, 1, 4, 5, 2, 3).reshape(n, c * kernel[0] * kernel[1], height * width)
