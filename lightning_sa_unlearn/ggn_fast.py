@@ -29,7 +29,9 @@ def supports(model: nn.Module) -> bool:
             continue
         if not isinstance(module, SUPPORTED) or getattr(module, "groups", 1) != 1:
             return False
-        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and (isinstance(module.padding, str) or module.padding_mode != "zeros"):
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and (
+            isinstance(module.padding, str) or module.padding_mode != "zeros"
+        ):
             return False
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and (module.training or not module.track_running_stats):
             return False
@@ -80,9 +82,12 @@ def _squared_gradients(module: nn.Module, a: Tensor, delta: Tensor, chunk_size: 
         shape = [1, -1] + [1] * (a.dim() - 2)
         x_hat = (a - module.running_mean.view(shape)) / torch.sqrt(module.running_var.view(shape) + module.eps)
         reduce = tuple(range(3, delta.dim()))  # pixels
-        out = {"weight": ((delta * x_hat).sum(dim=reduce) ** 2).sum(dim=(0, 1)) if reduce else
-               ((delta * x_hat) ** 2).sum(dim=(0, 1)),
-               "bias": (delta.sum(dim=reduce) ** 2).sum(dim=(0, 1)) if reduce else (delta**2).sum(dim=(0, 1))}
+        out = {
+            "weight": ((delta * x_hat).sum(dim=reduce) ** 2).sum(dim=(0, 1))
+            if reduce
+            else ((delta * x_hat) ** 2).sum(dim=(0, 1)),
+            "bias": (delta.sum(dim=reduce) ** 2).sum(dim=(0, 1)) if reduce else (delta**2).sum(dim=(0, 1)),
+        }
         return [out[n] for n in wanted]
     # Per-example gradients, chunked over examples: weight g = δ · unfold(a)ᵀ
     totals = {n: 0 for n in wanted}
@@ -112,7 +117,11 @@ def _unfold(module: nn.Module, a: Tensor) -> Tensor:
     if isinstance(module, nn.Conv1d):
         a = a.unsqueeze(-1)
         kernel, stride, padding, dilation = (
-            (module.kernel_size[0], 1), (module.stride[0], 1), (module.padding[0], 0), (module.dilation[0], 1))
+            (module.kernel_size[0], 1),
+            (module.stride[0], 1),
+            (module.padding[0], 0),
+            (module.dilation[0], 1),
+        )
     else:
         kernel, stride, padding, dilation = module.kernel_size, module.stride, module.padding, module.dilation
     if dilation != (1, 1):

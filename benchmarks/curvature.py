@@ -1,0 +1,209 @@
+"""Curvature cost as a ratio to one plain gradient pass over the same data, in the same process.
+
+    pip install backpack-for-pytorch curvlinops-for-pytorch    # benchmark-only extras
+    python benchmarks/curvature.py --model paper_cnn            # writes benchmarks/results/curvature_<model>.{md,json}
+
+Each method runs in a fresh subprocess, which first times one gradient pass (the unit) and then
+the method, and reports its peak resident memory. Accuracy is the relative L2 error of the whole
+diagonal against our `ggn` (equal to the exact Hessian diagonal for these ReLU/max-pool/eval-BN
+networks, which tests/test_curvature.py checks against torch.autograd.functional.hessian).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+METHODS = [
+    "ggn",
+    "ggn_vmap",
+    "hutchinson_1",
+    "empirical_fisher",
+    "backpack_diag_ggn_exact",
+    "backpack_diag_ggn_mc",
+    "backpack_diag_hessian",
+    "curvlinops_hutchinson_1",
+]
+
+
+def data_and_model(name: str, samples: int, batch_size: int):
+    torch.manual_seed(0)
+    if name == "paper_cnn":
+        from torchvision.datasets import MNIST
+
+        from lightning_sa_unlearn.models import PaperCNN
+
+        mnist = MNIST(str(ROOT.parent / "shared" / "datasets"), train=True)
+        x = ((mnist.data[:samples].float() / 255 - 0.1307) / 0.3081).unsqueeze(1)
+        y = mnist.targets[:samples]
+        model = PaperCNN().net
+    else:
+        from lightning_sa_unlearn.models import CifarResNet18
+
+        x, y = torch.randn(samples, 3, 32, 32), torch.randint(0, 10, (samples,))  # cost does not depend on pixels
+        model = CifarResNet18().net
+    model.eval()
+    return model, [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, samples, batch_size)]
+
+
+def gradient_pass(model, batches) -> None:
+    for x, y in batches:
+        model.zero_grad()
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+
+
+def run_method(method: str, model: nn.Module, batches) -> dict[str, torch.Tensor]:
+    from lightning_sa_unlearn.curvature import hessian_diagonal
+
+    if method == "ggn":
+        return hessian_diagonal(model, batches, method="ggn")
+    if method == "ggn_vmap":
+        import lightning_sa_unlearn.ggn_fast as fast
+
+        fast.supports = lambda model: False  # force the per-example vmap path
+        return hessian_diagonal(model, batches, method="ggn")
+    if method == "hutchinson_1":
+        return hessian_diagonal(model, batches, method="hutchinson", num_probes=1)
+    if method == "empirical_fisher":
+        return hessian_diagonal(model, batches, method="empirical_fisher")
+    if method.startswith("backpack"):
+        from backpack import backpack, extend
+        from backpack.extensions import DiagGGNExact, DiagGGNMC, DiagHessian
+
+        extension, attribute = {
+            "backpack_diag_ggn_exact": (DiagGGNExact, "diag_ggn_exact"),
+            "backpack_diag_ggn_mc": (DiagGGNMC, "diag_ggn_mc"),
+            "backpack_diag_hessian": (DiagHessian, "diag_h"),
+        }[method]
+        model = extend(model, use_converter=not isinstance(model, nn.Sequential))
+        loss_fn = extend(nn.CrossEntropyLoss(reduction="sum"))
+        total, count = {}, 0
+        for x, y in batches:
+            model.zero_grad()
+            with backpack(extension()):
+                loss_fn(model(x), y).backward()
+            for name, p in model.named_parameters():
+                total[name] = total.get(name, 0) + getattr(p, attribute).detach()
+            count += len(y)
+        return {name: value / count for name, value in total.items()}
+    if method == "curvlinops_hutchinson_1":
+        from curvlinops import HessianLinearOperator, hutchinson_diag
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        operator = HessianLinearOperator(model, nn.CrossEntropyLoss(), params, batches, check_deterministic=False)
+        flat = hutchinson_diag(operator, num_matvecs=1)
+        out, start = {}, 0
+        for name, p in model.named_parameters():
+            out[name] = flat[start : start + p.numel()].view_as(p)
+            start += p.numel()
+        return out
+    raise ValueError(method)
+
+
+def child(args) -> None:
+    model, batches = data_and_model(args.model, args.samples, args.batch_size)
+    gradient_pass(model, batches[:1])  # warm-up
+    start = time.perf_counter()
+    gradient_pass(model, batches)
+    unit = time.perf_counter() - start
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    diag = run_method(args.child, model, batches)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    flat = torch.cat([d.detach().reshape(-1).double() for d in diag.values()])
+    torch.save(flat, args.out_tensor)
+    print(
+        json.dumps(
+            {
+                "method": args.child,
+                "seconds": seconds,
+                "gradient_pass_seconds": unit,
+                "ratio": seconds / unit,
+                "peak_rss_mb": peak / 1024,
+                "rss_before_mb": before / 1024,
+            }
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["paper_cnn", "resnet18"], default="paper_cnn")
+    parser.add_argument("--samples", type=int, default=None, help="default: 10,000 (PaperCNN) or 2,000 (ResNet-18)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--out-tensor", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.samples = args.samples or (10_000 if args.model == "paper_cnn" else 2_000)
+    if args.child:
+        return child(args)
+    results, diagonals = [], {}
+    folder = ROOT / "outputs" / "curvature"
+    folder.mkdir(parents=True, exist_ok=True)
+    for method in args.methods:
+        tensor = folder / f"{args.model}_{method}.pt"
+        command = [
+            sys.executable,
+            __file__,
+            "--model",
+            args.model,
+            "--samples",
+            str(args.samples),
+            "--batch-size",
+            str(args.batch_size),
+            "--child",
+            method,
+            "--out-tensor",
+            str(tensor),
+        ]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            results.append({"method": method, "error": done.stderr.strip().splitlines()[-1]})
+            print(method, "failed:", results[-1]["error"], flush=True)
+            continue
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        diagonals[method] = torch.load(tensor)
+        print(results[-1], flush=True)
+    reference = diagonals.get("ggn")
+    for row in results:
+        if reference is not None and row["method"] in diagonals:
+            row["relative_error_vs_ggn"] = float((diagonals[row["method"]] - reference).norm() / reference.norm())
+    out = ROOT / "benchmarks" / "results"
+    (out / f"curvature_{args.model}.json").write_text(json.dumps(results, indent=2))
+    lines = [
+        f"# Curvature cost on {args.model}, {args.samples:,} samples, batch {args.batch_size}",
+        "",
+        f"Command: `python benchmarks/curvature.py --model {args.model}` ({os.cpu_count()} CPU cores, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}).",
+        "",
+        "| method | seconds | gradient passes | peak RSS MB | rel. error vs ggn |",
+        "|---|---|---|---|---|",
+    ]
+    for row in results:
+        if "error" in row:
+            lines.append(f"| {row['method']} | failed: {row['error']} | | | |")
+            continue
+        error = row.get("relative_error_vs_ggn")
+        lines.append(
+            f"| {row['method']} | {row['seconds']:.2f} | {row['ratio']:.1f} | {row['peak_rss_mb']:.0f} | "
+            f"{'' if error is None else f'{error:.1e}'} |"
+        )
+    (out / f"curvature_{args.model}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
