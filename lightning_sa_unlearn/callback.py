@@ -96,6 +96,7 @@ class SharpnessAwareUnlearning(Callback):
             ReLU/max-pool networks.
         curvature_samples: at most this many training samples for curvature (None: all).
         num_probes: probes for ``curvature="hutchinson"``.
+        num_samples: sampled labels per example for ``curvature="mc_ggn"``.
         tau: the first-order step size, or ``"auto"``: the τ of least validation loss on a log
             grid that includes 0 (no update). Validation is ``val_dataloader()`` or, without one,
             the first ``validation_samples`` of the retain set; never the test set. For
@@ -134,9 +135,10 @@ class SharpnessAwareUnlearning(Callback):
         num_layers: int = 1,
         granularity: Literal["layer", "parameter"] = "layer",
         fraction: float | None = None,
-        curvature: Literal["ggn", "exact", "hutchinson", "empirical_fisher"] = "ggn",
+        curvature: Literal["ggn", "mc_ggn", "exact", "hutchinson", "empirical_fisher"] = "ggn",
         curvature_samples: int | None = None,
         num_probes: int = 100,
+        num_samples: int = 1,
         tau: float | Literal["auto"] = "auto",
         tau_grid: list[float] | None = None,
         validation_samples: int = 5000,
@@ -169,6 +171,7 @@ class SharpnessAwareUnlearning(Callback):
         self.selection = selection if isinstance(selection, str) else list(selection)
         self.num_layers, self.granularity, self.fraction = num_layers, granularity, fraction
         self.curvature, self.curvature_samples, self.num_probes = curvature, curvature_samples, num_probes
+        self.num_samples = num_samples
         self.tau, self.tau_grid, self.validation_samples = tau, tau_grid, validation_samples
         self.damping, self.solver, self.max_iterations, self.tolerance = damping, solver, max_iterations, tolerance
         self.lissa_scale, self.fallback = lissa_scale, fallback
@@ -563,6 +566,7 @@ class SharpnessAwareUnlearning(Callback):
                 loss_fn=self.loss_fn,
                 method=self.curvature,
                 num_probes=self.num_probes,
+                num_samples=self.num_samples,
                 generator=generator,
             )
         )

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import grad, hessian, jvp, vjp, vmap
+from torch.func import functional_call, grad, hessian, jvp, vjp, vmap
 
 from lightning_sa_unlearn import ggn_fast
 from lightning_sa_unlearn.functional import (
@@ -32,7 +32,7 @@ from lightning_sa_unlearn.functional import (
     tree_add_,
 )
 
-CURVATURE_METHODS = ("exact", "ggn", "hutchinson", "empirical_fisher")
+CURVATURE_METHODS = ("exact", "ggn", "mc_ggn", "hutchinson", "empirical_fisher")
 EXACT_MAX_PARAMETERS = 50_000
 """``method="exact"`` costs one Hessian-vector product per parameter and per batch; above this it refuses."""
 
@@ -47,6 +47,7 @@ def hessian_diagonal(
     generator: torch.Generator | None = None,
     chunk_size: int = 32,
     exact_max_parameters: int = EXACT_MAX_PARAMETERS,
+    num_samples: int = 1,
 ) -> dict[str, Tensor]:
     """Diagonal of the Hessian of the mean loss over ``batches``, one tensor per trainable parameter.
 
@@ -65,13 +66,17 @@ def hessian_diagonal(
               BatchNorm, dropout in eval) it EQUALS the Hessian diagonal; for smooth
               nonlinearities (tanh, GELU, ...) it is the positive semi-definite Gauss-Newton
               part of the Hessian.
+            * ``"mc_ggn"``: an unbiased Monte-Carlo GGN diagonal from ``num_samples`` labels per
+              example drawn from the model's own softmax (cross-entropy only), about two gradient
+              passes per sample.
             * ``"hutchinson"``: the unbiased estimate ``E_z[z ⊙ Hz]`` with ``num_probes``
               Rademacher probes and forward-over-reverse Hessian-vector products. Any
               twice-differentiable model.
             * ``"empirical_fisher"``: ``(1/N) Σ_n (∇_θ ℓ(x_n, y_n))²`` at the given labels.
               Cheap and biased: not a curvature estimate away from a perfect fit.
         num_probes: probes per batch for ``"hutchinson"``.
-        generator: random source of the Hutchinson probes.
+        generator: random source of the Hutchinson probes and the ``mc_ggn`` labels.
+        num_samples: sampled labels per example for ``"mc_ggn"``.
         chunk_size: examples (or probes, or basis vectors) vmapped at once; bounds memory.
         exact_max_parameters: the size limit of ``"exact"``.
 
@@ -87,6 +92,7 @@ def hessian_diagonal(
         generator=generator,
         chunk_size=chunk_size,
         exact_max_parameters=exact_max_parameters,
+        num_samples=num_samples,
     )
     if total is None:
         raise ValueError("hessian_diagonal got no samples: `batches` is empty.")
@@ -103,6 +109,7 @@ def hessian_diagonal_sum(
     generator: torch.Generator | None = None,
     chunk_size: int = 32,
     exact_max_parameters: int = EXACT_MAX_PARAMETERS,
+    num_samples: int = 1,
 ) -> tuple[dict[str, Tensor] | None, int]:
     """``(Σ_n diag ∇²ℓ_n, N)``: the unnormalised sum behind :func:`hessian_diagonal`, and the sample count.
 
@@ -125,9 +132,12 @@ def hessian_diagonal_sum(
             )
     if method == "hutchinson" and num_probes < 1:
         raise ValueError(f"num_probes must be >= 1 for method='hutchinson', got {num_probes}.")
+    if method == "mc_ggn" and num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1 for method='mc_ggn', got {num_samples}.")
     per_batch = {
         "exact": _exact_batch,
         "ggn": _ggn_batch,
+        "mc_ggn": _mc_ggn_batch,
         "hutchinson": _hutchinson_batch,
         "empirical_fisher": _empirical_fisher_batch,
     }[method]
@@ -135,7 +145,9 @@ def hessian_diagonal_sum(
     count = 0
     with eval_mode(model), torch.enable_grad():
         buffers = model_buffers(model)
-        options = dict(loss_fn=loss_fn, num_probes=num_probes, generator=generator, chunk_size=chunk_size)
+        options = dict(
+            loss_fn=loss_fn, num_probes=num_probes, num_samples=num_samples, generator=generator, chunk_size=chunk_size
+        )
         for x, y in batches_for(model, batches):
             if x.shape[0] == 0:
                 continue
@@ -183,38 +195,67 @@ def _output_hessian_factor(logits: Tensor, target: Tensor, loss_fn: LossFn) -> T
     return (eigenvectors * eigenvalues.clamp(min=0).sqrt()[None, :]).T
 
 
-def _ggn_batch(model, params, buffers, x, y, *, loss_fn, chunk_size, **_) -> dict[str, Tensor]:
-    """Hooks and one batched backward for Linear/Conv/BatchNorm networks (:mod:`ggn_fast`), else vmap."""
+def _squared_jacobian_products(model, params, buffers, x, targets, factor, chunk_size) -> dict[str, Tensor]:
+    """``Σ_n Σ_k (J_nᵀ s_nk)²`` for factor rows ``s_nk = factor(logits_n, target_n)`` (``[K, C]`` per example).
+
+    Forward hooks and one batched backward for Linear/Conv/BatchNorm networks (:mod:`ggn_fast`);
+    per-example vector-Jacobian products under vmap for anything else.
+    """
     if ggn_fast.supports(model):
-        return _ggn_batch_hooks(model, params, buffers, x, y, loss_fn=loss_fn, chunk_size=chunk_size)
-    return _ggn_batch_vmap(model, params, buffers, x, y, loss_fn=loss_fn, chunk_size=chunk_size)
-
-
-def _ggn_batch_hooks(model, params, buffers, x, y, *, loss_fn, chunk_size, **_) -> dict[str, Tensor]:
-    factor = vmap(lambda z, t: _output_hessian_factor(z, t, loss_fn))
-    return ggn_fast.ggn_diagonal_sum(model, x, lambda logits: factor(logits, y), chunk_size)
-
-
-def _ggn_batch_vmap(model, params, buffers, x, y, *, loss_fn, chunk_size, **_) -> dict[str, Tensor]:
+        rows = vmap(factor)
+        return ggn_fast.ggn_diagonal_sum(model, x, lambda logits: rows(logits, targets), chunk_size)
     logits_of = stateless_logits(model, buffers)
 
-    def example(x_n: Tensor, y_n: Tensor) -> dict[str, Tensor]:
+    def example(x_n: Tensor, t_n: Tensor) -> dict[str, Tensor]:
         logits, pullback = vjp(lambda p: logits_of(p, x_n[None])[0], params)
-        factor = _output_hessian_factor(logits, y_n, loss_fn)
-        (columns,) = vmap(pullback)(factor)
+        (columns,) = vmap(pullback)(factor(logits.detach(), t_n))
         return {k: (g**2).sum(0) for k, g in columns.items()}
 
-    return _sum_over_examples(example, x, y, chunk_size)
+    return _sum_over_examples(example, x, targets, chunk_size)
+
+
+def _ggn_batch(model, params, buffers, x, y, *, loss_fn, chunk_size, **_) -> dict[str, Tensor]:
+    """Rows of the output-Hessian factor: ``Σ_k s_k s_kᵀ = ∇²_f ℓ`` (:func:`_output_hessian_factor`)."""
+    factor = lambda z, t: _output_hessian_factor(z, t, loss_fn)  # noqa: E731
+    return _squared_jacobian_products(model, params, buffers, x, y, factor, chunk_size)
 
 
 def _empirical_fisher_batch(model, params, buffers, x, y, *, loss_fn, chunk_size, **_) -> dict[str, Tensor]:
-    example_loss = stateless_loss(model, buffers, loss_fn)
+    """One row per example: the loss gradient at the logits, ``s = ∇_f ℓ(f, y)``."""
+    return _squared_jacobian_products(model, params, buffers, x, y, _logit_gradients(loss_fn), chunk_size)
 
-    def example(x_n: Tensor, y_n: Tensor) -> dict[str, Tensor]:
-        g = grad(example_loss)(params, x_n[None], y_n[None])
-        return {k: v**2 for k, v in g.items()}
 
-    return _sum_over_examples(example, x, y, chunk_size)
+def _mc_ggn_batch(model, params, buffers, x, y, *, loss_fn, num_samples, generator, chunk_size, **_):
+    """``num_samples`` rows per example, ``∇_f ℓ(f, ŷ_k) / √m`` with ``ŷ_k ~ softmax(f)``: unbiased for the GGN.
+
+    For cross-entropy ``E_ŷ[(p − e_ŷ)(p − e_ŷ)ᵀ] = diag(p) − ppᵀ``, the output Hessian.
+    """
+    if loss_fn is not F.cross_entropy:
+        raise ValueError(
+            "method='mc_ggn' samples labels from the model's softmax, so it needs "
+            "loss_fn=torch.nn.functional.cross_entropy; use method='ggn' for other losses."
+        )
+    with torch.no_grad():
+        logits = functional_call(model, (params, buffers), (x,))
+        probabilities = torch.softmax(logits.double(), dim=-1)
+        device = generator.device if generator is not None else probabilities.device
+        sampled = torch.multinomial(probabilities.to(device), num_samples, replacement=True, generator=generator)
+    gradients = _logit_gradients(loss_fn)
+    scale = num_samples**-0.5
+
+    def factor(z: Tensor, labels: Tensor) -> Tensor:
+        return vmap(lambda label: gradients(z, label)[0])(labels) * scale
+
+    return _squared_jacobian_products(model, params, buffers, x, sampled.to(x.device), factor, chunk_size)
+
+
+def _logit_gradients(loss_fn: LossFn):
+    """``(logits_n, target_n) -> [1, C]``: the gradient of one example's loss at its logits."""
+
+    def rows(z: Tensor, target: Tensor) -> Tensor:
+        return grad(lambda f: loss_fn(f[None], target[None]))(z.detach())[None]
+
+    return rows
 
 
 def _hutchinson_batch(model, params, buffers, x, y, *, loss_fn, num_probes, generator, chunk_size, **_):

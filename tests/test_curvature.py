@@ -161,27 +161,60 @@ def test_bad_arguments_are_refused(cnn_data):
         hessian_diagonal(relu_cnn().requires_grad_(False), [(x, y)])
 
 
-def test_hook_path_equals_vmap_path_on_a_residual_network():
-    """The fast GGN (hooks, one batched backward) against per-example vmap, with in-place ReLU and `+=`."""
+@pytest.mark.parametrize("method", ["ggn", "empirical_fisher", "mc_ggn"])
+def test_hook_path_equals_vmap_path_on_a_residual_network(method, monkeypatch):
+    """Hooks and one batched backward against per-example vmap, with in-place ReLU, `+=` and a Conv1d."""
     from torchvision.models.resnet import BasicBlock
 
-    from lightning_sa_unlearn.curvature import _ggn_batch_hooks, _ggn_batch_vmap
-    from lightning_sa_unlearn.functional import model_buffers, trainable_parameters
+    from lightning_sa_unlearn import ggn_fast
 
     torch.manual_seed(0)
     downsample = nn.Sequential(nn.Conv2d(4, 8, 1, stride=2, bias=False), nn.BatchNorm2d(8))
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(inplace=True), BasicBlock(4, 4),
-        BasicBlock(4, 8, stride=2, downsample=downsample), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(8, 5), nn.Unflatten(1, (1, 5)), nn.Conv1d(1, 1, 3, padding=1), nn.Flatten(),
-    ).double().eval()
+    model = (
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1, bias=False),
+            nn.BatchNorm2d(4),
+            nn.ReLU(inplace=True),
+            BasicBlock(4, 4),
+            BasicBlock(4, 8, stride=2, downsample=downsample),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, 5),
+            nn.Unflatten(1, (1, 5)),
+            nn.Conv1d(1, 1, 3, padding=1),
+            nn.Flatten(),
+        )
+        .double()
+        .eval()
+    )
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
                 module.running_mean.normal_(), module.running_var.uniform_(0.5, 2), module.weight.normal_()
     x, y = torch.randn(6, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (6,))
-    args = (model, trainable_parameters(model), model_buffers(model), x, y)
-    hooks = _ggn_batch_hooks(*args, loss_fn=F.cross_entropy, chunk_size=4)
-    reference = _ggn_batch_vmap(*args, loss_fn=F.cross_entropy, chunk_size=4)
+    options = dict(method=method, num_samples=3, chunk_size=4)
+    assert ggn_fast.supports(model)
+    hooks = hessian_diagonal(model, [(x, y)], generator=torch.Generator().manual_seed(0), **options)
+    monkeypatch.setattr(ggn_fast, "supports", lambda model: False)
+    reference = hessian_diagonal(model, [(x, y)], generator=torch.Generator().manual_seed(0), **options)
     assert list(hooks) == list(reference)
     assert relative_error(flat(hooks), flat(reference)) < 1e-12
+
+
+def test_mc_ggn_is_unbiased(cnn_data):
+    model, x, y = cnn_data
+    exact = flat(hessian_diagonal(model, [(x, y)], method="ggn"))
+    errors = [
+        relative_error(
+            flat(
+                hessian_diagonal(
+                    model, [(x, y)], method="mc_ggn", num_samples=m, generator=torch.Generator().manual_seed(1)
+                )
+            ),
+            exact,
+        )
+        for m in (1, 100, 3000)
+    ]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 0.05
+    with pytest.raises(ValueError, match="cross_entropy"):
+        hessian_diagonal(model, [(x, y)], method="mc_ggn", loss_fn=lambda a, b: F.cross_entropy(a, b))
