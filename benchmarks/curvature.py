@@ -73,6 +73,8 @@ def run_method(method: str, model: nn.Module, batches) -> dict[str, torch.Tensor
 
         fast.supports = lambda model: False  # force the per-example vmap path
         return hessian_diagonal(model, batches, method="ggn")
+    if method == "mc_ggn_1":
+        return hessian_diagonal(model, batches, method="mc_ggn", num_samples=1)
     if method == "hutchinson_1":
         return hessian_diagonal(model, batches, method="hutchinson", num_probes=1)
     if method == "empirical_fisher":
