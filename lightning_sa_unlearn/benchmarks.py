@@ -277,7 +277,8 @@ def summarize(name: str, setting: Setting, runs: dict[int, dict], out: str, comm
     header = ["method", "held-out acc %"]
     if target is not None:
         header += [f"class {target} acc %", "other classes acc %"]
-    header += ["gap restored %", "D_f acc (true labels) %", "seconds", "seconds / retraining"]
+    header += ["gap restored %"] + ([f"class {target} gap restored %"] if target is not None else [])
+    header += ["D_f acc (true labels) %", "seconds", "seconds / retraining"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row, stat(column(row, lambda r, run: r["heldout"]["accuracy"]))]
@@ -286,8 +287,12 @@ def summarize(name: str, setting: Setting, runs: dict[int, dict], out: str, comm
                 stat(column(row, lambda r, run: r["heldout"][f"accuracy_class_{target}"])),
                 stat(column(row, lambda r, run: r["heldout"]["accuracy_other_classes"])),
             ]
+        fixed = row in ("poisoned", "retrained")
+        cells.append("" if fixed else stat(column(row, lambda r, run: gap(r, run)), 100.0, 0))
+        if target is not None:
+            key = f"accuracy_class_{target}"
+            cells.append("" if fixed else stat(column(row, lambda r, run: gap(r, run, key)), 100.0, 0))
         cells += [
-            "" if row in ("poisoned", "retrained") else stat(column(row, lambda r, run: gap(r, run)), 100.0, 0),
             stat(column(row, lambda r, run: r["forget_true_labels"])),
             "" if row == "poisoned" else stat(column(row, lambda r, run: r["seconds"]), 1.0, 1),
             ""
