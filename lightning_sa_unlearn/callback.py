@@ -265,9 +265,10 @@ class SharpnessAwareUnlearning(Callback):
                 report = self._unlearn(trainer, pl_module, datamodule)
             for name, p in pl_module.named_parameters():
                 p.requires_grad_(flags[name])
-            self._publish(trainer, report)
-            if self.checkpoint_path:
-                _save_checkpoint(trainer, pl_module, self.checkpoint_path)
+            processes = _Processes(trainer, _device(pl_module))
+            if self.checkpoint_path:  # saved before anything reports success
+                processes.agree(lambda: _save_checkpoint(trainer, pl_module, self.checkpoint_path))
+            processes.agree(lambda: self._publish(trainer, report))  # rank 0's file writes fail on every rank
         except BaseException:
             _restore(pl_module, snapshot)
             raise
@@ -412,7 +413,7 @@ class SharpnessAwareUnlearning(Callback):
                 masks = top_fraction(diag, self.fraction, largest=self.selection == "sharpest")
             selected = [layer for layer, owned in layers.items() if any(n in masks for n in owned)]
             return selected, [n for layer in selected for n in layers[layer] if n in masks], masks
-        selected = processes.broadcast(list(self.select_layers(sharpness)))
+        selected = processes.broadcast(processes.agree(lambda: list(self.select_layers(sharpness))))
         unknown = [name for name in selected if name not in layers]
         if not selected or unknown or len(set(selected)) != len(selected):
             raise ValueError(
@@ -744,6 +745,12 @@ class _Batches:
     def __iter__(self) -> Iterator[Any]:
         return checked_labels(self.source(), self.num_classes, self.what)
 
+    def __len__(self) -> int:
+        length = sized(self.source())
+        if length is None:
+            raise TypeError(f"the {self.what} loader has no length")
+        return length
+
 
 def _dataset_size(loader: Any) -> int | None:
     return len(loader.dataset) if is_map_style(loader) else None
@@ -851,10 +858,10 @@ def _ready(datamodule: Any, *stages: str) -> Any:
 
 
 def _save_checkpoint(trainer: pl.Trainer, pl_module: nn.Module, path: str) -> None:
-    """Save the unlearned model (weights and hyperparameters) so that ``load_from_checkpoint`` reads it."""
-    if trainer.lightning_module is pl_module:
-        trainer.save_checkpoint(path, weights_only=True)  # a collective call: every process makes it
-        return
+    """Save the unlearned model (weights and hyperparameters) so that ``load_from_checkpoint`` reads it.
+
+    Written by rank 0 alone, with no barrier inside, so that a failed write can be agreed on.
+    """
     checkpoint = {"state_dict": pl_module.state_dict(), "pytorch-lightning_version": pl.__version__}
     if isinstance(pl_module, pl.LightningModule):
         checkpoint[pl.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY] = dict(pl_module.hparams)

@@ -38,6 +38,10 @@ class UnlearningTrainer(pl.Trainer):
     ) -> UnlearningReport:
         """Unlearn on the model in ``ckpt_path`` and save it to ``output_path``.
 
+        It runs inside ``validate`` (so under every strategy), which needs a ``val_dataloader`` and
+        a ``validation_step``. Under ``ddp_spawn`` the ``model`` object in this process is not
+        updated: load the result from ``output_path``.
+
         Args:
             model: the LightningModule class the checkpoint was saved from.
             datamodule: serves the data contract (forget, corrected, retain, val, test loaders).
@@ -52,12 +56,20 @@ class UnlearningTrainer(pl.Trainer):
         if os.path.abspath(output_path) == os.path.abspath(ckpt_path):
             raise ValueError(f"output_path is the input checkpoint {ckpt_path}; choose a new file.")
         callback.report_path = callback.report_path or os.path.splitext(output_path)[0] + ".report.json"
+        if os.path.exists(callback.report_path):  # a stale report must not pass for this run's
+            os.remove(callback.report_path)
         saved = callback.verbose, callback.checkpoint_path
         callback.verbose, callback.checkpoint_path, callback.unlearn_on_validation_end = False, output_path, True
         try:
             self.validate(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False, weights_only=weights_only)
         finally:
             (callback.verbose, callback.checkpoint_path), callback.unlearn_on_validation_end = saved, False
+        if not os.path.exists(callback.report_path):
+            raise RuntimeError(
+                "unlearning did not run: `sa-unlearn unlearn` works inside Lightning's validation loop, which was "
+                "skipped. Give the datamodule a val_dataloader() and the model a validation_step, and keep "
+                "limit_val_batches above 0."
+            )
         report = UnlearningReport.from_json(callback.report_path)  # written by rank 0, also under ddp_spawn
         if self.is_global_zero:
             print(report.format_table())

@@ -203,7 +203,9 @@ def _squared_jacobian_products(model, params, buffers, x, targets, factor, chunk
     """
     if ggn_fast.supports(model):
         rows = vmap(factor)
-        return ggn_fast.ggn_diagonal_sum(model, x, lambda logits: rows(logits, targets), chunk_size)
+        total = ggn_fast.ggn_diagonal_sum(model, x, lambda logits: rows(logits, targets), chunk_size)
+        if total is not None:
+            return total
     logits_of = stateless_logits(model, buffers)
 
     def example(x_n: Tensor, t_n: Tensor) -> dict[str, Tensor]:

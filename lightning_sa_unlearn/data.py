@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from torch.utils.data import DataLoader, IterableDataset, Subset
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler, Subset
 
 from lightning_sa_unlearn.functional import split_batch
 
@@ -107,11 +107,15 @@ def checked_labels(batches: Iterable[Any], num_classes: int, what: str) -> Itera
 
 
 def is_map_style(loader: Any) -> bool:
-    """A DataLoader over an indexable, sized dataset: it can be re-read in any subset and order."""
+    """A DataLoader over an indexable, sized dataset that it reads whole (a plain sequential or random
+    sampler, a fixed batch size): it can then be re-read in any subset and order. A loader with its
+    own sampler (a subset, weights) is read as it is instead."""
     return (
         isinstance(loader, DataLoader)
         and not isinstance(loader.dataset, IterableDataset)
         and sized(loader.dataset) is not None
+        and type(loader.sampler) in (SequentialSampler, RandomSampler)
+        and loader.batch_size is not None
     )
 
 

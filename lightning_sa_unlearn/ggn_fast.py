@@ -23,11 +23,17 @@ SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 def supports(model: nn.Module) -> bool:
-    """True when every module owning a trainable parameter is one this path handles (convolutions: groups=1)."""
+    """True when every module owning a trainable parameter is one this path handles (convolutions: groups=1).
+
+    Exact types only (a subclass may override ``forward``), and no parameter shared by two modules.
+    """
+    owned = [id(p) for module in model.modules() for p in module.parameters(recurse=False) if p.requires_grad]
+    if len(owned) != len(set(owned)):
+        return False
     for module in model.modules():
         if not any(p.requires_grad for p in module.parameters(recurse=False)):
             continue
-        if not isinstance(module, SUPPORTED) or getattr(module, "groups", 1) != 1:
+        if type(module) not in SUPPORTED or getattr(module, "groups", 1) != 1:
             return False
         if isinstance(module, (nn.Conv1d, nn.Conv2d)) and (
             isinstance(module.padding, str) or module.padding_mode != "zeros"
@@ -38,8 +44,12 @@ def supports(model: nn.Module) -> bool:
     return True
 
 
-def ggn_diagonal_sum(model: nn.Module, x: Tensor, factor_fn, chunk_size: int) -> dict[str, Tensor]:
-    """``Σ_n diag GGN_n`` over the batch ``x``; ``factor_fn(logits) -> [N, K, C]`` gives the factor rows."""
+def ggn_diagonal_sum(model: nn.Module, x: Tensor, factor_fn, chunk_size: int) -> dict[str, Tensor] | None:
+    """``Σ_n diag GGN_n`` over the batch ``x``; ``factor_fn(logits) -> [N, K, C]`` gives the factor rows.
+
+    None when the forward pass did not call every parameter-owning module exactly once (a module
+    reused or skipped): the caller then takes the per-example path.
+    """
     owners = {
         module: [(name, p) for name, p in module.named_parameters(recurse=False) if p.requires_grad]
         for module in model.modules()
@@ -48,7 +58,10 @@ def ggn_diagonal_sum(model: nn.Module, x: Tensor, factor_fn, chunk_size: int) ->
     full_names = {id(p): name for name, p in model.named_parameters()}
     saved: dict[nn.Module, tuple[Tensor, Tensor]] = {}
 
+    calls = dict.fromkeys(owners, 0)
+
     def keep(module, inputs, output):
+        calls[module] += 1
         saved[module] = (inputs[0].detach(), output)
         return output.clone()  # later in-place ops (ReLU(inplace), +=) must not rewrite the saved output
 
@@ -56,6 +69,8 @@ def ggn_diagonal_sum(model: nn.Module, x: Tensor, factor_fn, chunk_size: int) ->
     total: dict[str, Tensor] = {}
     try:
         logits = model(x)
+        if any(count != 1 for count in calls.values()):
+            return None
         factor = factor_fn(logits.detach())  # [N, K, C]
         modules = list(owners)
         signals = torch.autograd.grad(

@@ -314,12 +314,13 @@ def forget_loss_descent(
     with eval_mode(model):
         for step in progress(range(1, steps + 1)):
             g_forget, n_forget = gradient_and_count(forget, corrected, forget_loss)
+            like = next(iter(g_forget.values()))  # counts travel with the gradients: same device and dtype
             terms = {f"forget/{k}": v for k, v in g_forget.items()}
-            terms["count/forget"] = torch.tensor(float(n_forget), dtype=torch.float64)
+            terms["count/forget"] = torch.tensor(float(n_forget), dtype=like.dtype, device=like.device)
             if retain is not None and retain_weight > 0:
                 g_retain, n_retain = gradient_and_count(retain, None, retain_loss)
                 terms.update({f"retain/{k}": v for k, v in g_retain.items()})
-                terms["count/retain"] = torch.tensor(float(n_retain), dtype=torch.float64)
+                terms["count/retain"] = torch.tensor(float(n_retain), dtype=like.dtype, device=like.device)
             terms = all_reduce(terms)
             n_f = float(terms["count/forget"])
             if n_f == 0:
