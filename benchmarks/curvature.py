@@ -28,6 +28,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 METHODS = [
     "ggn",
     "ggn_vmap",
+    "mc_ggn_1",
     "hutchinson_1",
     "empirical_fisher",
     "backpack_diag_ggn_exact",
