@@ -7,6 +7,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -353,7 +354,7 @@ class SharpnessAwareUnlearning(Callback):
             return total / count if count else float("nan")
 
         with _stage(seconds, "update"), _frozen_except(model, names):
-            outcome = self._update(
+            step = _Step(
                 trainer,
                 processes,
                 model,
@@ -364,9 +365,9 @@ class SharpnessAwareUnlearning(Callback):
                 batches,
                 validation,
                 validation_loss,
-                hvp_batches=batches(data.train, "training", self.curvature_samples),
                 hvp_scale=training_size / max(curvature_samples, 1),
             )
+            outcome = self._update(step)
             after = validation_loss(model, validation if validation is not None else forget)
             params = dict(model.named_parameters())
             if not all(torch.isfinite(params[n]).all() for n in names) or not math.isfinite(after):
@@ -422,87 +423,75 @@ class SharpnessAwareUnlearning(Callback):
             )
         return selected, [name for layer in selected for name in layers[layer]], None
 
-    def _update(
-        self,
-        trainer,
-        processes,
-        model,
-        names,
-        masks,
-        gradient,
-        data,
-        batches,
-        validation,
-        validation_loss,
-        hvp_batches,
-        hvp_scale,
-    ) -> dict[str, Any]:
+    def _update(self, step: _Step) -> dict[str, Any]:
         """Apply ``self.update`` to the selected parameters; returns what the report records."""
         if self.update == "first_order":
-            return self._first_order(trainer, model, names, masks, gradient, validation, validation_loss)
+            return self._first_order(step)
         if self.update == "second_order":
-            return self._second_order(
-                trainer, processes, model, names, masks, gradient, validation, validation_loss, hvp_batches, hvp_scale
-            )
+            return self._second_order(step)
         if self.update == "forget_loss":
-            retain = batches(data.retain, "retain", self.retain_samples) if data.retain is not None else None
+            data, batches = step.data, step.batches
             steps = forget_loss_descent(
-                model,
-                names,
+                step.model,
+                step.names,
                 batches(data.forget, "forget"),
                 batches(data.corrected, "corrected"),
-                retain,
+                batches(data.retain, "retain", self.retain_samples),
                 steps=self.steps,
                 lr=self.lr,
                 retain_weight=self.retain_weight,
                 forget_loss=lambda m, f, c: self.forget_loss(m, f, c),
                 loss_fn=self.loss_fn,
-                masks=masks,
-                all_reduce=processes.sum_tree,
-                validation_loss=validation_loss if validation is not None else None,
-                progress=lambda it: self._progress(trainer, it, "forget-loss descent", self.steps),
+                masks=step.masks,
+                all_reduce=step.processes.sum_tree,
+                validation_loss=step.validation_loss if step.validation is not None else None,
+                progress=lambda it: self._progress(step.trainer, it, "forget-loss descent", self.steps),
             )
             return {"steps": steps}
-        return {"steps": self._fine_tune(trainer, processes, model, names, masks, data, batches)}
+        return {"steps": self._fine_tune(step)}
 
-    def _first_order(self, trainer, model, names, masks, gradient, validation, validation_loss) -> dict[str, Any]:
+    def _step_size(self, step: _Step, direction: dict[str, Tensor], default_grid: list[float]) -> dict[str, Any]:
+        """``θ_S ← θ_S − τ·direction``: the fixed ``tau``, or the τ of least validation loss on a grid with 0."""
         if self.tau != "auto":
-            apply_first_order(model, gradient, names, float(self.tau), masks)
+            apply_first_order(step.model, direction, step.names, float(self.tau), step.masks)
             return {"tau": float(self.tau)}
-        if validation is None:
+        if step.validation is None:
             raise ValueError(
                 "tau='auto' needs a validation set: define val_dataloader() or retain_dataloader(), "
                 "or pass a fixed tau."
             )
-        grid = self.tau_grid or default_tau_grid(model, gradient, names)
+        grid = self.tau_grid or default_grid
         tau, losses = choose_tau(
-            model,
-            gradient,
-            names,
+            step.model,
+            direction,
+            step.names,
             grid,
-            validation_loss,
-            progress=lambda it: self._progress(trainer, it, "choosing tau", len(grid)),
-            masks=masks,
+            step.validation_loss,
+            progress=lambda it: self._progress(step.trainer, it, "choosing tau", len(grid)),
+            masks=step.masks,
         )
         return {"tau": tau, "tau_search": sorted(losses.items())}
 
-    def _second_order(
-        self, trainer, processes, model, names, masks, gradient, validation, validation_loss, hvp_batches, hvp_scale
-    ) -> dict[str, Any]:
-        """Paper eq. 12 on S: ``θ_S ← θ_S − (H_SS + λI)⁻¹ g_S`` with H of the SUM training loss."""
+    def _first_order(self, step: _Step) -> dict[str, Any]:
+        """Warnecke et al.: ``θ_S ← θ_S − τ·∇_S L_forget``."""
+        return self._step_size(step, step.gradient, default_tau_grid(step.model, step.gradient, step.names))
+
+    def _second_order(self, step: _Step) -> dict[str, Any]:
+        """Paper eq. 12 on S: ``θ_S ← θ_S − τ·(H_SS + λI)⁻¹ g_S`` with H of the SUM training loss (τ = 1: eq. 12)."""
         product = hessian_vector_product(
-            model,
-            hvp_batches,
-            list(names),
+            step.model,
+            step.batches(step.data.train, "training", self.curvature_samples),
+            list(step.names),
             loss_fn=self.loss_fn,
-            scale=hvp_scale,
-            masks=masks,
-            all_reduce=processes.sum_tree,
+            scale=step.hvp_scale,
+            masks=step.masks,
+            all_reduce=step.processes.sum_tree,
         )
         matvec = damped(product, self.damping)
-        b = project({name: gradient[name] for name in names}, masks)
-        progress = self._progress(trainer, range(self.max_iterations), f"second order ({self.solver})", None)
-        iterations = iter(progress)
+        b = project({name: step.gradient[name] for name in step.names}, step.masks)
+        iterations = iter(
+            self._progress(step.trainer, range(self.max_iterations), f"second order ({self.solver})", None)
+        )
 
         def counted(v):  # advances the progress display once per Hessian-vector product
             next(iterations, None)
@@ -520,22 +509,11 @@ class SharpnessAwareUnlearning(Callback):
             "relative_residual": result.residual,
             "status": result.reason,
             "damping": self.damping,
-            "hvp_scale": hvp_scale,
+            "hvp_scale": step.hvp_scale,
             "lissa_scale": scale,
         }
         if result.ok:
-            if self.tau != "auto":
-                apply_first_order(model, result.x, names, float(self.tau), masks)
-                return {"solver": solver, "tau": float(self.tau)}
-            if validation is None:
-                raise ValueError(
-                    "tau='auto' needs a validation set: define val_dataloader() or retain_dataloader(), "
-                    "or pass tau=1.0 for the plain eq. 12 step."
-                )
-            tau, losses = choose_tau(
-                model, result.x, names, self.tau_grid or SECOND_ORDER_TAUS, validation_loss, masks=masks
-            )
-            return {"solver": solver, "tau": tau, "tau_search": sorted(losses.items())}
+            return {**self._step_size(step, result.x, SECOND_ORDER_TAUS), "solver": solver}
         message = (
             f"the {self.solver} solve failed ({result.reason}, relative residual {result.residual:.3g} "
             f"after {result.iterations} iterations)"
@@ -546,8 +524,7 @@ class SharpnessAwareUnlearning(Callback):
                 "solver='cg', or pass fallback='first_order'."
             )
         rank_zero_warn(f"{message}; applying the first-order update instead (fallback='first_order').")
-        outcome = self._first_order(trainer, model, names, masks, gradient, validation, validation_loss)
-        return {**outcome, "solver": solver, "fallback": f"{message}; applied first_order instead"}
+        return {**self._first_order(step), "solver": solver, "fallback": f"{message}; applied first_order instead"}
 
     def _curvature(self, trainer, processes: _Processes, model: nn.Module, data: UnlearningData, batches):
         """Per-process sums on disjoint shards, all-reduced; Hutchinson splits probes instead of data.
@@ -587,7 +564,8 @@ class SharpnessAwareUnlearning(Callback):
             )
         return diag, count // copies
 
-    def _fine_tune(self, trainer, processes: _Processes, model, names, masks, data: UnlearningData, batches) -> int:
+    def _fine_tune(self, step: _Step) -> int:
+        trainer, processes, data, batches = step.trainer, step.processes, step.data, step.batches
         sources = [batches(data.retain, "retain", shuffle=True)]
         if data.corrected is not None and self.include_corrected:
             sources.append(batches(data.corrected, "corrected", shuffle=True))
@@ -598,21 +576,21 @@ class SharpnessAwareUnlearning(Callback):
                 raise ValueError("fine_tune under several processes needs sized dataloaders (map-style datasets).")
             steps_per_epoch = processes.min(sum(lengths))
 
-        def average_gradients(params: Sequence[Tensor]) -> None:
-            for p in params:
-                if p.grad is not None:
-                    p.grad = processes.mean(p.grad)
+        def average_gradients(params: Sequence[Tensor]) -> None:  # one all-reduce for all selected tensors
+            summed = processes.sum_tree({str(i): p.grad for i, p in enumerate(params)})
+            for i, p in enumerate(params):
+                p.grad = summed[str(i)] / processes.world_size
 
         return fine_tune(
-            model,
-            names,
+            step.model,
+            step.names,
             sources,
             epochs=self.epochs,
             lr=self.lr,
             momentum=self.momentum,
             weight_decay=self.weight_decay,
             optimizer=self.optimizer,
-            masks=masks,
+            masks=step.masks,
             loss_fn=self.loss_fn,
             seed=self.seed + processes.rank,
             steps_per_epoch=steps_per_epoch,
@@ -662,6 +640,23 @@ class SharpnessAwareUnlearning(Callback):
 
 
 # ---------------------------------------------------------------------- helpers
+@dataclass
+class _Step:
+    """What every update needs: the selected parameters, the forget gradient, data and validation."""
+
+    trainer: pl.Trainer
+    processes: _Processes
+    model: nn.Module
+    names: list[str]
+    masks: dict[str, Tensor] | None
+    gradient: dict[str, Tensor]
+    data: UnlearningData
+    batches: Callable[..., Any]
+    validation: Any
+    validation_loss: Callable[..., float]
+    hvp_scale: float
+
+
 class _Processes:
     """Lightning's strategy as the one distributed layer: sums, broadcasts, agreement on failure.
 
@@ -679,9 +674,6 @@ class _Processes:
 
     def sum(self, value: Tensor) -> Tensor:
         return self.strategy.reduce(value.to(self.device), reduce_op="sum") if self.world_size > 1 else value
-
-    def mean(self, value: Tensor) -> Tensor:
-        return self.strategy.reduce(value, reduce_op="mean") if self.world_size > 1 else value
 
     def min(self, value: int) -> int:
         if self.world_size == 1:
