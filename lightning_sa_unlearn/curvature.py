@@ -203,7 +203,13 @@ def _squared_jacobian_products(model, params, buffers, x, targets, factor, chunk
     """
     if ggn_fast.supports(model):
         rows = vmap(factor)
-        total = ggn_fast.ggn_diagonal_sum(model, x, lambda logits: rows(logits, targets), chunk_size)
+        total: dict[str, Tensor] | None = None
+        for part in chunks(x.shape[0], 4 * chunk_size):  # bounds the K-fold activations of the batched backward
+            piece = ggn_fast.ggn_diagonal_sum(model, x[part], lambda logits: rows(logits, targets[part]), chunk_size)
+            if piece is None:
+                total = None
+                break
+            total = tree_add_(total, piece)
         if total is not None:
             return total
     logits_of = stateless_logits(model, buffers)
