@@ -189,7 +189,7 @@ def main() -> None:
     lines = [
         f"# Curvature cost on {args.model}, {args.samples:,} samples, batch {args.batch_size}",
         "",
-        f"Command: `python benchmarks/curvature.py {" ".join(sys.argv[1:])}` ({os.cpu_count()} CPU cores, "
+        f"Command: `python benchmarks/curvature.py {' '.join(sys.argv[1:])}` ({os.cpu_count()} CPU cores, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}).",
         "",
         "| method | seconds | gradient passes | peak RSS MB | rel. error vs ggn |",
