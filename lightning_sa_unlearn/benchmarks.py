@@ -128,6 +128,7 @@ def make_datamodule(setting: Setting, seed: int, train_labels: str = "poisoned")
         batch_size=setting.batch_size,
         seed=seed,
         train_labels=train_labels,
+        device=setting.device,
         **setting.extra,
     )
     datamodule.setup("fit")
@@ -146,6 +147,7 @@ def train(setting: Setting, seed: int, labels: str, path: str) -> tuple[pl.Light
     pl.seed_everything(seed, verbose=False)
     trainer = pl.Trainer(
         max_epochs=setting.epochs,
+        precision=setting.precision,
         accelerator="auto",
         devices=1,
         logger=False,

@@ -23,3 +23,24 @@ def test_benchmark_pipeline_on_synthetic_data(tmp_path):
     before = (cache / "synthetic" / "seed0" / "results.json").read_text()
     benchmarks.main(args)
     assert (cache / "synthetic" / "seed0" / "results.json").read_text() == before
+
+
+def test_a_settings_device_and_precision_reach_the_datamodule_and_trainer(monkeypatch, tmp_path):
+    import dataclasses
+
+    from lightning_sa_unlearn.datamodules import TensorBatches
+
+    setting = dataclasses.replace(benchmarks.SETTINGS["synthetic"], device="cpu", precision="bf16-mixed")
+    assert isinstance(benchmarks.make_datamodule(setting, 0).train_dataloader(), TensorBatches)
+    seen = {}
+
+    class RecordingTrainer:
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+
+        def fit(self, model, datamodule):
+            pass
+
+    monkeypatch.setattr(benchmarks.pl, "Trainer", RecordingTrainer)
+    benchmarks.train(setting, 0, "poisoned", str(tmp_path / "model.pt"))
+    assert seen["precision"] == "bf16-mixed" and seen["max_epochs"] == setting.epochs
