@@ -161,3 +161,10 @@ def test_example_configs_parse(name, capsys):
         main(["fit", "--config", str(ROOT / "examples" / name), "--print_config"])
     assert exit_info.value.code == 0
     assert "SharpnessAwareUnlearning" in capsys.readouterr().out
+
+
+def test_benchmark_is_reachable_from_the_cli(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["benchmark", "--help"])
+    assert exit_info.value.code == 0
+    assert "--setting" in capsys.readouterr().out
