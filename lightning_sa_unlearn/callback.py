@@ -536,7 +536,7 @@ class SharpnessAwareUnlearning(Callback):
         shard = dict(rank=0, world_size=1) if probe_parallel else {}
         train = batches(data.train, "training", self.curvature_samples, **shard)
         generator = torch.Generator(device=_device(model)).manual_seed(self.seed + 7919 * processes.rank)
-        progress = self._progress(trainer, train, f"curvature ({self.curvature})", _length(train))
+        progress = self._progress(trainer, train, f"curvature ({self.curvature})", sized(train))
         local, count = processes.agree(
             lambda: hessian_diagonal_sum(
                 model,
@@ -569,7 +569,7 @@ class SharpnessAwareUnlearning(Callback):
         sources = [batches(data.retain, "retain", shuffle=True)]
         if data.corrected is not None and self.include_corrected:
             sources.append(batches(data.corrected, "corrected", shuffle=True))
-        lengths = [_length(s) for s in sources]
+        lengths = [sized(s) for s in sources]
         steps_per_epoch = None
         if processes.world_size > 1:
             if None in lengths:
@@ -610,7 +610,7 @@ class SharpnessAwareUnlearning(Callback):
         def update() -> None:
             for name, (metric, loader) in metrics.items():
                 description = "held-out metrics" if name == "test" else f"{name} metrics"
-                metric.update_from(model, loader, lambda it: self._progress(trainer, it, description, _length(loader)))
+                metric.update_from(model, loader, lambda it: self._progress(trainer, it, description, sized(loader)))
 
         processes.agree(update)
         values = {name: metric.compute() for name, (metric, _) in metrics.items()}  # syncs across processes
@@ -751,10 +751,6 @@ def _dataset_size(loader: Any) -> int | None:
 def _count_updated(model: nn.Module, names: Sequence[str], masks: dict[str, Tensor] | None) -> int:
     params = dict(model.named_parameters())
     return sum(int(masks[n].sum()) if masks and n in masks else params[n].numel() for n in names)
-
-
-def _length(batches: Any) -> int | None:
-    return sized(batches.source()) if isinstance(batches, _Batches) else sized(batches)
 
 
 def _check_aligned(forget: Any, corrected: Any) -> None:
