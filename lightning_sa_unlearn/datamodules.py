@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Literal
 
@@ -23,6 +24,9 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
       to random other classes (the paper's targeted attack on class 9).
     * ``poison="untargeted"``: ``num_poisoned`` random training samples are relabelled to random
       other classes.
+    * ``flip_to=k``: every poisoned label becomes class ``k`` instead of a random other class (a
+      fixed label flip, e.g. 9 → 7). Random flips spread D_f over nine classes, so the true class
+      keeps the majority and a small model barely fits them; a fixed flip does real damage.
 
     ``train_labels="corrected"`` serves the same training images with their true labels
     (``D_r ∪ D̃_f``), for the model retrained from scratch that unlearning is measured against.
@@ -54,6 +58,7 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
         synthetic_size: tuple[int, int] = (1200, 400),
         train_labels: Literal["poisoned", "corrected"] = "poisoned",
         device: str | None = None,
+        flip_to: int | None = None,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -71,7 +76,7 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
         self.num_train, self.val_size = num_train, val_size
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.seed, self.synthetic_size, self.train_labels = seed, synthetic_size, train_labels
-        self.device = device
+        self.device, self.flip_to = device, flip_to
         self._ready = False
 
     # ----------------------------------------------------------------------------- loading
@@ -97,6 +102,8 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
         positions = self._choose_poisoned(true_labels, generator)
         shift = torch.randint(1, self.num_classes, (len(positions),), generator=generator)
         poisoned_labels[positions] = (true_labels[positions] + shift) % self.num_classes
+        if self.flip_to is not None:
+            poisoned_labels[positions] = self.flip_to
         is_forget = torch.zeros(len(train_index), dtype=torch.bool)
         is_forget[positions] = True
 
@@ -116,12 +123,18 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
         self._ready = True
 
     def _choose_poisoned(self, true_labels: Tensor, generator: torch.Generator) -> Tensor:
+        if self.flip_to is not None and not 0 <= self.flip_to < self.num_classes:
+            raise ValueError(f"flip_to={self.flip_to} is outside the classes 0..{self.num_classes - 1}.")
         if self.poison == "targeted":
             if not 0 <= self.target_class < self.num_classes:
                 raise ValueError(f"target_class={self.target_class} is outside the classes 0..{self.num_classes - 1}.")
+            if self.flip_to == self.target_class:
+                raise ValueError(f"flip_to={self.flip_to} equals target_class: the flipped labels would be correct.")
             candidates = (true_labels == self.target_class).nonzero().flatten()
         else:
             candidates = torch.arange(len(true_labels))
+            if self.flip_to is not None:  # a sample already of class flip_to cannot be flipped to it
+                candidates = (true_labels != self.flip_to).nonzero().flatten()
         if self.num_poisoned > len(candidates):
             raise ValueError(
                 f"num_poisoned={self.num_poisoned} but only {len(candidates)} training samples can be "
@@ -135,7 +148,7 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
         if self.dataset == "imagefolder":
             train, test = (_image_folder(os.path.join(self.root, split)) for split in ("train", "test"))
             mean, std = train[0].mean(dim=(0, 2, 3)), train[0].std(dim=(0, 2, 3))
-            return _normalize(train[0], mean, std), train[1], _normalize(test[0], mean, std), test[1]
+            return _normalize(train[0], mean, std), train[1], _normalize(test[0], mean, std), test[1].clone()
         stats = _MNIST_STATS if self.dataset == "mnist" else _CIFAR_STATS
         (x, y), (xt, yt) = self._torchvision_split(True), self._torchvision_split(False)
         mean, std = torch.tensor(stats[0]), torch.tensor(stats[1])
@@ -208,7 +221,9 @@ def _normalize(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
+@functools.lru_cache(maxsize=2)
 def _image_folder(path: str) -> tuple[Tensor, Tensor]:
+    """Decode an ImageFolder once per process (the benchmarks build several datamodules on it)."""
     import torchvision
     from torchvision.transforms.functional import pil_to_tensor
 

@@ -40,6 +40,14 @@ def test_untargeted_poison_flips_random_classes():
     assert dm.target_class is None
 
 
+def test_fixed_flip_relabels_every_poisoned_sample_to_one_class():
+    targeted = synthetic(poison="targeted", target_class=9, flip_to=7)
+    assert (targeted.forget_set.tensors[1] == 7).all() and (targeted.corrected_set.tensors[1] == 9).all()
+    untargeted = synthetic(poison="untargeted", num_poisoned=200, flip_to=3)
+    poisoned, true = untargeted.forget_set.tensors[1], untargeted.corrected_set.tensors[1]
+    assert (poisoned == 3).all() and (true != 3).all() and len(true.unique()) == 9
+
+
 def test_same_seed_same_poison_and_split():
     a, b, c = synthetic(seed=3), synthetic(seed=3), synthetic(seed=4)
     assert torch.equal(a.poisoned_indices, b.poisoned_indices)
@@ -68,6 +76,8 @@ def test_contract_loaders_align():
     [
         (dict(num_poisoned=10_000), "only .* training samples can be poisoned"),
         (dict(target_class=12), "target_class=12"),
+        (dict(flip_to=10), "flip_to=10 is outside"),
+        (dict(target_class=9, flip_to=9), "equals target_class"),
     ],
 )
 def test_bad_poison_settings(kwargs, message):
