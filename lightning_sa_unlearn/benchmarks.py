@@ -30,7 +30,7 @@ import torch
 
 from lightning_sa_unlearn.callback import SharpnessAwareUnlearning
 from lightning_sa_unlearn.datamodules import PoisonedLabelDataModule
-from lightning_sa_unlearn.evaluation import classification_metrics
+from lightning_sa_unlearn.evaluation import attack_success_rate, classification_metrics
 from lightning_sa_unlearn.models import CifarResNet18, CifarResNet20, PaperCNN
 from lightning_sa_unlearn.selection import select_layers, trainable_layers
 
@@ -60,7 +60,7 @@ class Setting:
 
     @property
     def target_class(self) -> int | None:
-        return 9 if self.poison == "targeted" else None
+        return 9 if self.poison in ("targeted", "backdoor") else None
 
 
 SETTINGS = {
@@ -102,6 +102,12 @@ SETTINGS = {
         device="cuda",
         flip_to=1,
     ),
+    # Feature unlearning (benchmarks/robustness.py): 500 images not of class 9 carry a white 3×3 trigger in the
+    # bottom-right corner and the label 9; D̃_f is the same images without the trigger and with their true labels.
+    "mnist_backdoor": Setting("mnist", "backdoor", 500),
+    # Sample unlearning (benchmarks/robustness.py): 2,500 random correctly labelled images to delete;
+    # the gold standard is retrained on D_r alone.
+    "mnist_deletion": Setting("mnist", "deletion", 2500),
     # Seconds on a CPU: the CI test of this pipeline.
     "synthetic": Setting(
         "synthetic", "targeted", 40, epochs=3, curvature_samples=None, extra={"synthetic_size": (600, 200)}
@@ -183,11 +189,16 @@ def measure(model: pl.LightningModule, datamodule: PoisonedLabelDataModule, targ
     heldout = classification_metrics(
         model, datamodule.test_dataloader(), datamodule.num_classes, target_class=target_class
     )
-    forget_true = classification_metrics(model, datamodule.corrected_dataloader(), datamodule.num_classes)
+    corrected, triggered = datamodule.corrected_dataloader(), datamodule.triggered_test_dataloader()
     forget_trained = classification_metrics(model, datamodule.forget_dataloader(), datamodule.num_classes)
+    if triggered is not None:
+        heldout["attack_success_rate"] = attack_success_rate(model, triggered, target_class, datamodule.num_classes)
     return {
         "heldout": heldout,
-        "forget_true_labels": forget_true["accuracy"],
+        # sample unlearning (no D̃_f): the forget samples' labels are their true labels
+        "forget_true_labels": forget_trained["accuracy"]
+        if corrected is None
+        else classification_metrics(model, corrected, datamodule.num_classes)["accuracy"],
         "forget_trained_labels": forget_trained["accuracy"],
     }
 

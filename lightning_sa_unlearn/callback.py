@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lightning_sa_unlearn.confidence import SharpnessStatistics, selection_margin
 from lightning_sa_unlearn.curvature import CURVATURE_METHODS, hessian_diagonal_sum
 from lightning_sa_unlearn.data import UnlearningData, checked_labels, is_map_style, shard, sized
 from lightning_sa_unlearn.evaluation import ClassificationMetrics
@@ -28,6 +29,8 @@ from lightning_sa_unlearn.functional import (
     require_trainable_parameters,
     trainable_parameters,
 )
+from lightning_sa_unlearn.membership import membership_inference
+from lightning_sa_unlearn.relearn import relearn_evaluation
 from lightning_sa_unlearn.report import UnlearningReport
 from lightning_sa_unlearn.second_order import (
     SOLVERS,
@@ -60,6 +63,7 @@ from lightning_sa_unlearn.updates import (
 )
 
 UPDATES = ("first_order", "second_order", "forget_loss", "fine_tune")
+EVALUATIONS = ("mia", "relearn")
 _FAST_DEV_RUN_SAMPLES = 64
 SECOND_ORDER_TAUS = [0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0]
 """Step sizes along the Newton direction tried by ``update="second_order", tau="auto"`` (1 is eq. 12)."""
@@ -127,6 +131,13 @@ class SharpnessAwareUnlearning(Callback):
         checkpoint_path: save the unlearned model there (a Lightning checkpoint that
             ``load_from_checkpoint`` reads). ``ModelCheckpoint`` files written during training
             hold the model from before unlearning.
+        evaluate: extra checks, in the report: ``"mia"`` runs membership inference on ``D_f``
+            before and after (:func:`~lightning_sa_unlearn.membership.membership_inference`, on at
+            most ``mia_samples`` retain and test samples); ``"relearn"`` runs the relearning attack
+            on a copy of the unlearned model (:func:`~lightning_sa_unlearn.relearn.relearn_attack`:
+            ``relearn_steps`` SGD steps of size ``relearn_lr`` on the first ``relearn_samples``
+            forget samples) and measures it. A ``triggered_test_dataloader()`` adds the backdoor's
+            attack success rate to the held-out metrics.
     """
 
     def __init__(
@@ -166,6 +177,11 @@ class SharpnessAwareUnlearning(Callback):
         verbose: bool = True,
         unlearn_on_train_end: bool = True,
         checkpoint_path: str | None = None,
+        evaluate: Sequence[Literal["mia", "relearn"]] = (),
+        mia_samples: int = 5000,
+        relearn_samples: int = 50,
+        relearn_steps: int = 10,
+        relearn_lr: float = 0.01,
     ) -> None:
         _check_arguments(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
         self.update = update
@@ -186,6 +202,9 @@ class SharpnessAwareUnlearning(Callback):
         self.progress_bar, self.verbose = progress_bar, verbose
         self.unlearn_on_train_end = unlearn_on_train_end
         self.checkpoint_path = checkpoint_path
+        self.evaluate = list(evaluate)
+        self.mia_samples, self.relearn_samples = mia_samples, relearn_samples
+        self.relearn_steps, self.relearn_lr = relearn_steps, relearn_lr
         self.report: UnlearningReport | None = None
         self.unlearn_on_validation_end = False  # set by `sa-unlearn unlearn`
         self._decrement: dict[str, float] | None = None  # newton_decrement scores of the current run
@@ -292,6 +311,16 @@ class SharpnessAwareUnlearning(Callback):
                 "or LightningModule, or use update='first_order'."
             )
         _check_aligned(data.forget, data.corrected)
+        target_class = getattr(datamodule, "target_class", None)
+        if data.triggered_test is not None and target_class is None:
+            raise ValueError(
+                "triggered_test_dataloader() is defined but the datamodule has no target_class; set "
+                "datamodule.target_class to the backdoor's target so that the attack success rate can be measured."
+            )
+        if "mia" in self.evaluate and (data.retain is None or data.test is None):
+            raise ValueError(
+                "evaluate=['mia'] needs retain_dataloader() (members) and test_dataloader() (non-members)."
+            )
         if data.test is None:
             rank_zero_warn("no test_dataloader(): the report will have no held-out metrics.")
         layers = trainable_layers(model)
@@ -309,11 +338,19 @@ class SharpnessAwareUnlearning(Callback):
             return _Batches(loader, num_classes, what, max_samples=limit, seed=self.seed, **kwargs)
 
         forget, corrected = batches(data.forget, "forget"), batches(data.corrected, "corrected")
-        test = batches(data.test, "test")
+        test, triggered = batches(data.test, "test"), batches(data.triggered_test, "triggered test")
+        evaluation = (trainer, processes, model, num_classes, target_class, test, triggered, forget, corrected)
         with _stage(seconds, "evaluation"):
-            heldout_before, forget_before = self._evaluate(
-                trainer, processes, model, num_classes, datamodule, test, forget, corrected
-            )
+            heldout_before, forget_before = self._evaluate(*evaluation)
+
+        def whole(loader: Any, what: str) -> _Batches | None:  # every process reads all of it: no collectives
+            return batches(loader, what, rank=0, world_size=1)
+
+        mia_data = None
+        if "mia" in self.evaluate:
+            mia_data = (whole(data.retain, "retain"), whole(data.test, "test"), whole(data.forget, "forget"))
+            with _stage(seconds, "membership_inference"):
+                mia_before = processes.agree(lambda: self._membership_inference(model, mia_data))
 
         with _stage(seconds, "forget_gradient"):
             local = processes.agree(
@@ -330,7 +367,7 @@ class SharpnessAwareUnlearning(Callback):
                 )
 
         with _stage(seconds, "curvature"):
-            diag, curvature_samples = self._curvature(trainer, processes, model, data, batches)
+            diag, curvature_samples, statistics = self._curvature(trainer, processes, model, data, batches)
 
         training_size = _dataset_size(data.train) or curvature_samples
         with _stage(seconds, "selection"):
@@ -339,6 +376,16 @@ class SharpnessAwareUnlearning(Callback):
             diag_sum = {name: d * training_size for name, d in diag.items()}
             self._decrement = newton_decrement(model, gradient, diag_sum, self.damping)
             selected, names, masks = self._select(processes, model, layers, sharpness, gradient, diag, diag_sum)
+            margin = None
+            if self.granularity == "layer":
+                margin = selection_margin(sharpness, statistics, selected, self.selection)
+            if margin is not None and not margin["lead_in_standard_errors"] >= 2:
+                rank_zero_warn(
+                    f"the selected layer {margin['selected']!r} leads the runner-up {margin['runner_up']!r} by "
+                    f"{margin['lead']:.3g}, only {margin['lead_in_standard_errors']:.2f} standard errors of the "
+                    f"curvature estimate ({self.curvature}, {curvature_samples} samples): another sample could "
+                    "select the other layer. Raise curvature_samples (or num_probes / num_samples)."
+                )
 
         if data.val is not None:
             validation, validation_source = batches(data.val, "validation"), "val_dataloader"
@@ -377,9 +424,29 @@ class SharpnessAwareUnlearning(Callback):
                 )
 
         with _stage(seconds, "evaluation"):
-            heldout_after, forget_after = self._evaluate(
-                trainer, processes, model, num_classes, datamodule, test, forget, corrected
-            )
+            heldout_after, forget_after = self._evaluate(*evaluation)
+        extras: dict[str, Any] = {}
+        if mia_data is not None:
+            with _stage(seconds, "membership_inference"):
+                mia_after = processes.agree(lambda: self._membership_inference(model, mia_data))
+            extras["membership_inference"] = {"before": mia_before, "after": mia_after}
+        if "relearn" in self.evaluate:
+            with _stage(seconds, "relearn_attack"):
+                extras["relearn"] = processes.agree(
+                    lambda: relearn_evaluation(
+                        model,
+                        whole(data.forget, "forget"),
+                        whole(data.test, "test"),
+                        whole(data.triggered_test, "triggered test"),
+                        num_classes=num_classes,
+                        target_class=target_class,
+                        samples=self.relearn_samples,
+                        steps=self.relearn_steps,
+                        lr=self.relearn_lr,
+                        loss_fn=self.loss_fn,
+                        seed=self.seed,
+                    )
+                )
         seconds["total"] = time.perf_counter() - total_start
         uses_validation = outcome.get("tau_search") or self.update == "forget_loss"
         return UnlearningReport(
@@ -401,8 +468,11 @@ class SharpnessAwareUnlearning(Callback):
             fine_tune_steps=outcome.get("steps"),
             granularity=self.granularity,
             newton_decrement=dict(self._decrement),
+            sharpness_standard_error=statistics.standard_errors(),
+            selection_margin=margin,
             solver=outcome.get("solver"),
             fallback=outcome.get("fallback"),
+            **extras,
         )
 
     def _select(self, processes, model, layers, sharpness, gradient, diag, diag_sum):
@@ -537,6 +607,7 @@ class SharpnessAwareUnlearning(Callback):
         train = batches(data.train, "training", self.curvature_samples, **shard)
         generator = torch.Generator(device=_device(model)).manual_seed(self.seed + 7919 * processes.rank)
         progress = self._progress(trainer, train, f"curvature ({self.curvature})", sized(train))
+        statistics = SharpnessStatistics(model)
         local, count = processes.agree(
             lambda: hessian_diagonal_sum(
                 model,
@@ -546,8 +617,10 @@ class SharpnessAwareUnlearning(Callback):
                 num_probes=self.num_probes,
                 num_samples=self.num_samples,
                 generator=generator,
+                on_batch=statistics.update,
             )
         )
+        statistics.state = {k: v.cpu() for k, v in processes.sum_tree(statistics.state).items()}
         if local is None:
             local = {name: torch.zeros_like(p) for name, p in trainable_parameters(model).items()}
         total = processes.sum_tree(local)
@@ -562,7 +635,7 @@ class SharpnessAwareUnlearning(Callback):
                 f"the curvature of {bad} is not finite; the model's weights or data may "
                 "hold NaN/inf. Weights were left unchanged."
             )
-        return diag, count // copies
+        return diag, count // copies, statistics
 
     def _fine_tune(self, step: _Step) -> int:
         trainer, processes, data, batches = step.trainer, step.processes, step.data, step.batches
@@ -598,14 +671,15 @@ class SharpnessAwareUnlearning(Callback):
             progress=lambda it: self._progress(trainer, it, "fine-tuning", steps_per_epoch),
         )
 
-    def _evaluate(self, trainer, processes, model, num_classes, datamodule, test, forget, corrected):
-        target_class = getattr(datamodule, "target_class", None)
+    def _evaluate(self, trainer, processes, model, num_classes, target_class, test, triggered, forget, corrected):
         metrics = {"forget": (ClassificationMetrics(num_classes, loss_fn=self.loss_fn), forget)}
         if corrected is not None:
             metrics["corrected"] = (ClassificationMetrics(num_classes, loss_fn=self.loss_fn), corrected)
         if test is not None:
             held_out = ClassificationMetrics(num_classes, target_class, loss_fn=self.loss_fn)
             metrics["test"] = (held_out, test)
+        if triggered is not None:
+            metrics["triggered"] = (ClassificationMetrics(num_classes, target_class, loss_fn=self.loss_fn), triggered)
 
         def update() -> None:
             for name, (metric, loader) in metrics.items():
@@ -615,10 +689,16 @@ class SharpnessAwareUnlearning(Callback):
         processes.agree(update)
         values = {name: metric.compute() for name, (metric, _) in metrics.items()}  # syncs across processes
         heldout = values.get("test", {})
+        if "triggered" in values:
+            heldout["attack_success_rate"] = values["triggered"]["predicted_as_target"]
         forget_metrics = {"accuracy_trained_labels": values["forget"]["accuracy"]}
         if "corrected" in values:
             forget_metrics["accuracy_corrected_labels"] = values["corrected"]["accuracy"]
         return heldout, forget_metrics
+
+    def _membership_inference(self, model: nn.Module, data: tuple[Any, Any, Any]) -> dict[str, float]:
+        retain, test, forget = data
+        return membership_inference(model, retain, test, forget, max_samples=self.mia_samples, seed=self.seed)
 
     def _progress(self, trainer: pl.Trainer, iterable: Iterable[Any], desc: str, total: int | None) -> Iterable[Any]:
         enabled = self.progress_bar and trainer.is_global_zero
@@ -835,6 +915,16 @@ def _check_arguments(**a: Any) -> None:
         f"{a['epochs']}, {a['lr']}, {a['momentum']}, {a['weight_decay']}.",
     )
     require(a["optimizer"] in OPTIMIZERS, f"unknown optimizer {a['optimizer']!r}; choose one of {OPTIMIZERS}.")
+    unknown = [name for name in a["evaluate"] if name not in EVALUATIONS]
+    require(
+        not isinstance(a["evaluate"], str) and not unknown,
+        f"evaluate takes a list of {EVALUATIONS}, got {a['evaluate']!r}.",
+    )
+    require(
+        a["mia_samples"] >= 4 and a["relearn_samples"] >= 1 and a["relearn_steps"] >= 1 and a["relearn_lr"] > 0,
+        "the evaluations need mia_samples >= 4, relearn_samples >= 1, relearn_steps >= 1 and relearn_lr > 0; got "
+        f"{a['mia_samples']}, {a['relearn_samples']}, {a['relearn_steps']}, {a['relearn_lr']}.",
+    )
 
 
 def _ready(datamodule: Any, *stages: str) -> Any:

@@ -11,7 +11,7 @@ off) and puts each module's mode back afterwards.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -110,11 +110,14 @@ def hessian_diagonal_sum(
     chunk_size: int = 32,
     exact_max_parameters: int = EXACT_MAX_PARAMETERS,
     num_samples: int = 1,
+    on_batch: Callable[[dict[str, Tensor], int], None] | None = None,
 ) -> tuple[dict[str, Tensor] | None, int]:
     """``(Σ_n diag ∇²ℓ_n, N)``: the unnormalised sum behind :func:`hessian_diagonal`, and the sample count.
 
     Sums from disjoint shards of the data add up, which is how several processes combine their
-    work (``None`` when ``batches`` held no sample). Arguments as in :func:`hessian_diagonal`.
+    work (``None`` when ``batches`` held no sample). ``on_batch(part, size)``, if given, sees each
+    batch's own sum first (for standard errors: :class:`~lightning_sa_unlearn.confidence.SharpnessStatistics`).
+    Other arguments as in :func:`hessian_diagonal`.
     """
     if method not in CURVATURE_METHODS:
         raise ValueError(f"unknown curvature method {method!r}; choose one of {CURVATURE_METHODS}.")
@@ -151,7 +154,10 @@ def hessian_diagonal_sum(
         for x, y in batches_for(model, batches):
             if x.shape[0] == 0:
                 continue
-            total = tree_add_(total, per_batch(model, params, buffers, x, y, **options))
+            part = per_batch(model, params, buffers, x, y, **options)
+            if on_batch is not None:
+                on_batch(part, x.shape[0])
+            total = tree_add_(total, part)
             count += x.shape[0]
     return total, count
 

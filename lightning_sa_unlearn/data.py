@@ -9,6 +9,7 @@ Each loader is looked up on the datamodule first, then on the LightningModule:
 ``retain_dataloader()``      ``D_r``; required by ``update="fine_tune"``
 ``val_dataloader()``         tuning (τ)
 ``test_dataloader()``        held-out metrics
+``triggered_test_dataloader()``  optional: test samples with a backdoor trigger, true labels (attack success rate)
 ===========================  ==================================================================
 """
 
@@ -52,12 +53,13 @@ class UnlearningData:
     retain: Any | None
     val: Any | None
     test: Any | None
+    triggered_test: Any | None = None
 
     @classmethod
     def resolve(cls, *owners: Any) -> UnlearningData:
         loaders = {
             field: find_dataloader(f"{field}_dataloader", *owners)
-            for field in ("train", "forget", "corrected", "retain", "val", "test")
+            for field in ("train", "forget", "corrected", "retain", "val", "test", "triggered_test")
         }
         if loaders["forget"] is None:
             raise ValueError(

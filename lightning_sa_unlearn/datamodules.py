@@ -12,7 +12,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 DATASETS = ("mnist", "cifar10", "imagefolder", "synthetic")
-POISONS = ("targeted", "untargeted")
+POISONS = ("targeted", "untargeted", "backdoor", "deletion")
+_SET_NAMES = ("train_set", "forget_set", "corrected_set", "retain_set", "val_set", "test_set")
 _MNIST_STATS = ((0.1307,), (0.3081,))
 _CIFAR_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 
@@ -24,6 +25,14 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
       to random other classes (the paper's targeted attack on class 9).
     * ``poison="untargeted"``: ``num_poisoned`` random training samples are relabelled to random
       other classes.
+    * ``poison="backdoor"``: ``num_poisoned`` training samples not of ``target_class`` get a white
+      ``trigger_size``×``trigger_size`` square in their bottom-right corner and the label
+      ``target_class``. ``D̃_f`` is the same samples without the trigger, with their true labels
+      (feature and label unlearning together). :meth:`triggered_test_dataloader` stamps the trigger
+      on the test images not of ``target_class``, for the attack success rate.
+    * ``poison="deletion"``: nothing is poisoned; ``num_poisoned`` random training samples, with
+      their true labels, are a deletion request (sample unlearning). There is no ``D̃_f``:
+      :meth:`corrected_dataloader` returns None, and ``train_labels="corrected"`` trains on ``D_r``.
     * ``flip_to=k``: every poisoned label becomes class ``k`` instead of a random other class (a
       fixed label flip, e.g. 9 → 7). Random flips spread D_f over nine classes, so the true class
       keeps the majority and a small model barely fits them; a fixed flip does real damage.
@@ -59,6 +68,7 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
         train_labels: Literal["poisoned", "corrected"] = "poisoned",
         device: str | None = None,
         flip_to: int | None = None,
+        trigger_size: int = 3,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -67,16 +77,20 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
             raise ValueError(f"unknown poison {poison!r}; choose one of {POISONS}.")
         if train_labels not in ("poisoned", "corrected"):
             raise ValueError(f"train_labels must be 'poisoned' or 'corrected', got {train_labels!r}.")
+        if flip_to is not None and poison not in ("targeted", "untargeted"):
+            raise ValueError(f"flip_to applies to label flips only, not to poison={poison!r}.")
+        if trigger_size < 1:
+            raise ValueError(f"trigger_size must be >= 1, got {trigger_size}.")
         if num_poisoned < 0:
             raise ValueError(f"num_poisoned must be >= 0, got {num_poisoned}.")
         self.save_hyperparameters()
         self.dataset, self.root, self.download = dataset, root, download
         self.poison, self.num_poisoned = poison, num_poisoned
-        self.target_class: int | None = target_class if poison == "targeted" else None
+        self.target_class: int | None = target_class if poison in ("targeted", "backdoor") else None
         self.num_train, self.val_size = num_train, val_size
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.seed, self.synthetic_size, self.train_labels = seed, synthetic_size, train_labels
-        self.device, self.flip_to = device, flip_to
+        self.device, self.flip_to, self.trigger_size = device, flip_to, trigger_size
         self._ready = False
 
     # ----------------------------------------------------------------------------- loading
@@ -97,30 +111,57 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
         if self.num_train is not None:
             train_index = train_index[: self.num_train]
 
+        if self.poison == "backdoor" and self.trigger_size > min(images.shape[-2:]):
+            raise ValueError(
+                f"trigger_size={self.trigger_size} is larger than the {images.shape[-2]}×{images.shape[-1]} "
+                "images; use a smaller trigger."
+            )
         true_labels = labels[train_index]
         poisoned_labels = true_labels.clone()
         positions = self._choose_poisoned(true_labels, generator)
         shift = torch.randint(1, self.num_classes, (len(positions),), generator=generator)
-        poisoned_labels[positions] = (true_labels[positions] + shift) % self.num_classes
+        if self.poison in ("targeted", "untargeted"):
+            poisoned_labels[positions] = (true_labels[positions] + shift) % self.num_classes
         if self.flip_to is not None:
             poisoned_labels[positions] = self.flip_to
+        if self.poison == "backdoor":
+            poisoned_labels[positions] = self.target_class
         is_forget = torch.zeros(len(train_index), dtype=torch.bool)
         is_forget[positions] = True
 
         x = images[train_index]
+        self._white = images.amax(dim=(0, 2, 3))  # per channel: the trigger's colour, in normalized units
+        trained_x = x.clone()
+        if self.poison == "backdoor":
+            trained_x[positions] = self.stamp_trigger(x[positions])
         # indices into the original training split
         self.train_indices, self.val_indices, self.poisoned_indices = train_index, val_index, train_index[positions]
-        # train_labels="corrected" trains the gold-standard model on D_r ∪ D̃_f: the same images, true labels
-        self.train_set = TensorDataset(x, poisoned_labels if self.train_labels == "poisoned" else true_labels)
-        self.forget_set = TensorDataset(x[positions], poisoned_labels[positions])
+        self.forget_set = TensorDataset(trained_x[positions], poisoned_labels[positions])
         self.corrected_set = TensorDataset(x[positions], true_labels[positions])
         self.retain_set = TensorDataset(x[~is_forget], true_labels[~is_forget])
+        if self.train_labels == "poisoned":
+            self.train_set = TensorDataset(trained_x, poisoned_labels)
+        elif self.poison == "deletion":  # the gold standard of sample unlearning: D_r alone
+            self.train_set = self.retain_set
+        else:  # the gold standard: D_r ∪ D̃_f, the same images with true labels (no trigger)
+            self.train_set = TensorDataset(x, true_labels)
         self.val_set = TensorDataset(images[val_index], labels[val_index])
         self.test_set = TensorDataset(test_images, test_labels)
+        if self.poison == "backdoor":
+            others = test_labels != self.target_class
+            self.triggered_test_set = TensorDataset(self.stamp_trigger(test_images[others]), test_labels[others])
         if self.device is not None:
-            for name in ("train_set", "forget_set", "corrected_set", "retain_set", "val_set", "test_set"):
-                setattr(self, name, TensorDataset(*(t.to(self.device) for t in getattr(self, name).tensors)))
+            for name in (*_SET_NAMES, "triggered_test_set"):
+                if hasattr(self, name):
+                    setattr(self, name, TensorDataset(*(t.to(self.device) for t in getattr(self, name).tensors)))
         self._ready = True
+
+    def stamp_trigger(self, images: Tensor) -> Tensor:
+        """A copy of ``images`` (N×C×H×W, normalized) with the white trigger square in the bottom-right corner."""
+        stamped = images.clone()
+        size = self.trigger_size
+        stamped[..., -size:, -size:] = self._white.to(images)[:, None, None]
+        return stamped
 
     def _choose_poisoned(self, true_labels: Tensor, generator: torch.Generator) -> Tensor:
         if self.flip_to is not None and not 0 <= self.flip_to < self.num_classes:
@@ -131,6 +172,10 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
             if self.flip_to == self.target_class:
                 raise ValueError(f"flip_to={self.flip_to} equals target_class: the flipped labels would be correct.")
             candidates = (true_labels == self.target_class).nonzero().flatten()
+        elif self.poison == "backdoor":
+            if not 0 <= self.target_class < self.num_classes:
+                raise ValueError(f"target_class={self.target_class} is outside the classes 0..{self.num_classes - 1}.")
+            candidates = (true_labels != self.target_class).nonzero().flatten()
         else:
             candidates = torch.arange(len(true_labels))
             if self.flip_to is not None:  # a sample already of class flip_to cannot be flipped to it
@@ -187,7 +232,9 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
     def forget_dataloader(self) -> DataLoader:
         return self._loader(self.forget_set, shuffle=False, batch_size=self.eval_batch_size)
 
-    def corrected_dataloader(self) -> DataLoader:
+    def corrected_dataloader(self) -> DataLoader | None:
+        if self.poison == "deletion":  # sample unlearning: D_f is removed, nothing replaces it
+            return None
         return self._loader(self.corrected_set, shuffle=False, batch_size=self.eval_batch_size)
 
     def retain_dataloader(self) -> DataLoader:
@@ -198,6 +245,12 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False, batch_size=self.eval_batch_size)
+
+    def triggered_test_dataloader(self) -> DataLoader | None:
+        """Test images not of ``target_class`` with the trigger stamped on, true labels (``poison="backdoor"``)."""
+        if self.poison != "backdoor":
+            return None
+        return self._loader(self.triggered_test_set, shuffle=False, batch_size=self.eval_batch_size)
 
 
 class TensorBatches:

@@ -19,7 +19,9 @@ class ClassificationMetrics(Metric):
     ``compute()`` returns ``accuracy``, ``loss``, ``accuracy_class_<k>`` for every class k (NaN
     for a class with no samples) and, when ``target_class`` is given, ``accuracy_other_classes``:
     accuracy on the samples whose label is not the target class (the fidelity column of the
-    paper's Table 2). States are sums, so several processes reduce them by adding.
+    paper's Table 2), and ``predicted_as_target``: the share of those samples predicted as the
+    target class. On triggered images that share is the backdoor's attack success rate.
+    States are sums, so several processes reduce them by adding.
     """
 
     full_state_update = False
@@ -52,6 +54,9 @@ class ClassificationMetrics(Metric):
             others = torch.ones(self.num_classes, dtype=torch.bool, device=matrix.device)
             others[self.target_class] = False
             metrics["accuracy_other_classes"] = float(correct[others].sum() / support[others].sum().clamp(min=1))
+            metrics["predicted_as_target"] = float(
+                matrix[others, self.target_class].sum() / support[others].sum().clamp(min=1)
+            )
         return metrics
 
     @torch.no_grad()
@@ -74,3 +79,12 @@ def classification_metrics(
 ) -> dict[str, float]:
     """:class:`ClassificationMetrics` of ``model`` on ``batches`` in one call."""
     return ClassificationMetrics(num_classes, target_class, loss_fn).update_from(model, batches).compute()
+
+
+def attack_success_rate(model: nn.Module, triggered: Iterable[Any], target_class: int, num_classes: int) -> float:
+    """Share of triggered samples whose true class is not ``target_class`` that ``model`` predicts as it.
+
+    ``triggered`` serves ``(x with trigger, true label)``; samples of the target class are ignored.
+    """
+    metrics = ClassificationMetrics(num_classes, target_class, sync_on_compute=False)
+    return metrics.update_from(model, triggered).compute()["predicted_as_target"]

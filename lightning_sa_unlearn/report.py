@@ -44,6 +44,14 @@ class UnlearningReport:
     """``second_order``: the solver's name, iterations, final relative residual and status."""
     fallback: str | None = None
     """Why ``fallback="first_order"`` replaced the second-order update, when it did."""
+    sharpness_standard_error: dict[str, float] = field(default_factory=dict)
+    """Standard error of each layer's sharpness over curvature batches (:mod:`~lightning_sa_unlearn.confidence`)."""
+    selection_margin: dict[str, Any] | None = None
+    """``flattest``/``sharpest``: the runner-up layer and the selected layer's lead in standard errors."""
+    membership_inference: dict[str, dict[str, float]] | None = None
+    """``evaluate=["mia"]``: ``{"before": ..., "after": ...}`` of :func:`membership_inference`."""
+    relearn: dict[str, Any] | None = None
+    """``evaluate=["relearn"]``: the attack's settings and the held-out metrics after it."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,6 +83,15 @@ class UnlearningReport:
                 metrics[f"{prefix}/{group}/{name}"] = float(value)
         for layer, value in self.layer_sharpness.items():
             metrics[f"{prefix}/sharpness/{layer or '<root>'}"] = float(value)
+        for when, values in (self.membership_inference or {}).items():
+            for name, value in values.items():
+                metrics[f"{prefix}/mia_{when}/{name}"] = float(value)
+        if self.relearn is not None:
+            for name, value in self.relearn["heldout"].items():
+                metrics[f"{prefix}/relearn/heldout/{name}"] = float(value)
+            metrics[f"{prefix}/relearn/forget_accuracy_trained_labels"] = float(
+                self.relearn["forget_accuracy_trained_labels"]
+            )
         metrics[f"{prefix}/num_updated_parameters"] = float(self.num_updated_parameters)
         if self.tau is not None:
             metrics[f"{prefix}/tau"] = float(self.tau)
@@ -90,6 +107,8 @@ class UnlearningReport:
         ]
         if "accuracy_other_classes" in self.heldout_before:
             rows.append(("  other classes", "accuracy_other_classes"))
+        if "attack_success_rate" in self.heldout_before:
+            rows.append(("attack success rate (triggered)", "attack_success_rate"))
         rows.append(("held-out loss", "loss"))
         lines = [f"{'metric':<34}{'before':>10}{'after':>10}", "-" * 54]
         for label, key in rows:
@@ -100,10 +119,33 @@ class UnlearningReport:
         ):
             if key in self.forget_before:
                 lines.append(f"{label:<34}{_pct(self.forget_before, key):>10}{_pct(self.forget_after, key):>10}")
+        if self.membership_inference:
+            before, after = self.membership_inference["before"], self.membership_inference["after"]
+            for key, label in (
+                ("forget_non_member_rate", "forget set called non-member (MIA)"),
+                ("attacker_auc", "  attacker AUC (retain vs test)"),
+            ):
+                lines.append(f"{label:<34}{_ratio(before[key]):>10}{_ratio(after[key]):>10}")
+        if self.relearn:
+            attacked = self.relearn["heldout"]
+            lines += [
+                "",
+                f"relearning attack ({self.relearn['samples']} forget samples, {self.relearn['steps']} steps, "
+                f"lr {self.relearn['lr']:g}), held-out after it:",
+            ]
+            for label, key in rows:
+                if key in attacked and key != "loss":
+                    lines.append(f"  {label.strip():<32}{_pct(attacked, key):>10}")
         lines += ["", f"layer sharpness (mean Hessian diagonal, {self.curvature}, {self.curvature_samples} samples):"]
         for layer, value in self.layer_sharpness.items():
             mark = "  <- selected" if layer in self.selected_layers else ""
-            lines.append(f"  {layer or '<root>':<30}{value:>12.4e}{mark}")
+            error = self.sharpness_standard_error.get(layer)
+            spread = f" ± {error:.1e}" if error is not None and math.isfinite(error) else ""
+            lines.append(f"  {layer or '<root>':<30}{value:>12.4e}{spread:<10}{mark}")
+        if self.selection_margin is not None:
+            margin = self.selection_margin
+            lead = margin["lead_in_standard_errors"]
+            lines.append(f"  lead over the runner-up {margin['runner_up']}: {lead:.1f} standard errors")
         tau = "n/a" if self.tau is None else f"{self.tau:.4g}"
         lines += [
             "",
@@ -139,6 +181,10 @@ def _pct(metrics: dict[str, float], key: str) -> str:
     if value is None or math.isnan(value):
         return "-"
     return f"{value:.4f}" if key == "loss" else f"{100 * value:.2f}%"
+
+
+def _ratio(value: float) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
 def _finite_or_none(value: Any) -> Any:

@@ -1,6 +1,9 @@
 """The benchmark pipeline end to end on the synthetic setting (seconds), with caching and resume."""
 
+import dataclasses
+import importlib.util
 import json
+from pathlib import Path
 
 from lightning_sa_unlearn import benchmarks
 
@@ -44,3 +47,25 @@ def test_a_settings_device_and_precision_reach_the_datamodule_and_trainer(monkey
     monkeypatch.setattr(benchmarks.pl, "Trainer", RecordingTrainer)
     benchmarks.train(setting, 0, "poisoned", str(tmp_path / "model.pt"))
     assert seen["precision"] == "bf16-mixed" and seen["max_epochs"] == setting.epochs
+
+
+def test_robustness_pipeline_on_synthetic_data(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("robustness", Path(__file__).parents[1] / "benchmarks/robustness.py")
+    robustness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(robustness)
+    for poison in ("backdoor", "deletion"):
+        setting = dataclasses.replace(benchmarks.SETTINGS["synthetic"], poison=poison)
+        monkeypatch.setitem(benchmarks.SETTINGS, f"synthetic_{poison}", setting)
+    scenarios = ["synthetic", "synthetic_backdoor", "synthetic_deletion"]
+    out = tmp_path / "out"
+    args = ["--scenarios", *scenarios, "--seeds", "0", "--out", str(out), "--cache", str(tmp_path / "cache")]
+    robustness.main(args)
+    table = (out / "robustness.md").read_text()
+    for column in ("class 9 acc lost to relearn", "attack success regained", "MIA efficacy", "retain acc"):
+        assert column in table
+    runs = json.loads((out / "robustness.json").read_text())["runs"]
+    for scenario in scenarios:
+        assert set(runs[scenario]["0"]) == {"poisoned", "retrained", *robustness.RULES}
+        for row in runs[scenario]["0"].values():
+            assert 0 <= row["mia"]["forget_non_member_rate"] <= 1 and row["relearn"]["samples"] == 40
+    assert (out / "robustness.png").stat().st_size > 1000

@@ -1,0 +1,226 @@
+"""Relearning attacks, membership inference and backdoors: which selection rule unlearns robustly?
+
+    python benchmarks/robustness.py --seeds 0 1 2      # writes benchmarks/results/robustness.{md,json,png}
+
+Paper section 4.1.1 claims that updating the flattest layer resists relearning. For each scenario
+and seed this trains (or loads from the cache shared with ``lightning_sa_unlearn.benchmarks``) the
+poisoned and the retrained model, unlearns with the first-order update under each rule (τ chosen
+on validation), then attacks every model the same way: ``relearn_steps`` SGD steps on the first
+``relearn_samples`` forget samples with their trained (wrong or triggered) labels. Scenarios:
+
+* ``mnist_targeted``: 2,500 nines labelled 7. Relearning shows as class-9 accuracy lost again.
+* ``mnist_backdoor``: 500 images with a 3×3 trigger labelled 9. Relearning shows as attack success regained.
+* ``mnist_deletion``: 2,500 random images to delete (no corrected labels: the update is gradient
+  ascent on D_f). Measured by forget, retain and test accuracy and membership-inference efficacy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+from typing import Any
+
+from lightning_sa_unlearn.benchmarks import SETTINGS, make_datamodule, measure, train
+from lightning_sa_unlearn.callback import SharpnessAwareUnlearning
+from lightning_sa_unlearn.evaluation import classification_metrics
+from lightning_sa_unlearn.membership import membership_inference
+from lightning_sa_unlearn.relearn import relearn_evaluation
+
+SCENARIOS = ("mnist_targeted", "mnist_backdoor", "mnist_deletion")
+RULES = ("flattest", "sharpest", "last", "all")
+ATTACK = dict(samples=50, steps=20, lr=0.05)
+RETAIN_SAMPLES = 10_000  # retain accuracy is measured on this many retain samples
+
+
+def evaluate(model, datamodule, setting, seed: int) -> dict[str, Any]:
+    """Held-out, forget and retain metrics, membership inference, and the relearning attack."""
+    result = measure(model, datamodule, setting.target_class)
+    retain = datamodule.retain_dataloader()
+    result["retain_accuracy"] = classification_metrics(
+        model, _first_batches(retain, RETAIN_SAMPLES), datamodule.num_classes
+    )["accuracy"]
+    result["mia"] = membership_inference(
+        model, retain, datamodule.test_dataloader(), datamodule.forget_dataloader(), seed=seed
+    )
+    result["relearn"] = relearn_evaluation(
+        model,
+        datamodule.forget_dataloader(),
+        datamodule.test_dataloader(),
+        datamodule.triggered_test_dataloader(),
+        num_classes=datamodule.num_classes,
+        target_class=setting.target_class,
+        seed=seed,
+        **ATTACK,
+    )
+    return result
+
+
+def _first_batches(loader, num_samples: int):
+    count = 0
+    for batch in loader:
+        yield batch
+        count += len(batch[1])
+        if count >= num_samples:
+            return
+
+
+def run(scenario: str, seed: int, cache: str) -> dict[str, Any]:
+    setting = SETTINGS[scenario]
+    folder = os.path.join(cache, scenario, f"seed{seed}")
+    path = os.path.join(folder, "robustness.json")
+    results = json.load(open(path)) if os.path.exists(path) else {}
+    datamodule = make_datamodule(setting, seed)
+    models = {}
+    for labels, key in (("poisoned", "poisoned"), ("corrected", "retrained")):
+        models[key], _ = train(setting, seed, labels, os.path.join(folder, f"{key}.pt"))
+        if key not in results:
+            results[key] = evaluate(models[key], datamodule, setting, seed)
+    poisoned = models["poisoned"]
+    for rule in RULES:
+        if rule in results:
+            continue
+        model = type(poisoned)(lr=setting.lr)
+        model.load_state_dict(poisoned.state_dict())
+        report = SharpnessAwareUnlearning(
+            selection=rule,
+            curvature_samples=setting.curvature_samples,
+            seed=seed,
+            verbose=False,
+            progress_bar=False,
+        ).unlearn(model, datamodule)
+        results[rule] = {
+            **evaluate(model, datamodule, setting, seed),
+            "selected_layers": report.selected_layers,
+            "tau": report.tau,
+        }
+        print(f"  {scenario} seed {seed} {rule}: {_headline(setting.poison, results[rule])}", flush=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(path + ".tmp", path)
+    return results
+
+
+def _headline(poison: str, row: dict[str, Any]) -> str:
+    return ", ".join(f"{label} {value:.4f}" for label, value in _metrics(poison, row).items())
+
+
+def _metrics(poison: str, row: dict[str, Any]) -> dict[str, float]:
+    """The columns of one row: after unlearning, then after the relearning attack."""
+    heldout, attacked = row["heldout"], row["relearn"]["heldout"]
+    out = {"test acc": heldout["accuracy"]}
+    if poison == "targeted":
+        out["class 9 acc"] = heldout["accuracy_class_9"]
+        out["class 9 acc after relearn"] = attacked["accuracy_class_9"]
+        out["class 9 acc lost to relearn"] = heldout["accuracy_class_9"] - attacked["accuracy_class_9"]
+    elif poison == "backdoor":
+        out["attack success"] = heldout["attack_success_rate"]
+        out["attack success after relearn"] = attacked["attack_success_rate"]
+        out["attack success regained"] = attacked["attack_success_rate"] - heldout["attack_success_rate"]
+    else:
+        out["forget acc"] = row["forget_trained_labels"]
+        out["retain acc"] = row["retain_accuracy"]
+        out["forget acc after relearn"] = row["relearn"]["forget_accuracy_trained_labels"]
+    out["MIA efficacy"] = row["mia"]["forget_non_member_rate"]
+    out["attacker AUC"] = row["mia"]["attacker_auc"]
+    out["test acc after relearn"] = attacked["accuracy"]
+    return out
+
+
+def summarize(runs: dict[str, dict[int, dict]], out: str, command: str) -> str:
+    lines = [
+        "# Robustness of unlearning: relearning attack, membership inference, backdoor",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"First-order update, τ chosen on validation; relearning attack: {ATTACK['steps']} SGD steps of lr "
+        f"{ATTACK['lr']} (batch 32, all parameters) on the first {ATTACK['samples']} forget samples with their "
+        "trained labels. MIA efficacy: share of D_f that a loss/entropy logistic-regression attacker, trained "
+        "on retain (members) against test (non-members), calls non-members; attacker AUC is on its held-out half. "
+        "Mean ± std over seeds.",
+    ]
+    for scenario, seeds in runs.items():
+        rows = ["poisoned", "retrained", *RULES]
+        poison = SETTINGS[scenario].poison
+        header = list(_metrics(poison, seeds[next(iter(seeds))]["poisoned"]))
+        lines += [
+            "",
+            f"## {scenario} (seeds {sorted(seeds)})",
+            "",
+            f"Setting: {SETTINGS[scenario]}",
+            "",
+            "| model | " + " | ".join(header) + " | layers picked |",
+            "|---|" + "---|" * (len(header) + 1),
+        ]
+        for row in rows:
+            values = [_metrics(poison, seeds[s][row]) for s in sorted(seeds)]
+            cells = [_stat([v[column] for v in values]) for column in header]
+            picked = sorted({", ".join(seeds[s][row].get("selected_layers", [])) for s in sorted(seeds)} - {""})
+            lines.append(f"| {row} | " + " | ".join(cells) + f" | {'; '.join(picked)} |")
+    text = "\n".join(lines) + "\n"
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "robustness.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out, "robustness.json"), "w") as f:
+        json.dump({"command": command, "attack": ATTACK, "runs": runs}, f, indent=1)
+    _plot(runs, os.path.join(out, "robustness.png"))
+    return text
+
+
+def _stat(values: list[float]) -> str:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "-"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.fmean(values):.2f} ± {100 * spread:.2f}"
+
+
+def _plot(runs: dict[str, dict[int, dict]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = {
+        "targeted": "class 9 acc lost to relearn",
+        "backdoor": "attack success regained",
+        "deletion": "MIA efficacy",
+    }
+    fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 3.2), squeeze=False)
+    for ax, scenario in zip(axes[0], runs):
+        rows = ["poisoned", "retrained", *RULES]
+        seeds, poison = runs[scenario], SETTINGS[scenario].poison
+        means, errors = [], []
+        for row in rows:
+            values = [100 * _metrics(poison, seeds[s][row])[columns[poison]] for s in seeds]
+            means.append(statistics.fmean(values))
+            errors.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+        ax.bar(rows, means, yerr=errors, color=["gray", "black", "tab:green", "tab:red", "tab:orange", "tab:blue"])
+        ax.set_title(f"{scenario}: {columns[poison]} (points)", fontsize=9)
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), help=f"settings, default {SCENARIOS}")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--cache", default="cache/benchmarks")
+    args = parser.parse_args(argv)
+    runs: dict[str, dict[int, dict]] = {}
+    for scenario in args.scenarios:
+        for seed in args.seeds:
+            print(f"[{scenario}] seed {seed}", flush=True)
+            runs.setdefault(scenario, {})[seed] = run(scenario, seed, args.cache)
+    command = "python benchmarks/robustness.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(summarize(runs, args.out, command.strip()))
+
+
+if __name__ == "__main__":
+    main()

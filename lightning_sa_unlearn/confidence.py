@@ -1,0 +1,126 @@
+"""How sure the per-layer sharpness is: standard errors over batches, and the selection's margin.
+
+Every curvature method estimates the mean diagonal as a sum over batches. A batch ``b`` of
+``n_b`` samples adds ``y_bl = (1/|θ_l|) Σ_{i∈θ_l} D_b,i`` to layer ``l``, so the layer's mean is the
+ratio ``m_l = Σ_b y_bl / Σ_b n_b``. Treating batches as independent replicates (each has its own
+samples, and its own probes or sampled labels), the ratio estimator's standard error is
+
+    SE(m_l)² = B/(B−1) · Σ_b (y_bl − m_l n_b)² / (Σ_b n_b)²,
+
+with B batches. It covers the Monte-Carlo noise of ``hutchinson`` and ``mc_ggn`` and the noise of
+measuring on ``curvature_samples`` rather than the whole training set. Only sums enter it
+(``Σ y``, ``Σ y yᵀ``, ``Σ y n``, ``Σ n``, ``Σ n²``, ``B``), so processes combine their shards by adding.
+The same formula on ``y_bl − y_bk`` gives the standard error of the difference of two layers,
+which is what decides whether the selected layer really leads the runner-up.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_sa_unlearn.curvature import hessian_diagonal_sum
+from lightning_sa_unlearn.selection import select_layers, trainable_layers
+
+
+class SharpnessStatistics:
+    """Accumulates per-batch layer sums of a diagonal estimate (``on_batch`` of :func:`hessian_diagonal_sum`)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = trainable_layers(model)
+        self.names = list(self.layers)
+        sizes = dict(model.named_parameters())
+        self.sizes = torch.tensor(
+            [sum(sizes[n].numel() for n in ps) for ps in self.layers.values()], dtype=torch.float64
+        )
+        size = len(self.names)
+        self.state: dict[str, Tensor] = {
+            "sum_y": torch.zeros(size, dtype=torch.float64),
+            "sum_yy": torch.zeros(size, size, dtype=torch.float64),
+            "sum_yn": torch.zeros(size, dtype=torch.float64),
+            "sum_n": torch.zeros(1, dtype=torch.float64),
+            "sum_nn": torch.zeros(1, dtype=torch.float64),
+            "batches": torch.zeros(1, dtype=torch.float64),
+        }
+
+    def update(self, part: dict[str, Tensor], size: int) -> None:
+        """Record one batch: ``part`` is its summed diagonal ``{name: Σ_n diag_n}``, ``size`` its samples."""
+        y = (
+            torch.stack([sum(part[n].detach().double().sum().cpu() for n in names) for names in self.layers.values()])
+            / self.sizes
+        )
+        self.state["sum_y"] += y
+        self.state["sum_yy"] += torch.outer(y, y)
+        self.state["sum_yn"] += y * size
+        self.state["sum_n"] += size
+        self.state["sum_nn"] += size * size
+        self.state["batches"] += 1
+
+    def means(self) -> dict[str, float]:
+        """Each layer's mean diagonal, equal to :func:`layer_sharpness` of the accumulated diagonal."""
+        return dict(zip(self.names, (self.state["sum_y"] / self.state["sum_n"]).tolist()))
+
+    def _standard_error(self, weights: Tensor) -> float:
+        """SE of ``Σ_l w_l m_l`` (one layer: a unit vector; a difference: +1 and −1)."""
+        s = self.state
+        batches, total = float(s["batches"]), float(s["sum_n"])
+        if batches < 2:
+            return float("nan")
+        mean = float(weights @ s["sum_y"]) / total
+        sum_squares = float(weights @ s["sum_yy"] @ weights) - 2 * mean * float(weights @ s["sum_yn"])
+        sum_squares += mean**2 * float(s["sum_nn"])
+        return math.sqrt(max(sum_squares, 0.0) * batches / (batches - 1)) / total
+
+    def standard_errors(self) -> dict[str, float]:
+        """``{layer: SE of its mean diagonal}`` (NaN with fewer than two batches)."""
+        eye = torch.eye(len(self.names), dtype=torch.float64)
+        return {name: self._standard_error(eye[i]) for i, name in enumerate(self.names)}
+
+    def difference_standard_error(self, first: str, second: str) -> float:
+        """SE of ``m_first − m_second``, with the two layers' batch-to-batch correlation accounted for."""
+        weights = torch.zeros(len(self.names), dtype=torch.float64)
+        weights[self.names.index(first)] += 1.0
+        weights[self.names.index(second)] -= 1.0
+        return self._standard_error(weights)
+
+
+def sharpness_with_standard_errors(
+    model: nn.Module, batches: Iterable[Any], **curvature: Any
+) -> tuple[dict[str, float], dict[str, float]]:
+    """``(layer sharpness, its standard errors)`` from one :func:`hessian_diagonal_sum` pass (same keywords)."""
+    statistics = SharpnessStatistics(model)
+    hessian_diagonal_sum(model, batches, on_batch=statistics.update, **curvature)
+    if float(statistics.state["sum_n"]) == 0:
+        raise ValueError("sharpness_with_standard_errors got no samples: `batches` is empty.")
+    return statistics.means(), statistics.standard_errors()
+
+
+def selection_margin(
+    sharpness: dict[str, float], statistics: SharpnessStatistics, selected: list[str], rule: Any
+) -> dict[str, Any] | None:
+    """How far the last selected layer leads the best unselected one, in standard errors.
+
+    For ``"flattest"`` and ``"sharpest"`` only (other rules do not rank the sharpness); None otherwise,
+    when every layer is selected, or when ``selected`` is not what the rule picks (an overridden
+    ``select_layers``).
+    """
+    if rule not in ("flattest", "sharpest") or len(selected) >= len(sharpness):
+        return None
+    if sorted(selected) != sorted(select_layers(sharpness, rule, len(selected))):
+        return None
+    sign = 1.0 if rule == "flattest" else -1.0
+    last = max(selected, key=lambda layer: sign * sharpness[layer])
+    runner_up = min((layer for layer in sharpness if layer not in selected), key=lambda layer: sign * sharpness[layer])
+    lead = sign * (sharpness[runner_up] - sharpness[last])
+    error = statistics.difference_standard_error(runner_up, last)
+    return {
+        "selected": last,
+        "runner_up": runner_up,
+        "lead": lead,
+        "standard_error": error,
+        "lead_in_standard_errors": lead / error if error > 0 else (math.inf if error == 0 else math.nan),
+    }
