@@ -32,7 +32,10 @@ from lightning_sa_unlearn.relearn import relearn_evaluation
 
 SCENARIOS = ("mnist_targeted", "mnist_backdoor", "mnist_deletion")
 RULES = ("flattest", "sharpest", "last", "all")
-ATTACK = dict(samples=50, steps=20, lr=0.05)
+# Chosen on the validation split of mnist_targeted, seed 0: the largest lr on the grid 1e-5, 3e-5, 1e-4, 3e-4
+# (10 steps) at which the RETRAINED model keeps at least 95% of its class-9 accuracy (96%; at 3e-4 it kept 41%).
+# A stronger attack teaches the poison from scratch to any model, and then says nothing about unlearning.
+ATTACK = dict(samples=50, steps=10, lr=1e-4)
 RETAIN_SAMPLES = 10_000  # retain accuracy is measured on this many retain samples
 
 

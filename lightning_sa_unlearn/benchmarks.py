@@ -481,7 +481,9 @@ def main(argv: list[str] | None = None) -> None:
                 runs[seed] = json.load(f)
         else:
             runs[seed] = run_seed(cache_name, setting, seed, args.cache)
-    command = "python -m lightning_sa_unlearn.benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
+    # the command that regenerates the table (from the cache, or from scratch without one)
+    words = [word for word in (argv if argv is not None else sys.argv[1:]) if word != "--summarize-only"]
+    command = "python -m lightning_sa_unlearn.benchmarks " + " ".join(words)
     print(summarize(args.setting, setting, runs, args.out, command.strip()))
 
 

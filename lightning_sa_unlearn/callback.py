@@ -136,7 +136,8 @@ class SharpnessAwareUnlearning(Callback):
             most ``mia_samples`` retain and test samples); ``"relearn"`` runs the relearning attack
             on a copy of the unlearned model (:func:`~lightning_sa_unlearn.relearn.relearn_attack`:
             ``relearn_steps`` SGD steps of size ``relearn_lr`` on the first ``relearn_samples``
-            forget samples) and measures it. A ``triggered_test_dataloader()`` adds the backdoor's
+            forget samples) and measures it. Pick ``relearn_lr`` so that a model retrained without
+            ``D_f`` is not taught it from scratch by the attack. A ``triggered_test_dataloader()`` adds the backdoor's
             attack success rate to the held-out metrics.
     """
 
@@ -181,7 +182,7 @@ class SharpnessAwareUnlearning(Callback):
         mia_samples: int = 5000,
         relearn_samples: int = 50,
         relearn_steps: int = 10,
-        relearn_lr: float = 0.01,
+        relearn_lr: float = 1e-4,
     ) -> None:
         _check_arguments(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
         self.update = update

@@ -15,6 +15,8 @@ trainable parameter is of a supported type, and the tests compare the two.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -104,23 +106,74 @@ def _squared_gradients(module: nn.Module, a: Tensor, delta: Tensor, chunk_size: 
             "bias": (delta.sum(dim=reduce) ** 2).sum(dim=(0, 1)) if reduce else (delta**2).sum(dim=(0, 1)),
         }
         return [out[n] for n in wanted]
-    # Per-example gradients, chunked over examples: weight g = δ · unfold(a)ᵀ
+    # Per-example gradients g_nk = δ_nk · unfold(a_n)ᵀ ([out, L] @ [L, features]), squared and summed
     totals = {n: 0 for n in wanted}
-    for start in range(0, a.shape[0], chunk_size):
-        a_part, d_part = a[start : start + chunk_size], delta[:, start : start + chunk_size]
+    k, length = delta.shape[0], _positions(module, a, delta)
+    features = _features(module, a)
+    out_channels = delta.shape[2] if not isinstance(module, nn.Linear) else delta.shape[-1]
+    gram = length <= _GRAM_MAX_POSITIONS_PER_ROW * k
+    per_example = out_channels * features * (length * length if gram else k) + features * length * (
+        length if gram else 1
+    )
+    step = max(1, min(chunk_size, _CHUNK_ELEMENTS // max(per_example, 1)))
+    for start in range(0, a.shape[0], step):
+        a_part, d_part = a[start : start + step], delta[:, start : start + step]
         if isinstance(module, nn.Linear):  # [n, ..., in] inputs: sum over the extra positions
             unfolded = a_part.reshape(a_part.shape[0], -1, a_part.shape[-1]).transpose(1, 2)  # [n, in, L]
             d = d_part.reshape(d_part.shape[0], d_part.shape[1], -1, d_part.shape[-1]).transpose(2, 3)  # [k,n,o,L]
         else:
             unfolded = _unfold(module, a_part)  # [n, in·kernel, L]
             d = d_part.reshape(d_part.shape[0], d_part.shape[1], d_part.shape[2], -1)  # [k, n, out, L]
-        if "weight" in totals:  # per example n: [k·out, L] @ [L, in·kernel], as one batched matmul
-            k, n, o, length = d.shape
-            per_example = torch.bmm(d.permute(1, 0, 2, 3).reshape(n, k * o, length), unfolded.transpose(1, 2))
-            totals["weight"] = totals["weight"] + (per_example**2).sum(dim=0).view(k, o, -1).sum(dim=0)
+        if "weight" in totals:
+            square = _weight_squares_gram(d, unfolded) if gram else _weight_squares_direct(d, unfolded)
+            totals["weight"] = totals["weight"] + square
         if "bias" in totals:
             totals["bias"] = totals["bias"] + (d.sum(dim=-1) ** 2).sum(dim=(0, 1))
     return [totals[n] for n in wanted]
+
+
+_CHUNK_ELEMENTS = 2**25
+"""Examples per chunk are chosen so that the per-example intermediates hold about this many numbers (128 MB)."""
+_GRAM_MAX_POSITIONS_PER_ROW = 2
+"""The Gram form is used where a layer's output positions L are at most this many times the factor rows K."""
+
+
+def _weight_squares_direct(d: Tensor, unfolded: Tensor) -> Tensor:
+    """``Σ_{n,k} (δ_nk u_nᵀ)²``: per example n, ``[k·out, L] @ [L, features]`` as one batched matmul, squared in place.
+
+    Costs ``K·out·L·features`` multiply-adds per example; best where L is large.
+    """
+    k, n, o, length = d.shape
+    per_example = torch.bmm(d.permute(1, 0, 2, 3).reshape(n, k * o, length), unfolded.transpose(1, 2))
+    return per_example.square_().sum(dim=0).view(k, o, -1).sum(dim=0)
+
+
+def _weight_squares_gram(d: Tensor, unfolded: Tensor) -> Tensor:
+    """The same sum through Gram matrices over output positions, without per-example gradients:
+
+    ``Σ_{n,k} (Σ_l δ_nkol u_nfl)² = Σ_n Σ_{l,m} A_nolm B_nflm`` with ``A_no = Σ_k δ_nko δ_nkoᵀ`` and
+    ``B_nf = u_nf u_nfᵀ`` (both L×L), one matmul over ``(n, l, m)``. Costs ``out·features·L²``
+    multiply-adds per example and no K-fold output; best where L is small (late conv layers).
+    """
+    k, n, o, length = d.shape
+    rows = d.permute(1, 2, 0, 3).reshape(n * o, k, length)
+    a_gram = torch.bmm(rows.transpose(1, 2), rows).view(n, o, length * length)  # [n, out, L·L]
+    b_gram = (unfolded[:, :, :, None] * unfolded[:, :, None, :]).reshape(n, -1, length * length)  # [n, F, L·L]
+    return a_gram.permute(1, 0, 2).reshape(o, -1) @ b_gram.permute(0, 2, 1).reshape(-1, b_gram.shape[1])
+
+
+def _positions(module: nn.Module, a: Tensor, delta: Tensor) -> int:
+    """Output positions L per example (1 for a Linear on vectors)."""
+    if isinstance(module, nn.Linear):
+        return max(1, a[0].numel() // a.shape[-1])
+    return delta[0, 0, 0].numel()
+
+
+def _features(module: nn.Module, a: Tensor) -> int:
+    """Columns of the unfolded input: ``in·kernel`` for a convolution, ``in`` for a Linear."""
+    if isinstance(module, nn.Linear):
+        return a.shape[-1]
+    return module.in_channels * math.prod(module.kernel_size)
 
 
 def _unfold(module: nn.Module, a: Tensor) -> Tensor:

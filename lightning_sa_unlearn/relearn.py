@@ -39,7 +39,7 @@ def relearn_attack(
     relearn_set: tuple[Tensor, Tensor],
     *,
     steps: int = 10,
-    lr: float = 0.01,
+    lr: float = 1e-4,
     batch_size: int = 32,
     loss_fn: LossFn = F.cross_entropy,
     seed: int = 0,
@@ -80,7 +80,7 @@ def relearn_evaluation(
     target_class: int | None = None,
     samples: int = 50,
     steps: int = 10,
-    lr: float = 0.01,
+    lr: float = 1e-4,
     loss_fn: LossFn = F.cross_entropy,
     seed: int = 0,
 ) -> dict[str, Any]:

@@ -161,12 +161,21 @@ def test_bad_arguments_are_refused(cnn_data):
         hessian_diagonal(relu_cnn().requires_grad_(False), [(x, y)])
 
 
+@pytest.mark.parametrize("form", ["direct", "gram", "default"])
 @pytest.mark.parametrize("method", ["ggn", "empirical_fisher", "mc_ggn"])
-def test_hook_path_equals_vmap_path_on_a_residual_network(method, monkeypatch):
-    """Hooks and one batched backward against per-example vmap, with in-place ReLU, `+=` and a Conv1d."""
+def test_hook_path_equals_vmap_path_on_a_residual_network(method, form, monkeypatch):
+    """Hooks and one batched backward against per-example vmap, with in-place ReLU, `+=` and a Conv1d.
+
+    Every layer through per-example products ("direct"), every layer through Gram matrices
+    ("gram"), and the size-based choice ("default"); the first two one example per chunk.
+    """
     from torchvision.models.resnet import BasicBlock
 
     from lightning_sa_unlearn import ggn_fast
+
+    if form != "default":
+        monkeypatch.setattr(ggn_fast, "_GRAM_MAX_POSITIONS_PER_ROW", 0 if form == "direct" else 10**6)
+        monkeypatch.setattr(ggn_fast, "_CHUNK_ELEMENTS", 1)
 
     torch.manual_seed(0)
     downsample = nn.Sequential(nn.Conv2d(4, 8, 1, stride=2, bias=False), nn.BatchNorm2d(8))
