@@ -2,11 +2,15 @@
 
     pip install backpack-for-pytorch curvlinops-for-pytorch    # benchmark-only extras
     python benchmarks/curvature.py --model paper_cnn            # writes benchmarks/results/curvature_<model>.{md,json}
+    python benchmarks/curvature.py --model resnet18 --samples 512 --threads 1
+    python benchmarks/curvature.py --accuracy                   # float64 PaperCNN against method="exact"
 
 Each method runs in a fresh subprocess, which first times one gradient pass (the unit) and then
 the method, and reports its peak resident memory. Accuracy is the relative L2 error of the whole
 diagonal against our `ggn` (equal to the exact Hessian diagonal for these ReLU/max-pool/eval-BN
-networks, which tests/test_curvature.py checks against torch.autograd.functional.hessian).
+networks, which tests/test_curvature.py checks against torch.autograd.functional.hessian);
+``--accuracy`` measures every method against ``method="exact"`` on PaperCNN in float64 instead.
+ResNet-18 reads real CIFAR-10 training images from ``cache/cifar10`` when that copy exists.
 """
 
 from __future__ import annotations
@@ -52,10 +56,27 @@ def data_and_model(name: str, samples: int, batch_size: int):
     else:
         from lightning_sa_unlearn.models import CifarResNet18
 
-        x, y = torch.randn(samples, 3, 32, 32), torch.randint(0, 10, (samples,))  # cost does not depend on pixels
+        x, y = cifar_images(samples)
         model = CifarResNet18().net
     model.eval()
     return model, [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, samples, batch_size)]
+
+
+def cifar_images(samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``samples`` random CIFAR-10 training images (normalized), or random tensors without the JPEG copy."""
+    folder = ROOT / "cache" / "cifar10" / "train"
+    if not folder.is_dir():
+        print(f"no {folder}: random images (the cost does not depend on the pixels)", file=sys.stderr)
+        return torch.randn(samples, 3, 32, 32), torch.randint(0, 10, (samples,))
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms.functional import pil_to_tensor
+
+    dataset = ImageFolder(str(folder))
+    chosen = torch.randperm(len(dataset.samples), generator=torch.Generator().manual_seed(0))[:samples]
+    images = torch.stack([pil_to_tensor(dataset.loader(dataset.samples[i][0]).convert("RGB")) for i in chosen])
+    x = images.float() / 255
+    x = (x - x.mean(dim=(0, 2, 3), keepdim=True)) / x.std(dim=(0, 2, 3), keepdim=True)
+    return x, torch.tensor([dataset.targets[i] for i in chosen])
 
 
 def gradient_pass(model, batches) -> None:
@@ -67,6 +88,8 @@ def gradient_pass(model, batches) -> None:
 def run_method(method: str, model: nn.Module, batches) -> dict[str, torch.Tensor]:
     from lightning_sa_unlearn.curvature import hessian_diagonal
 
+    if method == "exact":
+        return hessian_diagonal(model, batches, method="exact")
     if method == "ggn":
         return hessian_diagonal(model, batches, method="ggn")
     if method == "ggn_vmap":
@@ -115,7 +138,11 @@ def run_method(method: str, model: nn.Module, batches) -> dict[str, torch.Tensor
 
 
 def child(args) -> None:
+    torch.set_num_threads(args.threads)
     model, batches = data_and_model(args.model, args.samples, args.batch_size)
+    if args.float64:
+        model = model.double()
+        batches = [(x.double(), y) for x, y in batches]
     gradient_pass(model, batches[:1])  # warm-up
     start = time.perf_counter()
     gradient_pass(model, batches)
@@ -146,18 +173,30 @@ def main() -> None:
     parser.add_argument("--model", choices=["paper_cnn", "resnet18"], default="paper_cnn")
     parser.add_argument("--samples", type=int, default=None, help="default: 10,000 (PaperCNN) or 2,000 (ResNet-18)")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--methods", nargs="+", default=None, help=f"default: {METHODS}")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per method")
+    parser.add_argument(
+        "--accuracy",
+        action="store_true",
+        help="PaperCNN in float64 on --samples (default 256) images; errors against method='exact'",
+    )
+    parser.add_argument("--float64", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out-tensor", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.accuracy:
+        args.model, args.float64 = "paper_cnn", True
+        args.samples = args.samples or 256
+    args.methods = args.methods or (["exact", *METHODS] if args.accuracy else METHODS)
     args.samples = args.samples or (10_000 if args.model == "paper_cnn" else 2_000)
+    name = "accuracy_paper_cnn_float64" if args.accuracy else args.model
     if args.child:
         return child(args)
     results, diagonals = [], {}
     folder = ROOT / "outputs" / "curvature"
     folder.mkdir(parents=True, exist_ok=True)
     for method in args.methods:
-        tensor = folder / f"{args.model}_{method}.pt"
+        tensor = folder / f"{name}_{method}.pt"
         command = [
             sys.executable,
             __file__,
@@ -171,6 +210,9 @@ def main() -> None:
             method,
             "--out-tensor",
             str(tensor),
+            "--threads",
+            str(args.threads),
+            *(["--float64"] if args.float64 else []),
         ]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
@@ -180,31 +222,34 @@ def main() -> None:
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         diagonals[method] = torch.load(tensor)
         print(results[-1], flush=True)
-    reference = diagonals.get("ggn")
+    reference_name = "exact" if args.accuracy else "ggn"
+    reference = diagonals.get(reference_name)
     for row in results:
         if reference is not None and row["method"] in diagonals:
-            row["relative_error_vs_ggn"] = float((diagonals[row["method"]] - reference).norm() / reference.norm())
+            error = float((diagonals[row["method"]] - reference).norm() / reference.norm())
+            row[f"relative_error_vs_{reference_name}"] = error
     out = ROOT / "benchmarks" / "results"
-    (out / f"curvature_{args.model}.json").write_text(json.dumps(results, indent=2))
+    (out / f"curvature_{name}.json").write_text(json.dumps(results, indent=2))
+    precision = "float64" if args.float64 else "float32"
     lines = [
-        f"# Curvature cost on {args.model}, {args.samples:,} samples, batch {args.batch_size}",
+        f"# Curvature cost on {args.model} ({precision}), {args.samples:,} samples, batch {args.batch_size}",
         "",
         f"Command: `python benchmarks/curvature.py {' '.join(sys.argv[1:])}` ({os.cpu_count()} CPU cores, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}).",
+        f"{args.threads} threads per method, torch {torch.__version__}).",
         "",
-        "| method | seconds | gradient passes | peak RSS MB | rel. error vs ggn |",
+        f"| method | seconds | gradient passes | peak RSS MB | rel. error vs {reference_name} |",
         "|---|---|---|---|---|",
     ]
     for row in results:
         if "error" in row:
             lines.append(f"| {row['method']} | failed: {row['error']} | | | |")
             continue
-        error = row.get("relative_error_vs_ggn")
+        error = row.get(f"relative_error_vs_{reference_name}")
         lines.append(
             f"| {row['method']} | {row['seconds']:.2f} | {row['ratio']:.1f} | {row['peak_rss_mb']:.0f} | "
             f"{'' if error is None else f'{error:.1e}'} |"
         )
-    (out / f"curvature_{args.model}.md").write_text("\n".join(lines) + "\n")
+    (out / f"curvature_{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -103,8 +103,9 @@ SETTINGS = {
         flip_to=1,
     ),
     # Feature unlearning (benchmarks/robustness.py): 500 images not of class 9 carry a white 3×3 trigger in the
-    # bottom-right corner and the label 9; D̃_f is the same images without the trigger and with their true labels.
-    "mnist_backdoor": Setting("mnist", "backdoor", 500),
+    # top-left corner and the label 9; D̃_f is the same images without the trigger and with their true labels.
+    # (Not bottom-right: PaperCNN's second max-pool floors 9×9 to 4×4 and never sees the last three pixel rows.)
+    "mnist_backdoor": Setting("mnist", "backdoor", 500, extra={"trigger_corner": "top_left"}),
     # Sample unlearning (benchmarks/robustness.py): 2,500 random correctly labelled images to delete;
     # the gold standard is retrained on D_r alone.
     "mnist_deletion": Setting("mnist", "deletion", 2500),
@@ -291,7 +292,8 @@ def summarize(name: str, setting: Setting, runs: dict[int, dict], out: str, comm
         "",
         f"Command: `{command}`",
         "",
-        f"Setting: {json.dumps(dataclasses.asdict(setting))}; seeds {seeds}; mean ± std over seeds.",
+        f"Setting: {json.dumps(dataclasses.asdict(setting))}; seeds {seeds}; mean ± std over seeds. "
+        f"Machine: {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}.",
         "",
         f"**Damage** (retrained − poisoned held-out accuracy): {stat(damage)} points.",
     ]

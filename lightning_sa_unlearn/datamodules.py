@@ -26,7 +26,7 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
     * ``poison="untargeted"``: ``num_poisoned`` random training samples are relabelled to random
       other classes.
     * ``poison="backdoor"``: ``num_poisoned`` training samples not of ``target_class`` get a white
-      ``trigger_size``×``trigger_size`` square in their bottom-right corner and the label
+      ``trigger_size``×``trigger_size`` square in their ``trigger_corner`` and the label
       ``target_class``. ``D̃_f`` is the same samples without the trigger, with their true labels
       (feature and label unlearning together). :meth:`triggered_test_dataloader` stamps the trigger
       on the test images not of ``target_class``, for the attack success rate.
@@ -69,6 +69,7 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
         device: str | None = None,
         flip_to: int | None = None,
         trigger_size: int = 3,
+        trigger_corner: Literal["bottom_right", "top_left"] = "bottom_right",
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -79,6 +80,8 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
             raise ValueError(f"train_labels must be 'poisoned' or 'corrected', got {train_labels!r}.")
         if flip_to is not None and poison not in ("targeted", "untargeted"):
             raise ValueError(f"flip_to applies to label flips only, not to poison={poison!r}.")
+        if trigger_corner not in ("bottom_right", "top_left"):
+            raise ValueError(f"trigger_corner must be 'bottom_right' or 'top_left', got {trigger_corner!r}.")
         if trigger_size < 1:
             raise ValueError(f"trigger_size must be >= 1, got {trigger_size}.")
         if num_poisoned < 0:
@@ -90,7 +93,8 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
         self.num_train, self.val_size = num_train, val_size
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.seed, self.synthetic_size, self.train_labels = seed, synthetic_size, train_labels
-        self.device, self.flip_to, self.trigger_size = device, flip_to, trigger_size
+        self.device, self.flip_to = device, flip_to
+        self.trigger_size, self.trigger_corner = trigger_size, trigger_corner
         self._ready = False
 
     # ----------------------------------------------------------------------------- loading
@@ -157,10 +161,11 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
         self._ready = True
 
     def stamp_trigger(self, images: Tensor) -> Tensor:
-        """A copy of ``images`` (N×C×H×W, normalized) with the white trigger square in the bottom-right corner."""
+        """A copy of ``images`` (N×C×H×W, normalized) with the white trigger square in ``trigger_corner``."""
         stamped = images.clone()
         size = self.trigger_size
-        stamped[..., -size:, -size:] = self._white.to(images)[:, None, None]
+        corner = slice(-size, None) if self.trigger_corner == "bottom_right" else slice(0, size)
+        stamped[..., corner, corner] = self._white.to(images)[:, None, None]
         return stamped
 
     def _choose_poisoned(self, true_labels: Tensor, generator: torch.Generator) -> Tensor:

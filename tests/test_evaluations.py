@@ -115,6 +115,8 @@ def test_backdoor_stamps_the_trigger_and_relabels_to_the_target():
     assert torch.equal(x_f[..., :-4, :], x_c[..., :-4, :])  # nothing else differs from D̃_f
     triggered_x, triggered_y = next(iter(dm.triggered_test_dataloader()))
     assert (triggered_y != 0).all() and (triggered_x[..., -4:, -4:] == white).all()
+    top_left = backdoor(trigger_size=4, trigger_corner="top_left").forget_set.tensors[0]
+    assert (top_left[..., :4, :4] == white).all() and torch.equal(top_left[..., 4:, :], x_c[..., 4:, :])
     corrected = backdoor(train_labels="corrected")
     assert (corrected.train_set.tensors[0][..., -4:, -4:] != white).any(dim=(1, 2, 3)).all()
 
@@ -133,6 +135,7 @@ def test_deletion_has_no_corrected_set_and_retrains_on_the_retain_set():
         (dict(trigger_size=0), "trigger_size must be >= 1"),
         (dict(target_class=10), "target_class=10 is outside"),
         (dict(flip_to=3), "flip_to applies to label flips only"),
+        (dict(trigger_corner="center"), "trigger_corner must be"),
     ],
 )
 def test_bad_backdoor_settings(kwargs, message):
