@@ -386,17 +386,30 @@ def _sweep_lines(runs: dict[int, dict], seeds: list[int]) -> list[str]:
             f"| {layer} | {statistics.fmean(sharpness):.3e} | "
             f"{100 * statistics.fmean(gains):+.2f} ± {100 * spread:.2f} |"
         )
-    lines += ["", "| rule | picks the best layer in | layers it picked |", "|---|---|---|"]
+    lines += [
+        "",
+        "Shortfall: how many points of held-out accuracy the rule's layer gains less than the seed's best layer.",
+        "",
+        "| rule | picks the best layer in | shortfall from the best layer (points) | layers it picked |",
+        "|---|---|---|---|",
+    ]
     for rule in RULES:
-        hits, picks = 0, []
+        hits, picks, shortfalls = 0, [], []
         for s in seeds:
             layer_runs = _layer_runs(runs[s])
             first = next(iter(layer_runs.values()))["report"]
             scores = first["newton_decrement"] if rule == "newton_decrement" else first["layer_sharpness"]
             pick = select_layers(scores, rule)[0]
-            hits += pick == max(layer_runs, key=lambda layer: layer_runs[layer]["heldout"]["accuracy"])
+            accuracy = {layer: run["heldout"]["accuracy"] for layer, run in layer_runs.items()}
+            best = max(accuracy, key=accuracy.get)
+            hits += pick == best
+            shortfalls.append(100 * (accuracy[best] - accuracy[pick]))
             picks.append(pick)
-        lines.append(f"| {rule} | {hits} of {len(seeds)} seeds | {', '.join(picks)} |")
+        spread = statistics.stdev(shortfalls) if len(shortfalls) > 1 else 0.0
+        lines.append(
+            f"| {rule} | {hits} of {len(seeds)} seeds | {statistics.fmean(shortfalls):.2f} ± {spread:.2f} | "
+            f"{', '.join(picks)} |"
+        )
     return lines
 
 

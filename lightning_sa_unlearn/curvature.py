@@ -187,15 +187,23 @@ def _exact_batch(model, params, buffers, x, y, *, loss_fn, chunk_size, **_) -> d
 def _output_hessian_factor(logits: Tensor, target: Tensor, loss_fn: LossFn) -> Tensor:
     """Rows ``s_k`` with ``Σ_k s_k s_kᵀ = ∇²_f ℓ(f, y)`` for one example's logits ``f``.
 
-    For cross-entropy ``∇²_f ℓ = diag(p) − ppᵀ = Σ_c p_c (e_c − p)(e_c − p)ᵀ``, so
-    ``s_c = √p_c (e_c − p)`` and ``(J_nᵀ s_c)² = p_c (∇_θ ℓ(x_n, c))²``.
+    For cross-entropy ``∇²_f ℓ = diag(p) − ppᵀ = Σ_c p_c (e_c − p)(e_c − p)ᵀ``: the C rows
+    ``s_c = √p_c (e_c − p)``, stacked as ``S``, satisfy ``√pᵀ S = 0`` (the matrix has rank C − 1).
+    A Householder reflection ``Q = I − 2vvᵀ/‖v‖²`` with ``v = e_0 + √p`` maps ``e_0`` to ``−√p``,
+    so row 0 of ``QS`` is zero and its other C − 1 rows are an exact factor (``QᵀQ = I``):
+    every later cost that scales with the rows drops by a factor (C − 1)/C. ``‖v‖² ≥ 2``, so
+    the reflection is always well conditioned.
     Other losses use the eigendecomposition; a loss with a non-convex output (a negative
     eigenvalue) has no Gauss-Newton factor and is clipped at zero.
     """
     logits = logits.detach()
     if loss_fn is F.cross_entropy:
         p = torch.softmax(logits, dim=-1)
-        return p.sqrt()[:, None] * (torch.eye(p.shape[-1], dtype=p.dtype, device=p.device) - p[None, :])
+        eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
+        rows = p.sqrt()[:, None] * (eye - p[None, :])  # C rows, rank C − 1
+        v = eye[0] + p.sqrt()
+        reflected = rows - (2 / (v @ v)) * torch.outer(v, v @ rows)  # Q S
+        return reflected[1:]
     output_hessian = hessian(lambda f: loss_fn(f[None], target[None]))(logits)
     eigenvalues, eigenvectors = torch.linalg.eigh(output_hessian)
     return (eigenvectors * eigenvalues.clamp(min=0).sqrt()[None, :]).T
