@@ -36,6 +36,10 @@ RULES = ("flattest", "sharpest", "last", "all")
 # (10 steps) at which the RETRAINED model keeps at least 95% of its class-9 accuracy (96%; at 3e-4 it kept 41%).
 # A stronger attack teaches the poison from scratch to any model, and then says nothing about unlearning.
 ATTACK = dict(samples=50, steps=10, lr=1e-4)
+# Clean validation data cannot see a trigger: with the default objective τ stays near 0 and the attack success
+# stays at 99% for every rule (benchmarks/results/robustness_backdoor_clean_validation_seed0.json). The backdoor
+# scenario therefore chooses τ on validation loss plus the loss of D_f's triggered inputs under their true labels.
+OPTIONS = {"mnist_backdoor": dict(tau_objective="validation_and_forget")}
 RETAIN_SAMPLES = 10_000  # retain accuracy is measured on this many retain samples
 
 
@@ -94,6 +98,7 @@ def run(scenario: str, seed: int, cache: str) -> dict[str, Any]:
             seed=seed,
             verbose=False,
             progress_bar=False,
+            **OPTIONS.get(scenario, {}),
         ).unlearn(model, datamodule)
         results[rule] = {
             **evaluate(model, datamodule, setting, seed),
@@ -153,7 +158,7 @@ def summarize(runs: dict[str, dict[int, dict]], out: str, command: str) -> str:
             "",
             f"## {scenario} (seeds {sorted(seeds)})",
             "",
-            f"Setting: {SETTINGS[scenario]}",
+            f"Setting: {SETTINGS[scenario]}; callback options {OPTIONS.get(scenario, {})}",
             "",
             "| model | " + " | ".join(header) + " | layers picked |",
             "|---|" + "---|" * (len(header) + 1),

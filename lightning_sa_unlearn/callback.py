@@ -27,6 +27,7 @@ from lightning_sa_unlearn.functional import (
     batches_for,
     eval_mode,
     require_trainable_parameters,
+    split_batch,
     trainable_parameters,
 )
 from lightning_sa_unlearn.membership import membership_inference
@@ -109,6 +110,11 @@ class SharpnessAwareUnlearning(Callback):
             searches :data:`SECOND_ORDER_TAUS` (0 and 1 included) on validation. ``forget_loss``
             keeps the step count (0 included) of least validation loss.
         tau_grid: the τ values tried by ``"auto"`` (default: :func:`default_tau_grid`).
+        tau_objective: what ``"auto"`` (and the step count of ``forget_loss``) minimises:
+            ``"validation"``, the mean validation loss; or ``"validation_and_forget"``, that plus
+            the mean loss of the forget inputs under their corrected labels (``D_f``'s inputs,
+            ``D̃_f``'s labels). Clean validation data cannot see a backdoor trigger; the second
+            objective can, because the triggered inputs must regain their true labels.
         validation_samples: size of the retain slice used when there is no validation set.
         damping: λ in ``H + λI`` (``second_order``, ``newton_decrement``).
         solver: ``"cg"`` (conjugate gradient) or ``"lissa"`` for ``second_order``, with
@@ -154,6 +160,7 @@ class SharpnessAwareUnlearning(Callback):
         num_samples: int = 1,
         tau: float | Literal["auto"] = "auto",
         tau_grid: list[float] | None = None,
+        tau_objective: Literal["validation", "validation_and_forget"] = "validation",
         validation_samples: int = 5000,
         damping: float = 1e-3,
         solver: Literal["cg", "lissa"] = "cg",
@@ -191,6 +198,7 @@ class SharpnessAwareUnlearning(Callback):
         self.curvature, self.curvature_samples, self.num_probes = curvature, curvature_samples, num_probes
         self.num_samples = num_samples
         self.tau, self.tau_grid, self.validation_samples = tau, tau_grid, validation_samples
+        self.tau_objective = tau_objective
         self.damping, self.solver, self.max_iterations, self.tolerance = damping, solver, max_iterations, tolerance
         self.lissa_scale, self.fallback = lissa_scale, fallback
         self.steps, self.retain_weight, self.retain_samples = steps, retain_weight, retain_samples
@@ -318,6 +326,11 @@ class SharpnessAwareUnlearning(Callback):
                 "triggered_test_dataloader() is defined but the datamodule has no target_class; set "
                 "datamodule.target_class to the backdoor's target so that the attack success rate can be measured."
             )
+        if self.tau_objective == "validation_and_forget" and data.corrected is None:
+            raise ValueError(
+                "tau_objective='validation_and_forget' scores the forget inputs with their corrected labels, "
+                "so it needs corrected_dataloader(); use tau_objective='validation' for sample unlearning."
+            )
         if "mia" in self.evaluate and (data.retain is None or data.test is None):
             raise ValueError(
                 "evaluate=['mia'] needs retain_dataloader() (members) and test_dataloader() (non-members)."
@@ -396,10 +409,21 @@ class SharpnessAwareUnlearning(Callback):
         else:
             validation, validation_source = None, None
 
-        def validation_loss(m: nn.Module, batches_: Iterable[Any] | None = validation) -> float:
+        relabelled = None
+        if self.tau_objective == "validation_and_forget":
+            relabelled = _Relabelled(forget, corrected)
+            validation_source = f"{validation_source} + forget inputs with corrected labels"
+
+        def mean_loss(m: nn.Module, batches_: Iterable[Any] | None) -> float:
             total, count = processes.agree(lambda: loss_sum(m, batches_, self.loss_fn))
             total, count = processes.sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
             return total / count if count else float("nan")
+
+        def validation_loss(m: nn.Module, batches_: Iterable[Any] | None = validation) -> float:
+            loss = mean_loss(m, batches_)
+            if relabelled is not None and batches_ is validation:
+                loss += mean_loss(m, relabelled)
+            return loss
 
         with _stage(seconds, "update"), _frozen_except(model, names):
             step = _Step(
@@ -794,6 +818,17 @@ class _Processes:
         return result
 
 
+class _Relabelled:
+    """``(x of a forget batch, y of the aligned corrected batch)``: D_f's inputs under D̃_f's labels."""
+
+    def __init__(self, inputs: Iterable[Any], labels: Iterable[Any]) -> None:
+        self.inputs, self.labels = inputs, labels
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for forget_batch, corrected_batch in zip(self.inputs, self.labels):
+            yield split_batch(forget_batch)[0], split_batch(corrected_batch)[1]
+
+
 class _Batches:
     """This process's shard of a loader, with labels checked; iterable many times (one pass per τ)."""
 
@@ -916,6 +951,10 @@ def _check_arguments(**a: Any) -> None:
         f"{a['epochs']}, {a['lr']}, {a['momentum']}, {a['weight_decay']}.",
     )
     require(a["optimizer"] in OPTIMIZERS, f"unknown optimizer {a['optimizer']!r}; choose one of {OPTIMIZERS}.")
+    require(
+        a["tau_objective"] in ("validation", "validation_and_forget"),
+        f"tau_objective must be 'validation' or 'validation_and_forget', got {a['tau_objective']!r}.",
+    )
     unknown = [name for name in a["evaluate"] if name not in EVALUATIONS]
     require(
         not isinstance(a["evaluate"], str) and not unknown,

@@ -13,6 +13,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sa_unlearn import SharpnessAwareUnlearning, hessian_diagonal, layer_sharpness
+from lightning_sa_unlearn.functional import eval_mode
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAYERS = ["net.conv", "net.bn", "net.fc1", "net.fc2"]
@@ -290,6 +291,7 @@ def test_exact_curvature_on_a_large_model_is_refused():
         (dict(num_layers=0), "num_layers"),
         (dict(curvature="kfac"), "unknown curvature"),
         (dict(tau=-1.0), "tau must be"),
+        (dict(tau_objective="test"), "tau_objective must be"),
         (dict(tau="best"), "tau must be"),
         (dict(curvature_samples=0), "curvature_samples"),
     ],
@@ -372,4 +374,31 @@ def test_labels_outside_classes_anywhere_are_refused(tiny_model, which):
     datamodule = CustomDataModule(**{which: (base.x[:n], torch.full((n,), -1))})
     with pytest.raises(ValueError, match=f"the {'training' if which == 'train' else which} set has labels"):
         SharpnessAwareUnlearning(verbose=False).unlearn(model, datamodule)
+    assert_same_state(model, before)
+
+
+def test_tau_objective_adds_the_forget_inputs_under_corrected_labels(tiny_model):
+    model, datamodule = tiny_model
+    report = SharpnessAwareUnlearning(verbose=False, tau_objective="validation_and_forget").unlearn(model, datamodule)
+    chosen_loss = dict(report.tau_search)[report.tau]
+
+    def mean_loss(pairs):
+        losses = [F.cross_entropy(model(x), y, reduction="sum") for x, y in pairs]
+        return float(sum(losses) / sum(len(y) for _, y in pairs))
+
+    with torch.no_grad(), eval_mode(model):
+        validation = list(datamodule.val_dataloader())
+        relabelled = [(f[0], c[1]) for f, c in zip(datamodule.forget_dataloader(), datamodule.corrected_dataloader())]
+        expected = mean_loss(validation) + mean_loss(relabelled)
+    assert chosen_loss == pytest.approx(expected, rel=1e-5)
+    assert report.validation_source == "val_dataloader + forget inputs with corrected labels"
+
+
+def test_tau_objective_with_forget_needs_the_corrected_set(tiny_model):
+    model, _ = tiny_model
+    before = state(model)
+    with pytest.raises(ValueError, match="needs corrected_dataloader"):
+        SharpnessAwareUnlearning(verbose=False, tau_objective="validation_and_forget").unlearn(
+            model, TensorDataModule(with_corrected=False)
+        )
     assert_same_state(model, before)
