@@ -103,6 +103,10 @@ class SharpnessAwareUnlearning(Callback):
         curvature_samples: at most this many training samples for curvature (None: all).
         num_probes: probes for ``curvature="hutchinson"``.
         num_samples: sampled labels per example for ``curvature="mc_ggn"``.
+            The defaults (10,000 samples, 10 probes, 1 sample) come from
+            ``benchmarks/results/curvature_seeds.md``: on MNIST every method picked the same layer
+            in 5 of 5 seeds, ``ggn`` on 10,000 samples with a lead of 20 standard errors in a fifth
+            of the time of all 50,000. The report's ``selection_margin`` checks this on your data.
         tau: the first-order step size, or ``"auto"``: the τ of least validation loss on a log
             grid that includes 0 (no update). Validation is ``val_dataloader()`` or, without one,
             the first ``validation_samples`` of the retain set; never the test set. For
@@ -155,8 +159,8 @@ class SharpnessAwareUnlearning(Callback):
         granularity: Literal["layer", "parameter"] = "layer",
         fraction: float | None = None,
         curvature: Literal["ggn", "mc_ggn", "exact", "hutchinson", "empirical_fisher"] = "ggn",
-        curvature_samples: int | None = None,
-        num_probes: int = 100,
+        curvature_samples: int | None = 10_000,
+        num_probes: int = 10,
         num_samples: int = 1,
         tau: float | Literal["auto"] = "auto",
         tau_grid: list[float] | None = None,
