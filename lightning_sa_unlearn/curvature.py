@@ -218,7 +218,7 @@ def _squared_jacobian_products(model, params, buffers, x, targets, factor, chunk
     if ggn_fast.supports(model):
         rows = vmap(factor)
         total: dict[str, Tensor] | None = None
-        for part in chunks(x.shape[0], 4 * chunk_size):  # bounds the K-fold activations of the batched backward
+        for part in chunks(x.shape[0], chunk_size):  # bounds the K-fold activations of the batched backward
             piece = ggn_fast.ggn_diagonal_sum(model, x[part], lambda logits: rows(logits, targets[part]), chunk_size)
             if piece is None:
                 total = None
