@@ -277,8 +277,9 @@ def summarize(name: str, setting: Setting, runs: dict[int, dict], out: str, comm
         if not values:
             return "-"
         mean = statistics.fmean(values) * scale
-        std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-        return f"{mean:.{digits}f} ± {std:.{digits}f}"
+        if len(values) == 1:  # one seed: no spread to report
+            return f"{mean:.{digits}f}"
+        return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
 
     def column(row: str, pick) -> list[float]:  # seeds without this row (an interrupted run) are left out
         return [pick(runs[s][row], runs[s]) for s in seeds if row in runs[s]]
