@@ -112,11 +112,11 @@ def main(
         "| configuration | same layer as the reference | median lead (standard errors) | seconds (mean) |",
         "|---|---|---|---|",
     ]
-    for name, results in rows.items():
+    for config_name, results in rows.items():
         same = sum(r["picked"] == ref for r, ref in zip(results, reference))
         lead = statistics.median(r["lead_in_standard_errors"] for r in results)
         seconds = statistics.fmean(r["seconds"] for r in results)
-        lines.append(f"| {name} | {same} of {len(results)} | {lead:.1f} | {seconds:.1f} |")
+        lines.append(f"| {config_name} | {same} of {len(results)} | {lead:.1f} | {seconds:.1f} |")
     text = "\n".join(lines) + "\n"
     os.makedirs(out, exist_ok=True)
     stem = f"curvature_seeds_{name}" if resnet else "curvature_seeds"
