@@ -60,8 +60,17 @@ class UnlearningReport:
     def from_dict(cls, values: dict[str, Any]) -> UnlearningReport:
         nan = float("nan")
         values = dict(values)
-        for group in ("heldout_before", "heldout_after", "forget_before", "forget_after"):
+        for group in ("heldout_before", "heldout_after", "forget_before", "forget_after", "sharpness_standard_error"):
             values[group] = {k: nan if v is None else v for k, v in values.get(group, {}).items()}
+        if values.get("membership_inference"):
+            values["membership_inference"] = {
+                when: {k: nan if v is None else v for k, v in result.items()}
+                for when, result in values["membership_inference"].items()
+            }
+        if values.get("relearn"):
+            relearn = dict(values["relearn"])
+            relearn["heldout"] = {k: nan if v is None else v for k, v in relearn["heldout"].items()}
+            values["relearn"] = relearn
         values["tau_search"] = [tuple(pair) for pair in values.get("tau_search", [])]
         return cls(**values)
 

@@ -7,7 +7,7 @@ from conftest import TensorDataModule, assert_same_state, state
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_sa_unlearn import SharpnessAwareUnlearning
+from lightning_sa_unlearn import SharpnessAwareUnlearning, UnlearningReport
 from lightning_sa_unlearn.datamodules import PoisonedLabelDataModule
 from lightning_sa_unlearn.evaluation import attack_success_rate
 from lightning_sa_unlearn.membership import fit_logistic_regression, membership_inference, roc_auc
@@ -189,3 +189,17 @@ def test_mia_without_retain_set_is_refused_and_leaves_the_model(tiny_model):
     with pytest.raises(ValueError, match="needs retain_dataloader"):
         SharpnessAwareUnlearning(verbose=False, evaluate=["mia"]).unlearn(model, TensorDataModule(with_retain=False))
     assert_same_state(model, before)
+
+
+def test_report_with_evaluations_round_trips_through_json(tiny_model, tmp_path):
+    model, _ = tiny_model
+    callback = SharpnessAwareUnlearning(verbose=False, evaluate=["mia", "relearn"], relearn_samples=20)
+    report = callback.unlearn(model, TriggeredDataModule())
+    report.to_json(tmp_path / "report.json")
+    loaded = UnlearningReport.from_json(tmp_path / "report.json")
+    original, reread = report.scalar_metrics(), loaded.scalar_metrics()
+    assert original.keys() == reread.keys()
+    for key, value in original.items():
+        assert value == pytest.approx(reread[key], nan_ok=True), key
+    assert loaded.format_table() == report.format_table()
+    assert loaded.selection_margin == pytest.approx(report.selection_margin)
