@@ -397,7 +397,7 @@ class SharpnessAwareUnlearning(Callback):
             margin = None
             if self.granularity == "layer":
                 margin = selection_margin(sharpness, statistics, selected, self.selection)
-            if margin is not None and not margin["lead_in_standard_errors"] >= 2:
+            if margin is not None and margin["lead_in_standard_errors"] < 2:  # NaN (one batch): no estimate
                 rank_zero_warn(
                     f"the selected layer {margin['selected']!r} leads the runner-up {margin['runner_up']!r} by "
                     f"{margin['lead']:.3g}, only {margin['lead_in_standard_errors']:.2f} standard errors of the "
@@ -415,8 +415,14 @@ class SharpnessAwareUnlearning(Callback):
 
         relabelled = None
         if self.tau_objective == "validation_and_forget":
-            relabelled = _Relabelled(forget, corrected)
-            validation_source = f"{validation_source} + forget inputs with corrected labels"
+            if self.tau != "auto" or self.update == "fine_tune" or validation is None:
+                rank_zero_warn(
+                    "tau_objective='validation_and_forget' has no effect here: it only steers tau='auto' "
+                    "and forget_loss's step count, and needs a validation set."
+                )
+            else:
+                relabelled = _Relabelled(forget, corrected)
+                validation_source = f"{validation_source} + forget inputs with corrected labels"
 
         def mean_loss(m: nn.Module, batches_: Iterable[Any] | None) -> float:
             total, count = processes.agree(lambda: loss_sum(m, batches_, self.loss_fn))

@@ -99,6 +99,15 @@ def sharpness_with_standard_errors(
     return statistics.means(), statistics.standard_errors()
 
 
+def _in_standard_errors(lead: float, error: float) -> float:
+    """``lead / error``; NaN without an error estimate (one batch); 0 for an exact tie; inf for a sure lead."""
+    if math.isnan(error):
+        return math.nan
+    if error == 0:
+        return math.inf if lead > 0 else 0.0
+    return lead / error
+
+
 def selection_margin(
     sharpness: dict[str, float], statistics: SharpnessStatistics, selected: list[str], rule: Any
 ) -> dict[str, Any] | None:
@@ -122,5 +131,5 @@ def selection_margin(
         "runner_up": runner_up,
         "lead": lead,
         "standard_error": error,
-        "lead_in_standard_errors": lead / error if error > 0 else (math.inf if error == 0 else math.nan),
+        "lead_in_standard_errors": _in_standard_errors(lead, error),
     }

@@ -202,6 +202,8 @@ def _output_hessian_factor(logits: Tensor, target: Tensor, loss_fn: LossFn) -> T
         eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
         rows = p.sqrt()[:, None] * (eye - p[None, :])  # C rows, rank C − 1
         v = eye[0] + p.sqrt()
+        if p.shape[-1] == 1:  # one logit: the loss is constant, its one row is zero
+            return rows
         reflected = rows - (2 / (v @ v)) * torch.outer(v, v @ rows)  # Q S
         return reflected[1:]
     output_hessian = hessian(lambda f: loss_fn(f[None], target[None]))(logits)

@@ -112,9 +112,11 @@ def _squared_gradients(module: nn.Module, a: Tensor, delta: Tensor, chunk_size: 
     features = _features(module, a)
     out_channels = delta.shape[2] if not isinstance(module, nn.Linear) else delta.shape[-1]
     gram = length <= _GRAM_MAX_POSITIONS_PER_ROW * k
-    per_example = out_channels * features * (length * length if gram else k) + features * length * (
-        length if gram else 1
-    )
+    copies = k * out_channels * length + features * length  # the permuted signals and the unfolded input
+    if gram:  # A (out·L²) and B (features·L²) per example
+        per_example = copies + (out_channels + features) * length * length
+    else:  # the K-fold per-example gradients
+        per_example = copies + k * out_channels * features
     step = max(1, min(chunk_size, _CHUNK_ELEMENTS // max(per_example, 1)))
     for start in range(0, a.shape[0], step):
         a_part, d_part = a[start : start + step], delta[:, start : start + step]

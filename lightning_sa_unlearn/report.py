@@ -67,6 +67,8 @@ class UnlearningReport:
                 when: {k: nan if v is None else v for k, v in result.items()}
                 for when, result in values["membership_inference"].items()
             }
+        if values.get("selection_margin"):
+            values["selection_margin"] = {k: nan if v is None else v for k, v in values["selection_margin"].items()}
         if values.get("relearn"):
             relearn = dict(values["relearn"])
             relearn["heldout"] = {k: nan if v is None else v for k, v in relearn["heldout"].items()}
@@ -154,7 +156,12 @@ class UnlearningReport:
         if self.selection_margin is not None:
             margin = self.selection_margin
             lead = margin["lead_in_standard_errors"]
-            lines.append(f"  lead over the runner-up {margin['runner_up']}: {lead:.1f} standard errors")
+            lead_text = (
+                f"{lead:.1f} standard errors"
+                if math.isfinite(lead)
+                else ("no error estimate (one batch)" if math.isnan(lead) else "no spread between batches")
+            )
+            lines.append(f"  lead over the runner-up {margin['runner_up']}: {lead_text}")
         tau = "n/a" if self.tau is None else f"{self.tau:.4g}"
         lines += [
             "",

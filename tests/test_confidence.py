@@ -104,6 +104,10 @@ def test_selection_margin_by_hand():
     assert margin["runner_up"] == "4" and margin["lead"] == 2.0
     assert margin["standard_error"] == pytest.approx(1.0) and margin["lead_in_standard_errors"] == pytest.approx(2.0)
     assert selection_margin(means, stats, ["0"], "last") is None
+    tie = SharpnessStatistics(model)
+    tie.update(batch([1.0, 1.0, 6.0]), 1)
+    tie.update(batch([1.0, 1.0, 6.0]), 1)
+    assert selection_margin(tie.means(), tie, ["0"], "flattest")["lead_in_standard_errors"] == 0.0
     assert selection_margin(means, stats, ["4"], "flattest") is None  # not the rule's pick: a custom select_layers
 
 

@@ -227,3 +227,12 @@ def test_mc_ggn_is_unbiased(cnn_data):
     assert errors[0] > errors[1] > errors[2] and errors[2] < 0.05
     with pytest.raises(ValueError, match="cross_entropy"):
         hessian_diagonal(model, [(x, y)], method="mc_ggn", loss_fn=lambda a, b: F.cross_entropy(a, b))
+
+
+def test_ggn_of_a_single_logit_is_zero():
+    """Cross-entropy over one class is constant: its Hessian (and GGN) is zero."""
+    model = nn.Linear(4, 1).double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.zeros(5, dtype=torch.long)
+    diag = hessian_diagonal(model, [(x, y)], method="ggn")
+    assert all(torch.equal(d, torch.zeros_like(d)) for d in diag.values())
+    torch.testing.assert_close(flat(diag), autograd_hessian_diagonal(model, x, y))

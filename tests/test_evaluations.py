@@ -1,5 +1,7 @@
 """Backdoor scenario, attack success rate, membership inference and the relearning attack."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -203,3 +205,23 @@ def test_report_with_evaluations_round_trips_through_json(tiny_model, tmp_path):
         assert value == pytest.approx(reread[key], nan_ok=True), key
     assert loaded.format_table() == report.format_table()
     assert loaded.selection_margin == pytest.approx(report.selection_margin)
+
+
+def test_roc_auc_from_ranks_equals_the_pairwise_count():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 20, (300,), generator=g).double()  # many ties
+    labels = torch.randint(0, 2, (300,), generator=g)
+    positive, negative = scores[labels.bool()], scores[~labels.bool()]
+    pairwise = (positive[:, None] > negative[None, :]).double().mean() + 0.5 * (
+        positive[:, None] == negative[None, :]
+    ).double().mean()
+    assert roc_auc(scores, labels) == pytest.approx(float(pairwise), rel=1e-12)
+
+
+def test_one_curvature_batch_reports_no_error_estimate_and_round_trips(tiny_model, tmp_path):
+    model, datamodule = tiny_model
+    report = SharpnessAwareUnlearning(verbose=False, curvature_samples=16).unlearn(model, datamodule)
+    assert math.isnan(report.selection_margin["lead_in_standard_errors"])
+    report.to_json(tmp_path / "report.json")
+    loaded = UnlearningReport.from_json(tmp_path / "report.json")
+    assert "no error estimate (one batch)" in loaded.format_table()
