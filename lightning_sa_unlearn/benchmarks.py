@@ -181,6 +181,8 @@ def train(setting: Setting, seed: int, labels: str, path: str) -> tuple[pl.Light
     start = time.perf_counter()
     trainer.fit(model, make_datamodule(setting, seed, labels))
     seconds = time.perf_counter() - start
+    if setting.device is not None:  # Lightning hands the model back on the CPU after fit
+        model.to(setting.device)
     print(f"  trained the {labels} model in {seconds:.1f} s", flush=True)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save({"state_dict": model.state_dict(), "seconds": seconds}, path + ".tmp")
@@ -227,7 +229,7 @@ def run_seed(name: str, setting: Setting, seed: int, cache: str) -> dict:
     def unlearn(key: str, **kwargs: Any) -> dict:
         if key in results:
             return results[key]
-        model = make_model(setting).to(poisoned.device)
+        model = make_model(setting).to(setting.device or poisoned.device)
         model.load_state_dict(poisoned.state_dict())
         callback = SharpnessAwareUnlearning(
             curvature=setting.curvature,
