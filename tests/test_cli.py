@@ -50,11 +50,19 @@ def digest(path: pathlib.Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.fixture(autouse=True)
+def _in_a_temporary_folder(tmp_path, monkeypatch):
+    """LightningCLI saves config.yaml in the working folder when there is no logger: keep it out of the repo."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli")
     cfg = config(folder)
-    main(["fit", "--config", str(cfg)])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)  # LightningCLI writes config.yaml into the working folder
+        main(["fit", "--config", str(cfg)])
     return folder, cfg, folder / "fitted.ckpt"
 
 
