@@ -643,6 +643,17 @@ class SharpnessAwareUnlearning(Callback):
         generator = torch.Generator(device=_device(model)).manual_seed(self.seed + 7919 * processes.rank)
         progress = self._progress(trainer, train, f"curvature ({self.curvature})", sized(train))
         statistics = SharpnessStatistics(model)
+        # probe-parallel: every process reads the same batches, so a batch's estimates are averaged over the
+        # processes and recorded once (recording each copy would count correlated replicates as independent)
+        per_batch: list[tuple[Tensor, int]] = []
+        parallel_probes = probe_parallel and processes.world_size > 1
+
+        def on_batch(part: dict[str, Tensor], size: int) -> None:
+            if parallel_probes:
+                per_batch.append((statistics.layer_sums(part), size))
+            else:
+                statistics.update(part, size)
+
         local, count = processes.agree(
             lambda: hessian_diagonal_sum(
                 model,
@@ -652,10 +663,16 @@ class SharpnessAwareUnlearning(Callback):
                 num_probes=self.num_probes,
                 num_samples=self.num_samples,
                 generator=generator,
-                on_batch=statistics.update,
+                on_batch=on_batch,
             )
         )
-        statistics.state = {k: v.cpu() for k, v in processes.sum_tree(statistics.state).items()}
+        if parallel_probes:
+            sums = torch.stack([y for y, _ in per_batch]) if per_batch else torch.zeros(0, len(statistics.names))
+            averaged = processes.sum(sums.to(torch.float64)).cpu() / processes.world_size
+            for y, (_, size) in zip(averaged, per_batch):
+                statistics.record(y, size)
+        else:
+            statistics.state = {k: v.cpu() for k, v in processes.sum_tree(statistics.state).items()}
         if local is None:
             local = {name: torch.zeros_like(p) for name, p in trainable_parameters(model).items()}
         total = processes.sum_tree(local)

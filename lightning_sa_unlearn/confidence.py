@@ -49,10 +49,16 @@ class SharpnessStatistics:
 
     def update(self, part: dict[str, Tensor], size: int) -> None:
         """Record one batch: ``part`` is its summed diagonal ``{name: Σ_n diag_n}``, ``size`` its samples."""
-        y = (
-            torch.stack([sum(part[n].detach().double().sum().cpu() for n in names) for names in self.layers.values()])
-            / self.sizes
-        )
+        self.record(self.layer_sums(part), size)
+
+    def layer_sums(self, part: dict[str, Tensor]) -> Tensor:
+        """``y_l = (1/|θ_l|) Σ_{i∈θ_l} part_i`` for every layer (float64, on the CPU)."""
+        sums = [sum(part[n].detach().double().sum().cpu() for n in names) for names in self.layers.values()]
+        return torch.stack(sums) / self.sizes
+
+    def record(self, y: Tensor, size: int) -> None:
+        """Record one batch from its layer sums ``y`` (:meth:`layer_sums`) and its number of samples."""
+        y = y.double().cpu()
         self.state["sum_y"] += y
         self.state["sum_yy"] += torch.outer(y, y)
         self.state["sum_yn"] += y * size

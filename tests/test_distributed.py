@@ -9,6 +9,8 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sa_unlearn import SharpnessAwareUnlearning, hessian_diagonal, layer_sharpness
+from lightning_sa_unlearn.confidence import SharpnessStatistics
+from lightning_sa_unlearn.curvature import hessian_diagonal_sum
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
@@ -109,9 +111,28 @@ def test_hutchinson_averages_the_probes_of_every_process(runs, fitted_tiny):
         generator = torch.Generator().manual_seed(3 + 7919 * rank)
         estimates.append(hessian_diagonal(model, in_order, method="hutchinson", num_probes=3, generator=generator))
     expected = layer_sharpness(model, {k: (estimates[0][k] + estimates[1][k]) / 2 for k in estimates[0]})
+    # standard errors: each batch's two estimates averaged, then recorded once (not as two replicates)
+    per_rank = []
+    for rank in (0, 1):
+        collector = SharpnessStatistics(model)
+        batches = []
+        generator = torch.Generator().manual_seed(3 + 7919 * rank)
+        hessian_diagonal_sum(
+            model,
+            in_order,
+            method="hutchinson",
+            num_probes=3,
+            generator=generator,
+            on_batch=lambda part, size, c=collector, b=batches: b.append((c.layer_sums(part), size)),
+        )
+        per_rank.append(batches)
+    reference = SharpnessStatistics(model)
+    for (y0, size), (y1, _) in zip(*per_rank):
+        reference.record((y0 + y1) / 2, size)
     for rank in (0, 1):
         report, _ = load(folder, "hutchinson", rank)
         assert report["layer_sharpness"] == pytest.approx(expected, rel=1e-4)
+        assert report["sharpness_standard_error"] == pytest.approx(reference.standard_errors(), rel=1e-4)
 
 
 def test_fine_tune_leaves_identical_weights_on_every_process(runs):
