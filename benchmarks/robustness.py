@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
 from typing import Any
 
-from lightning_sa_unlearn.benchmarks import SETTINGS, make_datamodule, measure, train
+from lightning_sa_unlearn.benchmarks import SETTINGS, make_datamodule, measure, stat, train
 from lightning_sa_unlearn.callback import SharpnessAwareUnlearning
 from lightning_sa_unlearn.evaluation import classification_metrics
 from lightning_sa_unlearn.membership import membership_inference
@@ -156,7 +155,7 @@ def summarize(runs: dict[str, dict[int, dict]], out: str, command: str) -> str:
         ]
         for row in rows:
             values = [_metrics(poison, seeds[s][row]) for s in sorted(seeds)]
-            cells = [_stat([v[column] for v in values]) for column in header]
+            cells = [stat([v[column] for v in values]) for column in header]
             picked = sorted({", ".join(seeds[s][row].get("selected_layers", [])) for s in sorted(seeds)} - {""})
             lines.append(f"| {row} | " + " | ".join(cells) + f" | {'; '.join(picked)} |")
     text = "\n".join(lines) + "\n"
@@ -167,14 +166,6 @@ def summarize(runs: dict[str, dict[int, dict]], out: str, command: str) -> str:
         json.dump({"command": command, "attack": ATTACK, "runs": runs}, f, indent=1)
     _plot(runs, os.path.join(out, "robustness.png"))
     return text
-
-
-def _stat(values: list[float]) -> str:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return "-"
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.fmean(values):.2f} ± {100 * spread:.2f}"
 
 
 def _plot(runs: dict[str, dict[int, dict]], path: str) -> None:

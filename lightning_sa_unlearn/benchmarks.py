@@ -28,7 +28,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_sa_unlearn.callback import SharpnessAwareUnlearning
+from lightning_sa_unlearn.callback import SharpnessAwareUnlearning, quiet_trainer
 from lightning_sa_unlearn.datamodules import PoisonedLabelDataModule
 from lightning_sa_unlearn.evaluation import attack_success_rate, classification_metrics
 from lightning_sa_unlearn.models import CifarResNet18, CifarResNet20, PaperCNN
@@ -165,16 +165,9 @@ def train(setting: Setting, seed: int, labels: str, path: str) -> tuple[pl.Light
         model.load_state_dict(saved["state_dict"])
         return model, saved["seconds"]
     pl.seed_everything(seed, verbose=False)
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_epochs=setting.epochs,
         precision=setting.precision,
-        accelerator="auto",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-        num_sanity_val_steps=0,
         limit_val_batches=0,
         benchmark=setting.device == "cuda",
     )
@@ -269,19 +262,21 @@ def run_seed(name: str, setting: Setting, seed: int, cache: str) -> dict:
     return results
 
 
+def stat(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    """``mean ± std`` over seeds (times ``scale``), NaN and missing values left out; the mean alone for one seed."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "-"
+    mean = statistics.fmean(values) * scale
+    if len(values) == 1:  # one seed: no spread to report
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
+
+
 def summarize(name: str, setting: Setting, runs: dict[int, dict], out: str, command: str) -> str:
     """Write ``<out>/<name>.md`` and ``.json``; returns the markdown."""
     target = setting.target_class
     seeds = sorted(runs)
-
-    def stat(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
-        values = [v for v in values if v is not None and not math.isnan(v)]
-        if not values:
-            return "-"
-        mean = statistics.fmean(values) * scale
-        if len(values) == 1:  # one seed: no spread to report
-            return f"{mean:.{digits}f}"
-        return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
 
     def column(row: str, pick) -> list[float]:  # seeds without this row (an interrupted run) are left out
         return [pick(runs[s][row], runs[s]) for s in seeds if row in runs[s]]

@@ -272,14 +272,7 @@ class SharpnessAwareUnlearning(Callback):
         first. Without a ``trainer``, a minimal one (no logger, no checkpoints) is built.
         """
         if trainer is None:
-            trainer = pl.Trainer(
-                accelerator="cpu" if _device(model).type == "cpu" else "auto",
-                devices=1,
-                logger=False,
-                enable_checkpointing=False,
-                enable_model_summary=False,
-                enable_progress_bar=False,
-            )
+            trainer = quiet_trainer(accelerator="cpu" if _device(model).type == "cpu" else "auto")
         if isinstance(datamodule, pl.LightningDataModule):
             datamodule.prepare_data()
         return self.run(trainer, model, _ready(datamodule, "fit", "test"))
@@ -772,6 +765,23 @@ class SharpnessAwareUnlearning(Callback):
 
 
 # ---------------------------------------------------------------------- helpers
+def quiet_trainer(**options: Any) -> pl.Trainer:
+    """A one-device Trainer that writes nothing: no logger, checkpoints, summary, progress bar or sanity check.
+
+    ``options`` override or add Trainer arguments (e.g. ``max_epochs``, ``precision``, ``callbacks``).
+    """
+    defaults = dict(
+        accelerator="auto",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+    )
+    return pl.Trainer(**{**defaults, **options})
+
+
 @dataclass
 class _Step:
     """What every update needs: the selected parameters, the forget gradient, data and validation."""

@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_sa_unlearn import PoisonedLabelDataModule, SharpnessAwareUnlearning
+from lightning_sa_unlearn.callback import quiet_trainer
 from lightning_sa_unlearn.models import PaperCNN
 
 
@@ -64,16 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         report_path=os.path.join(args.out, "report.json"),
         plot_path=os.path.join(args.out, "sharpness.png"),
     )
-    trainer = pl.Trainer(
-        max_epochs=args.epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        callbacks=[unlearning],
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(max_epochs=args.epochs, accelerator="cpu", callbacks=[unlearning], enable_progress_bar=True)
     start = time.perf_counter()
     trainer.fit(model, datamodule)
     total = time.perf_counter() - start

@@ -58,21 +58,8 @@ class UnlearningReport:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> UnlearningReport:
-        nan = float("nan")
-        values = dict(values)
-        for group in ("heldout_before", "heldout_after", "forget_before", "forget_after", "sharpness_standard_error"):
-            values[group] = {k: nan if v is None else v for k, v in values.get(group, {}).items()}
-        if values.get("membership_inference"):
-            values["membership_inference"] = {
-                when: {k: nan if v is None else v for k, v in result.items()}
-                for when, result in values["membership_inference"].items()
-            }
-        if values.get("selection_margin"):
-            values["selection_margin"] = {k: nan if v is None else v for k, v in values["selection_margin"].items()}
-        if values.get("relearn"):
-            relearn = dict(values["relearn"])
-            relearn["heldout"] = {k: nan if v is None else v for k, v in relearn["heldout"].items()}
-            values["relearn"] = relearn
+        # JSON wrote NaN and infinity inside the metric dicts as null; top-level None (e.g. tau) stays None
+        values = {k: _nan_for_none(v) if isinstance(v, dict) else v for k, v in values.items()}
         values["tau_search"] = [tuple(pair) for pair in values.get("tau_search", [])]
         return cls(**values)
 
@@ -201,6 +188,11 @@ def _pct(metrics: dict[str, float], key: str) -> str:
 
 def _ratio(value: float) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def _nan_for_none(values: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`_finite_or_none` inside a dict: null entries, at any depth, become NaN."""
+    return {k: float("nan") if v is None else _nan_for_none(v) if isinstance(v, dict) else v for k, v in values.items()}
 
 
 def _finite_or_none(value: Any) -> Any:

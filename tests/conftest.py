@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_sa_unlearn.callback import quiet_trainer as package_quiet_trainer
 from lightning_sa_unlearn.models import ImageClassifier
 
 
@@ -133,17 +134,7 @@ def fit_tiny(epochs: int = 3, seed: int = 0, callbacks=(), datamodule=None):
 
 
 def quiet_trainer(**kwargs) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-        num_sanity_val_steps=0,
-    )
-    options.update(kwargs)
-    return pl.Trainer(**options)
+    return package_quiet_trainer(**{"accelerator": "cpu", **kwargs})
 
 
 def state(model: nn.Module) -> dict[str, torch.Tensor]:
