@@ -20,8 +20,30 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lightning_sa_unlearn.benchmarks import SETTINGS, make_datamodule, make_model, train  # noqa: E402
-from lightning_sa_unlearn.callback import SharpnessAwareUnlearning  # noqa: E402
+from common import SETTINGS, make_datamodule, make_model, train  # noqa: E402
+
+from lightning_sa_unlearn import (  # noqa: E402
+    CG,
+    GGN,
+    AllLayers,
+    FineTune,
+    FirstOrder,
+    FixedStep,
+    Flattest,
+    ForgetLossDescent,
+    Hutchinson,
+    LastLayer,
+    LiSSA,
+    MembershipInference,
+    MonteCarloGGN,
+    NewtonDecrement,
+    RelearnAttack,
+    SecondOrder,
+    SharpnessAwareUnlearning,
+    Sharpest,
+    TopFraction,
+    ValidatedStep,
+)
 from lightning_sa_unlearn.report import _finite_or_none  # noqa: E402
 
 RECORD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "api_equivalence_old.json")
@@ -42,6 +64,56 @@ OLD_CASES = {
     "sharpest_two_validation_and_forget": dict(selection="sharpest", num_layers=2, tau_objective="validation_and_forget"),
     "evaluations": dict(evaluate=["mia", "relearn"], mia_samples=200, relearn_samples=20),
 }
+
+def new_cases(damping: float, samples: int | None, epochs: int, lr: float) -> dict[str, dict]:
+    """The same cases on the new API: parts instead of keyword arguments."""
+    return {
+        "default": dict(curvature=GGN(samples, damping=damping)),
+        "second_order": dict(
+            curvature=GGN(samples, damping=damping), update=SecondOrder(solver=CG(max_iterations=30))
+        ),
+        "second_order_lissa_hutchinson": dict(
+            curvature=Hutchinson(samples, damping=damping), update=SecondOrder(solver=LiSSA(max_iterations=20))
+        ),
+        "forget_loss": dict(curvature=GGN(samples, damping=damping), update=ForgetLossDescent(steps=5, lr=0.01)),
+        "fine_tune": dict(curvature=GGN(samples, damping=damping), update=FineTune(epochs=epochs, lr=lr)),
+        "fine_tune_adam_all": dict(
+            curvature=GGN(samples, damping=damping),
+            selection=AllLayers(),
+            update=FineTune(epochs=epochs, lr=1e-4, optimizer="adam", include_corrected=False),
+        ),
+        "parameter_masks": dict(
+            curvature=GGN(samples, damping=damping),
+            selection=TopFraction(Sharpest(), fraction=0.05),
+            update=FirstOrder(FixedStep(0.002)),
+        ),
+        "parameter_masks_auto_tau": dict(
+            curvature=GGN(samples, damping=damping), selection=TopFraction(Sharpest(), fraction=0.2)
+        ),
+        "parameter_masks_newton": dict(
+            curvature=GGN(samples, damping=damping),
+            selection=TopFraction(NewtonDecrement(), fraction=0.05),
+            update=FirstOrder(0.001),
+        ),
+        "newton_decrement_mc_ggn": dict(curvature=MonteCarloGGN(500, damping=damping), selection=NewtonDecrement()),
+        "last_fixed_tau": dict(curvature=GGN(samples, damping=damping), selection=LastLayer(), update=FirstOrder(0.0005)),
+        "sharpest_two_validation_and_forget": dict(
+            curvature=GGN(samples, damping=damping),
+            selection=Sharpest(num_layers=2),
+            update=FirstOrder(ValidatedStep(objective="validation_and_forget")),
+        ),
+        "evaluations": dict(
+            curvature=GGN(samples, damping=damping),
+            selection=Flattest(),
+            evaluations=[MembershipInference(samples=200), RelearnAttack(samples=20)],
+        ),
+    }
+
+
+# Report fields that the new API renamed or computes only when a part needs them.
+RENAMED = {"fine_tune_steps": "update_steps"}
+NOT_NEEDED = {"fine_tune": ["newton_decrement"], "fine_tune_adam_all": ["newton_decrement"]}
+
 SETTING_CASES = {
     "synthetic": list(OLD_CASES),
     "mnist_targeted": ["default", "second_order", "forget_loss", "fine_tune", "parameter_masks_auto_tau"],
@@ -82,12 +154,50 @@ def run_old(setting_name: str, case: str, cache: str) -> dict:
     return {"poisoned": weights_hash(poisoned), "unlearned": weights_hash(model), "report": comparable(report.to_dict())}
 
 
+def run_new(setting_name: str, case: str, cache: str) -> dict:
+    setting = SETTINGS[setting_name]
+    poisoned, _ = train(setting, 0, "poisoned", os.path.join(cache, setting_name, "seed0", "poisoned.pt"))
+    datamodule = make_datamodule(setting, 0)
+    model = make_model(setting)
+    model.load_state_dict(poisoned.state_dict())
+    parts = new_cases(setting.damping, setting.curvature_samples, setting.fine_tune_epochs, setting.fine_tune_lr)[case]
+    report = SharpnessAwareUnlearning(seed=0, verbose=False, progress_bar=False, **parts).unlearn(model, datamodule)
+    return {"poisoned": weights_hash(poisoned), "unlearned": weights_hash(model), "report": comparable(report.to_dict())}
+
+
+def differences(case: str, old: dict, new: dict) -> list[str]:
+    """What differs between an old and a new run of one case (renamed and no-longer-needed fields aside)."""
+    found = [f"{key} hash" for key in ("poisoned", "unlearned") if old[key] != new[key]]
+    old_report = {RENAMED.get(k, k): v for k, v in old["report"].items()}
+    skip = set(NOT_NEEDED.get(case, [])) | {"evaluations"}
+    for key in sorted(set(old_report) | set(new["report"])):
+        if key not in skip and old_report.get(key) != new["report"].get(key):
+            found.append(f"report.{key}: {old_report.get(key)!r} != {new['report'].get(key)!r}")
+    return found
+
+
+def check(settings: list[str], cache: str) -> dict[str, list[str]]:
+    """``{case: differences}`` of the new API against the recorded old one."""
+    record = json.load(open(RECORD))
+    return {
+        f"{name}/{case}": differences(case, record[f"{name}/{case}"], run_new(name, case, cache))
+        for name in settings
+        for case in SETTING_CASES[name]
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--record", choices=["old"])
+    parser.add_argument("--check", action="store_true", help="compare the new API with the record")
     parser.add_argument("--settings", nargs="+", default=list(SETTING_CASES))
     parser.add_argument("--cache", default="cache/benchmarks")
     args = parser.parse_args(argv)
+    if args.check:
+        results = check(args.settings, args.cache)
+        for key, found in results.items():
+            print(f"{key}: {'identical' if not found else found}", flush=True)
+        raise SystemExit(1 if any(results.values()) else 0)
     record = json.load(open(RECORD)) if os.path.exists(RECORD) else {}
     for setting_name in args.settings:
         for case in SETTING_CASES[setting_name]:

@@ -1,19 +1,91 @@
-"""Sharpness-aware parameter selection for machine unlearning, as a PyTorch Lightning callback."""
+"""Sharpness-aware parameter selection for machine unlearning, as a PyTorch Lightning callback.
+
+The callback is built from four kinds of parts, one subpackage each: :mod:`.curvature`,
+:mod:`.selection`, :mod:`.updates` (with step sizes and solvers) and :mod:`.evaluations`.
+"""
 
 from lightning_sa_unlearn.callback import SharpnessAwareUnlearning
-from lightning_sa_unlearn.curvature import hessian_diagonal
+from lightning_sa_unlearn.curvature import (
+    GGN,
+    Curvature,
+    EmpiricalFisher,
+    ExactHessian,
+    Hutchinson,
+    MonteCarloGGN,
+    hessian_diagonal,
+)
 from lightning_sa_unlearn.datamodules import PoisonedLabelDataModule
+from lightning_sa_unlearn.evaluations import Evaluation, HeldOutMetrics, MembershipInference, RelearnAttack
+from lightning_sa_unlearn.pipeline import UnlearningRun
 from lightning_sa_unlearn.report import UnlearningReport
-from lightning_sa_unlearn.selection import layer_sharpness, select_layers
-from lightning_sa_unlearn.updates import forget_gradient
+from lightning_sa_unlearn.selection import (
+    AllLayers,
+    Flattest,
+    LastLayer,
+    Layers,
+    Measurements,
+    NewtonDecrement,
+    Selected,
+    Selection,
+    Sharpest,
+    TopFraction,
+    layer_sharpness,
+    select_layers,
+)
+from lightning_sa_unlearn.updates import (
+    CG,
+    FineTune,
+    FirstOrder,
+    FixedStep,
+    ForgetLossDescent,
+    LiSSA,
+    SecondOrder,
+    Solver,
+    StepSize,
+    Update,
+    ValidatedStep,
+    forget_gradient,
+)
 
 __all__ = [
+    "CG",
+    "GGN",
+    "AllLayers",
+    "Curvature",
+    "EmpiricalFisher",
+    "Evaluation",
+    "ExactHessian",
+    "FineTune",
+    "FirstOrder",
+    "FixedStep",
+    "Flattest",
+    "ForgetLossDescent",
+    "HeldOutMetrics",
+    "Hutchinson",
+    "LastLayer",
+    "Layers",
+    "LiSSA",
+    "Measurements",
+    "MembershipInference",
+    "MonteCarloGGN",
+    "NewtonDecrement",
     "PoisonedLabelDataModule",
+    "RelearnAttack",
+    "SecondOrder",
+    "Selected",
+    "Selection",
     "SharpnessAwareUnlearning",
+    "Sharpest",
+    "Solver",
+    "StepSize",
+    "TopFraction",
     "UnlearningReport",
+    "UnlearningRun",
+    "Update",
+    "ValidatedStep",
     "forget_gradient",
     "hessian_diagonal",
     "layer_sharpness",
     "select_layers",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -153,3 +153,61 @@ def shard(
         num_workers=loader.num_workers,
         pin_memory=loader.pin_memory,
     )
+
+
+class Batches:
+    """This process's shard of a loader, with labels checked; iterable many times (one pass per τ)."""
+
+    def __init__(
+        self,
+        loader: Any,
+        num_classes: int,
+        what: str,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        max_samples: int | None = None,
+        seed: int = 0,
+        shuffle: bool = False,
+    ) -> None:
+        self.loader, self.num_classes, self.what = loader, num_classes, what
+        self.options = dict(rank=rank, world_size=world_size, max_samples=max_samples, seed=seed, shuffle=shuffle)
+
+    def source(self) -> Iterable[Any]:
+        return shard(self.loader, **self.options)
+
+    def __iter__(self) -> Iterator[Any]:
+        return checked_labels(self.source(), self.num_classes, self.what)
+
+    def __len__(self) -> int:
+        length = sized(self.source())
+        if length is None:
+            raise TypeError(f"the {self.what} loader has no length")
+        return length
+
+
+class Relabelled:
+    """``(x of a forget batch, y of the aligned corrected batch)``: D_f's inputs under D̃_f's labels."""
+
+    def __init__(self, inputs: Iterable[Any], labels: Iterable[Any]) -> None:
+        self.inputs, self.labels = inputs, labels
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        for forget_batch, corrected_batch in zip(self.inputs, self.labels):
+            yield split_batch(forget_batch)[0], split_batch(corrected_batch)[1]
+
+
+def dataset_size(loader: Any) -> int | None:
+    return len(loader.dataset) if is_map_style(loader) else None
+
+
+def check_aligned(forget: Any, corrected: Any) -> None:
+    """Fail early when the forget and corrected loaders cannot serve the same samples in the same order."""
+    if corrected is not None and is_map_style(forget) and is_map_style(corrected):
+        if len(forget.dataset) != len(corrected.dataset) or forget.batch_size != corrected.batch_size:
+            raise ValueError(
+                f"the forget and corrected sets differ in length ({len(forget.dataset)} vs "
+                f"{len(corrected.dataset)} samples, batch sizes {forget.batch_size} vs {corrected.batch_size}). "
+                "corrected_dataloader must serve the same samples as forget_dataloader, in the same order "
+                "and with the same batch size; only labels or features may differ."
+            )

@@ -30,13 +30,14 @@ class UnlearningReport:
     seconds: dict[str, float] = field(default_factory=dict)
     update: str = "first_order"
     selection: str | list[str] = "flattest"
-    curvature: str = "ggn"
+    curvature: str | None = "ggn"
+    """The curvature estimator's name; None when no part needed curvature (e.g. ``LastLayer``)."""
     curvature_samples: int = 0
     tau_search: list[tuple[float, float]] = field(default_factory=list)
     """``(τ, validation loss)`` for each τ tried when ``tau="auto"``."""
     validation_source: str | None = None
-    fine_tune_steps: int | None = None
-    """Optimizer steps of ``fine_tune``, or gradient steps of ``forget_loss``."""
+    update_steps: int | None = None
+    """Steps the update took: optimizer steps of ``FineTune``; for ``ForgetLossDescent`` the gradient step kept."""
     granularity: str = "layer"
     newton_decrement: dict[str, float] = field(default_factory=dict)
     """Per-layer predicted decrease of the forget loss, Σ g²/(H_ii + λ) / |layer| (the ``newton_decrement`` rule)."""
@@ -45,13 +46,15 @@ class UnlearningReport:
     fallback: str | None = None
     """Why ``fallback="first_order"`` replaced the second-order update, when it did."""
     sharpness_standard_error: dict[str, float] = field(default_factory=dict)
-    """Standard error of each layer's sharpness over curvature batches (:mod:`~lightning_sa_unlearn.confidence`)."""
+    """Standard error of each layer's sharpness over curvature batches (:mod:`~lightning_sa_unlearn.curvature.confidence`)."""
     selection_margin: dict[str, Any] | None = None
     """``flattest``/``sharpest``: the runner-up layer and the selected layer's lead in standard errors."""
     membership_inference: dict[str, dict[str, float]] | None = None
-    """``evaluate=["mia"]``: ``{"before": ..., "after": ...}`` of :func:`membership_inference`."""
+    """``MembershipInference``: ``{"before": ..., "after": ...}`` of :func:`membership_inference`."""
     relearn: dict[str, Any] | None = None
-    """``evaluate=["relearn"]``: the attack's settings and the held-out metrics after it."""
+    """``RelearnAttack``: the attack's settings and the held-out metrics after it."""
+    evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Custom evaluations: ``{key: {stage: result}}``."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,6 +64,8 @@ class UnlearningReport:
         # JSON wrote NaN and infinity inside the metric dicts as null; top-level None (e.g. tau) stays None
         values = {k: _nan_for_none(v) if isinstance(v, dict) else v for k, v in values.items()}
         values["tau_search"] = [tuple(pair) for pair in values.get("tau_search", [])]
+        if "fine_tune_steps" in values:  # the field's name before version 0.2
+            values["update_steps"] = values.pop("fine_tune_steps")
         return cls(**values)
 
     @classmethod
@@ -134,7 +139,8 @@ class UnlearningReport:
             for label, key in rows:
                 if key in attacked and key != "loss":
                     lines.append(f"  {label.strip():<32}{_pct(attacked, key):>10}")
-        lines += ["", f"layer sharpness (mean Hessian diagonal, {self.curvature}, {self.curvature_samples} samples):"]
+        if self.layer_sharpness:
+            lines += ["", f"layer sharpness (mean Hessian diagonal, {self.curvature}, {self.curvature_samples} samples):"]
         for layer, value in self.layer_sharpness.items():
             mark = "  <- selected" if layer in self.selected_layers else ""
             error = self.sharpness_standard_error.get(layer)

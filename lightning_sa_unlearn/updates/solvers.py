@@ -30,7 +30,6 @@ from lightning_sa_unlearn.functional import LossFn, batches_for, eval_mode, mode
 
 Vector = dict[str, Tensor]
 MatVec = Callable[[Vector], Vector]
-SOLVERS = ("cg", "lissa")
 
 
 @dataclass

@@ -14,13 +14,17 @@ no signal a sample from any distribution is called a member with probability one
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_sa_unlearn.evaluations.base import Evaluation
 from lightning_sa_unlearn.functional import batches_for, eval_mode
+
+if TYPE_CHECKING:
+    from lightning_sa_unlearn.pipeline import UnlearningRun
 
 
 @torch.no_grad()
@@ -132,3 +136,34 @@ def membership_inference(
         "attacker_accuracy": float(((held_scores > threshold).double() == held_y).double().mean()),
         "attacker_samples": float(2 * half),
     }
+
+
+class MembershipInference(Evaluation):
+    """Membership inference on ``D_f`` before and after (:func:`membership_inference`).
+
+    Args:
+        samples: at most this many retain (member) and test (non-member) samples train the attacker.
+    """
+
+    key = "membership_inference"
+
+    def __init__(self, samples: int = 5000) -> None:
+        if samples < 4:
+            raise ValueError(f"samples must be >= 4 (the attacker needs two of each kind per half), got {samples}.")
+        self.samples = samples
+
+    def check(self, run: UnlearningRun) -> None:
+        if run.data.retain is None or run.data.test is None:
+            raise ValueError(
+                "MembershipInference needs retain_dataloader() (members) and test_dataloader() (non-members)."
+            )
+
+    def measure(self, run: UnlearningRun) -> dict[str, float]:
+        data = run.data
+        retain, test, forget = run.whole(data.retain, "retain"), run.whole(data.test, "test"), run.whole(data.forget, "forget")
+        return run.processes.agree(
+            lambda: membership_inference(run.model, retain, test, forget, max_samples=self.samples, seed=run.seed)
+        )
+
+    def report_fields(self, results: dict[str, Any]) -> dict[str, Any]:
+        return {"membership_inference": results}

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_sa_unlearn.curvature import hessian_diagonal_sum
-from lightning_sa_unlearn.selection import select_layers, trainable_layers
+from lightning_sa_unlearn.curvature.functional import hessian_diagonal_sum
+from lightning_sa_unlearn.selection.functional import select_layers, trainable_layers
 
 
 class SharpnessStatistics:

@@ -30,7 +30,7 @@ import torch
 
 from lightning_sa_unlearn.callback import SharpnessAwareUnlearning, quiet_trainer
 from lightning_sa_unlearn.datamodules import PoisonedLabelDataModule
-from lightning_sa_unlearn.evaluation import attack_success_rate, classification_metrics
+from lightning_sa_unlearn.evaluations import attack_success_rate, classification_metrics
 from lightning_sa_unlearn.models import CifarResNet18, CifarResNet20, PaperCNN
 from lightning_sa_unlearn.selection import select_layers, trainable_layers
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jvp, vjp, vmap
 
-from lightning_sa_unlearn import ggn_fast
+from lightning_sa_unlearn.curvature import ggn_fast
 from lightning_sa_unlearn.functional import (
     LossFn,
     batches_for,
@@ -116,7 +116,7 @@ def hessian_diagonal_sum(
 
     Sums from disjoint shards of the data add up, which is how several processes combine their
     work (``None`` when ``batches`` held no sample). ``on_batch(part, size)``, if given, sees each
-    batch's own sum first (for standard errors: :class:`~lightning_sa_unlearn.confidence.SharpnessStatistics`).
+    batch's own sum first (for standard errors: :class:`~lightning_sa_unlearn.curvature.confidence.SharpnessStatistics`).
     Other arguments as in :func:`hessian_diagonal`.
     """
     if method not in CURVATURE_METHODS:
@@ -144,17 +144,34 @@ def hessian_diagonal_sum(
         "hutchinson": _hutchinson_batch,
         "empirical_fisher": _empirical_fisher_batch,
     }[method]
+    options = dict(
+        loss_fn=loss_fn, num_probes=num_probes, num_samples=num_samples, generator=generator, chunk_size=chunk_size
+    )
+    return sum_over_batches(
+        model, batches, lambda x, y, params, buffers: per_batch(model, params, buffers, x, y, **options), on_batch
+    )
+
+
+def sum_over_batches(
+    model: nn.Module,
+    batches: Iterable[Any],
+    batch_sum: Callable[[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]], dict[str, Tensor]],
+    on_batch: Callable[[dict[str, Tensor], int], None] | None = None,
+) -> tuple[dict[str, Tensor] | None, int]:
+    """``(Σ_batches batch_sum(x, y, params, buffers), N)`` in eval mode with gradients on; empty batches skipped.
+
+    ``batch_sum`` returns ``Σ_{n ∈ batch} diag ∇²ℓ_n`` for the trainable ``params``; it is the one
+    piece a new curvature estimator has to write (:class:`~lightning_sa_unlearn.curvature.Curvature`).
+    """
+    params = require_trainable_parameters(model)
     total: dict[str, Tensor] | None = None
     count = 0
     with eval_mode(model), torch.enable_grad():
         buffers = model_buffers(model)
-        options = dict(
-            loss_fn=loss_fn, num_probes=num_probes, num_samples=num_samples, generator=generator, chunk_size=chunk_size
-        )
         for x, y in batches_for(model, batches):
             if x.shape[0] == 0:
                 continue
-            part = per_batch(model, params, buffers, x, y, **options)
+            part = batch_sum(x, y, params, buffers)
             if on_batch is not None:
                 on_batch(part, x.shape[0])
             total = tree_add_(total, part)

@@ -1,7 +1,7 @@
 """The exact GGN diagonal from one batched backward pass and per-layer products, without per-example vmap.
 
 ``diag G = Σ_n Σ_k (J_nᵀ s_nk)²`` where ``s_nk`` are the rows of a factor of the output Hessian
-(:func:`~lightning_sa_unlearn.curvature._output_hessian_factor`). Back-propagating the K rows at
+(:func:`~lightning_sa_unlearn.curvature.functional._output_hessian_factor`). Back-propagating the K rows at
 once (``is_grads_batched``) gives, at each layer output, the signals ``δ_nk = J_{n,out}ᵀ s_nk``;
 the squared parameter gradients then follow from the layer's saved input ``a_n``:
 

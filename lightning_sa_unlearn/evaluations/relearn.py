@@ -9,14 +9,18 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_sa_unlearn.evaluation import ClassificationMetrics
+from lightning_sa_unlearn.evaluations.metrics import ClassificationMetrics
+from lightning_sa_unlearn.evaluations.base import Evaluation
 from lightning_sa_unlearn.functional import LossFn, batches_for, eval_mode, split_batch
+
+if TYPE_CHECKING:
+    from lightning_sa_unlearn.pipeline import UnlearningRun
 
 
 def first_samples(batches: Iterable[Any], num_samples: int) -> tuple[Tensor, Tensor]:
@@ -107,3 +111,40 @@ def relearn_evaluation(
         "heldout": heldout,
         "forget_accuracy_trained_labels": measured(forget)["accuracy"],
     }
+
+
+class RelearnAttack(Evaluation):
+    """The relearning attack on a copy of the unlearned model, then its metrics (:func:`relearn_evaluation`).
+
+    ``steps`` SGD steps of size ``lr`` on the first ``samples`` forget samples. Pick ``lr`` so that a
+    model retrained without ``D_f`` is not taught it from scratch by the attack.
+    """
+
+    key = "relearn_attack"
+    stages = ("after",)
+
+    def __init__(self, samples: int = 50, steps: int = 10, lr: float = 1e-4) -> None:
+        if samples < 1 or steps < 1 or not lr > 0:
+            raise ValueError(f"RelearnAttack needs samples >= 1, steps >= 1 and lr > 0; got {samples}, {steps}, {lr}.")
+        self.samples, self.steps, self.lr = samples, steps, lr
+
+    def measure(self, run: UnlearningRun) -> dict[str, Any]:
+        data = run.data
+        return run.processes.agree(
+            lambda: relearn_evaluation(
+                run.model,
+                run.whole(data.forget, "forget"),
+                run.whole(data.test, "test"),
+                run.whole(data.triggered_test, "triggered test"),
+                num_classes=run.num_classes,
+                target_class=run.target_class,
+                samples=self.samples,
+                steps=self.steps,
+                lr=self.lr,
+                loss_fn=run.loss_fn,
+                seed=run.seed,
+            )
+        )
+
+    def report_fields(self, results: dict[str, Any]) -> dict[str, Any]:
+        return {"relearn": results["after"]}

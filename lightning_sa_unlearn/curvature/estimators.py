@@ -1,0 +1,220 @@
+"""Curvature estimators as parts: each holds its own settings and says how it runs on several processes.
+
+Every estimator returns ``diag H`` of the MEAN training loss (paper eq. 2 divided by N, section 4.1)
+over at most ``samples`` training samples. The maths is in :mod:`~lightning_sa_unlearn.curvature.functional`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from lightning_sa_unlearn.curvature.confidence import SharpnessStatistics
+from lightning_sa_unlearn.curvature.functional import EXACT_MAX_PARAMETERS, hessian_diagonal_sum, sum_over_batches
+from lightning_sa_unlearn.data import sized
+from lightning_sa_unlearn.functional import LossFn, trainable_parameters
+
+if TYPE_CHECKING:
+    from lightning_sa_unlearn.pipeline import UnlearningRun
+
+
+@dataclass
+class CurvatureResult:
+    """What a curvature pass measured: the diagonal, the samples it read (once each), batch statistics."""
+
+    diagonal: dict[str, Tensor]
+    samples: int
+    statistics: SharpnessStatistics
+
+
+class Curvature:
+    """Base class: an estimate of ``diag ∇²_θ (1/N) Σ_n ℓ(h(x_n, θ), y_n)`` on the training set.
+
+    A new estimator overrides :meth:`batch_sum` (the sum over one batch of ``diag ∇²ℓ_n``); the base
+    class reads the data, sums across processes and keeps per-batch statistics for standard errors.
+
+    Args:
+        samples: read at most this many training samples (None: all). The default of 10,000 comes
+            from ``benchmarks/results/curvature_seeds.md`` (same layer in 5 of 5 seeds as all 50,000).
+        damping: λ of ``H + λI`` wherever the curvature is inverted: the second-order solve (eq. 12)
+            and the Newton decrement.
+        chunk_size: examples (or probes, or basis vectors) vectorised at once; bounds memory.
+    """
+
+    method: ClassVar[str | None] = None
+    """The :func:`~lightning_sa_unlearn.hessian_diagonal` method of a built-in; None for a custom estimator."""
+    probe_parallel: ClassVar[bool] = False
+    """False: processes split the data (data-parallel). True: every process reads all of it with its own
+    random probes, and the estimates are averaged (more processes, less variance)."""
+
+    def __init__(self, samples: int | None = 10_000, damping: float = 1e-3, chunk_size: int = 32) -> None:
+        if samples is not None and samples < 1:
+            raise ValueError(f"samples must be >= 1 or None (all), got {samples}.")
+        if not damping >= 0:
+            raise ValueError(f"damping must be >= 0, got {damping}; it is the λ of (H + λI).")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+        self.samples, self.damping, self.chunk_size = samples, damping, chunk_size
+
+    @property
+    def name(self) -> str:
+        """The name in the report."""
+        return self.method or type(self).__name__
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`hessian_diagonal_sum` for a built-in."""
+        return {"chunk_size": self.chunk_size}
+
+    def batch_sum(
+        self, model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: LossFn, generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        """``Σ_{n ∈ batch} diag ∇²_θ ℓ(h(x_n, θ), y_n)`` for every trainable parameter (override this)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement batch_sum(model, x, y, loss_fn=, generator=).")
+
+    def diagonal_sum(
+        self,
+        model: nn.Module,
+        batches: Any,
+        *,
+        loss_fn: LossFn,
+        generator: torch.Generator,
+        on_batch: Callable[[dict[str, Tensor], int], None] | None = None,
+    ) -> tuple[dict[str, Tensor] | None, int]:
+        """``(Σ_n diag ∇²ℓ_n, N)`` over ``batches`` on this process (None when it read no sample)."""
+        if self.method is not None:
+            return hessian_diagonal_sum(
+                model, batches, loss_fn=loss_fn, method=self.method, generator=generator, on_batch=on_batch, **self.options()
+            )
+        return sum_over_batches(
+            model, batches, lambda x, y, *_: self.batch_sum(model, x, y, loss_fn=loss_fn, generator=generator), on_batch
+        )
+
+    def measure(self, run: UnlearningRun) -> CurvatureResult:
+        """Per-process sums on disjoint shards, all-reduced (probe-parallel: averaged copies)."""
+        processes, model = run.processes, run.model
+        shard = dict(rank=0, world_size=1) if self.probe_parallel else {}
+        train = run.batches(run.data.train, "training", self.samples, **shard)
+        generator = torch.Generator(device=run.device).manual_seed(run.seed + 7919 * processes.rank)
+        progress = run.progress(train, f"curvature ({self.name})", sized(train))
+        statistics = SharpnessStatistics(model)
+        # probe-parallel: every process reads the same batches, so a batch's estimates are averaged over the
+        # processes and recorded once (recording each copy would count correlated replicates as independent)
+        per_batch: list[tuple[Tensor, int]] = []
+        parallel_probes = self.probe_parallel and processes.world_size > 1
+
+        def on_batch(part: dict[str, Tensor], size: int) -> None:
+            if parallel_probes:
+                per_batch.append((statistics.layer_sums(part), size))
+            else:
+                statistics.update(part, size)
+
+        local, count = processes.agree(
+            lambda: self.diagonal_sum(model, progress, loss_fn=run.loss_fn, generator=generator, on_batch=on_batch)
+        )
+        if parallel_probes:
+            sums = torch.stack([y for y, _ in per_batch]) if per_batch else torch.zeros(0, len(statistics.names))
+            averaged = processes.sum(sums.to(torch.float64)).cpu() / processes.world_size
+            for y, (_, size) in zip(averaged, per_batch):
+                statistics.record(y, size)
+        else:
+            statistics.state = {k: v.cpu() for k, v in processes.sum_tree(statistics.state).items()}
+        if local is None:
+            local = {name: torch.zeros_like(p) for name, p in trainable_parameters(model).items()}
+        total = processes.sum_tree(local)
+        count = int(processes.sum(torch.tensor(float(count), dtype=torch.float64)))
+        copies = processes.world_size if self.probe_parallel else 1
+        if count == 0:
+            raise ValueError("the training set is empty: train_dataloader() served no samples for the curvature.")
+        diag = {name: value / count for name, value in total.items()}  # count already holds every copy
+        bad = [name for name, d in diag.items() if not torch.isfinite(d).all()]
+        if bad:
+            raise RuntimeError(
+                f"the curvature of {bad} is not finite; the model's weights or data may "
+                "hold NaN/inf. Weights were left unchanged."
+            )
+        return CurvatureResult(diag, count // copies, statistics)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+
+class GGN(Curvature):
+    """The exact diagonal of the generalized Gauss-Newton matrix ``(1/N) Σ_n J_nᵀ (∇²_f ℓ_n) J_n``.
+
+    Equals ``diag H`` for networks piecewise linear in each layer (ReLU, max-pool, eval-mode
+    BatchNorm); the Gauss-Newton part of it otherwise.
+    """
+
+    method = "ggn"
+
+
+class MonteCarloGGN(Curvature):
+    """Unbiased GGN diagonal from ``labels_per_example`` labels per example drawn from the model's softmax."""
+
+    method = "mc_ggn"
+
+    def __init__(
+        self, samples: int | None = 10_000, labels_per_example: int = 1, damping: float = 1e-3, chunk_size: int = 32
+    ) -> None:
+        super().__init__(samples, damping, chunk_size)
+        if labels_per_example < 1:
+            raise ValueError(f"labels_per_example must be >= 1, got {labels_per_example}.")
+        self.labels_per_example = labels_per_example
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "num_samples": self.labels_per_example}
+
+
+class Hutchinson(Curvature):
+    """``E_z[z ⊙ Hz]`` with ``num_probes`` Rademacher probes per batch: unbiased, any smooth model.
+
+    Probe-parallel under several processes: each reads all samples with probes of its own seed.
+    """
+
+    method = "hutchinson"
+    probe_parallel = True
+
+    def __init__(
+        self, samples: int | None = 10_000, num_probes: int = 10, damping: float = 1e-3, chunk_size: int = 32
+    ) -> None:
+        super().__init__(samples, damping, chunk_size)
+        if num_probes < 1:
+            raise ValueError(f"num_probes must be >= 1, got {num_probes}.")
+        self.num_probes = num_probes
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "num_probes": self.num_probes}
+
+
+class ExactHessian(Curvature):
+    """``diag H`` from one Hessian-vector product per parameter: a reference for small models."""
+
+    method = "exact"
+
+    def __init__(
+        self,
+        samples: int | None = 10_000,
+        max_parameters: int = EXACT_MAX_PARAMETERS,
+        damping: float = 1e-3,
+        chunk_size: int = 32,
+    ) -> None:
+        super().__init__(samples, damping, chunk_size)
+        self.max_parameters = max_parameters
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "exact_max_parameters": self.max_parameters}
+
+
+class EmpiricalFisher(Curvature):
+    """``(1/N) Σ_n (∇_θ ℓ(x_n, y_n))²`` at the given labels: cheap, biased away from a perfect fit."""
+
+    method = "empirical_fisher"
+
+
+CURVATURES: dict[str, type[Curvature]] = {
+    cls.method: cls for cls in (GGN, MonteCarloGGN, Hutchinson, ExactHessian, EmpiricalFisher)  # type: ignore[misc]
+}

@@ -1,0 +1,226 @@
+"""Selection rules as parts: which layers (or entries) the update may move (paper section 4.1).
+
+A rule gets :class:`Measurements`, everything the run measured before selecting, and returns
+:class:`Selected`. A rule that compares no layers (``LastLayer``, ``AllLayers``, ``Layers``) needs
+no curvature, and the run then measures none unless the user configured an estimator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import Tensor, nn
+
+from lightning_sa_unlearn.selection.functional import entry_decrement, newton_decrement, select_layers, top_fraction
+
+
+@dataclass
+class Measurements:
+    """What the run knows when it selects. Fields no part asked for are None.
+
+    ``diagonal`` is ``diag H`` of the mean training loss; ``diagonal_sum`` is it times the training-set
+    size N (the SUM loss of eq. 2, the scale of the forget gradient); ``gradient`` is ``∇L_forget`` (eq. 7).
+    """
+
+    model: nn.Module
+    layers: dict[str, list[str]]
+    """``{module path: [parameter names]}`` of every module that owns trainable parameters, in order."""
+    sharpness: dict[str, float] | None = None
+    standard_errors: dict[str, float] | None = None
+    diagonal: dict[str, Tensor] | None = None
+    diagonal_sum: dict[str, Tensor] | None = None
+    gradient: dict[str, Tensor] | None = None
+    damping: float = 0.0
+    """λ of ``H + λI`` (the curvature part's)."""
+
+    def require(self, what: str, rule: object) -> None:
+        if getattr(self, what) is None:
+            raise ValueError(f"{rule!r} needs the {what}, which this run did not measure.")
+
+
+@dataclass
+class Selected:
+    """Module paths to update and, for entry-level rules, boolean masks per parameter name."""
+
+    layers: list[str]
+    masks: dict[str, Tensor] | None = None
+
+
+class Selection:
+    """Base class: ``select(measurements) -> Selected`` (or a list of module paths)."""
+
+    needs_curvature: ClassVar[bool] = False
+    needs_forget_gradient: ClassVar[bool] = False
+    granularity: ClassVar[str] = "layer"
+
+    @property
+    def name(self) -> str | list[str]:
+        """The name in the report."""
+        return type(self).__name__
+
+    def select(self, measured: Measurements) -> Selected | list[str]:
+        raise NotImplementedError(f"{type(self).__name__} must implement select(measurements).")
+
+    def check(self, layers: Sequence[str]) -> None:
+        """Fail before any work when the rule cannot apply to a model with these layers."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+
+class RankingRule(Selection):
+    """Picks the ``num_layers`` layers with the smallest (or largest) per-layer score."""
+
+    rule: ClassVar[str]
+    largest: ClassVar[bool] = False
+
+    def __init__(self, num_layers: int = 1) -> None:
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}.")
+        self.num_layers = num_layers
+
+    @property
+    def name(self) -> str:
+        return self.rule
+
+    def scores(self, measured: Measurements) -> dict[str, float]:
+        measured.require("sharpness", self)
+        return measured.sharpness
+
+    def entry_scores(self, measured: Measurements) -> dict[str, Tensor]:
+        """One score per parameter entry, for :class:`TopFraction`."""
+        measured.require("diagonal", self)
+        return measured.diagonal
+
+    def select(self, measured: Measurements) -> Selected:
+        return Selected(select_layers(self.scores(measured), self.rule, self.num_layers))
+
+    def check(self, layers: Sequence[str]) -> None:
+        select_layers(dict.fromkeys(layers, 0.0), self.rule, self.num_layers)
+
+
+class Flattest(RankingRule):
+    """The smallest mean Hessian diagonal ``s_l = (1/|θ_l|) Σ_{i∈θ_l} H_ii`` (section 4.1, Figure 1)."""
+
+    rule = "flattest"
+    needs_curvature = True
+
+
+class Sharpest(RankingRule):
+    """The largest mean Hessian diagonal (the paper's abstract and section 5.1)."""
+
+    rule = "sharpest"
+    largest = True
+    needs_curvature = True
+
+
+class NewtonDecrement(RankingRule):
+    """The largest predicted decrease of the forget loss, ``(1/|θ_l|) Σ_i g_i² / (H_ii + λ)``.
+
+    ``g = ∇L_forget`` (eq. 7), ``H`` the diagonal of the SUM training loss (eq. 2), λ the curvature's damping.
+    """
+
+    rule = "newton_decrement"
+    largest = True
+    needs_curvature = True
+    needs_forget_gradient = True
+
+    def scores(self, measured: Measurements) -> dict[str, float]:
+        measured.require("gradient", self)
+        measured.require("diagonal_sum", self)
+        return newton_decrement(measured.model, measured.gradient, measured.diagonal_sum, measured.damping)
+
+    def entry_scores(self, measured: Measurements) -> dict[str, Tensor]:
+        measured.require("gradient", self)
+        measured.require("diagonal_sum", self)
+        return entry_decrement(measured.gradient, measured.diagonal_sum, measured.damping)
+
+
+class LastLayer(Selection):
+    """The last ``num_layers`` layers in registration order (Warnecke et al.'s baseline)."""
+
+    def __init__(self, num_layers: int = 1) -> None:
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}.")
+        self.num_layers = num_layers
+
+    @property
+    def name(self) -> str:
+        return "last"
+
+    def select(self, measured: Measurements) -> Selected:
+        return Selected(select_layers(dict.fromkeys(measured.layers, 0.0), "last", self.num_layers))
+
+    def check(self, layers: Sequence[str]) -> None:
+        select_layers(dict.fromkeys(layers, 0.0), "last", self.num_layers)
+
+
+class AllLayers(Selection):
+    """Every layer that owns trainable parameters."""
+
+    @property
+    def name(self) -> str:
+        return "all"
+
+    def select(self, measured: Measurements) -> Selected:
+        return Selected(list(measured.layers))
+
+
+class Layers(Selection):
+    """Exactly the named module paths."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        if isinstance(names, str) or not list(names):
+            raise ValueError(f"Layers needs a non-empty list of module paths, got {names!r}.")
+        self.names = list(names)
+
+    @property
+    def name(self) -> list[str]:
+        return list(self.names)
+
+    def select(self, measured: Measurements) -> Selected:
+        return Selected(select_layers(dict.fromkeys(measured.layers, 0.0), self.names))
+
+    def check(self, layers: Sequence[str]) -> None:
+        select_layers(dict.fromkeys(layers, 0.0), self.names)
+
+
+class TopFraction(Selection):
+    """The ``fraction`` of single entries, model-wide, that ``rule`` ranks first; the rest stay bitwise identical.
+
+    ``TopFraction(Flattest(), fraction=0.1)``: the 10% of entries with the smallest ``H_ii``.
+    """
+
+    granularity = "parameter"
+
+    def __init__(self, rule: RankingRule, fraction: float = 0.1) -> None:
+        if not isinstance(rule, RankingRule):
+            raise ValueError(
+                f"TopFraction ranks single entries, which {rule!r} cannot do; wrap Flattest(), Sharpest() "
+                "or NewtonDecrement()."
+            )
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction!r}.")
+        self.rule, self.fraction = rule, fraction
+
+    @property
+    def name(self) -> str:
+        return self.rule.name
+
+    @property
+    def needs_curvature(self) -> bool:  # type: ignore[override]
+        return self.rule.needs_curvature
+
+    @property
+    def needs_forget_gradient(self) -> bool:  # type: ignore[override]
+        return self.rule.needs_forget_gradient
+
+    def select(self, measured: Measurements) -> Selected:
+        masks = top_fraction(self.rule.entry_scores(measured), self.fraction, largest=self.rule.largest)
+        layers = [layer for layer, owned in measured.layers.items() if any(n in masks for n in owned)]
+        return Selected(layers, masks)
+
+
+SELECTIONS = {"flattest": Flattest, "sharpest": Sharpest, "last": LastLayer, "all": AllLayers, "newton_decrement": NewtonDecrement}

@@ -1,0 +1,59 @@
+"""Updates: how the selected parameters move (Warnecke et al.'s closed forms, forget-loss descent, fine-tuning)."""
+
+from lightning_sa_unlearn.updates.base import (
+    FixedStep,
+    StepSize,
+    Update,
+    ValidatedStep,
+    ValidationSpec,
+    step_size_from,
+)
+from lightning_sa_unlearn.updates.functional import (
+    OPTIMIZERS,
+    apply_first_order,
+    choose_tau,
+    default_forget_loss,
+    default_tau_grid,
+    fine_tune,
+    forget_gradient,
+    forget_loss_descent,
+    interleave,
+    loss_sum,
+    mean_loss,
+    sum_loss,
+)
+from lightning_sa_unlearn.updates.gradient_steps import FineTune, FirstOrder, ForgetLossDescent
+from lightning_sa_unlearn.updates.second_order import CG, SECOND_ORDER_TAUS, SOLVERS, LiSSA, SecondOrder, Solver
+
+UPDATES = {"first_order": FirstOrder, "second_order": SecondOrder, "forget_loss": ForgetLossDescent, "fine_tune": FineTune}
+
+__all__ = [
+    "CG",
+    "OPTIMIZERS",
+    "SECOND_ORDER_TAUS",
+    "SOLVERS",
+    "UPDATES",
+    "FineTune",
+    "FirstOrder",
+    "FixedStep",
+    "ForgetLossDescent",
+    "LiSSA",
+    "SecondOrder",
+    "Solver",
+    "StepSize",
+    "Update",
+    "ValidatedStep",
+    "ValidationSpec",
+    "apply_first_order",
+    "choose_tau",
+    "default_forget_loss",
+    "default_tau_grid",
+    "fine_tune",
+    "forget_gradient",
+    "forget_loss_descent",
+    "interleave",
+    "loss_sum",
+    "mean_loss",
+    "step_size_from",
+    "sum_loss",
+]

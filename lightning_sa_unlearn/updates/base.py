@@ -1,0 +1,152 @@
+"""The update part and its step-size policy.
+
+An :class:`Update` moves the selected parameters ``θ_S`` and returns what the report records. It
+declares what it needs from the run (curvature, the forget gradient, the retain set, validation
+data) so that the run computes nothing else and fails before any work when data is missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from torch import Tensor
+
+from lightning_sa_unlearn.updates.functional import apply_first_order, choose_tau
+
+if TYPE_CHECKING:
+    from lightning_sa_unlearn.pipeline import UnlearningRun
+
+Objective = Literal["validation", "validation_and_forget"]
+OBJECTIVES = ("validation", "validation_and_forget")
+
+
+@dataclass(frozen=True)
+class ValidationSpec:
+    """What a validated choice minimises, and how many retain samples stand in for a missing ``val_dataloader()``.
+
+    ``"validation"``: the mean validation loss. ``"validation_and_forget"``: that plus the mean loss of
+    ``D_f``'s inputs under ``D̃_f``'s labels; clean validation data cannot see a backdoor trigger, this can.
+    """
+
+    objective: Objective = "validation"
+    samples: int = 5000
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}.")
+        if self.samples < 1:
+            raise ValueError(f"validation_samples must be >= 1, got {self.samples}.")
+
+
+class StepSize:
+    """How far an update moves along its direction: ``θ_S ← θ_S − τ·d``."""
+
+    def validation(self) -> ValidationSpec | None:
+        """The validation data this policy reads (None: none)."""
+        return None
+
+    def apply(self, run: UnlearningRun, direction: dict[str, Tensor], default_grid: Sequence[float]) -> dict[str, Any]:
+        """Move the model; return ``{"tau": ..., ...}`` for the report."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+
+class FixedStep(StepSize):
+    """A fixed ``τ >= 0``."""
+
+    def __init__(self, tau: float) -> None:
+        if not tau >= 0:  # NaN fails too
+            raise ValueError(f"tau must be a number >= 0, got {tau!r}.")
+        self.tau = float(tau)
+
+    def apply(self, run: UnlearningRun, direction: dict[str, Tensor], default_grid: Sequence[float]) -> dict[str, Any]:
+        apply_first_order(run.model, direction, run.names, self.tau, run.masks)
+        return {"tau": self.tau}
+
+
+class ValidatedStep(StepSize):
+    """The τ of least validation objective on a grid that includes 0 (no update), never the test set.
+
+    Args:
+        grid: the τ values tried (default: the update's own, e.g. :func:`default_tau_grid`).
+        objective: ``"validation"`` or ``"validation_and_forget"`` (:class:`ValidationSpec`).
+        validation_samples: retain samples used as validation when there is no ``val_dataloader()``.
+    """
+
+    def __init__(
+        self, grid: list[float] | None = None, objective: Objective = "validation", validation_samples: int = 5000
+    ) -> None:
+        if grid is not None and (not list(grid) or not all(t >= 0 for t in grid)):
+            raise ValueError(f"grid must be a non-empty list of numbers >= 0, got {grid!r}.")
+        self.grid = None if grid is None else [float(t) for t in grid]
+        self.spec = ValidationSpec(objective, validation_samples)
+
+    def validation(self) -> ValidationSpec:
+        return self.spec
+
+    def apply(self, run: UnlearningRun, direction: dict[str, Tensor], default_grid: Sequence[float]) -> dict[str, Any]:
+        if run.validation is None:
+            raise ValueError(
+                "ValidatedStep needs a validation set: define val_dataloader() or retain_dataloader(), "
+                "or use FixedStep(tau)."
+            )
+        grid = self.grid or list(default_grid)
+        tau, losses = choose_tau(
+            run.model,
+            direction,
+            run.names,
+            grid,
+            run.validation_loss,
+            progress=lambda it: run.progress(it, "choosing tau", len(grid)),
+            masks=run.masks,
+        )
+        return {"tau": tau, "tau_search": sorted(losses.items())}
+
+
+def step_size_from(value: StepSize | float | None) -> StepSize:
+    """None: :class:`ValidatedStep`; a number: :class:`FixedStep`."""
+    if value is None:
+        return ValidatedStep()
+    if isinstance(value, StepSize):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return FixedStep(value)
+    raise ValueError(f"step_size must be a StepSize, a number (a fixed tau) or None (ValidatedStep()), got {value!r}.")
+
+
+class Update:
+    """Base class: ``apply(run)`` moves ``run.names`` (under ``run.masks``) and returns report fields."""
+
+    name: ClassVar[str] = "custom"
+    needs_curvature: ClassVar[bool] = False
+    needs_forget_gradient: ClassVar[bool] = True
+    needs_retain: ClassVar[bool] = False
+
+    def validation(self) -> ValidationSpec | None:
+        """The validation data the update reads (None: none)."""
+        return None
+
+    def check(self, run: UnlearningRun) -> None:
+        """Fail before any work when the data contract lacks what this update needs."""
+        data = run.data
+        if self.needs_retain and data.retain is None:
+            raise ValueError(
+                f"{type(self).__name__} needs the retain set: define retain_dataloader() on your datamodule "
+                "or LightningModule, or use FirstOrder()."
+            )
+        spec = self.validation()
+        if spec is not None and spec.objective == "validation_and_forget" and data.corrected is None:
+            raise ValueError(
+                "objective='validation_and_forget' scores the forget inputs with their corrected labels, "
+                "so it needs corrected_dataloader(); use objective='validation' for sample unlearning."
+            )
+
+    def apply(self, run: UnlearningRun) -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__} must implement apply(run).")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"

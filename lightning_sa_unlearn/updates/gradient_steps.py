@@ -1,0 +1,153 @@
+"""Updates built from gradient steps: Warnecke et al.'s first order, forget-loss descent, fine-tuning."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+from torch import Tensor
+
+from lightning_sa_unlearn.data import sized
+from lightning_sa_unlearn.updates.base import StepSize, Update, ValidationSpec, step_size_from
+from lightning_sa_unlearn.updates.functional import OPTIMIZERS, default_tau_grid, fine_tune, forget_loss_descent
+
+if TYPE_CHECKING:
+    from lightning_sa_unlearn.pipeline import UnlearningRun
+
+
+class FirstOrder(Update):
+    """Warnecke et al.'s closed form ``θ_S ← θ_S − τ·∇_S L_forget`` with eq. 7 in sum reduction.
+
+    Args:
+        step_size: a :class:`StepSize`; a number for a fixed τ; None for τ chosen on validation
+            (:class:`ValidatedStep` over :func:`default_tau_grid`, 0 included).
+    """
+
+    name = "first_order"
+
+    def __init__(self, step_size: StepSize | float | None = None) -> None:
+        self.step_size = step_size_from(step_size)
+
+    def validation(self) -> ValidationSpec | None:
+        return self.step_size.validation()
+
+    def apply(self, run: UnlearningRun) -> dict[str, Any]:
+        return self.step_size.apply(run, run.gradient, default_tau_grid(run.model, run.gradient, run.names))
+
+
+class ForgetLossDescent(Update):
+    """``steps`` full-batch gradient steps of size ``lr`` on paper eq. 6 over ``θ_S``.
+
+    ``J(θ) = L_forget / |D_f| + λ·L_{D'_r} / |D'_r|`` with λ = ``retain_weight`` and ``|D'_r|`` =
+    ``retain_samples``; with a validation set the parameters end at the step (0 included) of least
+    validation ``objective`` (early stopping that never makes validation worse).
+    """
+
+    name = "forget_loss"
+
+    def __init__(
+        self,
+        steps: int = 10,
+        lr: float = 0.01,
+        retain_weight: float = 1.0,
+        retain_samples: int | None = 2500,
+        objective: Literal["validation", "validation_and_forget"] = "validation",
+        validation_samples: int = 5000,
+    ) -> None:
+        if steps < 1 or not lr > 0 or retain_weight < 0:
+            raise ValueError(f"ForgetLossDescent needs steps >= 1, lr > 0, retain_weight >= 0; got {steps}, {lr}, {retain_weight}.")
+        if retain_samples is not None and retain_samples < 1:
+            raise ValueError(f"retain_samples must be >= 1 or None (all), got {retain_samples}.")
+        self.steps, self.lr, self.retain_weight, self.retain_samples = steps, lr, retain_weight, retain_samples
+        self.spec = ValidationSpec(objective, validation_samples)
+
+    def validation(self) -> ValidationSpec:
+        return self.spec
+
+    def apply(self, run: UnlearningRun) -> dict[str, Any]:
+        data = run.data
+        steps = forget_loss_descent(
+            run.model,
+            run.names,
+            run.batches(data.forget, "forget"),
+            run.batches(data.corrected, "corrected"),
+            run.batches(data.retain, "retain", self.retain_samples),
+            steps=self.steps,
+            lr=self.lr,
+            retain_weight=self.retain_weight,
+            forget_loss=run.forget_loss,
+            loss_fn=run.loss_fn,
+            masks=run.masks,
+            all_reduce=run.processes.sum_tree,
+            validation_loss=run.validation_loss if run.validation is not None else None,
+            progress=lambda it: run.progress(it, "forget-loss descent", self.steps),
+        )
+        return {"steps": steps}
+
+
+class FineTune(Update):
+    """Train ``θ_S`` on ``D_r ∪ D̃_f`` (or ``D_r`` alone) with SGD or Adam, in eval mode (BatchNorm frozen).
+
+    Args:
+        epochs, lr, momentum, weight_decay: the optimizer's settings.
+        optimizer: ``"sgd"`` (with momentum) or ``"adam"``.
+        include_corrected: train on ``D_r ∪ D̃_f`` (True) or on ``D_r`` alone.
+    """
+
+    name = "fine_tune"
+    needs_forget_gradient = False
+    needs_retain = True
+
+    def __init__(
+        self,
+        epochs: int = 1,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        optimizer: Literal["sgd", "adam"] = "sgd",
+        include_corrected: bool = True,
+    ) -> None:
+        if epochs < 1 or not lr > 0 or not 0 <= momentum < 1 or weight_decay < 0:
+            raise ValueError(
+                "FineTune needs epochs >= 1, lr > 0, 0 <= momentum < 1 and weight_decay >= 0; got "
+                f"{epochs}, {lr}, {momentum}, {weight_decay}."
+            )
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}.")
+        self.epochs, self.lr, self.momentum, self.weight_decay = epochs, lr, momentum, weight_decay
+        self.optimizer, self.include_corrected = optimizer, include_corrected
+
+    def apply(self, run: UnlearningRun) -> dict[str, Any]:
+        processes, data = run.processes, run.data
+        sources = [run.batches(data.retain, "retain", shuffle=True)]
+        if data.corrected is not None and self.include_corrected:
+            sources.append(run.batches(data.corrected, "corrected", shuffle=True))
+        lengths = [sized(s) for s in sources]
+        steps_per_epoch = None
+        if processes.world_size > 1:
+            if None in lengths:
+                raise ValueError("FineTune under several processes needs sized dataloaders (map-style datasets).")
+            steps_per_epoch = processes.min(sum(lengths))
+
+        def average_gradients(params: Sequence[Tensor]) -> None:  # one all-reduce for all selected tensors
+            summed = processes.sum_tree({str(i): p.grad for i, p in enumerate(params)})
+            for i, p in enumerate(params):
+                p.grad = summed[str(i)] / processes.world_size
+
+        steps = fine_tune(
+            run.model,
+            run.names,
+            sources,
+            epochs=self.epochs,
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            optimizer=self.optimizer,
+            masks=run.masks,
+            loss_fn=run.loss_fn,
+            seed=run.seed + processes.rank,
+            steps_per_epoch=steps_per_epoch,
+            average_gradients=average_gradients if processes.world_size > 1 else None,
+            progress=lambda it: run.progress(it, "fine-tuning", steps_per_epoch),
+        )
+        return {"steps": steps}
