@@ -2,7 +2,6 @@
 
     sa-unlearn fit --config examples/mnist_targeted.yaml
     sa-unlearn unlearn --config examples/mnist_targeted.yaml --ckpt_path outputs/mnist_targeted/fitted.ckpt
-    sa-unlearn benchmark --setting mnist_targeted --seeds 0 1 2 3 4     # the paper's tables, vs retraining
 
 ``unlearn`` loads the fitted checkpoint, runs the ``SharpnessAwareUnlearning`` callback configured
 under ``trainer.callbacks``, writes the unlearned model to a NEW checkpoint (the input is never
@@ -115,13 +114,13 @@ class SAUnlearnCLI(LightningCLI):
 
 
 def main(args: Any = None) -> None:
-    """``sa-unlearn``; ``sa-unlearn benchmark ...`` runs :mod:`lightning_sa_unlearn.benchmarks`."""
+    """``sa-unlearn``: LightningCLI's subcommands plus ``unlearn``."""
     argv = list(args) if args is not None else sys.argv[1:]
     if argv[:1] == ["benchmark"]:
-        from lightning_sa_unlearn import benchmarks
-
-        benchmarks.main(argv[1:])
-        return
+        raise SystemExit(
+            "sa-unlearn benchmark was removed in 0.2: the experiments are not part of the installed package. "
+            "From a clone of the repository run `python benchmarks/reproduce.py --setting mnist_targeted` instead."
+        )
     SAUnlearnCLI(trainer_class=UnlearningTrainer, args=args, save_config_kwargs={"overwrite": True})
 
 

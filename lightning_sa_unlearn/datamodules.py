@@ -55,7 +55,7 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
         dataset: Literal["mnist", "cifar10", "imagefolder", "synthetic"] = "mnist",
         root: str = "data",
         download: bool = False,
-        poison: Literal["targeted", "untargeted"] = "targeted",
+        poison: Literal["targeted", "untargeted", "backdoor", "deletion"] = "targeted",
         num_poisoned: int = 2500,
         target_class: int = 9,
         num_train: int | None = None,

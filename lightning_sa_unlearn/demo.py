@@ -12,7 +12,7 @@ import time
 import lightning.pytorch as pl
 import torch
 
-from lightning_sa_unlearn import PoisonedLabelDataModule, SharpnessAwareUnlearning
+from lightning_sa_unlearn import GGN, PoisonedLabelDataModule, SharpnessAwareUnlearning
 from lightning_sa_unlearn.callback import quiet_trainer
 from lightning_sa_unlearn.models import PaperCNN
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     model = PaperCNN(lr=1e-3)
     unlearning = SharpnessAwareUnlearning(
-        curvature_samples=args.curvature_samples,
+        curvature=GGN(samples=args.curvature_samples),
         seed=args.seed,
         verbose=False,
         report_path=os.path.join(args.out, "report.json"),

@@ -9,7 +9,7 @@ Part = TypeVar("Part")
 
 
 def resolve(value: Any, base: type[Part], builtins: Mapping[str, Callable[[], Part]], argument: str) -> Part:
-    """``value`` if it is a ``base``; the built-in it names if it is a string; else a ValueError that says what to pass."""
+    """``value`` if it is a ``base``, the built-in it names if it is a string; else a ValueError saying what to pass."""
     if isinstance(value, base):
         return value
     if isinstance(value, str) and value in builtins:

@@ -88,7 +88,6 @@ class UnlearningRun:
         trainer = quiet_trainer(accelerator="cpu" if _device(model).type == "cpu" else "auto")
         run = cls(trainer, Processes(trainer, _device(model)), model, UnlearningData.resolve(datamodule, model))
         run.loss_fn, run.seed, run.target_class = loss_fn, seed, getattr(datamodule, "target_class", None)
-        run.build_batches()
         return run
 
     # ------------------------------------------------------------------ helpers for parts
@@ -112,7 +111,9 @@ class UnlearningRun:
     def progress(self, iterable: Iterable[Any], description: str, total: int | None) -> Iterable[Any]:
         """A progress bar on rank 0 for steps that take more than two seconds, if enabled."""
         enabled = self.progress_bar and (self.trainer is None or self.trainer.is_global_zero)
-        return tqdm(iterable, desc=description, total=total, leave=False, delay=2.0, disable=not enabled, dynamic_ncols=True)
+        return tqdm(
+            iterable, desc=description, total=total, leave=False, delay=2.0, disable=not enabled, dynamic_ncols=True
+        )
 
     def mean_loss(self, model: nn.Module, batches: Iterable[Any] | None) -> float:
         total, count = self.processes.agree(lambda: loss_sum(model, batches, self.loss_fn))
@@ -147,8 +148,14 @@ class UnlearningRun:
 
     def build_batches(self) -> None:
         self.num_classes = _num_classes(self.model, self.data.forget)
-        self.forget, self.corrected = self.batches(self.data.forget, "forget"), self.batches(self.data.corrected, "corrected")
-        self.test, self.triggered = self.batches(self.data.test, "test"), self.batches(self.data.triggered_test, "triggered test")
+        self.forget, self.corrected = (
+            self.batches(self.data.forget, "forget"),
+            self.batches(self.data.corrected, "corrected"),
+        )
+        self.test, self.triggered = (
+            self.batches(self.data.test, "test"),
+            self.batches(self.data.triggered_test, "triggered test"),
+        )
 
 
 def run_unlearning(
@@ -248,7 +255,11 @@ def _select(run: UnlearningRun, selection: Selection, layers: dict[str, list[str
     if not isinstance(chosen, Selected):
         chosen = Selected(list(chosen))
     names = list(layers)
-    if not chosen.layers or any(n not in layers for n in chosen.layers) or len(set(chosen.layers)) != len(chosen.layers):
+    if (
+        not chosen.layers
+        or any(n not in layers for n in chosen.layers)
+        or len(set(chosen.layers)) != len(chosen.layers)
+    ):
         raise ValueError(
             f"the selection returned {chosen.layers}, which must be a non-empty list of distinct names from {names}."
         )

@@ -46,7 +46,7 @@ class UnlearningReport:
     fallback: str | None = None
     """Why ``fallback="first_order"`` replaced the second-order update, when it did."""
     sharpness_standard_error: dict[str, float] = field(default_factory=dict)
-    """Standard error of each layer's sharpness over curvature batches (:mod:`~lightning_sa_unlearn.curvature.confidence`)."""
+    """Standard error of each layer's sharpness over curvature batches (:mod:`~lightning_sa_unlearn.curvature`)."""
     selection_margin: dict[str, Any] | None = None
     """``flattest``/``sharpest``: the runner-up layer and the selected layer's lead in standard errors."""
     membership_inference: dict[str, dict[str, float]] | None = None
@@ -140,7 +140,10 @@ class UnlearningReport:
                 if key in attacked and key != "loss":
                     lines.append(f"  {label.strip():<32}{_pct(attacked, key):>10}")
         if self.layer_sharpness:
-            lines += ["", f"layer sharpness (mean Hessian diagonal, {self.curvature}, {self.curvature_samples} samples):"]
+            lines += [
+                "",
+                f"layer sharpness (mean Hessian diagonal, {self.curvature}, {self.curvature_samples} samples):",
+            ]
         for layer, value in self.layer_sharpness.items():
             mark = "  <- selected" if layer in self.selected_layers else ""
             error = self.sharpness_standard_error.get(layer)

@@ -12,7 +12,15 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_sa_unlearn import SharpnessAwareUnlearning, hessian_diagonal, layer_sharpness
+import lightning_sa_unlearn
+from lightning_sa_unlearn import (
+    FineTune,
+    FirstOrder,
+    SharpnessAwareUnlearning,
+    ValidatedStep,
+    hessian_diagonal,
+    layer_sharpness,
+)
 from lightning_sa_unlearn.functional import eval_mode
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -82,7 +90,9 @@ def test_first_order_changes_only_the_selected_layer(tiny_model):
     gradient = independent_forget_gradient(model, datamodule)
     model.train()
 
-    report = SharpnessAwareUnlearning(selection=["net.fc1"], tau=0.02, verbose=False).unlearn(model, datamodule)
+    report = SharpnessAwareUnlearning(selection=["net.fc1"], update=FirstOrder(0.02), verbose=False).unlearn(
+        model, datamodule
+    )
 
     assert report.selected_layers == ["net.fc1"] and report.tau == 0.02
     for name in ("net.fc1.weight", "net.fc1.bias"):
@@ -121,11 +131,11 @@ def test_without_validation_set_tau_is_chosen_on_a_retain_slice(tiny_model):
 def test_fine_tune_changes_only_the_selected_layer(tiny_model):
     model, datamodule = tiny_model
     before = state(model)
-    report = SharpnessAwareUnlearning(update="fine_tune", selection="last", epochs=2, lr=0.05, verbose=False).unlearn(
+    report = SharpnessAwareUnlearning(update=FineTune(epochs=2, lr=0.05), selection="last", verbose=False).unlearn(
         model, datamodule
     )
     assert report.selected_layers == ["net.fc2"] and report.tau is None
-    assert report.fine_tune_steps == 2 * (7 + 1)  # 210 retain samples in batches of 32, and 30 corrected
+    assert report.update_steps == 2 * (7 + 1)  # 210 retain samples in batches of 32, and 30 corrected
     assert not torch.equal(model.net.fc2.weight.detach(), before["net.fc2.weight"])
     assert_same_state(model, before, except_names={"net.fc2.weight", "net.fc2.bias"})
 
@@ -158,7 +168,7 @@ def test_subclass_overrides_forget_loss_and_selection(tiny_model):
         return -F.cross_entropy(logits, wrong).clamp(max=1.0)
 
     gradient = independent_forget_gradient(model, datamodule, clamped_ascent)
-    callback = load_example().FlattestConvAscent(margin=1.0, tau=0.01, verbose=False)
+    callback = load_example().FlattestConvAscent(margin=1.0, update=FirstOrder(0.01), verbose=False)
     report = callback.unlearn(model, datamodule)
     convolutions = [name for name in report.layer_sharpness if "conv" in name]
     assert report.selected_layers == convolutions == ["net.conv"]
@@ -210,7 +220,11 @@ BAD_INPUTS = {
     ),
     "unknown module": (dict(selection=["net.nope"]), TensorDataModule, "not modules that own trainable parameters"),
     "module without parameters": (dict(selection=["net.relu"]), TensorDataModule, "not modules that own trainable"),
-    "too many layers": (dict(num_layers=9), TensorDataModule, "num_layers=9.*4 trainable layers"),
+    "too many layers": (
+        dict(selection=lightning_sa_unlearn.Flattest(num_layers=9)),
+        TensorDataModule,
+        "num_layers=9.*4 trainable layers",
+    ),
     "fine_tune without retain": (
         dict(update="fine_tune"),
         lambda: TensorDataModule(with_retain=False),
@@ -221,7 +235,7 @@ BAD_INPUTS = {
         lambda: CustomDataModule(train=_nan_inputs(TensorDataModule())),
         "curvature.*not finite",
     ),
-    "non-finite loss after the update": (dict(tau=1e10, scale=1e30), TensorDataModule, "non-finite"),
+    "non-finite loss after the update": (dict(update=FirstOrder(1e10), scale=1e30), TensorDataModule, "non-finite"),
     "non-finite forget gradient": (dict(scale=float("nan")), TensorDataModule, "forget gradient.*not finite"),
     "tau auto without validation data": (
         dict(),
@@ -285,20 +299,33 @@ def test_exact_curvature_on_a_large_model_is_refused():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(update="newton"), "unknown update"),
-        (dict(selection="random"), "unknown selection"),
-        (dict(selection=[]), "empty list"),
-        (dict(num_layers=0), "num_layers"),
-        (dict(curvature="kfac"), "unknown curvature"),
-        (dict(tau=-1.0), "tau must be"),
-        (dict(tau_objective="test"), "tau_objective must be"),
-        (dict(tau="best"), "tau must be"),
-        (dict(curvature_samples=0), "curvature_samples"),
+        (dict(update="newton"), "update='newton' is not a Update: pass one of 'first_order'"),
+        (dict(selection="random"), "selection='random' is not a Selection"),
+        (dict(selection=[]), "non-empty list"),
+        (dict(curvature="kfac"), "curvature='kfac' is not a Curvature"),
+        (dict(evaluations="mia"), "evaluations takes a list"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SharpnessAwareUnlearning(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: lightning_sa_unlearn.Flattest(num_layers=0), "num_layers"),
+        (lambda: lightning_sa_unlearn.FixedStep(-1.0), "tau must be"),
+        (lambda: lightning_sa_unlearn.FixedStep(float("nan")), "tau must be"),
+        (lambda: ValidatedStep(objective="test"), "objective must be"),
+        (lambda: ValidatedStep(grid=[]), "grid must be"),
+        (lambda: FirstOrder("best"), "step_size must be"),
+        (lambda: lightning_sa_unlearn.GGN(samples=0), "samples must be"),
+    ],
+)
+def test_bad_part_settings_fail_at_construction(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
 
 
 def test_parameter_sharding_strategies_are_refused():
@@ -324,7 +351,9 @@ def test_retain_slice_is_the_same_for_every_tau(tiny_model):
     model.eval()
     with torch.no_grad():
         expected = F.cross_entropy(model(x), y).item()
-    report = SharpnessAwareUnlearning(validation_samples=10**6, verbose=False).unlearn(model, datamodule)
+    report = SharpnessAwareUnlearning(
+        update=FirstOrder(ValidatedStep(validation_samples=10**6)), verbose=False
+    ).unlearn(model, datamodule)
     assert dict(report.tau_search)[0.0] == pytest.approx(expected, rel=1e-5)
 
 
@@ -379,7 +408,9 @@ def test_labels_outside_classes_anywhere_are_refused(tiny_model, which):
 
 def test_tau_objective_adds_the_forget_inputs_under_corrected_labels(tiny_model):
     model, datamodule = tiny_model
-    report = SharpnessAwareUnlearning(verbose=False, tau_objective="validation_and_forget").unlearn(model, datamodule)
+    report = SharpnessAwareUnlearning(
+        verbose=False, update=FirstOrder(ValidatedStep(objective="validation_and_forget"))
+    ).unlearn(model, datamodule)
     chosen_loss = dict(report.tau_search)[report.tau]
 
     def mean_loss(pairs):
@@ -398,7 +429,7 @@ def test_tau_objective_with_forget_needs_the_corrected_set(tiny_model):
     model, _ = tiny_model
     before = state(model)
     with pytest.raises(ValueError, match="needs corrected_dataloader"):
-        SharpnessAwareUnlearning(verbose=False, tau_objective="validation_and_forget").unlearn(
-            model, TensorDataModule(with_corrected=False)
-        )
+        SharpnessAwareUnlearning(
+            verbose=False, update=FirstOrder(ValidatedStep(objective="validation_and_forget"))
+        ).unlearn(model, TensorDataModule(with_corrected=False))
     assert_same_state(model, before)

@@ -99,7 +99,9 @@ def test_fit_then_unlearn_then_load_back(fitted, capsys):
 def test_unlearn_under_ddp_spawn_writes_the_same_checkpoint(fitted, tmp_path):
     folder, cfg, ckpt = fitted
     single, double = tmp_path / "one.ckpt", tmp_path / "two.ckpt"
-    common = ["--config", str(cfg), "--ckpt_path", str(ckpt), "--trainer.callbacks.init_args.tau", "0.0002"]
+    fixed = ["--trainer.callbacks.init_args.update", "lightning_sa_unlearn.FirstOrder"]
+    fixed += ["--trainer.callbacks.init_args.update.step_size", "0.0002"]
+    common = ["--config", str(cfg), "--ckpt_path", str(ckpt), *fixed]
     main(["unlearn", *common, "--output_path", str(single)])
     main(
         ["unlearn", *common, "--output_path", str(double), "--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"]
@@ -163,7 +165,9 @@ def test_config_errors_are_reported(fitted, capsys, arguments, message):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["mnist_targeted.yaml", "mnist_untargeted.yaml", "cifar10_resnet18.yaml"])
+@pytest.mark.parametrize(
+    "name", ["mnist_targeted.yaml", "mnist_untargeted.yaml", "cifar10_resnet18.yaml", "mnist_second_order.yaml"]
+)
 def test_example_configs_parse(name, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(ROOT / "examples" / name), "--print_config"])
@@ -171,8 +175,53 @@ def test_example_configs_parse(name, capsys):
     assert "SharpnessAwareUnlearning" in capsys.readouterr().out
 
 
-def test_benchmark_is_reachable_from_the_cli(capsys):
-    with pytest.raises(SystemExit) as exit_info:
+def test_the_removed_benchmark_subcommand_says_where_the_experiments_went():
+    with pytest.raises(SystemExit, match="benchmarks/reproduce.py"):
         main(["benchmark", "--help"])
-    assert exit_info.value.code == 0
-    assert "--setting" in capsys.readouterr().out
+
+
+def test_parts_are_configured_by_class_path_inside_the_callback(fitted, tmp_path):
+    _, _, ckpt = fitted
+    parts = {
+        "curvature": {"class_path": "lightning_sa_unlearn.MonteCarloGGN", "init_args": {"samples": 300}},
+        "selection": {"class_path": "lightning_sa_unlearn.LastLayer"},
+        "update": {
+            "class_path": "lightning_sa_unlearn.SecondOrder",
+            "init_args": {
+                "step_size": 1.0,
+                "solver": {"class_path": "lightning_sa_unlearn.CG", "init_args": {"max_iterations": 5}},
+                "fallback": True,
+            },
+        },
+        "evaluations": ["mia", {"class_path": "lightning_sa_unlearn.RelearnAttack", "init_args": {"samples": 7}}],
+    }
+    main(
+        [
+            "unlearn",
+            "--config",
+            str(config(tmp_path, **parts)),
+            "--ckpt_path",
+            str(ckpt),
+            "--output_path",
+            str(tmp_path / "out.ckpt"),
+        ]
+    )
+    report = yaml.safe_load((tmp_path / "out.report.json").read_text())
+    assert report["curvature"] == "mc_ggn" and report["curvature_samples"] == 300
+    assert report["selected_layers"] == ["net.fc2"] and report["update"] == "second_order"
+    assert report["solver"]["name"] == "cg" and report["solver"]["iterations"] <= 5
+    assert report["relearn"]["samples"] == 7 and set(report["membership_inference"]) == {"before", "after"}
+
+
+@pytest.mark.parametrize("poison", ["targeted", "untargeted", "backdoor", "deletion"])
+def test_every_poison_is_accepted_by_the_cli(poison, tmp_path):
+    from lightning_sa_unlearn.cli import SAUnlearnCLI, UnlearningTrainer
+
+    args = ["--config", str(config(tmp_path)), "--data.init_args.poison", poison]
+    cli = SAUnlearnCLI(trainer_class=UnlearningTrainer, args=args, run=False)
+    datamodule = cli.datamodule
+    datamodule.setup("fit")
+    datamodule.setup("test")
+    assert datamodule.poison == poison
+    assert (datamodule.corrected_dataloader() is None) == (poison == "deletion")
+    assert (datamodule.triggered_test_dataloader() is not None) == (poison == "backdoor")

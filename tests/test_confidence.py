@@ -7,9 +7,13 @@ import pytest
 import torch
 from conftest import autograd_hessian_diagonal, relu_cnn
 
-from lightning_sa_unlearn import SharpnessAwareUnlearning, callback
-from lightning_sa_unlearn.confidence import SharpnessStatistics, selection_margin, sharpness_with_standard_errors
+from lightning_sa_unlearn import MonteCarloGGN, SharpnessAwareUnlearning, pipeline
 from lightning_sa_unlearn.curvature import hessian_diagonal
+from lightning_sa_unlearn.curvature.confidence import (
+    SharpnessStatistics,
+    selection_margin,
+    sharpness_with_standard_errors,
+)
 from lightning_sa_unlearn.selection import layer_sharpness, trainable_layers
 
 
@@ -118,7 +122,7 @@ def test_callback_warns_and_reports_a_narrow_lead(tiny_model, monkeypatch):
         return {"selected": selected[0], "runner_up": "x", "lead": 1e-9, "standard_error": 1.0,
                 "lead_in_standard_errors": 1e-9}  # fmt: skip
 
-    monkeypatch.setattr(callback, "selection_margin", narrow)
+    monkeypatch.setattr(pipeline, "selection_margin", narrow)
     with pytest.warns(UserWarning, match="only 0.00 standard errors"):
         report = SharpnessAwareUnlearning(verbose=False).unlearn(model, datamodule)
     assert report.selection_margin["lead_in_standard_errors"] == 1e-9
@@ -126,7 +130,7 @@ def test_callback_warns_and_reports_a_narrow_lead(tiny_model, monkeypatch):
 
 def test_callback_reports_standard_errors(tiny_model):
     model, datamodule = tiny_model
-    report = SharpnessAwareUnlearning(verbose=False, curvature="mc_ggn").unlearn(model, datamodule)
+    report = SharpnessAwareUnlearning(verbose=False, curvature=MonteCarloGGN()).unlearn(model, datamodule)
     assert report.sharpness_standard_error.keys() == report.layer_sharpness.keys()
     assert all(e > 0 for e in report.sharpness_standard_error.values())
     assert report.selection_margin["selected"] == report.selected_layers[0]

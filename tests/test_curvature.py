@@ -171,7 +171,7 @@ def test_hook_path_equals_vmap_path_on_a_residual_network(method, form, monkeypa
     """
     from torchvision.models.resnet import BasicBlock
 
-    from lightning_sa_unlearn import ggn_fast
+    from lightning_sa_unlearn.curvature import ggn_fast
 
     if form != "default":
         monkeypatch.setattr(ggn_fast, "_GRAM_MAX_POSITIONS_PER_ROW", 0 if form == "direct" else 10**6)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lightning_sa_unlearn import PoisonedLabelDataModule
+from lightning_sa_unlearn import GGN, PoisonedLabelDataModule
 from lightning_sa_unlearn.models import PaperCNN
 
 
@@ -110,5 +110,5 @@ def test_device_resident_sets_are_batched_in_place():
     seen = torch.cat([y for _, y in loader])
     assert torch.equal(seen.sort().values, dm.train_set.tensors[1].sort().values)  # every sample once
     model = PaperCNN()
-    report = SharpnessAwareUnlearning(curvature_samples=200, verbose=False, progress_bar=False).unlearn(model, dm)
+    report = SharpnessAwareUnlearning(curvature=GGN(samples=200), verbose=False, progress_bar=False).unlearn(model, dm)
     assert report.curvature_samples == 200

@@ -8,9 +8,22 @@ from conftest import TensorDataModule, TinyClassifier, quiet_trainer
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_sa_unlearn import SharpnessAwareUnlearning, hessian_diagonal, layer_sharpness
-from lightning_sa_unlearn.confidence import SharpnessStatistics
+from lightning_sa_unlearn import (
+    GGN,
+    EmpiricalFisher,
+    ExactHessian,
+    FineTune,
+    FirstOrder,
+    Flattest,
+    ForgetLossDescent,
+    Hutchinson,
+    SharpnessAwareUnlearning,
+    TopFraction,
+    hessian_diagonal,
+    layer_sharpness,
+)
 from lightning_sa_unlearn.curvature import hessian_diagonal_sum
+from lightning_sa_unlearn.curvature.confidence import SharpnessStatistics
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
@@ -41,14 +54,20 @@ def frozen_copy(saved):
 
 # Run in order on the same model, in one process and in two; each stage starts where the last ended.
 STAGES = [
-    ("hutchinson", dict(curvature="hutchinson", num_probes=3, tau=0.0)),
-    ("exact", dict(curvature="exact", selection="sharpest", tau=0.01)),
-    ("empirical_fisher", dict(curvature="empirical_fisher", selection="last", tau=0.02)),
-    ("ggn", dict(curvature="ggn", curvature_samples=150, tau="auto")),
-    ("second_order", dict(update="second_order", selection="newton_decrement", damping=1.0, curvature_samples=150)),
-    ("forget_loss", dict(update="forget_loss", selection=["net.fc1"], steps=2, lr=0.05, retain_samples=100)),
-    ("masked", dict(granularity="parameter", fraction=0.2, tau=0.01)),
-    ("fine_tune", dict(update="fine_tune", selection="last", epochs=2, lr=0.05)),
+    ("hutchinson", dict(curvature=Hutchinson(num_probes=3), update=FirstOrder(0.0))),
+    ("exact", dict(curvature=ExactHessian(), selection="sharpest", update=FirstOrder(0.01))),
+    ("empirical_fisher", dict(curvature=EmpiricalFisher(), selection="last", update=FirstOrder(0.02))),
+    ("ggn", dict(curvature=GGN(samples=150), update="first_order")),
+    (
+        "second_order",
+        dict(curvature=GGN(samples=150, damping=1.0), update="second_order", selection="newton_decrement"),
+    ),
+    (
+        "forget_loss",
+        dict(update=ForgetLossDescent(steps=2, lr=0.05, retain_samples=100), selection=["net.fc1"]),
+    ),
+    ("masked", dict(selection=TopFraction(Flattest(), fraction=0.2), update=FirstOrder(0.01))),
+    ("fine_tune", dict(update=FineTune(epochs=2, lr=0.05), selection="last")),
 ]
 
 
@@ -138,7 +157,7 @@ def test_hutchinson_averages_the_probes_of_every_process(runs, fitted_tiny):
 def test_fine_tune_leaves_identical_weights_on_every_process(runs):
     folder, _, _, _ = runs
     (report0, state0), (report1, state1) = load(folder, "fine_tune", 0), load(folder, "fine_tune", 1)
-    assert report0["fine_tune_steps"] == report1["fine_tune_steps"] > 0
+    assert report0["update_steps"] == report1["update_steps"] > 0
     for name in state0:
         assert torch.equal(state0[name], state1[name]), name
 

@@ -9,11 +9,18 @@ from conftest import TensorDataModule, assert_same_state, state
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_sa_unlearn import SharpnessAwareUnlearning, UnlearningReport
+from lightning_sa_unlearn import (
+    GGN,
+    HeldOutMetrics,
+    MembershipInference,
+    RelearnAttack,
+    SharpnessAwareUnlearning,
+    UnlearningReport,
+)
 from lightning_sa_unlearn.datamodules import PoisonedLabelDataModule
-from lightning_sa_unlearn.evaluation import attack_success_rate
-from lightning_sa_unlearn.membership import fit_logistic_regression, membership_inference, roc_auc
-from lightning_sa_unlearn.relearn import first_samples, relearn_attack
+from lightning_sa_unlearn.evaluations import attack_success_rate
+from lightning_sa_unlearn.evaluations.membership import fit_logistic_regression, membership_inference, roc_auc
+from lightning_sa_unlearn.evaluations.relearn import first_samples, relearn_attack
 
 
 def identity_model(num_classes: int = 4) -> nn.Module:
@@ -162,7 +169,7 @@ def test_evaluations_are_reported_and_change_nothing(tiny_model):
     plain = SharpnessAwareUnlearning(verbose=False, seed=3).unlearn(model, TriggeredDataModule())
     unlearned = state(model)
     model.load_state_dict({k: v for k, v in start.items()}, strict=False)
-    callback = SharpnessAwareUnlearning(verbose=False, seed=3, evaluate=["mia", "relearn"], relearn_samples=20)
+    callback = SharpnessAwareUnlearning(verbose=False, seed=3, evaluations=["mia", RelearnAttack(samples=20)])
     report = callback.unlearn(model, TriggeredDataModule())
     assert_same_state(model, unlearned)  # evaluating does not alter the unlearned weights
     assert report.tau == plain.tau and report.heldout_after == plain.heldout_after
@@ -178,7 +185,11 @@ def test_evaluations_are_reported_and_change_nothing(tiny_model):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [(dict(evaluate=["bogus"]), "evaluate takes a list"), (dict(evaluate="mia"), "evaluate takes a list")],
+    [
+        (dict(evaluations=["bogus"]), "evaluations='bogus' is not a Evaluation"),
+        (dict(evaluations="mia"), "evaluations takes a list"),
+        (dict(evaluations=["mia", MembershipInference()]), "more than once"),
+    ],
 )
 def test_bad_evaluation_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -189,13 +200,13 @@ def test_mia_without_retain_set_is_refused_and_leaves_the_model(tiny_model):
     model, _ = tiny_model
     before = state(model)
     with pytest.raises(ValueError, match="needs retain_dataloader"):
-        SharpnessAwareUnlearning(verbose=False, evaluate=["mia"]).unlearn(model, TensorDataModule(with_retain=False))
+        SharpnessAwareUnlearning(verbose=False, evaluations=["mia"]).unlearn(model, TensorDataModule(with_retain=False))
     assert_same_state(model, before)
 
 
 def test_report_with_evaluations_round_trips_through_json(tiny_model, tmp_path):
     model, _ = tiny_model
-    callback = SharpnessAwareUnlearning(verbose=False, evaluate=["mia", "relearn"], relearn_samples=20)
+    callback = SharpnessAwareUnlearning(verbose=False, evaluations=["mia", RelearnAttack(samples=20)])
     report = callback.unlearn(model, TriggeredDataModule())
     report.to_json(tmp_path / "report.json")
     loaded = UnlearningReport.from_json(tmp_path / "report.json")
@@ -220,8 +231,35 @@ def test_roc_auc_from_ranks_equals_the_pairwise_count():
 
 def test_one_curvature_batch_reports_no_error_estimate_and_round_trips(tiny_model, tmp_path):
     model, datamodule = tiny_model
-    report = SharpnessAwareUnlearning(verbose=False, curvature_samples=16).unlearn(model, datamodule)
+    report = SharpnessAwareUnlearning(verbose=False, curvature=GGN(samples=16)).unlearn(model, datamodule)
     assert math.isnan(report.selection_margin["lead_in_standard_errors"])
     report.to_json(tmp_path / "report.json")
     loaded = UnlearningReport.from_json(tmp_path / "report.json")
     assert "no error estimate (one batch)" in loaded.format_table()
+
+
+def test_evaluations_apply_to_any_model_and_datamodule(tiny_model):
+    model, _ = tiny_model
+    datamodule = TriggeredDataModule()
+    before = state(model)
+    measured = HeldOutMetrics()(model, datamodule)
+    x, y = datamodule.test
+    xt, yt = next(iter(datamodule.triggered_test_dataloader()))
+    model.eval()
+    with torch.no_grad():  # independent of torchmetrics: plain argmax counts
+        accuracy = (model(x).argmax(-1) == y).double().mean().item()
+        loss = F.cross_entropy(model(x), y).item()
+        success = (model(xt).argmax(-1) == 2).double().mean().item()  # the loader keeps non-target samples only
+        n = datamodule.num_forget
+        forget = (model(datamodule.x[:n]).argmax(-1) == datamodule.poisoned[:n]).double().mean().item()
+    assert measured["heldout"]["accuracy"] == pytest.approx(accuracy)
+    assert measured["heldout"]["loss"] == pytest.approx(loss, rel=1e-6)
+    assert measured["heldout"]["attack_success_rate"] == pytest.approx(success)
+    assert measured["forget"]["accuracy_trained_labels"] == pytest.approx(forget)
+    mia = MembershipInference(samples=200)(model, datamodule, seed=1)
+    n = datamodule.num_forget  # the evaluation reads every loader in index order, whatever its sampler
+    retain, test = datamodule._loader(datamodule.x[n:], datamodule.y[n:]), datamodule.test_dataloader()
+    assert mia == membership_inference(model, retain, test, datamodule.forget_dataloader(), max_samples=200, seed=1)
+    relearned = RelearnAttack(samples=20, steps=3, lr=0.01)(model, datamodule)
+    assert relearned["samples"] == 20 and relearned["steps"] == 3
+    assert_same_state(model, before)  # the attack works on a copy

@@ -8,16 +8,31 @@ import torch.nn.functional as F
 from conftest import TensorDataModule, TinyClassifier, assert_same_state, relu_cnn, state
 from torch import nn
 
-from lightning_sa_unlearn import SharpnessAwareUnlearning, hessian_diagonal
-from lightning_sa_unlearn.second_order import (
+from lightning_sa_unlearn import (
+    CG,
+    GGN,
+    FineTune,
+    FirstOrder,
+    Flattest,
+    ForgetLossDescent,
+    LastLayer,
+    LiSSA,
+    Measurements,
+    NewtonDecrement,
+    SecondOrder,
+    SharpnessAwareUnlearning,
+    TopFraction,
+    hessian_diagonal,
+)
+from lightning_sa_unlearn.selection import newton_decrement, top_fraction, trainable_layers
+from lightning_sa_unlearn.updates import fine_tune, forget_loss_descent
+from lightning_sa_unlearn.updates.solvers import (
     conjugate_gradient,
     damped,
     hessian_vector_product,
     largest_eigenvalue,
     lissa,
 )
-from lightning_sa_unlearn.selection import newton_decrement, top_fraction
-from lightning_sa_unlearn.updates import fine_tune, forget_loss_descent
 
 
 def dense_sum_hessian(model, x, y, names):
@@ -90,8 +105,8 @@ def float64_tiny():
 @pytest.mark.parametrize(
     "solver, damping, options",
     [
-        ("cg", 0.5, {}),
-        ("lissa", 20.0, {"max_iterations": 20_000, "tolerance": 1e-8}),  # more damping: LiSSA needs ~κ iterations
+        (CG(), 0.5, {}),
+        (LiSSA(max_iterations=20_000, tolerance=1e-8), 20.0, {}),  # more damping: LiSSA needs ~κ iterations
     ],
 )
 def test_second_order_update_through_the_callback(solver, damping, options):
@@ -109,12 +124,12 @@ def test_second_order_update_through_the_callback(solver, damping, options):
     step = torch.linalg.solve(hessian + damping * torch.eye(len(g), dtype=g.dtype), g)
 
     report = SharpnessAwareUnlearning(
-        update="second_order", selection=["net.fc2"], damping=damping, solver=solver, verbose=False, **options
+        curvature=GGN(damping=damping), update=SecondOrder(1.0, solver=solver), selection=["net.fc2"], verbose=False
     ).unlearn(model, datamodule)
     expected = torch.cat([before[name].reshape(-1) for name in names]) - step
     updated = torch.cat([dict(model.named_parameters())[name].detach().reshape(-1) for name in names])
     assert float((updated - expected).norm() / step.norm()) < 1e-4
-    assert report.solver["name"] == solver and report.solver["relative_residual"] < 1e-4
+    assert report.solver["name"] == solver.name and report.solver["relative_residual"] < 1e-4
     assert report.solver["iterations"] >= 1
     assert_same_state(model, before, except_names=set(names))
 
@@ -122,18 +137,19 @@ def test_second_order_update_through_the_callback(solver, damping, options):
 def test_failed_solve_restores_or_falls_back(tiny_model):
     model, datamodule = tiny_model
     before = state(model)
-    diverging = dict(update="second_order", solver="lissa", lissa_scale=1e-6, max_iterations=50, verbose=False)
+    diverging = LiSSA(scale=1e-6, max_iterations=50)
     with pytest.raises(RuntimeError, match="solve failed.*diverged"):
-        SharpnessAwareUnlearning(**diverging).unlearn(model, datamodule)
+        SharpnessAwareUnlearning(update=SecondOrder(solver=diverging), verbose=False).unlearn(model, datamodule)
     assert_same_state(model, before)
 
-    report = SharpnessAwareUnlearning(fallback="first_order", tau=0.01, selection=["net.fc1"], **diverging).unlearn(
-        model, datamodule
-    )
+    update = SecondOrder(0.01, solver=diverging, fallback=True)
+    report = SharpnessAwareUnlearning(update=update, selection=["net.fc1"], verbose=False).unlearn(model, datamodule)
     assert "applied first_order instead" in report.fallback and report.tau == 0.01
     reference = TinyClassifier()
     reference.load_state_dict(before)
-    SharpnessAwareUnlearning(tau=0.01, selection=["net.fc1"], verbose=False).unlearn(reference, datamodule)
+    SharpnessAwareUnlearning(update=FirstOrder(0.01), selection=["net.fc1"], verbose=False).unlearn(
+        reference, datamodule
+    )
     assert torch.equal(reference.net.fc1.weight, model.net.fc1.weight)
 
 
@@ -178,10 +194,10 @@ def test_forget_loss_descent_equals_hand_computed_steps():
 def test_forget_loss_update_through_the_callback_touches_only_selected(tiny_model):
     model, datamodule = tiny_model
     before = state(model)
-    report = SharpnessAwareUnlearning(update="forget_loss", selection="last", steps=3, lr=0.05, verbose=False).unlearn(
-        model, datamodule
-    )
-    assert 1 <= report.fine_tune_steps <= 3 and report.selected_layers == ["net.fc2"]  # best step on validation
+    report = SharpnessAwareUnlearning(
+        update=ForgetLossDescent(steps=3, lr=0.05), selection="last", verbose=False
+    ).unlearn(model, datamodule)
+    assert 1 <= report.update_steps <= 3 and report.selected_layers == ["net.fc2"]  # best step on validation
     assert not torch.equal(model.net.fc2.weight, before["net.fc2.weight"])
     assert_same_state(model, before, except_names={"net.fc2.weight", "net.fc2.bias"})
 
@@ -218,7 +234,9 @@ def test_parameter_granularity_updates_the_flattest_fraction(tiny_model):
     before = state(model)
     diag = hessian_diagonal(model, datamodule.train_dataloader())
     report = SharpnessAwareUnlearning(
-        granularity="parameter", fraction=0.1, update="fine_tune", optimizer="adam", weight_decay=0.1, verbose=False
+        selection=TopFraction(Flattest(), fraction=0.1),
+        update=FineTune(optimizer="adam", weight_decay=0.1),
+        verbose=False,
     ).unlearn(model, datamodule)
     total = sum(d.numel() for d in diag.values())
     assert report.num_updated_parameters == math.ceil(0.1 * total)
@@ -252,9 +270,9 @@ def test_newton_decrement_on_a_hand_built_example():
     # layer 0: (1/2 + 4/4 + 0/2 + 1/2) / 4 = 0.5 ; layer 1: (9/9 + 9/18) / 2 = 0.75, with λ = 1
     scores = newton_decrement(net, gradient, diag, damping=1.0)
     assert scores == pytest.approx({"0": 0.5, "1": 0.75})
-    callback = SharpnessAwareUnlearning(selection="newton_decrement")
-    callback._decrement = scores
-    assert callback.select_layers({"0": 0.0, "1": 1.0}) == ["1"]
+    measured = Measurements(net, trainable_layers(net), gradient=gradient, diagonal_sum=diag, damping=1.0)
+    assert NewtonDecrement().select(measured).layers == ["1"]
+    assert NewtonDecrement(num_layers=2).select(measured).layers == ["1", "0"]
 
 
 def test_newton_decrement_through_the_callback(tiny_model):
@@ -264,22 +282,27 @@ def test_newton_decrement_through_the_callback(tiny_model):
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "make, message",
     [
-        (dict(update="second_order", damping=-1.0), "damping must be >= 0"),
-        (dict(granularity="parameter", fraction=0.0), "fraction in \\(0, 1\\]"),
-        (dict(granularity="parameter", fraction=1.5), "fraction in \\(0, 1\\]"),
-        (dict(granularity="parameter"), "needs a fraction"),
-        (dict(update="forget_loss", steps=0), "steps must be >= 1"),
-        (dict(granularity="parameter", fraction=0.1, selection="last"), "ranks single entries"),
-        (dict(granularity="block"), "unknown granularity"),
-        (dict(fraction=0.5), "fraction only applies"),
-        (dict(update="second_order", solver="newton"), "unknown solver"),
+        (lambda: GGN(damping=-1.0), "damping must be >= 0"),
+        (lambda: TopFraction(Flattest(), fraction=0.0), "fraction must be in \\(0, 1\\]"),
+        (lambda: TopFraction(Flattest(), fraction=1.5), "fraction must be in \\(0, 1\\]"),
+        (lambda: ForgetLossDescent(steps=0), "steps >= 1"),
+        (lambda: TopFraction(LastLayer(), fraction=0.1), "ranks single entries"),
+        (lambda: SecondOrder(solver="newton"), "solver='newton' is not a Solver"),
+        (lambda: FineTune(optimizer="rmsprop"), "unknown optimizer"),
+        (lambda: CG(max_iterations=0), "max_iterations must be >= 1"),
     ],
 )
-def test_bad_arguments(kwargs, message, tiny_model):
-    model, _ = tiny_model
-    before = state(model)
+def test_bad_part_settings_fail_at_construction(make, message):
     with pytest.raises(ValueError, match=message):
-        SharpnessAwareUnlearning(**kwargs)
-    assert_same_state(model, before)
+        make()
+
+
+def test_an_override_of_select_layers_cannot_pick_entries():
+    class ConvOnly(SharpnessAwareUnlearning):
+        def select_layers(self, sharpness):
+            return ["net.conv"]
+
+    with pytest.raises(ValueError, match="overrides select_layers.*single entries"):
+        ConvOnly(selection=TopFraction(Flattest(), fraction=0.1))

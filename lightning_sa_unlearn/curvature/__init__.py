@@ -1,6 +1,10 @@
 """Curvature: the diagonal of the training loss's Hessian at the trained weights (paper section 4.1)."""
 
-from lightning_sa_unlearn.curvature.confidence import SharpnessStatistics, selection_margin, sharpness_with_standard_errors
+from lightning_sa_unlearn.curvature.confidence import (
+    SharpnessStatistics,
+    selection_margin,
+    sharpness_with_standard_errors,
+)
 from lightning_sa_unlearn.curvature.estimators import (
     CURVATURES,
     GGN,

@@ -87,7 +87,13 @@ class Curvature:
         """``(Σ_n diag ∇²ℓ_n, N)`` over ``batches`` on this process (None when it read no sample)."""
         if self.method is not None:
             return hessian_diagonal_sum(
-                model, batches, loss_fn=loss_fn, method=self.method, generator=generator, on_batch=on_batch, **self.options()
+                model,
+                batches,
+                loss_fn=loss_fn,
+                method=self.method,
+                generator=generator,
+                on_batch=on_batch,
+                **self.options(),
             )
         return sum_over_batches(
             model, batches, lambda x, y, *_: self.batch_sum(model, x, y, loss_fn=loss_fn, generator=generator), on_batch
@@ -216,5 +222,6 @@ class EmpiricalFisher(Curvature):
 
 
 CURVATURES: dict[str, type[Curvature]] = {
-    cls.method: cls for cls in (GGN, MonteCarloGGN, Hutchinson, ExactHessian, EmpiricalFisher)  # type: ignore[misc]
+    cls.method: cls
+    for cls in (GGN, MonteCarloGGN, Hutchinson, ExactHessian, EmpiricalFisher)  # type: ignore[misc]
 }

@@ -116,7 +116,7 @@ def hessian_diagonal_sum(
 
     Sums from disjoint shards of the data add up, which is how several processes combine their
     work (``None`` when ``batches`` held no sample). ``on_batch(part, size)``, if given, sees each
-    batch's own sum first (for standard errors: :class:`~lightning_sa_unlearn.curvature.confidence.SharpnessStatistics`).
+    batch's own sum first (for standard errors: :class:`~lightning_sa_unlearn.curvature.SharpnessStatistics`).
     Other arguments as in :func:`hessian_diagonal`.
     """
     if method not in CURVATURE_METHODS:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_sa_unlearn.functional import LossFn
+from lightning_sa_unlearn.functional import LossFn, eval_mode
 
 if TYPE_CHECKING:
     from lightning_sa_unlearn.pipeline import UnlearningRun
@@ -42,7 +43,8 @@ class Evaluation:
 
         run = UnlearningRun.standalone(model, datamodule, loss_fn=loss_fn, seed=seed)
         self.check(run)
-        with run.seeded():
+        with torch.inference_mode(False), torch.enable_grad(), run.seeded(), eval_mode(model):
+            run.build_batches()
             return self.measure(run)
 
     def __repr__(self) -> str:

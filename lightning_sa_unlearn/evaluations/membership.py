@@ -160,7 +160,11 @@ class MembershipInference(Evaluation):
 
     def measure(self, run: UnlearningRun) -> dict[str, float]:
         data = run.data
-        retain, test, forget = run.whole(data.retain, "retain"), run.whole(data.test, "test"), run.whole(data.forget, "forget")
+        retain, test, forget = (
+            run.whole(data.retain, "retain"),
+            run.whole(data.test, "test"),
+            run.whole(data.forget, "forget"),
+        )
         return run.processes.agree(
             lambda: membership_inference(run.model, retain, test, forget, max_samples=self.samples, seed=run.seed)
         )

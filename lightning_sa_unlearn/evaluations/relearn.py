@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_sa_unlearn.evaluations.metrics import ClassificationMetrics
 from lightning_sa_unlearn.evaluations.base import Evaluation
+from lightning_sa_unlearn.evaluations.metrics import ClassificationMetrics
 from lightning_sa_unlearn.functional import LossFn, batches_for, eval_mode, split_batch
 
 if TYPE_CHECKING:

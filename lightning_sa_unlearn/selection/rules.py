@@ -223,4 +223,10 @@ class TopFraction(Selection):
         return Selected(layers, masks)
 
 
-SELECTIONS = {"flattest": Flattest, "sharpest": Sharpest, "last": LastLayer, "all": AllLayers, "newton_decrement": NewtonDecrement}
+SELECTIONS = {
+    "flattest": Flattest,
+    "sharpest": Sharpest,
+    "last": LastLayer,
+    "all": AllLayers,
+    "newton_decrement": NewtonDecrement,
+}

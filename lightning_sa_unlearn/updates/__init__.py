@@ -25,7 +25,12 @@ from lightning_sa_unlearn.updates.functional import (
 from lightning_sa_unlearn.updates.gradient_steps import FineTune, FirstOrder, ForgetLossDescent
 from lightning_sa_unlearn.updates.second_order import CG, SECOND_ORDER_TAUS, SOLVERS, LiSSA, SecondOrder, Solver
 
-UPDATES = {"first_order": FirstOrder, "second_order": SecondOrder, "forget_loss": ForgetLossDescent, "fine_tune": FineTune}
+UPDATES = {
+    "first_order": FirstOrder,
+    "second_order": SecondOrder,
+    "forget_loss": ForgetLossDescent,
+    "fine_tune": FineTune,
+}
 
 __all__ = [
     "CG",

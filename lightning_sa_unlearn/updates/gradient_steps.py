@@ -55,7 +55,9 @@ class ForgetLossDescent(Update):
         validation_samples: int = 5000,
     ) -> None:
         if steps < 1 or not lr > 0 or retain_weight < 0:
-            raise ValueError(f"ForgetLossDescent needs steps >= 1, lr > 0, retain_weight >= 0; got {steps}, {lr}, {retain_weight}.")
+            raise ValueError(
+                f"ForgetLossDescent needs steps >= 1, lr > 0, retain_weight >= 0; got {steps}, {lr}, {retain_weight}."
+            )
         if retain_samples is not None and retain_samples < 1:
             raise ValueError(f"retain_samples must be >= 1 or None (all), got {retain_samples}.")
         self.steps, self.lr, self.retain_weight, self.retain_samples = steps, lr, retain_weight, retain_samples

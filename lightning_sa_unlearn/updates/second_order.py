@@ -148,4 +148,3 @@ class SecondOrder(Update):
         rank_zero_warn(f"{message}; applying the first-order update instead (fallback=True).")
         first_order = self.step_size.apply(run, run.gradient, default_tau_grid(run.model, run.gradient, run.names))
         return {**first_order, "solver": report, "fallback": f"{message}; applied first_order instead"}
-

@@ -1,0 +1,173 @@
+"""A user's own part of each kind, defined here, run through the callback in Python and from a YAML config."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from conftest import TensorDataModule, TinyClassifier, assert_same_state, state
+from torch.func import functional_call
+
+from lightning_sa_unlearn import (
+    GGN,
+    Curvature,
+    Evaluation,
+    Selection,
+    SharpnessAwareUnlearning,
+    Update,
+)
+from lightning_sa_unlearn.cli import SAUnlearnCLI, UnlearningTrainer
+
+
+class AutogradDiagonal(Curvature):
+    """The exact Hessian diagonal of each batch's summed loss, from torch.autograd.functional.hessian."""
+
+    def batch_sum(self, model, x, y, *, loss_fn, generator):
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        start = torch.cat([params[n].reshape(-1) for n in names])
+
+        def loss(vector):
+            values, offset = dict(params), 0
+            for n in names:
+                values[n] = vector[offset : offset + params[n].numel()].view_as(params[n])
+                offset += params[n].numel()
+            return loss_fn(functional_call(model, values, (x,)), y) * len(y)
+
+        diagonal, out, offset = torch.autograd.functional.hessian(loss, start).diagonal(), {}, 0
+        for n in names:
+            out[n] = diagonal[offset : offset + params[n].numel()].view_as(params[n])
+            offset += params[n].numel()
+        return out
+
+
+class LargestLayer(Selection):
+    """The layer with the most parameters; it compares no curvature."""
+
+    def select(self, measured):
+        params = dict(measured.model.named_parameters())
+        return [max(measured.layers, key=lambda layer: sum(params[n].numel() for n in measured.layers[layer]))]
+
+
+class SignStep(Update):
+    """``θ_S ← θ_S − η·sign(∇_S L_forget)``."""
+
+    name = "sign_step"
+
+    def __init__(self, eta: float = 0.01) -> None:
+        self.eta = eta
+
+    def apply(self, run):
+        params = dict(run.model.named_parameters())
+        with torch.no_grad():
+            for name in run.names:
+                params[name].sub_(self.eta * run.gradient[name].sign())
+        return {}
+
+
+class ForgetSetLoss(Evaluation):
+    """The mean loss on the forget set under its trained labels."""
+
+    key = "forget_set_loss"
+
+    def measure(self, run):
+        return {"loss": run.mean_loss(run.model, run.forget)}
+
+
+def forget_gradient_by_hand(model, datamodule):
+    n = datamodule.num_forget
+    x, wrong, right = datamodule.x[:n], datamodule.poisoned[:n], datamodule.y[:n]
+    model.eval()
+    loss = F.cross_entropy(model(x), right, reduction="sum") - F.cross_entropy(model(x), wrong, reduction="sum")
+    return dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
+
+
+def forget_loss_by_hand(model, datamodule):
+    n = datamodule.num_forget
+    with torch.no_grad():
+        return F.cross_entropy(model.eval()(datamodule.x[:n]), datamodule.poisoned[:n]).item()
+
+
+def test_custom_parts_in_python(tiny_model):
+    model, datamodule = tiny_model
+    before, gradient, loss_before = state(model), forget_gradient_by_hand(model, datamodule), None
+    loss_before = forget_loss_by_hand(model, datamodule)
+    callback = SharpnessAwareUnlearning(
+        curvature=AutogradDiagonal(samples=64),
+        selection=LargestLayer(),
+        update=SignStep(eta=0.01),
+        evaluations=[ForgetSetLoss()],
+        verbose=False,
+    )
+    report = callback.unlearn(model, datamodule)
+
+    assert report.selected_layers == ["net.fc1"] and report.update == "sign_step"
+    for name in ("net.fc1.weight", "net.fc1.bias"):
+        expected = before[name] - 0.01 * gradient[name].sign()
+        torch.testing.assert_close(dict(model.named_parameters())[name].detach(), expected)
+    assert_same_state(model, before, except_names={"net.fc1.weight", "net.fc1.bias"})
+    measured = report.evaluations["forget_set_loss"]
+    assert measured["before"]["loss"] == pytest.approx(loss_before, rel=1e-6)
+    assert measured["after"]["loss"] == pytest.approx(forget_loss_by_hand(model, datamodule), rel=1e-6)
+    # ReLU, max-pool and eval-mode BatchNorm: the GGN equals the Hessian diagonal, on the same 64 samples
+    reference = TinyClassifier()
+    reference.load_state_dict(before)
+    ggn = SharpnessAwareUnlearning(curvature=GGN(samples=64), selection=LargestLayer(), verbose=False)
+    expected = ggn.unlearn(reference, datamodule).layer_sharpness
+    assert report.curvature == "AutogradDiagonal" and report.curvature_samples == 64
+    assert report.layer_sharpness == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_rule_that_compares_no_layers_measures_no_curvature(tiny_model):
+    model, datamodule = tiny_model
+    report = SharpnessAwareUnlearning(selection=LargestLayer(), verbose=False).unlearn(model, datamodule)
+    assert report.curvature is None and report.layer_sharpness == {} and "curvature" not in report.seconds
+    assert report.selected_layers == ["net.fc1"]
+
+
+CONFIG = """
+trainer:
+  accelerator: cpu
+  logger: false
+  callbacks:
+    - class_path: lightning_sa_unlearn.SharpnessAwareUnlearning
+      init_args:
+        verbose: false
+        curvature:
+          class_path: test_custom_parts.AutogradDiagonal
+          init_args: {samples: 64}
+        selection: {class_path: test_custom_parts.LargestLayer}
+        update:
+          class_path: test_custom_parts.SignStep
+          init_args: {eta: 0.01}
+        evaluations:
+          - class_path: test_custom_parts.ForgetSetLoss
+model: {class_path: conftest.TinyClassifier}
+data: {class_path: conftest.TensorDataModule}
+"""
+
+
+def test_custom_parts_from_a_yaml_config(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model, datamodule = tiny_model
+    start = state(model)
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG)
+    cli = SAUnlearnCLI(trainer_class=UnlearningTrainer, args=["--config", str(path)], run=False)
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, SharpnessAwareUnlearning)]
+    assert isinstance(callback.update, SignStep) and callback.update.eta == 0.01
+    assert yaml.safe_load(CONFIG)["trainer"]["callbacks"][0]["init_args"]["selection"]["class_path"].endswith(
+        type(callback.selection).__name__
+    )
+    from_yaml = callback.unlearn(model, TensorDataModule())
+
+    reference = TinyClassifier()
+    reference.load_state_dict(start)
+    in_python = SharpnessAwareUnlearning(
+        curvature=AutogradDiagonal(samples=64),
+        selection=LargestLayer(),
+        update=SignStep(eta=0.01),
+        evaluations=[ForgetSetLoss()],
+        verbose=False,
+    ).unlearn(reference, datamodule)
+    assert_same_state(model, state(reference))
+    assert from_yaml.evaluations == in_python.evaluations and from_yaml.layer_sharpness == in_python.layer_sharpness
