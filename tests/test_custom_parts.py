@@ -4,8 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import TensorDataModule, TinyClassifier, assert_same_state, state
-from torch.func import functional_call
+from conftest import TensorDataModule, TinyClassifier, assert_same_state, autograd_hessian_diagonal, state
 
 from lightning_sa_unlearn import (
     GGN,
@@ -22,21 +21,12 @@ class AutogradDiagonal(Curvature):
     """The exact Hessian diagonal of each batch's summed loss, from torch.autograd.functional.hessian."""
 
     def batch_sum(self, model, x, y, *, loss_fn, generator):
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        params = {n: p.detach() for n, p in model.named_parameters()}
-        start = torch.cat([params[n].reshape(-1) for n in names])
-
-        def loss(vector):
-            values, offset = dict(params), 0
-            for n in names:
-                values[n] = vector[offset : offset + params[n].numel()].view_as(params[n])
-                offset += params[n].numel()
-            return loss_fn(functional_call(model, values, (x,)), y) * len(y)
-
-        diagonal, out, offset = torch.autograd.functional.hessian(loss, start).diagonal(), {}, 0
-        for n in names:
-            out[n] = diagonal[offset : offset + params[n].numel()].view_as(params[n])
-            offset += params[n].numel()
+        diagonal = autograd_hessian_diagonal(model, x, y, loss_fn) * len(y)  # the mean loss's, times the batch
+        out, offset = {}, 0
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                out[name] = diagonal[offset : offset + p.numel()].view_as(p)
+                offset += p.numel()
         return out
 
 
@@ -87,18 +77,21 @@ def forget_loss_by_hand(model, datamodule):
         return F.cross_entropy(model.eval()(datamodule.x[:n]), datamodule.poisoned[:n]).item()
 
 
-def test_custom_parts_in_python(tiny_model):
-    model, datamodule = tiny_model
-    before, gradient, loss_before = state(model), forget_gradient_by_hand(model, datamodule), None
-    loss_before = forget_loss_by_hand(model, datamodule)
-    callback = SharpnessAwareUnlearning(
-        curvature=AutogradDiagonal(samples=64),
+def custom_callback() -> SharpnessAwareUnlearning:
+    return SharpnessAwareUnlearning(
+        curvature=AutogradDiagonal(samples=32),
         selection=LargestLayer(),
         update=SignStep(eta=0.01),
         evaluations=[ForgetSetLoss()],
         verbose=False,
     )
-    report = callback.unlearn(model, datamodule)
+
+
+def test_custom_parts_in_python(tiny_model):
+    model, datamodule = tiny_model
+    before, gradient = state(model), forget_gradient_by_hand(model, datamodule)
+    loss_before = forget_loss_by_hand(model, datamodule)
+    report = custom_callback().unlearn(model, datamodule)
 
     assert report.selected_layers == ["net.fc1"] and report.update == "sign_step"
     for name in ("net.fc1.weight", "net.fc1.bias"):
@@ -108,12 +101,12 @@ def test_custom_parts_in_python(tiny_model):
     measured = report.evaluations["forget_set_loss"]
     assert measured["before"]["loss"] == pytest.approx(loss_before, rel=1e-6)
     assert measured["after"]["loss"] == pytest.approx(forget_loss_by_hand(model, datamodule), rel=1e-6)
-    # ReLU, max-pool and eval-mode BatchNorm: the GGN equals the Hessian diagonal, on the same 64 samples
+    # ReLU, max-pool and eval-mode BatchNorm: the GGN equals the Hessian diagonal, on the same 32 samples
     reference = TinyClassifier()
     reference.load_state_dict(before)
-    ggn = SharpnessAwareUnlearning(curvature=GGN(samples=64), selection=LargestLayer(), verbose=False)
+    ggn = SharpnessAwareUnlearning(curvature=GGN(samples=32), selection=LargestLayer(), verbose=False)
     expected = ggn.unlearn(reference, datamodule).layer_sharpness
-    assert report.curvature == "AutogradDiagonal" and report.curvature_samples == 64
+    assert report.curvature == "AutogradDiagonal" and report.curvature_samples == 32
     assert report.layer_sharpness == pytest.approx(expected, rel=1e-4)
 
 
@@ -134,7 +127,7 @@ trainer:
         verbose: false
         curvature:
           class_path: test_custom_parts.AutogradDiagonal
-          init_args: {samples: 64}
+          init_args: {samples: 32}
         selection: {class_path: test_custom_parts.LargestLayer}
         update:
           class_path: test_custom_parts.SignStep
@@ -162,12 +155,6 @@ def test_custom_parts_from_a_yaml_config(tiny_model, tmp_path, monkeypatch):
 
     reference = TinyClassifier()
     reference.load_state_dict(start)
-    in_python = SharpnessAwareUnlearning(
-        curvature=AutogradDiagonal(samples=64),
-        selection=LargestLayer(),
-        update=SignStep(eta=0.01),
-        evaluations=[ForgetSetLoss()],
-        verbose=False,
-    ).unlearn(reference, datamodule)
+    in_python = custom_callback().unlearn(reference, datamodule)
     assert_same_state(model, state(reference))
     assert from_yaml.evaluations == in_python.evaluations and from_yaml.layer_sharpness == in_python.layer_sharpness

@@ -70,11 +70,10 @@ class Selection:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
 
-class RankingRule(Selection):
-    """Picks the ``num_layers`` layers with the smallest (or largest) per-layer score."""
+class CountedRule(Selection):
+    """A rule that picks ``num_layers`` layers by its ``rule`` of :func:`select_layers`."""
 
     rule: ClassVar[str]
-    largest: ClassVar[bool] = False
 
     def __init__(self, num_layers: int = 1) -> None:
         if num_layers < 1:
@@ -84,6 +83,15 @@ class RankingRule(Selection):
     @property
     def name(self) -> str:
         return self.rule
+
+    def check(self, layers: Sequence[str]) -> None:
+        select_layers(dict.fromkeys(layers, 0.0), self.rule, self.num_layers)
+
+
+class RankingRule(CountedRule):
+    """Picks the ``num_layers`` layers with the smallest (or largest) per-layer score."""
+
+    largest: ClassVar[bool] = False
 
     def scores(self, measured: Measurements) -> dict[str, float]:
         measured.require("sharpness", self)
@@ -96,9 +104,6 @@ class RankingRule(Selection):
 
     def select(self, measured: Measurements) -> Selected:
         return Selected(select_layers(self.scores(measured), self.rule, self.num_layers))
-
-    def check(self, layers: Sequence[str]) -> None:
-        select_layers(dict.fromkeys(layers, 0.0), self.rule, self.num_layers)
 
 
 class Flattest(RankingRule):
@@ -138,23 +143,13 @@ class NewtonDecrement(RankingRule):
         return entry_decrement(measured.gradient, measured.diagonal_sum, measured.damping)
 
 
-class LastLayer(Selection):
+class LastLayer(CountedRule):
     """The last ``num_layers`` layers in registration order (Warnecke et al.'s baseline)."""
 
-    def __init__(self, num_layers: int = 1) -> None:
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}.")
-        self.num_layers = num_layers
-
-    @property
-    def name(self) -> str:
-        return "last"
+    rule = "last"
 
     def select(self, measured: Measurements) -> Selected:
         return Selected(select_layers(dict.fromkeys(measured.layers, 0.0), "last", self.num_layers))
-
-    def check(self, layers: Sequence[str]) -> None:
-        select_layers(dict.fromkeys(layers, 0.0), "last", self.num_layers)
 
 
 class AllLayers(Selection):
