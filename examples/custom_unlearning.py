@@ -4,7 +4,8 @@
 
 ``forget_loss`` gets one pair of aligned batches on the model's device and returns the loss whose
 gradient drives the update. ``select_layers`` gets ``{module path: mean Hessian diagonal}`` in
-registration order and returns the module paths to update.
+registration order and returns the module paths to update; overriding it replaces the callback's
+selection part (a rule of your own can also be a ``Selection`` part: see the README's "Extending").
 """
 
 from __future__ import annotations

@@ -192,6 +192,14 @@ class SharpnessAwareUnlearning(Callback):
         self.report = report
         return report
 
+    def state_dict(self) -> dict[str, Any]:
+        """The last run's report, so that a checkpoint written after unlearning carries it."""
+        return {"report": None if self.report is None else self.report.to_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        report = state_dict.get("report")
+        self.report = None if report is None else UnlearningReport.from_dict(report)
+
     # ------------------------------------------------------------------ internals
     def _overrides_select_layers(self) -> bool:
         return type(self).select_layers is not SharpnessAwareUnlearning.select_layers

@@ -433,3 +433,14 @@ def test_tau_objective_with_forget_needs_the_corrected_set(tiny_model):
             verbose=False, update=FirstOrder(ValidatedStep(objective="validation_and_forget"))
         ).unlearn(model, TensorDataModule(with_corrected=False))
     assert_same_state(model, before)
+
+
+def test_the_report_travels_in_the_callback_state(tiny_model):
+    model, datamodule = tiny_model
+    callback = SharpnessAwareUnlearning(verbose=False)
+    assert callback.state_dict() == {"report": None}
+    report = callback.unlearn(model, datamodule)
+    restored = SharpnessAwareUnlearning()
+    restored.load_state_dict(callback.state_dict())
+    assert restored.report.selected_layers == report.selected_layers and restored.report.tau == report.tau
+    assert restored.report.format_table() == report.format_table()
