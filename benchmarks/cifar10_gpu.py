@@ -3,14 +3,17 @@
     mkdir -p cache/cifar10 && tar -xJf ../shared/datasets/cifar10-jpg.tar.xz -C cache/cifar10
     python benchmarks/cifar10_gpu.py            # writes benchmarks/results/cifar10_gpu.{md,json,_layers.png}
 
-The "cifar10_gpu" setting of lightning_sa_unlearn.benchmarks: every set lives on the GPU and is
+The "cifar10_gpu" setting of benchmarks/common.py, run by benchmarks/reproduce.py: every set lives on the GPU and is
 batched there (PoisonedLabelDataModule(device="cuda")), training runs in bf16-mixed precision,
 and curvature, gradients and updates run in float32 (the callback works outside autocast).
 """
 
+import os
 import sys
 
-from lightning_sa_unlearn.benchmarks import main
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from reproduce import main  # noqa: E402
 
 if __name__ == "__main__":
     main(["--setting", "cifar10_gpu", "--seeds", "0", *sys.argv[1:]])

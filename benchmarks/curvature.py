@@ -93,7 +93,7 @@ def run_method(method: str, model: nn.Module, batches) -> dict[str, torch.Tensor
     if method == "ggn":
         return hessian_diagonal(model, batches, method="ggn")
     if method == "ggn_vmap":
-        import lightning_sa_unlearn.ggn_fast as fast
+        import lightning_sa_unlearn.curvature.ggn_fast as fast
 
         fast.supports = lambda model: False  # force the per-example vmap path
         return hessian_diagonal(model, batches, method="ggn")

@@ -4,7 +4,7 @@
     python benchmarks/curvature_seeds.py --setting cifar10_cpu --seeds 0 1 2   # ResNet-20, seed-0 model
 
 For each poisoned model of the mnist_targeted benchmark (seeds 0-4; trained by
-``python -m lightning_sa_unlearn.benchmarks --setting mnist_targeted`` if not cached) the
+``python benchmarks/reproduce.py --setting mnist_targeted`` if not cached) the
 reference is the exact ``ggn`` on all training images. Every configuration then measures the
 layer sharpness on a random subset drawn with the model's seed, and we count how often its
 flattest layer is the reference's, and how far that layer leads the runner-up in standard errors.
@@ -16,15 +16,18 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import torch
 
-from lightning_sa_unlearn.benchmarks import SETTINGS, make_datamodule, train
-from lightning_sa_unlearn.confidence import SharpnessStatistics, selection_margin
-from lightning_sa_unlearn.curvature import hessian_diagonal_sum
-from lightning_sa_unlearn.data import shard
-from lightning_sa_unlearn.selection import select_layers
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import SETTINGS, make_datamodule, train  # noqa: E402
+
+from lightning_sa_unlearn.curvature import SharpnessStatistics, hessian_diagonal_sum, selection_margin  # noqa: E402
+from lightning_sa_unlearn.data import shard  # noqa: E402
+from lightning_sa_unlearn.selection import select_layers  # noqa: E402
 
 # ResNet-20 on CIFAR (the poisoned model of cifar10_cpu, seed 0; subsets drawn with each seed):
 # the reference is ggn on 4,000 images, since all 20,000 take 10 minutes on one core.

@@ -1,9 +1,398 @@
-"""The paper's experiments against retraining from scratch: see lightning_sa_unlearn/benchmarks.py.
+"""Reproduce the paper's experiments against a model retrained from scratch (paper Tables 2-4, Figure 1).
 
-python benchmarks/reproduce.py --setting mnist_targeted --seeds 0 1 2 3 4
+    python benchmarks/reproduce.py --setting mnist_targeted --seeds 0 1 2 3 4
+    python benchmarks/reproduce.py --from-json benchmarks/results/mnist_targeted.json   # the table again
+
+For each seed it trains the poisoned model and the retrained model (same recipe, corrected
+labels: the gold standard), then runs every method from the poisoned weights and writes
+``<out>/<setting>.json`` (raw numbers) and ``<out>/<setting>.md`` (mean ± std over seeds), plus
+``<out>/<setting>_layers.png`` (Figure 1: per-layer sharpness and per-layer gain). Trained models
+and finished method results are cached under ``--cache``, so a rerun only redoes what changed and
+an interrupted run resumes. τ is chosen on the validation split; the test split is only measured.
+``--from-json`` trains nothing: it rebuilds the table and the plot from a results file alone.
 """
 
-from lightning_sa_unlearn.benchmarks import main
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import (  # noqa: E402
+    SETTINGS,
+    Setting,
+    _digest,
+    make_callback,
+    make_datamodule,
+    make_model,
+    measure,
+    override,
+    stat,
+    train,
+)
+
+from lightning_sa_unlearn import (  # noqa: E402
+    CG,
+    AllLayers,
+    FineTune,
+    FirstOrder,
+    Flattest,
+    LastLayer,
+    NewtonDecrement,
+    SecondOrder,
+    Sharpest,
+    ValidatedStep,
+)
+from lightning_sa_unlearn.selection import select_layers, trainable_layers  # noqa: E402
+
+
+def _fine_tune(setting: Setting, **options: Any) -> FineTune:
+    return FineTune(epochs=setting.fine_tune_epochs, lr=setting.fine_tune_lr, **options)
+
+
+# Row name (the results files key on it) -> the callback's parts for a setting; the curvature part is the setting's.
+METHODS: dict[str, Callable[[Setting], dict[str, Any]]] = {
+    "fine-tune all layers on D_r": lambda s: dict(update=_fine_tune(s, include_corrected=False), selection=AllLayers()),
+    "first-order, last layer": lambda s: dict(selection=LastLayer()),
+    "SA first-order, flattest": lambda s: dict(selection=Flattest()),
+    "SA first-order, sharpest": lambda s: dict(selection=Sharpest()),
+    "first-order, newton_decrement": lambda s: dict(selection=NewtonDecrement()),
+    "SA second-order, flattest": lambda s: dict(update=SecondOrder(solver=CG(max_iterations=30)), selection=Flattest()),
+    "fine-tune flattest layer on D_r ∪ D̃_f": lambda s: dict(update=_fine_tune(s), selection=Flattest()),
+}
+RULES = ("flattest", "sharpest", "last", "newton_decrement")
+
+
+def sweep_rule(parts: dict[str, Any]) -> str | None:
+    """The rule whose pick the layer sweep already ran with the same update, or None.
+
+    The sweep runs ``FirstOrder()`` (τ on validation, default grid and objective) with the setting's
+    curvature on one layer at a time: a method that is that update on one layer picked by a fixed rule
+    is the sweep's run of the rule's layer."""
+    update, selection = parts.get("update", FirstOrder()), parts.get("selection")
+    step = getattr(update, "step_size", None)
+    if set(parts) - {"update", "selection"} or type(update) is not FirstOrder:
+        return None
+    if type(step) is not ValidatedStep or step.grid is not None or step.spec != ValidatedStep().spec:
+        return None
+    if not isinstance(selection, (Flattest, Sharpest, NewtonDecrement, LastLayer)) or selection.num_layers != 1:
+        return None
+    return selection.name if selection.name in RULES else None
+
+
+def run_seed(name: str, setting: Setting, seed: int, cache: str) -> dict:
+    """Everything for one seed, resumable: a finished method is read back from the cache."""
+    folder = os.path.join(cache, name, f"seed{seed}")
+    results_path = os.path.join(folder, "results.json")
+    results = json.load(open(results_path)) if os.path.exists(results_path) else {}
+
+    def save() -> None:
+        with open(results_path + ".tmp", "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(results_path + ".tmp", results_path)
+
+    datamodule = make_datamodule(setting, seed)
+    poisoned, poisoned_seconds = train(setting, seed, "poisoned", os.path.join(folder, "poisoned.pt"))
+    retrained, retrained_seconds = train(setting, seed, "corrected", os.path.join(folder, "retrained.pt"))
+    results["poisoned"] = {**measure(poisoned, datamodule), "seconds": poisoned_seconds}
+    results["retrained"] = {**measure(retrained, datamodule), "seconds": retrained_seconds}
+    save()
+
+    def unlearn(key: str, **parts: Any) -> dict:
+        if key in results:
+            return results[key]
+        model = make_model(setting).to(setting.device or poisoned.device)
+        model.load_state_dict(poisoned.state_dict())
+        callback = make_callback(setting, seed, **parts)
+        start = time.perf_counter()
+        report = callback.unlearn(model, datamodule)
+        results[key] = {
+            **measure(model, datamodule),
+            "seconds": time.perf_counter() - start,
+            "report": report.to_dict(),
+        }
+        save()
+        print(
+            f"  {key}: {results[key]['seconds']:.1f} s, held-out {results[key]['heldout']['accuracy']:.4f}", flush=True
+        )
+        return results[key]
+
+    layers = list(trainable_layers(make_model(setting))) if setting.model == "paper_cnn" else []
+    for layer in layers:  # the Figure 1 sweep, for models with few layers
+        sweep = unlearn(f"layer {layer}", selection=[layer])["report"]
+    for method, parts_for in METHODS.items():
+        parts = parts_for(setting)
+        rule = sweep_rule(parts)
+        if layers and rule is not None:
+            scores = sweep["newton_decrement"] if rule == "newton_decrement" else sweep["layer_sharpness"]
+            results[method] = results[f"layer {select_layers(scores, rule)[0]}"]  # the same run as the sweep's
+            continue
+        unlearn(method, **parts)
+    save()
+    return results
+
+
+def current_machine() -> dict[str, Any]:
+    return {"cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def record(setting: Setting, runs: dict[int, dict], command: str) -> dict[str, Any]:
+    """What ``<setting>.json`` holds: the setting, the command, this machine and each seed's raw numbers."""
+    return {
+        "setting": dataclasses.asdict(setting),
+        "command": command,
+        "machine": current_machine(),
+        "runs": {str(s): _without_reports(runs[s]) for s in sorted(runs)},
+    }
+
+
+def summarize(name: str, results: dict[str, Any], out: str, machine: dict[str, Any] | None = None) -> str:
+    """Write ``<out>/<name>.md``, ``.json`` (``results`` as given) and the plot; returns the markdown.
+
+    The table depends on ``results`` and ``machine`` alone (default: ``results["machine"]``).
+    """
+    setting = results["setting"]
+    machine = machine or results["machine"]
+    runs = {int(seed): run for seed, run in results["runs"].items()}
+    target = Setting(**setting).target_class
+    seeds = sorted(runs)
+
+    def column(row: str, pick) -> list[float]:  # seeds without this row (an interrupted run) are left out
+        return [pick(runs[s][row], runs[s]) for s in seeds if row in runs[s]]
+
+    def gap(row_metrics, run, key="accuracy"):
+        poisoned, retrained = run["poisoned"]["heldout"][key], run["retrained"]["heldout"][key]
+        return (row_metrics["heldout"][key] - poisoned) / (retrained - poisoned) if retrained != poisoned else math.nan
+
+    rows = [row for row in ("poisoned", "retrained", *METHODS) if any(row in runs[s] for s in seeds)]
+    damage = [runs[s]["retrained"]["heldout"]["accuracy"] - runs[s]["poisoned"]["heldout"]["accuracy"] for s in seeds]
+    lines = [
+        f"# {name}: unlearning against retraining from scratch",
+        "",
+        f"Command: `{results['command']}`",
+        "",
+        f"Setting: {json.dumps(setting)}; seeds {seeds}; mean ± std over seeds. "
+        f"Machine: {machine['cpu_cores']} CPU cores, {machine['torch_threads']} torch threads, "
+        f"torch {machine['torch']}.",
+        "",
+        f"**Damage** (retrained − poisoned held-out accuracy): {stat(damage)} points.",
+    ]
+    if target is not None:
+        class_damage = [
+            runs[s]["retrained"]["heldout"][f"accuracy_class_{target}"]
+            - runs[s]["poisoned"]["heldout"][f"accuracy_class_{target}"]
+            for s in seeds
+        ]
+        lines[-1] += f" On class {target}: {stat(class_damage)} points."
+    fit = [runs[s]["poisoned"]["forget_trained_labels"] for s in seeds]
+    lines += [f"The poisoned model fits {stat(fit)}% of the poisoned labels of D_f.", ""]
+    header = ["method", "held-out acc %"]
+    if target is not None:
+        header += [f"class {target} acc %", "other classes acc %"]
+    header += ["gap restored %"] + ([f"class {target} gap restored %"] if target is not None else [])
+    header += ["D_f acc (true labels) %", "seconds", "seconds / retraining"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row, stat(column(row, lambda r, run: r["heldout"]["accuracy"]))]
+        if target is not None:
+            cells += [
+                stat(column(row, lambda r, run: r["heldout"][f"accuracy_class_{target}"])),
+                stat(column(row, lambda r, run: r["heldout"]["accuracy_other_classes"])),
+            ]
+        fixed = row in ("poisoned", "retrained")
+        cells.append("" if fixed else stat(column(row, lambda r, run: gap(r, run)), 100.0, 0))
+        if target is not None:
+            key = f"accuracy_class_{target}"
+            cells.append("" if fixed else stat(column(row, lambda r, run: gap(r, run, key)), 100.0, 0))
+        cells += [
+            stat(column(row, lambda r, run: r["forget_true_labels"])),
+            "" if row == "poisoned" else stat(column(row, lambda r, run: r["seconds"]), 1.0, 1),
+            ""
+            if row in ("poisoned", "retrained")
+            else stat(column(row, lambda r, run: r["seconds"] / run["retrained"]["seconds"]), 100.0, 1) + "%",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += _sweep_lines(runs, seeds)
+    text = "\n".join(lines) + "\n"
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    _plot(runs, seeds, os.path.join(out, f"{name}_layers.png"), name)
+    return text
+
+
+def machine_of(path: str, results: dict[str, Any]) -> dict[str, Any]:
+    """The machine a results file was made on: its ``machine`` entry or, for files written before it had
+    one, the ``Machine:`` clause of the markdown table next to it; failing both, this machine."""
+    if "machine" in results:
+        return results["machine"]
+    table = os.path.splitext(path)[0] + ".md"
+    text = open(table).read() if os.path.exists(table) else ""
+    found = re.search(r"Machine: (\d+) CPU cores, (\d+) torch threads, torch (.+)\.$", text, re.MULTILINE)
+    if found is None:
+        return current_machine()
+    return {"cpu_cores": int(found[1]), "torch_threads": int(found[2]), "torch": found[3]}
+
+
+def _layer_runs(run: dict) -> dict[str, dict]:
+    return {key[len("layer ") :]: value for key, value in run.items() if key.startswith("layer ")}
+
+
+def _sweep(runs: dict[int, dict], seeds: list[int]) -> dict[str, tuple[list[float], list[float]]]:
+    """``{layer: (mean Hessian diagonal per seed, held-out accuracy gain per seed)}`` of the layer sweep."""
+    layers = list(_layer_runs(runs[seeds[0]]))
+    out = {}
+    for layer in layers:
+        sweeps = [_layer_runs(runs[s])[layer] for s in seeds]
+        sharpness = [sweep["report"]["layer_sharpness"][layer] for sweep in sweeps]
+        gains = [
+            sweep["heldout"]["accuracy"] - runs[s]["poisoned"]["heldout"]["accuracy"] for sweep, s in zip(sweeps, seeds)
+        ]
+        out[layer] = (sharpness, gains)
+    return out
+
+
+def _sweep_lines(runs: dict[int, dict], seeds: list[int]) -> list[str]:
+    sweep = _sweep(runs, seeds)
+    if not sweep:
+        return []
+    lines = [
+        "",
+        "## Layer sweep (Figure 1): first-order update of one layer at a time",
+        "",
+        "| layer | mean Hessian diagonal | held-out accuracy gain (points) |",
+        "|---|---|---|",
+    ]
+    for layer, (sharpness, gains) in sweep.items():
+        spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
+        lines.append(
+            f"| {layer} | {statistics.fmean(sharpness):.3e} | "
+            f"{100 * statistics.fmean(gains):+.2f} ± {100 * spread:.2f} |"
+        )
+    lines += [
+        "",
+        "Shortfall: how many points of held-out accuracy the rule's layer gains less than the seed's best layer.",
+        "",
+        "| rule | picks the best layer in | shortfall from the best layer (points) | layers it picked |",
+        "|---|---|---|---|",
+    ]
+    for rule in RULES:
+        hits, picks, shortfalls = 0, [], []
+        for s in seeds:
+            layer_runs = _layer_runs(runs[s])
+            first = next(iter(layer_runs.values()))["report"]
+            scores = first["newton_decrement"] if rule == "newton_decrement" else first["layer_sharpness"]
+            pick = select_layers(scores, rule)[0]
+            accuracy = {layer: run["heldout"]["accuracy"] for layer, run in layer_runs.items()}
+            best = max(accuracy, key=accuracy.get)
+            hits += pick == best
+            shortfalls.append(100 * (accuracy[best] - accuracy[pick]))
+            picks.append(pick)
+        spread = statistics.stdev(shortfalls) if len(shortfalls) > 1 else 0.0
+        lines.append(
+            f"| {rule} | {hits} of {len(seeds)} seeds | {statistics.fmean(shortfalls):.2f} ± {spread:.2f} | "
+            f"{', '.join(picks)} |"
+        )
+    return lines
+
+
+def _plot(runs: dict[int, dict], seeds: list[int], path: str, title: str) -> None:
+    sweep = _sweep(runs, seeds)
+    if not sweep:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(sweep)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    left.bar(layers, [statistics.fmean(sweep[layer][0]) for layer in layers], color="tab:blue")
+    left.set_yscale("log")
+    left.set_title("mean Hessian diagonal")
+    right.bar(layers, [100 * statistics.fmean(sweep[layer][1]) for layer in layers], color="tab:green")
+    right.axhline(0, color="black", linewidth=0.8)
+    right.set_title("held-out accuracy gain (points)")
+    for ax in (left, right):
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle(f"{title}: per-layer first-order unlearning, mean over {len(seeds)} seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _without_reports(run: dict) -> dict:
+    """The raw numbers, with each report cut to what the tables use."""
+    keep = ("layer_sharpness", "selected_layers", "tau", "newton_decrement", "solver", "seconds")
+    return {k: {**v, "report": {r: v["report"].get(r) for r in keep}} if "report" in v else v for k, v in run.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", choices=sorted(SETTINGS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--cache", default="cache/benchmarks")
+    parser.add_argument("--root", default=None, help="override the setting's data folder")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override fields of the setting, e.g. --set epochs=1 num_train=600 (a scaled-down run)",
+    )
+    parser.add_argument(
+        "--summarize-only",
+        action="store_true",
+        help="train and unlearn nothing: summarize the results already in the cache (e.g. of an interrupted run)",
+    )
+    parser.add_argument(
+        "--from-json",
+        metavar="PATH",
+        help="train and unlearn nothing: rebuild the table and plot of a results file (<name>.json) into --out, "
+        "with the command and machine it records",
+    )
+    args = parser.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            results = json.load(f)
+        name = os.path.splitext(os.path.basename(args.from_json))[0]
+        print(summarize(name, results, args.out, machine_of(args.from_json, results)))
+        return
+    if args.setting is None:
+        parser.error("--setting is required (or --from-json)")
+    setting = override(SETTINGS[args.setting], args.set)
+    # an overridden setting gets a cache of its own: its models are not the setting's models
+    cache_name = args.setting if setting == SETTINGS[args.setting] else f"{args.setting}-{_digest(setting)}"
+    if args.root:  # where the data lives does not change the experiment
+        setting = dataclasses.replace(setting, root=args.root)
+    runs = {}
+    for seed in args.seeds:
+        print(f"[{args.setting}] seed {seed}", flush=True)
+        if args.summarize_only:
+            with open(os.path.join(args.cache, cache_name, f"seed{seed}", "results.json")) as f:
+                runs[seed] = json.load(f)
+        else:
+            runs[seed] = run_seed(cache_name, setting, seed, args.cache)
+    # the command that regenerates the table (from the cache, or from scratch without one)
+    words = [word for word in (argv if argv is not None else sys.argv[1:]) if word != "--summarize-only"]
+    command = ("python benchmarks/reproduce.py " + " ".join(words)).strip()
+    print(summarize(args.setting, record(setting, runs, command), args.out))
+
 
 if __name__ == "__main__":
     main()

@@ -1,12 +1,13 @@
 """Relearning attacks, membership inference and backdoors: which selection rule unlearns robustly?
 
     python benchmarks/robustness.py --seeds 0 1 2      # writes benchmarks/results/robustness.{md,json,png}
+    python benchmarks/robustness.py --from-json benchmarks/results/robustness.json   # the table again
 
 Paper section 4.1.1 claims that updating the flattest layer resists relearning. For each scenario
-and seed this trains (or loads from the cache shared with ``lightning_sa_unlearn.benchmarks``) the
+and seed this trains (or loads from the cache shared with ``benchmarks/reproduce.py``) the
 poisoned and the retrained model, unlearns with the first-order update under each rule (τ chosen
-on validation), then attacks every model the same way: ``relearn_steps`` SGD steps on the first
-``relearn_samples`` forget samples with their trained (wrong or triggered) labels. Scenarios:
+on validation), then attacks every model the same way (``RelearnAttack(**ATTACK)``): ``steps`` SGD steps
+on the first ``samples`` forget samples with their trained (wrong or triggered) labels. Scenarios:
 
 * ``mnist_targeted``: 2,500 nines labelled 7. Relearning shows as class-9 accuracy lost again.
 * ``mnist_backdoor``: 500 images with a 3×3 trigger labelled 9. Relearning shows as attack success regained.
@@ -23,11 +24,12 @@ import statistics
 import sys
 from typing import Any
 
-from lightning_sa_unlearn.benchmarks import SETTINGS, make_datamodule, measure, stat, train
-from lightning_sa_unlearn.callback import SharpnessAwareUnlearning
-from lightning_sa_unlearn.evaluation import classification_metrics
-from lightning_sa_unlearn.membership import membership_inference
-from lightning_sa_unlearn.relearn import relearn_evaluation
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import SETTINGS, make_callback, make_datamodule, make_model, measure, quiet_lightning, stat, train  # noqa: E402
+
+from lightning_sa_unlearn import FirstOrder, MembershipInference, RelearnAttack, ValidatedStep  # noqa: E402
+from lightning_sa_unlearn.evaluations import classification_metrics  # noqa: E402
 
 SCENARIOS = ("mnist_targeted", "mnist_backdoor", "mnist_deletion")
 RULES = ("flattest", "sharpest", "last", "all")
@@ -38,30 +40,28 @@ ATTACK = dict(samples=50, steps=10, lr=1e-4)
 # Clean validation data cannot see a trigger: with the default objective τ stays near 0 and the attack success
 # stays at 99% for every rule (benchmarks/results/robustness_backdoor_clean_validation_seed0.json). The backdoor
 # scenario therefore chooses τ on validation loss plus the loss of D_f's triggered inputs under their true labels.
-OPTIONS = {"mnist_backdoor": dict(tau_objective="validation_and_forget")}
+OPTIONS = {"mnist_backdoor": lambda: dict(update=FirstOrder(ValidatedStep(objective="validation_and_forget")))}
+# What robustness.json files written before the composable-parts API (which have no "scenarios" entry) say
+# about the callback options of each scenario: the same choice, in the old keyword arguments.
+LEGACY_OPTIONS = {"mnist_backdoor": "{'tau_objective': 'validation_and_forget'}"}
 RETAIN_SAMPLES = 10_000  # retain accuracy is measured on this many retain samples
+MIA_SAMPLES = 5000  # the membership-inference attacker trains on this many retain and test samples
 
 
-def evaluate(model, datamodule, setting, seed: int) -> dict[str, Any]:
+def options(scenario: str) -> dict[str, Any]:
+    """The scenario's callback parts besides the rule (fresh objects for each run)."""
+    return OPTIONS[scenario]() if scenario in OPTIONS else {}
+
+
+def evaluate(model, datamodule, seed: int) -> dict[str, Any]:
     """Held-out, forget and retain metrics, membership inference, and the relearning attack."""
-    result = measure(model, datamodule, setting.target_class)
-    retain = datamodule.retain_dataloader()
+    result = measure(model, datamodule)
     x_r, y_r = datamodule.retain_set.tensors  # the same first samples for every row, in order
     fixed = [(x_r[i : i + 1000], y_r[i : i + 1000]) for i in range(0, min(RETAIN_SAMPLES, len(y_r)), 1000)]
     result["retain_accuracy"] = classification_metrics(model, fixed, datamodule.num_classes)["accuracy"]
-    result["mia"] = membership_inference(
-        model, retain, datamodule.test_dataloader(), datamodule.forget_dataloader(), seed=seed
-    )
-    result["relearn"] = relearn_evaluation(
-        model,
-        datamodule.forget_dataloader(),
-        datamodule.test_dataloader(),
-        datamodule.triggered_test_dataloader(),
-        num_classes=datamodule.num_classes,
-        target_class=setting.target_class,
-        seed=seed,
-        **ATTACK,
-    )
+    with quiet_lightning():
+        result["mia"] = MembershipInference(samples=MIA_SAMPLES)(model, datamodule, seed=seed)
+        result["relearn"] = RelearnAttack(**ATTACK)(model, datamodule, seed=seed)
     return result
 
 
@@ -75,23 +75,16 @@ def run(scenario: str, seed: int, cache: str) -> dict[str, Any]:
     for labels, key in (("poisoned", "poisoned"), ("corrected", "retrained")):
         models[key], _ = train(setting, seed, labels, os.path.join(folder, f"{key}.pt"))
         if key not in results:
-            results[key] = evaluate(models[key], datamodule, setting, seed)
+            results[key] = evaluate(models[key], datamodule, seed)
     poisoned = models["poisoned"]
     for rule in RULES:
         if rule in results:
             continue
-        model = type(poisoned)(lr=setting.lr)
+        model = make_model(setting)
         model.load_state_dict(poisoned.state_dict())
-        report = SharpnessAwareUnlearning(
-            selection=rule,
-            curvature_samples=setting.curvature_samples,
-            seed=seed,
-            verbose=False,
-            progress_bar=False,
-            **OPTIONS.get(scenario, {}),
-        ).unlearn(model, datamodule)
+        report = make_callback(setting, seed, selection=rule, **options(scenario)).unlearn(model, datamodule)
         results[rule] = {
-            **evaluate(model, datamodule, setting, seed),
+            **evaluate(model, datamodule, seed),
             "selected_layers": report.selected_layers,
             "tau": report.tau,
         }
@@ -128,27 +121,43 @@ def _metrics(poison: str, row: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def summarize(runs: dict[str, dict[int, dict]], out: str, command: str) -> str:
+def describe(scenario: str) -> dict[str, str]:
+    """What the table says about a scenario: its poison, its setting and the callback options besides the rule."""
+    setting = SETTINGS[scenario]
+    return {"poison": setting.poison, "setting": f"{setting}", "options": f"{options(scenario)}"}
+
+
+def summarize(results: dict[str, Any], out: str) -> str:
+    """Write ``<out>/robustness.md``, ``.json`` (``results`` as given) and ``.png``; returns the markdown.
+
+    The table depends on ``results`` alone. Files written before the composable-parts API have no
+    ``scenarios`` entry; their scenarios are described from ``SETTINGS`` and :data:`LEGACY_OPTIONS`.
+    """
+    attack = results["attack"]
+    runs = {scenario: {int(s): row for s, row in seeds.items()} for scenario, seeds in results["runs"].items()}
+    scenarios = results.get("scenarios") or {
+        scenario: {**describe(scenario), "options": LEGACY_OPTIONS.get(scenario, "{}")} for scenario in runs
+    }
     lines = [
         "# Robustness of unlearning: relearning attack, membership inference, backdoor",
         "",
-        f"Command: `{command}`",
+        f"Command: `{results['command']}`",
         "",
-        f"First-order update, τ chosen on validation; relearning attack: {ATTACK['steps']} SGD steps of lr "
-        f"{ATTACK['lr']} (batch 32, all parameters) on the first {ATTACK['samples']} forget samples with their "
+        f"First-order update, τ chosen on validation; relearning attack: {attack['steps']} SGD steps of lr "
+        f"{attack['lr']} (batch 32, all parameters) on the first {attack['samples']} forget samples with their "
         "trained labels. MIA efficacy: share of D_f that a loss/entropy logistic-regression attacker, trained "
         "on retain (members) against test (non-members), calls non-members; attacker AUC is on its held-out half. "
         "Mean ± std over seeds.",
     ]
     for scenario, seeds in runs.items():
         rows = ["poisoned", "retrained", *RULES]
-        poison = SETTINGS[scenario].poison
+        poison = scenarios[scenario]["poison"]
         header = list(_metrics(poison, seeds[next(iter(seeds))]["poisoned"]))
         lines += [
             "",
             f"## {scenario} (seeds {sorted(seeds)})",
             "",
-            f"Setting: {SETTINGS[scenario]}; callback options {OPTIONS.get(scenario, {})}",
+            f"Setting: {scenarios[scenario]['setting']}; callback options {scenarios[scenario]['options']}",
             "",
             "| model | " + " | ".join(header) + " | layers picked |",
             "|---|" + "---|" * (len(header) + 1),
@@ -163,12 +172,12 @@ def summarize(runs: dict[str, dict[int, dict]], out: str, command: str) -> str:
     with open(os.path.join(out, "robustness.md"), "w") as f:
         f.write(text)
     with open(os.path.join(out, "robustness.json"), "w") as f:
-        json.dump({"command": command, "attack": ATTACK, "runs": runs}, f, indent=1)
-    _plot(runs, os.path.join(out, "robustness.png"))
+        json.dump(results, f, indent=1)
+    _plot(runs, {scenario: scenarios[scenario]["poison"] for scenario in runs}, os.path.join(out, "robustness.png"))
     return text
 
 
-def _plot(runs: dict[str, dict[int, dict]], path: str) -> None:
+def _plot(runs: dict[str, dict[int, dict]], poisons: dict[str, str], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,7 +191,7 @@ def _plot(runs: dict[str, dict[int, dict]], path: str) -> None:
     fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 3.2), squeeze=False)
     for ax, scenario in zip(axes[0], runs):
         rows = ["poisoned", "retrained", *RULES]
-        seeds, poison = runs[scenario], SETTINGS[scenario].poison
+        seeds, poison = runs[scenario], poisons[scenario]
         means, errors = [], []
         for row in rows:
             values = [100 * _metrics(poison, seeds[s][row])[columns[poison]] for s in seeds]
@@ -202,14 +211,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--cache", default="cache/benchmarks")
+    parser.add_argument(
+        "--from-json",
+        metavar="PATH",
+        help="train and attack nothing: rebuild the table and plot of a robustness.json into --out",
+    )
     args = parser.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            print(summarize(json.load(f), args.out))
+        return
     runs: dict[str, dict[int, dict]] = {}
     for scenario in args.scenarios:
         for seed in args.seeds:
             print(f"[{scenario}] seed {seed}", flush=True)
             runs.setdefault(scenario, {})[seed] = run(scenario, seed, args.cache)
     command = "python benchmarks/robustness.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(summarize(runs, args.out, command.strip()))
+    results = {
+        "command": command.strip(),
+        "attack": ATTACK,
+        "scenarios": {scenario: describe(scenario) for scenario in runs},
+        "runs": runs,
+    }
+    print(summarize(results, args.out))
 
 
 if __name__ == "__main__":

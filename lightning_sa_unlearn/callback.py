@@ -192,6 +192,17 @@ class SharpnessAwareUnlearning(Callback):
         self.report = report
         return report
 
+    @property
+    def state_key(self) -> str:
+        """Unique per configuration, so that several instances can sit in one Trainer and its checkpoints."""
+        return self._generate_state_key(
+            curvature=repr(self.curvature),
+            selection=repr(self.selection),
+            update=repr(self.update),
+            evaluations=repr(self.evaluations),
+            seed=self.seed,
+        )
+
     def state_dict(self) -> dict[str, Any]:
         """The last run's report, so that a checkpoint written after unlearning carries it."""
         return {"report": None if self.report is None else self.report.to_dict()}

@@ -1,40 +1,182 @@
-"""The benchmark pipeline end to end on the synthetic setting (seconds), with caching and resume."""
+"""The benchmark scripts end to end on the synthetic setting (seconds), with caching, resume and hand checks.
+
+benchmarks/ is not a package: each script is loaded from its path, and it puts its own folder on
+``sys.path`` to import ``common``, the helper module the scripts share.
+"""
 
 import dataclasses
 import importlib.util
 import json
+import math
+import sys
 from pathlib import Path
 
-from lightning_sa_unlearn import benchmarks
+import pytest
+import torch
+
+from lightning_sa_unlearn import (
+    CG,
+    GGN,
+    FineTune,
+    FirstOrder,
+    Flattest,
+    LastLayer,
+    NewtonDecrement,
+    SecondOrder,
+    Sharpest,
+    TopFraction,
+    ValidatedStep,
+)
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
-def test_benchmark_pipeline_on_synthetic_data(tmp_path):
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+reproduce = load("reproduce")
+robustness = load("robustness")
+common = sys.modules["common"]  # the module both scripts imported
+SMALL = ["curvature_samples=64"]  # curvature on 64 samples keeps each unlearning run to a few seconds
+
+
+@pytest.fixture
+def one_thread():
+    """PaperCNN on a few hundred images runs faster on one thread, and keeps its speed on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cells(table: str, row: str) -> list[str]:
+    """The cells of the markdown table row whose first cell is ``row``."""
+    [line] = [line for line in table.splitlines() if line.startswith(f"| {row} |")]
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def plain_accuracy(model: torch.nn.Module, loader) -> float:
+    """Share of samples whose argmax prediction is the label (an independent check of the metrics)."""
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += int((model(x).argmax(dim=1) == y).sum())
+            total += len(y)
+    return correct / total
+
+
+def test_benchmark_pipeline_on_synthetic_data(tmp_path, one_thread):
     out, cache = tmp_path / "results", tmp_path / "cache"
-    args = ["--setting", "synthetic", "--seeds", "0", "1", "--out", str(out), "--cache", str(cache)]
-    benchmarks.main(args)
+    args = ["--setting", "synthetic", "--seeds", "0", "1", "--out", str(out), "--cache", str(cache), "--set", *SMALL]
+    reproduce.main(args)
     table = (out / "synthetic.md").read_text()
-    for row in ["| poisoned", "| retrained", *(f"| {method}" for method in benchmarks.METHODS)]:
-        assert row in table
+    for row in ["poisoned", "retrained", *reproduce.METHODS]:
+        assert f"| {row} |" in table
     assert "Layer sweep" in table and "picks the best layer in" in table
     assert (out / "synthetic_layers.png").stat().st_size > 1000
     raw = json.loads((out / "synthetic.json").read_text())
-    run = raw["runs"]["0"]
-    # gap restored is computed from these numbers: check one by hand
-    assert run["retrained"]["heldout"]["accuracy"] >= 0
-    assert set(run) >= {"poisoned", "retrained", *benchmarks.METHODS}
+    assert raw["command"] == "python benchmarks/reproduce.py " + " ".join(args)
+    assert f"Command: `{raw['command']}`" in table
+    assert raw["machine"] == reproduce.current_machine()
+    runs = raw["runs"]
+    assert set(runs["0"]) >= {"poisoned", "retrained", *reproduce.METHODS}
+
+    # "gap restored %" of one row, by hand: (row − poisoned) / (retrained − poisoned) per seed, mean ± std
+    row = "fine-tune all layers on D_r"
+    gaps = []
+    for seed in ("0", "1"):
+        accuracy = {key: runs[seed][key]["heldout"]["accuracy"] for key in ("poisoned", "retrained", row)}
+        gaps.append((accuracy[row] - accuracy["poisoned"]) / (accuracy["retrained"] - accuracy["poisoned"]))
+    mean, spread = (gaps[0] + gaps[1]) / 2, abs(gaps[0] - gaps[1]) / math.sqrt(2)
+    column = cells(table, "method").index("gap restored %")
+    assert cells(table, row)[column] == f"{100 * mean:.0f} ± {100 * spread:.0f}"
+
+    # the held-out and forget accuracies against plain argmax accuracy of the cached models
+    setting = common.override(common.SETTINGS["synthetic"], SMALL)
+    folder = cache / f"synthetic-{common._digest(setting)}" / "seed0"
+    datamodule = common.make_datamodule(setting, 0)
+    for key, path in (("poisoned", "poisoned.pt"), ("retrained", "retrained.pt")):
+        model = common.make_model(setting)
+        model.load_state_dict(torch.load(folder / path, weights_only=True)["state_dict"])
+        assert runs["0"][key]["heldout"]["accuracy"] == plain_accuracy(model, datamodule.test_dataloader())
+        assert runs["0"][key]["forget_trained_labels"] == plain_accuracy(model, datamodule.forget_dataloader())
+        assert runs["0"][key]["forget_true_labels"] == plain_accuracy(model, datamodule.corrected_dataloader())
+
+    # a first-order method with a fixed rule is the sweep's run of the layer the rule picks; the others ran apart
+    for seed in ("0", "1"):
+        sharpness = runs[seed]["layer net.conv1"]["report"]["layer_sharpness"]
+        flattest = min(sharpness, key=sharpness.get)
+        assert runs[seed]["SA first-order, flattest"] == runs[seed][f"layer {flattest}"]
+        assert runs[seed]["first-order, last layer"] == runs[seed]["layer net.fc2"]
+        assert runs[seed]["SA second-order, flattest"]["report"]["solver"]["iterations"] <= 30
+        sweep = [run for key, run in runs[seed].items() if key.startswith("layer ")]
+        assert runs[seed]["fine-tune all layers on D_r"] not in sweep
+
     # a rerun reads everything from the cache: the results file does not change
-    before = (cache / "synthetic" / "seed0" / "results.json").read_text()
-    benchmarks.main(args)
-    assert (cache / "synthetic" / "seed0" / "results.json").read_text() == before
+    results = folder / "results.json"
+    before = results.read_text()
+    reproduce.main(args)
+    assert results.read_text() == before
+
+    # the results file alone rebuilds the table
+    reproduce.main(["--from-json", str(out / "synthetic.json"), "--out", str(tmp_path / "rebuilt")])
+    assert (tmp_path / "rebuilt" / "synthetic.md").read_text() == table
+
+
+def test_only_first_order_methods_with_a_fixed_rule_reuse_the_layer_sweep():
+    assert reproduce.sweep_rule(dict(selection=Flattest())) == "flattest"
+    assert reproduce.sweep_rule(dict(selection=LastLayer(), update=FirstOrder())) == "last"
+    assert reproduce.sweep_rule(dict(selection=NewtonDecrement(), update=FirstOrder(ValidatedStep()))) == (
+        "newton_decrement"
+    )
+    for parts in (
+        dict(selection=Sharpest(), update=FirstOrder(0.01)),  # a fixed τ: the sweep chose τ on validation
+        dict(selection=Sharpest(), update=FirstOrder(ValidatedStep(objective="validation_and_forget"))),
+        dict(selection=Sharpest(), update=FirstOrder(ValidatedStep(grid=[0.0, 0.1]))),
+        dict(selection=Flattest(num_layers=2)),
+        dict(selection=TopFraction(Flattest(), fraction=0.1)),
+        dict(selection=Flattest(), update=SecondOrder()),
+        dict(selection=Flattest(), update=FineTune()),
+        dict(selection=Flattest(), curvature=GGN(samples=10)),  # not the setting's curvature
+        dict(selection=["net.fc1"]),
+    ):
+        assert reproduce.sweep_rule(parts) is None, parts
+    reused = {
+        name for name, parts in reproduce.METHODS.items() if reproduce.sweep_rule(parts(common.SETTINGS["synthetic"]))
+    }
+    assert reused == {
+        "first-order, last layer",
+        "SA first-order, flattest",
+        "SA first-order, sharpest",
+        "first-order, newton_decrement",
+    }
+
+
+@pytest.mark.parametrize("name", sorted(common.SETTINGS))
+def test_every_method_builds_a_callback_from_the_settings_parts(name):
+    setting = common.SETTINGS[name]
+    for method, parts in reproduce.METHODS.items():
+        callback = common.make_callback(setting, 3, **parts(setting))
+        curvature = callback.curvature
+        assert type(curvature).method == setting.curvature, method
+        assert (curvature.samples, curvature.damping) == (setting.curvature_samples, setting.damping)
+        assert callback.seed == 3 and not callback.verbose and not callback.progress_bar
+        if isinstance(callback.update, FineTune):
+            assert (callback.update.epochs, callback.update.lr) == (setting.fine_tune_epochs, setting.fine_tune_lr)
+    second_order = common.make_callback(setting, 0, **reproduce.METHODS["SA second-order, flattest"](setting)).update
+    assert isinstance(second_order.solver, CG) and second_order.solver.max_iterations == 30
 
 
 def test_a_settings_device_and_precision_reach_the_datamodule_and_trainer(monkeypatch, tmp_path):
-    import dataclasses
-
     from lightning_sa_unlearn.datamodules import TensorBatches
 
-    setting = dataclasses.replace(benchmarks.SETTINGS["synthetic"], device="cpu", precision="bf16-mixed")
-    assert isinstance(benchmarks.make_datamodule(setting, 0).train_dataloader(), TensorBatches)
+    setting = dataclasses.replace(common.SETTINGS["synthetic"], device="cpu", precision="bf16-mixed")
+    assert isinstance(common.make_datamodule(setting, 0).train_dataloader(), TensorBatches)
     seen = {}
 
     class RecordingTrainer:
@@ -44,18 +186,17 @@ def test_a_settings_device_and_precision_reach_the_datamodule_and_trainer(monkey
         def fit(self, model, datamodule):
             pass
 
-    monkeypatch.setattr(benchmarks.pl, "Trainer", RecordingTrainer)
-    benchmarks.train(setting, 0, "poisoned", str(tmp_path / "model.pt"))
+    monkeypatch.setattr(common.pl, "Trainer", RecordingTrainer)
+    common.train(setting, 0, "poisoned", str(tmp_path / "model.pt"))
     assert seen["precision"] == "bf16-mixed" and seen["max_epochs"] == setting.epochs
 
 
-def test_robustness_pipeline_on_synthetic_data(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("robustness", Path(__file__).parents[1] / "benchmarks/robustness.py")
-    robustness = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(robustness)
+def test_robustness_pipeline_on_synthetic_data(tmp_path, monkeypatch, one_thread):
+    small = dataclasses.replace(common.SETTINGS["synthetic"], curvature_samples=64)
+    monkeypatch.setitem(common.SETTINGS, "synthetic", small)
     for poison in ("backdoor", "deletion"):
-        setting = dataclasses.replace(benchmarks.SETTINGS["synthetic"], poison=poison)
-        monkeypatch.setitem(benchmarks.SETTINGS, f"synthetic_{poison}", setting)
+        monkeypatch.setitem(common.SETTINGS, f"synthetic_{poison}", dataclasses.replace(small, poison=poison))
+    monkeypatch.setitem(robustness.OPTIONS, "synthetic_backdoor", robustness.OPTIONS["mnist_backdoor"])
     scenarios = ["synthetic", "synthetic_backdoor", "synthetic_deletion"]
     out = tmp_path / "out"
     args = ["--scenarios", *scenarios, "--seeds", "0", "--out", str(out), "--cache", str(tmp_path / "cache")]
@@ -63,9 +204,31 @@ def test_robustness_pipeline_on_synthetic_data(tmp_path, monkeypatch):
     table = (out / "robustness.md").read_text()
     for column in ("class 9 acc lost to relearn", "attack success regained", "MIA efficacy", "retain acc"):
         assert column in table
-    runs = json.loads((out / "robustness.json").read_text())["runs"]
+    assert "objective='validation_and_forget'" in table  # the backdoor scenario's update, as the run used it
+    results = json.loads((out / "robustness.json").read_text())
+    runs = results["runs"]
     for scenario in scenarios:
         assert set(runs[scenario]["0"]) == {"poisoned", "retrained", *robustness.RULES}
         for row in runs[scenario]["0"].values():
             assert 0 <= row["mia"]["forget_non_member_rate"] <= 1 and row["relearn"]["samples"] == 40
+    deletion = runs["synthetic_deletion"]["0"]["retrained"]
+    assert deletion["forget_true_labels"] == deletion["forget_trained_labels"]  # no D̃_f: the labels are true
+    backdoor = runs["synthetic_backdoor"]["0"]
+    assert (
+        backdoor["poisoned"]["heldout"]["attack_success_rate"] > backdoor["retrained"]["heldout"]["attack_success_rate"]
+    )
+    # the "attack success" cell of the poisoned model, by hand
+    section = table.split("## synthetic_backdoor")[1].split("\n## ")[0]
+    column = cells(section, "model").index("attack success")
+    assert cells(section, "poisoned")[column] == f"{100 * backdoor['poisoned']['heldout']['attack_success_rate']:.2f}"
+    # the retrained model's held-out accuracy against plain argmax accuracy of the cached model
+    model = common.make_model(small)
+    saved = torch.load(tmp_path / "cache" / "synthetic" / "seed0" / "retrained.pt", weights_only=True)
+    model.load_state_dict(saved["state_dict"])
+    test = common.make_datamodule(small, 0).test_dataloader()
+    assert runs["synthetic"]["0"]["retrained"]["heldout"]["accuracy"] == plain_accuracy(model, test)
     assert (out / "robustness.png").stat().st_size > 1000
+    # the results file alone rebuilds the table
+    robustness.main(["--from-json", str(out / "robustness.json"), "--out", str(tmp_path / "rebuilt")])
+    assert (tmp_path / "rebuilt" / "robustness.md").read_text() == table
+    assert (tmp_path / "rebuilt" / "robustness.json").read_text() == (out / "robustness.json").read_text()

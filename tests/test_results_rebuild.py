@@ -1,0 +1,56 @@
+"""Every committed benchmark table rebuilds byte for byte from its committed results file (``--from-json``).
+
+Results files written before they recorded the machine take the ``Machine:`` clause of the table
+next to them (benchmarks/reproduce.py, ``machine_of``); everything else comes from the JSON alone.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+RESULTS = BENCHMARKS / "results"
+TABLES = ["mnist_targeted", "mnist_targeted_random", "mnist_untargeted_2500", "mnist_untargeted_5000", "cifar10_cpu"]
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    return load("reproduce")
+
+
+@pytest.fixture(scope="module")
+def robustness():
+    return load("robustness")
+
+
+@pytest.mark.parametrize("name", TABLES)
+def test_a_committed_table_rebuilds_from_its_json(name, reproduce, tmp_path):
+    reproduce.main(["--from-json", str(RESULTS / f"{name}.json"), "--out", str(tmp_path)])
+    assert (tmp_path / f"{name}.md").read_bytes() == (RESULTS / f"{name}.md").read_bytes()
+    assert (tmp_path / f"{name}.json").read_bytes() == (RESULTS / f"{name}.json").read_bytes()  # written unchanged
+
+
+def test_the_committed_robustness_table_rebuilds_from_its_json(robustness, tmp_path):
+    robustness.main(["--from-json", str(RESULTS / "robustness.json"), "--out", str(tmp_path)])
+    assert (tmp_path / "robustness.md").read_bytes() == (RESULTS / "robustness.md").read_bytes()
+    assert (tmp_path / "robustness.json").read_bytes() == (RESULTS / "robustness.json").read_bytes()
+
+
+def test_the_machine_comes_from_the_json_or_else_from_the_table_beside_it(reproduce, tmp_path):
+    machine = {"cpu_cores": 64, "torch_threads": 8, "torch": "9.9.9"}
+    assert reproduce.machine_of(str(tmp_path / "x.json"), {"machine": machine}) == machine
+    (tmp_path / "x.md").write_text("Setting: {}; seeds [0]. Machine: 3 CPU cores, 1 torch threads, torch 2.0.0+cpu.\n")
+    assert reproduce.machine_of(str(tmp_path / "x.json"), {}) == {
+        "cpu_cores": 3,
+        "torch_threads": 1,
+        "torch": "2.0.0+cpu",
+    }
+    assert reproduce.machine_of(str(tmp_path / "y.json"), {}) == reproduce.current_machine()  # no table either
