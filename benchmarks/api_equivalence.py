@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
+from typing import Any
 
 import torch
 
@@ -73,46 +75,60 @@ OLD_CASES = {
 }
 
 
+GRID = ValidatedStep(search="grid")  # the old API's tau="auto": every grid value on the whole validation set
+
+
 def new_cases(damping: float, samples: int | None, epochs: int, lr: float) -> dict[str, dict]:
     """The same cases on the new API: parts instead of keyword arguments."""
+    samples = "all" if samples is None else samples  # the old curvature_samples=None read every sample
     return {
-        "default": dict(curvature=GGN(samples, damping=damping)),
-        "second_order": dict(curvature=GGN(samples, damping=damping), update=SecondOrder(solver=CG(max_iterations=30))),
-        "second_order_lissa_hutchinson": dict(
-            curvature=Hutchinson(samples, damping=damping), update=SecondOrder(solver=LiSSA(max_iterations=20))
+        "default": dict(curvature=GGN(samples=samples, damping=damping), update=FirstOrder(GRID)),
+        "second_order": dict(
+            curvature=GGN(samples=samples, damping=damping), update=SecondOrder(GRID, solver=CG(max_iterations=30))
         ),
-        "forget_loss": dict(curvature=GGN(samples, damping=damping), update=ForgetLossDescent(steps=5, lr=0.01)),
-        "fine_tune": dict(curvature=GGN(samples, damping=damping), update=FineTune(epochs=epochs, lr=lr)),
+        "second_order_lissa_hutchinson": dict(
+            curvature=Hutchinson(samples=samples, damping=damping),
+            update=SecondOrder(GRID, solver=LiSSA(max_iterations=20)),
+        ),
+        "forget_loss": dict(
+            curvature=GGN(samples=samples, damping=damping), update=ForgetLossDescent(steps=5, lr=0.01)
+        ),
+        "fine_tune": dict(curvature=GGN(samples=samples, damping=damping), update=FineTune(epochs=epochs, lr=lr)),
         "fine_tune_adam_all": dict(
-            curvature=GGN(samples, damping=damping),
+            curvature=GGN(samples=samples, damping=damping),
             selection=AllLayers(),
             update=FineTune(epochs=epochs, lr=1e-4, optimizer="adam", include_corrected=False),
         ),
         "parameter_masks": dict(
-            curvature=GGN(samples, damping=damping),
+            curvature=GGN(samples=samples, damping=damping),
             selection=TopFraction(Sharpest(), fraction=0.05),
             update=FirstOrder(FixedStep(0.002)),
         ),
         "parameter_masks_auto_tau": dict(
-            curvature=GGN(samples, damping=damping), selection=TopFraction(Sharpest(), fraction=0.2)
+            curvature=GGN(samples=samples, damping=damping),
+            selection=TopFraction(Sharpest(), fraction=0.2),
+            update=FirstOrder(GRID),
         ),
         "parameter_masks_newton": dict(
-            curvature=GGN(samples, damping=damping),
+            curvature=GGN(samples=samples, damping=damping),
             selection=TopFraction(NewtonDecrement(), fraction=0.05),
             update=FirstOrder(0.001),
         ),
-        "newton_decrement_mc_ggn": dict(curvature=MonteCarloGGN(500, damping=damping), selection=NewtonDecrement()),
+        "newton_decrement_mc_ggn": dict(
+            curvature=MonteCarloGGN(samples=500, damping=damping), selection=NewtonDecrement(), update=FirstOrder(GRID)
+        ),
         "last_fixed_tau": dict(
-            curvature=GGN(samples, damping=damping), selection=LastLayer(), update=FirstOrder(0.0005)
+            curvature=GGN(samples=samples, damping=damping), selection=LastLayer(), update=FirstOrder(0.0005)
         ),
         "sharpest_two_validation_and_forget": dict(
-            curvature=GGN(samples, damping=damping),
+            curvature=GGN(samples=samples, damping=damping),
             selection=Sharpest(num_layers=2),
-            update=FirstOrder(ValidatedStep(objective="validation_and_forget")),
+            update=FirstOrder(ValidatedStep(search="grid", objective="validation_and_forget")),
         ),
         "evaluations": dict(
-            curvature=GGN(samples, damping=damping),
+            curvature=GGN(samples=samples, damping=damping),
             selection=Flattest(),
+            update=FirstOrder(GRID),
             evaluations=[MembershipInference(samples=200), RelearnAttack(samples=20)],
         ),
     }
@@ -121,6 +137,7 @@ def new_cases(damping: float, samples: int | None, epochs: int, lr: float) -> di
 # Report fields that the new API renamed or computes only when a part needs them.
 RENAMED = {"fine_tune_steps": "update_steps"}
 NOT_NEEDED = {"fine_tune": ["newton_decrement"], "fine_tune_adam_all": ["newton_decrement"]}
+ADDED = {"evaluations", "curvature_stop", "validation_samples"}  # report fields the old API did not have
 
 SETTING_CASES = {
     "synthetic": list(OLD_CASES),
@@ -134,6 +151,32 @@ def weights_hash(model: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def fingerprint(model: torch.nn.Module) -> dict[str, list]:
+    """Per tensor: its sum, its sum of squares and 8 evenly spaced entries (float64), to compare within tolerance."""
+    out = {}
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        flat = tensor.detach().double().reshape(-1)
+        out[name] = [
+            float(flat.sum()),
+            float((flat * flat).sum()),
+            [float(v) for v in flat[:: max(1, flat.numel() // 8)][:8]],
+        ]
+    return out
+
+
+def close(old: Any, new: Any, rel: float = 1e-4, abs_: float = 1e-6) -> bool:
+    """Equal, with numbers equal within ``rel``/``abs_`` at any depth of lists and dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return old.keys() == new.keys() and all(close(old[k], new[k], rel, abs_) for k in old)
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        return len(old) == len(new) and all(close(a, b, rel, abs_) for a, b in zip(old, new))
+    if isinstance(old, float) or isinstance(new, float):
+        if old is None or new is None:
+            return old is new
+        return math.isclose(old, new, rel_tol=rel, abs_tol=abs_)
+    return old == new
 
 
 def comparable(report: dict) -> dict:
@@ -165,17 +208,32 @@ def run_new(setting_name: str, case: str, cache: str) -> dict:
     return {
         "poisoned": weights_hash(poisoned),
         "unlearned": weights_hash(model),
+        "fingerprint": fingerprint(model),
         "report": comparable(report.to_dict()),
     }
 
 
 def differences(case: str, old: dict, new: dict) -> list[str]:
-    """What differs between an old and a new run of one case (renamed and no-longer-needed fields aside)."""
-    found = [f"{key} hash" for key in ("poisoned", "unlearned") if old[key] != new[key]]
+    """What differs between an old and a new run of one case, beyond float tolerance (rel 1e-4).
+
+    Version 0.2 computes both terms of the forget loss from one forward pass when their inputs are
+    equal, which changes the last bits; everything else is as before. Renamed fields are mapped,
+    fields the old report lacked are skipped, and so is ``newton_decrement`` where the new run no
+    longer needs the whole forget gradient.
+    """
+    if old["poisoned"] != new["poisoned"]:
+        return ["poisoned hash: not the recorded starting model"]
+    found = []
+    if old["unlearned"] != new["unlearned"] and not close(old["fingerprint"], new["fingerprint"]):
+        found.append("unlearned weights")
     old_report = {RENAMED.get(k, k): v for k, v in old["report"].items()}
-    skip = set(NOT_NEEDED.get(case, [])) | {"evaluations"}
+    skip = (
+        set(NOT_NEEDED.get(case, []))
+        | ADDED
+        | ({"newton_decrement"} if not new["report"]["newton_decrement"] else set())
+    )
     for key in sorted(set(old_report) | set(new["report"])):
-        if key not in skip and old_report.get(key) != new["report"].get(key):
+        if key not in skip and not close(old_report.get(key), new["report"].get(key)):
             found.append(f"report.{key}: {old_report.get(key)!r} != {new['report'].get(key)!r}")
     return found
 

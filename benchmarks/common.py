@@ -174,7 +174,8 @@ def train(setting: Setting, seed: int, labels: str, path: str) -> tuple[pl.Light
 
 def curvature_for(setting: Setting) -> Curvature:
     """The setting's curvature part: its estimator on ``curvature_samples`` samples, with its damping."""
-    return CURVATURES[setting.curvature](samples=setting.curvature_samples, damping=setting.damping)
+    samples = "all" if setting.curvature_samples is None else setting.curvature_samples
+    return CURVATURES[setting.curvature](samples=samples, damping=setting.damping)
 
 
 def make_callback(setting: Setting, seed: int, **parts: Any) -> SharpnessAwareUnlearning:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler, Subset
 
 from lightning_sa_unlearn.functional import split_batch
@@ -211,3 +212,48 @@ def check_aligned(forget: Any, corrected: Any) -> None:
                 "corrected_dataloader must serve the same samples as forget_dataloader, in the same order "
                 "and with the same batch size; only labels or features may differ."
             )
+
+
+def sample_units(loader: Any, *, seed: int, max_samples: int | None) -> list[Tensor] | None:
+    """A seeded random order of a map-style loader's samples (at most ``max_samples``), in units of its batch size.
+
+    Units are the same whatever the number of processes, so a sequential pass that stops after a
+    number of units reads the same samples on one process or several. None for other loaders.
+    """
+    if not is_map_style(loader):
+        return None
+    order = torch.randperm(len(loader.dataset), generator=torch.Generator().manual_seed(seed))
+    if max_samples is not None:
+        order = order[:max_samples]
+    return list(order.split(loader.batch_size or 1))
+
+
+def unit_batch(loader: Any, indices: Tensor) -> Any:
+    """The samples ``indices`` of a map-style loader's dataset as one batch, collated as the loader would."""
+    return loader.collate_fn([loader.dataset[i] for i in indices.tolist()])
+
+
+class ShuffledBatches:
+    """A map-style loader's samples in a seeded random order, one unit (batch) in ``world_size`` for this process.
+
+    Any prefix is a random sample of the set, whatever order the dataset keeps (e.g. sorted by class).
+    """
+
+    def __init__(
+        self,
+        loader: Any,
+        num_classes: int,
+        what: str,
+        *,
+        seed: int,
+        rank: int,
+        world_size: int,
+        max_samples: int | None,
+    ) -> None:
+        self.loader, self.num_classes, self.what = loader, num_classes, what
+        self.units = sample_units(loader, seed=seed, max_samples=max_samples) or []
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[Any]:
+        batches = (unit_batch(self.loader, u) for u in self.units[self.rank :: self.world_size])
+        return checked_labels(batches, self.num_classes, self.what)

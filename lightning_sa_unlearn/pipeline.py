@@ -29,23 +29,38 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lightning_sa_unlearn.curvature import Curvature, CurvatureResult, selection_margin
-from lightning_sa_unlearn.data import Batches, Relabelled, UnlearningData, check_aligned, dataset_size
+from lightning_sa_unlearn.curvature import GGN, Curvature, CurvatureResult, SharpnessStatistics, selection_margin
+from lightning_sa_unlearn.data import (
+    Batches,
+    Relabelled,
+    ShuffledBatches,
+    UnlearningData,
+    check_aligned,
+    dataset_size,
+    is_map_style,
+)
 from lightning_sa_unlearn.evaluations import Evaluation
 from lightning_sa_unlearn.functional import LossFn, batches_for, require_trainable_parameters
 from lightning_sa_unlearn.processes import Processes
 from lightning_sa_unlearn.report import UnlearningReport
 from lightning_sa_unlearn.selection import (
+    Flattest,
     Measurements,
     Selected,
     Selection,
+    Sharpest,
     layer_sharpness,
     newton_decrement,
+    select_layers,
     trainable_layers,
 )
 from lightning_sa_unlearn.updates import Update, default_forget_loss, forget_gradient, loss_sum
 
 FAST_DEV_RUN_SAMPLES = 64
+REPORT_SAMPLES = 256
+"""Curvature samples read for the report alone when no part chooses by curvature (``LastLayer``, ...)."""
+UNLEARNING_STAGES = ("forget_gradient", "curvature", "selection", "update")
+"""The unlearning itself; every other stage (evaluations, report-only curvature) is reporting."""
 
 
 @dataclass
@@ -77,6 +92,8 @@ class UnlearningRun:
     masks: dict[str, Tensor] | None = None
     validation: Iterable[Any] | None = None
     validation_source: str | None = None
+    validation_sample: Iterable[Any] | None = None
+    """The validation set in a seeded random order (for searches that read a growing prefix of it)."""
     relabelled: Relabelled | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -103,6 +120,19 @@ class UnlearningRun:
         options.setdefault("rank", self.processes.rank)
         options.setdefault("world_size", self.processes.world_size)
         return Batches(loader, self.num_classes, what, max_samples=limit, seed=self.seed, **options)
+
+    def shuffled(self, loader: Any, what: str, max_samples: int | None = None) -> Iterable[Any] | None:
+        """This process's share of ``loader`` in a seeded random order, so that any prefix is a random sample.
+
+        Map-style loaders only; other loaders come as :meth:`batches` (in their own order).
+        """
+        if not is_map_style(loader):
+            return self.batches(loader, what, max_samples)
+        limit = min((v for v in (max_samples, self.max_samples) if v is not None), default=None)
+        rank, world_size = self.processes.rank, self.processes.world_size
+        return ShuffledBatches(
+            loader, self.num_classes, what, seed=self.seed, rank=rank, world_size=world_size, max_samples=limit
+        )
 
     def whole(self, loader: Any, what: str) -> Batches | None:
         """All of ``loader`` in every process (for work that has no collectives)."""
@@ -180,21 +210,31 @@ def run_unlearning(
                     results[evaluation][stage] = evaluation.measure(run)
 
     evaluate("before")
-    if selection.needs_forget_gradient or update.needs_forget_gradient:
+    if selection.needs_forget_gradient:  # the rule reads the whole gradient
         with run.stage("forget_gradient"):
             run.gradient = _forget_gradient(run)
     if measure_curvature or selection.needs_curvature or update.needs_curvature:
         with run.stage("curvature"):
-            run.curvature_result = run.curvature.measure(run)
+            run.curvature_result = run.curvature.measure(run, _confident(selection, run.curvature.confidence))
+        _warn_if_unsure(run, selection)
+    else:  # nothing chooses by curvature: a small fixed sample, for the report's per-layer sharpness only
+        with run.stage("curvature_report"):
+            run.curvature_result = GGN(samples=REPORT_SAMPLES).measure(run)
+            run.curvature_result.stop = "report only"
     run.training_size = dataset_size(run.data.train) or (run.curvature_result.samples if run.curvature_result else 0)
     with run.stage("selection"):
         selected, margin = _select(run, selection, layers)
+    if update.needs_forget_gradient and run.gradient is None:  # back-propagated only as deep as the selection
+        with run.stage("forget_gradient"), _frozen_except(run.model, run.names):
+            run.gradient = _forget_gradient(run)
     _prepare_validation(run, update)
     with run.stage("update"), _frozen_except(run.model, run.names):
         outcome = update.apply(run)
         _check_finite(run, update)
     evaluate("after")
     run.seconds["total"] = time.perf_counter() - total_start
+    run.seconds["unlearning"] = sum(run.seconds.get(stage, 0.0) for stage in UNLEARNING_STAGES)
+    run.seconds["reporting"] = run.seconds["total"] - run.seconds["unlearning"]
     fields: dict[str, Any] = {}
     for evaluation, stages in results.items():
         for name, value in evaluation.report_fields(stages).items():
@@ -211,8 +251,10 @@ def run_unlearning(
         selection=selection.name,
         curvature=run.curvature.name if run.curvature_result else None,
         curvature_samples=run.curvature_result.samples if run.curvature_result else 0,
+        curvature_stop=run.curvature_result.stop if run.curvature_result else None,
         tau_search=outcome.get("tau_search", []),
         validation_source=run.validation_source if uses_validation else None,
+        validation_samples=outcome.get("validation_samples"),
         update_steps=outcome.get("steps"),
         granularity=selection.granularity,
         newton_decrement=run.decrement or {},
@@ -269,7 +311,8 @@ def _select(run: UnlearningRun, selection: Selection, layers: dict[str, list[str
     margin = None
     if masks is None and result is not None:
         margin = selection_margin(measured.sharpness, result.statistics, chosen.layers, selection.name)
-    if margin is not None and margin["lead_in_standard_errors"] < 2:  # NaN (one batch): no estimate
+    unsure = margin is not None and margin["lead_in_standard_errors"] < 2  # NaN (one batch): no estimate
+    if unsure and result.stop in ("fixed count", "data exhausted"):  # a sequential pass has warned already
         rank_zero_warn(
             f"the selected layer {margin['selected']!r} leads the runner-up {margin['runner_up']!r} by "
             f"{margin['lead']:.3g}, only {margin['lead_in_standard_errors']:.2f} standard errors of the "
@@ -279,6 +322,37 @@ def _select(run: UnlearningRun, selection: Selection, layers: dict[str, list[str
     return chosen.layers, margin
 
 
+def _confident(selection: Selection, confidence: float) -> Callable[[SharpnessStatistics], bool] | None:
+    """For rules that rank the sharpness: whether the pick leads the runner-up by ``confidence`` standard errors."""
+    if not isinstance(selection, (Flattest, Sharpest)):
+        return None
+    rule = selection.name
+
+    def confident(statistics: SharpnessStatistics) -> bool:
+        means = statistics.means()
+        picked = select_layers(means, rule, selection.num_layers)
+        margin = selection_margin(means, statistics, picked, rule)
+        return margin is None or margin["lead_in_standard_errors"] >= confidence  # None: every layer picked
+
+    return confident
+
+
+def _warn_if_unsure(run: UnlearningRun, selection: Selection) -> None:
+    result = run.curvature_result
+    if result.stop != "maximum reached" or _confident(selection, run.curvature.confidence) is None:
+        return
+    means = result.statistics.means()
+    margin = selection_margin(
+        means, result.statistics, select_layers(means, selection.name, selection.num_layers), selection.name
+    )
+    rank_zero_warn(
+        f"curvature read its maximum of {result.samples} samples without the selected layer "
+        f"{margin['selected']!r} leading the runner-up {margin['runner_up']!r} by {run.curvature.confidence:g} "
+        f"standard errors (lead: {margin['lead_in_standard_errors']:.2f}). Another sample could select the other "
+        "layer; raise the curvature's max_samples, or accept the choice."
+    )
+
+
 def _prepare_validation(run: UnlearningRun, update: Update) -> None:
     spec = update.validation()
     if spec is None:
@@ -286,8 +360,10 @@ def _prepare_validation(run: UnlearningRun, update: Update) -> None:
     data = run.data
     if data.val is not None:
         run.validation, run.validation_source = run.batches(data.val, "validation"), "val_dataloader"
+        run.validation_sample = run.shuffled(data.val, "validation")
     elif data.retain is not None:
         run.validation, run.validation_source = run.batches(data.retain, "retain", spec.samples), "retain slice"
+        run.validation_sample = run.shuffled(data.retain, "retain", spec.samples)
     if spec.objective == "validation_and_forget" and run.validation is not None:
         run.relabelled = Relabelled(run.forget, run.corrected)
         run.validation_source = f"{run.validation_source} + forget inputs with corrected labels"

@@ -33,9 +33,14 @@ class UnlearningReport:
     curvature: str | None = "ggn"
     """The curvature estimator's name; None when no part needed curvature (e.g. ``LastLayer``)."""
     curvature_samples: int = 0
+    curvature_stop: str | None = None
+    """Why the curvature pass stopped reading: ``"confident"``, ``"maximum reached"``, ``"data exhausted"``,
+    ``"fixed count"`` or ``"report only"`` (no part chose by curvature: a small sample for this report)."""
     tau_search: list[tuple[float, float]] = field(default_factory=list)
     """``(τ, validation loss)`` for each τ tried when ``tau="auto"``."""
     validation_source: str | None = None
+    validation_samples: int | None = None
+    """Validation samples the step-size search read (the golden search's final subset)."""
     update_steps: int | None = None
     """Steps the update took: optimizer steps of ``FineTune``; for ``ForgetLossDescent`` the gradient step kept."""
     granularity: str = "layer"

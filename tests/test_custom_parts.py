@@ -113,7 +113,9 @@ def test_custom_parts_in_python(tiny_model):
 def test_a_rule_that_compares_no_layers_measures_no_curvature(tiny_model):
     model, datamodule = tiny_model
     report = SharpnessAwareUnlearning(selection=LargestLayer(), verbose=False).unlearn(model, datamodule)
-    assert report.curvature is None and report.layer_sharpness == {} and "curvature" not in report.seconds
+    assert report.curvature_stop == "report only" and report.curvature_samples <= 256
+    assert "curvature" not in report.seconds and report.seconds["curvature_report"] > 0
+    assert report.seconds["unlearning"] + report.seconds["reporting"] == pytest.approx(report.seconds["total"])
     assert report.selected_layers == ["net.fc1"]
 
 

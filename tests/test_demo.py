@@ -1,6 +1,7 @@
 """The `make demo` pipeline on a small real MNIST subset from ../shared/datasets."""
 
 import json
+import re
 import pathlib
 
 import pytest
@@ -27,12 +28,16 @@ def test_demo_runs_on_a_real_mnist_subset(tmp_path, capsys):
             "2",
             "--curvature-samples",
             "600",
+            "--runs",
+            "2",
             "--out",
             str(tmp_path),
         ]
     )
     out = capsys.readouterr().out
     assert "| poisoned" in out and "| after unlearning" in out and "<- selected" in out
+    assert re.search(r"^unlearning: [0-9.]+ s \([0-9.]+% of training\), about [0-9,]+ units", out, re.MULTILINE)
+    assert re.search(r"^reporting \(held-out metrics before and after\): [0-9.]+ s", out, re.MULTILINE)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["curvature_samples"] == 600
     assert list(report["layer_sharpness"]) == ["net.conv1", "net.conv2", "net.fc1", "net.fc2"]

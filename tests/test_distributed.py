@@ -54,7 +54,9 @@ def frozen_copy(saved):
 
 # Run in order on the same model, in one process and in two; each stage starts where the last ended.
 STAGES = [
-    ("hutchinson", dict(curvature=Hutchinson(num_probes=3), update=FirstOrder(0.0))),
+    ("hutchinson", dict(curvature=Hutchinson(num_probes=3, samples=10_000), update=FirstOrder(0.0))),
+    # read until confident, 2 batches of 32 at a time: both world sizes read the same units and stop together
+    ("sequential", dict(curvature=GGN(min_batches=2, confidence=50.0, max_samples=160), update=FirstOrder(0.01))),
     ("exact", dict(curvature=ExactHessian(), selection="sharpest", update=FirstOrder(0.01))),
     ("empirical_fisher", dict(curvature=EmpiricalFisher(), selection="last", update=FirstOrder(0.02))),
     ("ggn", dict(curvature=GGN(samples=150), update="first_order")),
@@ -101,7 +103,9 @@ def load(folder, tag, rank):
     return json.loads((folder / f"{tag}_rank{rank}.json").read_text()), torch.load(folder / f"{tag}_rank{rank}.pt")
 
 
-@pytest.mark.parametrize("tag", ["exact", "empirical_fisher", "ggn", "second_order", "forget_loss", "masked"])
+@pytest.mark.parametrize(
+    "tag", ["sequential", "exact", "empirical_fisher", "ggn", "second_order", "forget_loss", "masked"]
+)
 def test_two_processes_equal_one(runs, tag):
     folder, reports, weights, _ = runs
     for rank in (0, 1):
@@ -109,6 +113,7 @@ def test_two_processes_equal_one(runs, tag):
         single = reports[tag]
         assert report["selected_layers"] == single["selected_layers"]
         assert report["curvature_samples"] == single["curvature_samples"]
+        assert report["curvature_stop"] == single["curvature_stop"]
         # float32 sums in another order; the stages compound, so later ones drift a little more
         assert report["layer_sharpness"] == pytest.approx(single["layer_sharpness"], rel=1e-4)
         assert report["tau"] == (pytest.approx(single["tau"], rel=1e-9) if single["tau"] is not None else None)
@@ -167,3 +172,12 @@ def test_results_reach_the_parent_process_through_callback_metrics(runs):
     report, _ = load(folder, "fine_tune", 0)
     metric = trainer.callback_metrics["unlearn/heldout_after/accuracy"].item()
     assert metric == pytest.approx(report["heldout_after"]["accuracy"])
+
+
+def test_a_sequential_curvature_pass_reads_the_same_samples_on_every_process(runs):
+    folder, reports, _, _ = runs
+    single = reports["sequential"]
+    assert single["curvature_stop"] == "maximum reached" and single["curvature_samples"] == 160  # 50 SE: never sure
+    for rank in (0, 1):
+        report, _ = load(folder, "sequential", rank)
+        assert report["sharpness_standard_error"] == pytest.approx(single["sharpness_standard_error"], rel=1e-4)

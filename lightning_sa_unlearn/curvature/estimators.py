@@ -8,27 +8,36 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from lightning_sa_unlearn.curvature.confidence import SharpnessStatistics
 from lightning_sa_unlearn.curvature.functional import EXACT_MAX_PARAMETERS, hessian_diagonal_sum, sum_over_batches
-from lightning_sa_unlearn.data import sized
-from lightning_sa_unlearn.functional import LossFn, trainable_parameters
+from lightning_sa_unlearn.data import dataset_size, sample_units, sized, unit_batch
+from lightning_sa_unlearn.functional import LossFn, trainable_parameters, tree_add_
 
 if TYPE_CHECKING:
     from lightning_sa_unlearn.pipeline import UnlearningRun
 
 
+STOP_REASONS = ("confident", "maximum reached", "data exhausted", "fixed count", "report only")
+
+
 @dataclass
 class CurvatureResult:
-    """What a curvature pass measured: the diagonal, the samples it read (once each), batch statistics."""
+    """What a curvature pass measured: the diagonal, the samples it read (once each), batch statistics.
+
+    ``stop`` says why reading stopped: ``"confident"`` (the selection's lead reached ``confidence``
+    standard errors), ``"maximum reached"``, ``"data exhausted"``, ``"fixed count"`` (``samples`` was
+    given) or ``"report only"`` (no part needed curvature; a small sample for the report).
+    """
 
     diagonal: dict[str, Tensor]
     samples: int
     statistics: SharpnessStatistics
+    stop: str = "fixed count"
 
 
 class Curvature:
@@ -37,9 +46,18 @@ class Curvature:
     A new estimator overrides :meth:`batch_sum` (the sum over one batch of ``diag ∇²ℓ_n``); the base
     class reads the data, sums across processes and keeps per-batch statistics for standard errors.
 
+    By default it reads batches in a seeded random order until the selection rule's pick leads the
+    runner-up by ``confidence`` standard errors (:mod:`~lightning_sa_unlearn.curvature.confidence`),
+    after at least ``min_batches`` batches and at most ``max_samples`` samples. Rules without such a
+    margin read ``max_samples``. Under several processes every batch is read by one process and the
+    decision is taken on the all-reduced statistics, so one process and several read the same samples.
+
     Args:
-        samples: read at most this many training samples (None: all). The default of 10,000 comes
-            from ``benchmarks/results/curvature_seeds.md`` (same layer in 5 of 5 seeds as all 50,000).
+        samples: a fixed number of samples instead (``"all"``: every sample), read in one pass.
+        max_samples: the most a sequential pass reads; 10,000 picked the same layer as all 50,000
+            MNIST images in 5 of 5 seeds (``benchmarks/results/curvature_seeds.md``).
+        confidence: the lead, in standard errors, at which a sequential pass stops.
+        min_batches: the fewest batches a sequential pass reads (and the batches between two checks).
         damping: λ of ``H + λI`` wherever the curvature is inverted: the second-order solve (eq. 12)
             and the Newton decrement.
         chunk_size: examples (or probes, or basis vectors) vectorised at once; bounds memory.
@@ -51,14 +69,33 @@ class Curvature:
     """False: processes split the data (data-parallel). True: every process reads all of it with its own
     random probes, and the estimates are averaged (more processes, less variance)."""
 
-    def __init__(self, samples: int | None = 10_000, damping: float = 1e-3, chunk_size: int = 32) -> None:
-        if samples is not None and samples < 1:
-            raise ValueError(f"samples must be >= 1 or None (all), got {samples}.")
+    def __init__(
+        self,
+        samples: int | Literal["all"] | None = None,
+        max_samples: int = 10_000,
+        confidence: float = 3.0,
+        min_batches: int = 8,
+        damping: float = 1e-3,
+        chunk_size: int = 32,
+    ) -> None:
+        if samples is not None and samples != "all" and not (isinstance(samples, int) and samples >= 1):
+            raise ValueError(f"samples must be >= 1, 'all' or None (read until confident), got {samples!r}.")
+        if max_samples < 1 or min_batches < 1 or not confidence > 0:
+            raise ValueError(
+                "max_samples and min_batches must be >= 1 and confidence > 0; got "
+                f"{max_samples}, {min_batches}, {confidence}."
+            )
         if not damping >= 0:
             raise ValueError(f"damping must be >= 0, got {damping}; it is the λ of (H + λI).")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-        self.samples, self.damping, self.chunk_size = samples, damping, chunk_size
+        self.samples, self.max_samples, self.confidence, self.min_batches = (
+            samples,
+            max_samples,
+            confidence,
+            min_batches,
+        )
+        self.damping, self.chunk_size = damping, chunk_size
 
     @property
     def name(self) -> str:
@@ -99,11 +136,61 @@ class Curvature:
             model, batches, lambda x, y, *_: self.batch_sum(model, x, y, loss_fn=loss_fn, generator=generator), on_batch
         )
 
-    def measure(self, run: UnlearningRun) -> CurvatureResult:
+    def measure(
+        self, run: UnlearningRun, confident: Callable[[SharpnessStatistics], bool] | None = None
+    ) -> CurvatureResult:
+        """Read the training set (see the class docstring); ``confident(statistics)`` decides when to stop."""
+        if self.samples is None:
+            units = sample_units(run.data.train, seed=run.seed, max_samples=_capped(self.max_samples, run))
+            if units is not None:
+                return self._measure_sequentially(run, units, confident)
+        samples = None if self.samples == "all" else self.samples or self.max_samples
+        return self._measure_fixed(run, samples)
+
+    def _measure_sequentially(
+        self, run: UnlearningRun, units: list[Tensor], confident: Callable[[SharpnessStatistics], bool] | None
+    ) -> CurvatureResult:
+        """Rounds of ``min_batches`` units; each unit is read by one process (all, for probes); stop when confident."""
+        processes, model, loader = run.processes, run.model, run.data.train
+        statistics = SharpnessStatistics(model)
+        generator = torch.Generator(device=run.device).manual_seed(run.seed + 7919 * processes.rank)
+        total, count, stop = None, 0, "data exhausted"
+        copies = processes.world_size if self.probe_parallel else 1
+        progress = iter(run.progress(range(len(units)), f"curvature ({self.name})", len(units)))
+        for start in range(0, len(units), self.min_batches):
+            chunk = units[start : start + self.min_batches]
+            rows = torch.zeros(len(chunk), len(statistics.names), dtype=torch.float64)
+            mine = range(len(chunk)) if self.probe_parallel else range(processes.rank, len(chunk), processes.world_size)
+
+            def read() -> tuple[dict[str, Tensor] | None, int]:
+                part_total, part_count = None, 0
+                for i in mine:
+                    batch = run.batches([unit_batch(loader, chunk[i])], "training", rank=0, world_size=1)
+                    part, n = self.diagonal_sum(model, batch, loss_fn=run.loss_fn, generator=generator)
+                    if part is not None:
+                        rows[i] = statistics.layer_sums(part)
+                        part_total, part_count = tree_add_(part_total, part), part_count + n
+                return part_total, part_count
+
+            part, n = processes.agree(read)
+            total, count = (total, count) if part is None else (tree_add_(total, part), count + n)
+            averaged = processes.sum(rows).cpu() / copies
+            for i, unit in enumerate(chunk):
+                statistics.record(averaged[i], len(unit))
+                next(progress, None)
+            if confident is not None and confident(statistics):
+                stop = "confident"
+                break
+        else:
+            if sum(len(u) for u in units) < (dataset_size(loader) or 0):
+                stop = "maximum reached"
+        return self._reduced(run, total, count, copies, statistics, stop)
+
+    def _measure_fixed(self, run: UnlearningRun, samples: int | None) -> CurvatureResult:
         """Per-process sums on disjoint shards, all-reduced (probe-parallel: averaged copies)."""
         processes, model = run.processes, run.model
         shard = dict(rank=0, world_size=1) if self.probe_parallel else {}
-        train = run.batches(run.data.train, "training", self.samples, **shard)
+        train = run.batches(run.data.train, "training", samples, **shard)
         generator = torch.Generator(device=run.device).manual_seed(run.seed + 7919 * processes.rank)
         progress = run.progress(train, f"curvature ({self.name})", sized(train))
         statistics = SharpnessStatistics(model)
@@ -128,11 +215,24 @@ class Curvature:
                 statistics.record(y, size)
         else:
             statistics.state = {k: v.cpu() for k, v in processes.sum_tree(statistics.state).items()}
+        copies = processes.world_size if self.probe_parallel else 1
+        return self._reduced(run, local, count, copies, statistics, "fixed count")
+
+    def _reduced(
+        self,
+        run: UnlearningRun,
+        local: dict[str, Tensor] | None,
+        count: int,
+        copies: int,
+        statistics: SharpnessStatistics,
+        stop: str,
+    ) -> CurvatureResult:
+        """The all-reduced mean diagonal, checked to be finite."""
+        processes = run.processes
         if local is None:
-            local = {name: torch.zeros_like(p) for name, p in trainable_parameters(model).items()}
+            local = {name: torch.zeros_like(p) for name, p in trainable_parameters(run.model).items()}
         total = processes.sum_tree(local)
         count = int(processes.sum(torch.tensor(float(count), dtype=torch.float64)))
-        copies = processes.world_size if self.probe_parallel else 1
         if count == 0:
             raise ValueError("the training set is empty: train_dataloader() served no samples for the curvature.")
         diag = {name: value / count for name, value in total.items()}  # count already holds every copy
@@ -142,7 +242,7 @@ class Curvature:
                 f"the curvature of {bad} is not finite; the model's weights or data may "
                 "hold NaN/inf. Weights were left unchanged."
             )
-        return CurvatureResult(diag, count // copies, statistics)
+        return CurvatureResult(diag, count // copies, statistics, stop)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
@@ -163,10 +263,8 @@ class MonteCarloGGN(Curvature):
 
     method = "mc_ggn"
 
-    def __init__(
-        self, samples: int | None = 10_000, labels_per_example: int = 1, damping: float = 1e-3, chunk_size: int = 32
-    ) -> None:
-        super().__init__(samples, damping, chunk_size)
+    def __init__(self, labels_per_example: int = 1, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         if labels_per_example < 1:
             raise ValueError(f"labels_per_example must be >= 1, got {labels_per_example}.")
         self.labels_per_example = labels_per_example
@@ -184,10 +282,8 @@ class Hutchinson(Curvature):
     method = "hutchinson"
     probe_parallel = True
 
-    def __init__(
-        self, samples: int | None = 10_000, num_probes: int = 10, damping: float = 1e-3, chunk_size: int = 32
-    ) -> None:
-        super().__init__(samples, damping, chunk_size)
+    def __init__(self, num_probes: int = 10, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         if num_probes < 1:
             raise ValueError(f"num_probes must be >= 1, got {num_probes}.")
         self.num_probes = num_probes
@@ -201,14 +297,8 @@ class ExactHessian(Curvature):
 
     method = "exact"
 
-    def __init__(
-        self,
-        samples: int | None = 10_000,
-        max_parameters: int = EXACT_MAX_PARAMETERS,
-        damping: float = 1e-3,
-        chunk_size: int = 32,
-    ) -> None:
-        super().__init__(samples, damping, chunk_size)
+    def __init__(self, max_parameters: int = EXACT_MAX_PARAMETERS, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.max_parameters = max_parameters
 
     def options(self) -> dict[str, Any]:
@@ -225,3 +315,7 @@ CURVATURES: dict[str, type[Curvature]] = {
     cls.method: cls
     for cls in (GGN, MonteCarloGGN, Hutchinson, ExactHessian, EmpiricalFisher)  # type: ignore[misc]
 }
+
+
+def _capped(max_samples: int, run: UnlearningRun) -> int:
+    return min(max_samples, run.max_samples) if run.max_samples is not None else max_samples

@@ -11,9 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+import torch
 from torch import Tensor
 
 from lightning_sa_unlearn.updates.functional import apply_first_order, choose_tau
+from lightning_sa_unlearn.updates.step_search import search_tau
 
 if TYPE_CHECKING:
     from lightning_sa_unlearn.pipeline import UnlearningRun
@@ -69,21 +71,45 @@ class FixedStep(StepSize):
 
 
 class ValidatedStep(StepSize):
-    """The τ of least validation objective on a grid that includes 0 (no update), never the test set.
+    """τ chosen on validation data (never the test set), with τ = 0 (no update) always a candidate.
+
+    ``search="golden"`` (default): a golden-section search on ``log τ`` over the range of the grid
+    (:mod:`~lightning_sa_unlearn.updates.step_search`), with ``evaluations`` forward passes over a
+    random validation subset of ``first_samples`` samples, which doubles while the chosen step's gain
+    over τ = 0 is within ``z`` standard errors. ``search="grid"``: every τ of the grid on the whole
+    validation set, the least objective wins (the behaviour before version 0.2; 11 passes).
 
     Args:
-        grid: the τ values tried (default: the update's own, e.g. :func:`default_tau_grid`).
+        search: ``"golden"`` or ``"grid"``.
+        grid: the τ values (default: the update's own, e.g. :func:`default_tau_grid`); its positive
+            range bounds the golden-section search.
         objective: ``"validation"`` or ``"validation_and_forget"`` (:class:`ValidationSpec`).
         validation_samples: retain samples used as validation when there is no ``val_dataloader()``.
+        first_samples, evaluations, z: the golden search's first subset, its number of points, and the
+            noise threshold in standard errors of the paired loss difference.
     """
 
     def __init__(
-        self, grid: list[float] | None = None, objective: Objective = "validation", validation_samples: int = 5000
+        self,
+        search: Literal["golden", "grid"] = "golden",
+        grid: list[float] | None = None,
+        objective: Objective = "validation",
+        validation_samples: int = 5000,
+        first_samples: int = 512,
+        evaluations: int = 6,
+        z: float = 2.0,
     ) -> None:
+        if search not in ("golden", "grid"):
+            raise ValueError(f"search must be 'golden' or 'grid', got {search!r}.")
         if grid is not None and (not list(grid) or not all(t >= 0 for t in grid)):
             raise ValueError(f"grid must be a non-empty list of numbers >= 0, got {grid!r}.")
-        self.grid = None if grid is None else [float(t) for t in grid]
+        if first_samples < 1 or evaluations < 1 or not z >= 0:
+            raise ValueError(
+                f"first_samples and evaluations must be >= 1 and z >= 0, got {first_samples}, {evaluations}, {z}."
+            )
+        self.search, self.grid = search, None if grid is None else [float(t) for t in grid]
         self.spec = ValidationSpec(objective, validation_samples)
+        self.first_samples, self.evaluations, self.z = first_samples, evaluations, z
 
     def validation(self) -> ValidationSpec:
         return self.spec
@@ -95,6 +121,8 @@ class ValidatedStep(StepSize):
                 "or use FixedStep(tau)."
             )
         grid = self.grid or list(default_grid)
+        if self.search == "golden":
+            return self._golden(run, direction, grid)
         tau, losses = choose_tau(
             run.model,
             direction,
@@ -105,6 +133,31 @@ class ValidatedStep(StepSize):
             masks=run.masks,
         )
         return {"tau": tau, "tau_search": sorted(losses.items())}
+
+    def _golden(self, run: UnlearningRun, direction: dict[str, Tensor], grid: Sequence[float]) -> dict[str, Any]:
+        params = dict(run.model.named_parameters())
+        start = {n: params[n].detach().clone() for n in run.names}
+
+        def move(tau: float) -> None:
+            with torch.no_grad():
+                for n in run.names:
+                    params[n].copy_(start[n])
+            apply_first_order(run.model, direction, run.names, tau, run.masks)
+
+        sources = [run.validation_sample] + ([run.relabelled] if run.relabelled is not None else [])
+        cap = self.spec.samples if run.data.val is None else 10**12
+        tau, losses, used = search_tau(
+            run,
+            move,
+            grid,
+            sources=sources,
+            first_samples=self.first_samples,
+            max_samples=cap,
+            evaluations=self.evaluations,
+            z=self.z,
+        )
+        move(tau)
+        return {"tau": tau, "tau_search": sorted(losses.items()), "validation_samples": used}
 
 
 def step_size_from(value: StepSize | float | None) -> StepSize:

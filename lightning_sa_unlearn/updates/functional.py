@@ -35,7 +35,13 @@ def sum_loss(model: nn.Module, batch: Batch, loss_fn: LossFn = F.cross_entropy) 
 def default_forget_loss(
     model: nn.Module, forget_batch: Batch, corrected_batch: Batch | None, loss_fn: LossFn = F.cross_entropy
 ) -> Tensor:
-    """Paper eq. 7 on one pair of batches: ``Σ_{D̃_f} ℓ − Σ_{D_f} ℓ`` (without ``D̃_f`` for sample unlearning)."""
+    """Paper eq. 7 on one pair of batches: ``Σ_{D̃_f} ℓ − Σ_{D_f} ℓ`` (without ``D̃_f`` for sample unlearning).
+
+    When the two batches hold the same inputs (label unlearning), one forward pass serves both terms.
+    """
+    if corrected_batch is not None and torch.equal(forget_batch[0], corrected_batch[0]):
+        logits, count = model(forget_batch[0]), forget_batch[0].shape[0]
+        return (loss_fn(logits, corrected_batch[1]) - loss_fn(logits, forget_batch[1])) * count
     loss = -sum_loss(model, forget_batch, loss_fn)
     if corrected_batch is not None:
         loss = loss + sum_loss(model, corrected_batch, loss_fn)

@@ -108,7 +108,7 @@ class SecondOrder(Update):
     def apply(self, run: UnlearningRun) -> dict[str, Any]:
         product = hessian_vector_product(
             run.model,
-            run.batches(run.data.train, "training", run.curvature.samples),
+            run.batches(run.data.train, "training", run.curvature_result.samples),  # the samples curvature read
             list(run.names),
             loss_fn=run.loss_fn,
             scale=run.hvp_scale,

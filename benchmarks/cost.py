@@ -1,0 +1,185 @@
+"""What unlearning costs against training, per stage, in seconds and in gradient-pass units (issue #13).
+
+    python benchmarks/cost.py --setting mnist_targeted --runs 3   # writes benchmarks/results/cost_<setting>.{md,json}
+
+In one process: train the poisoned model (seconds measured here), time one plain gradient pass per
+sample, then unlearn copies of the fitted model ``--runs`` times per method and take the median of
+each stage. Units: a forward+backward over one sample is 1, a forward alone 1/3; training for E
+epochs on N samples is E·N. Forward and backward samples are counted with a hook on the model;
+curvature (whose passes are not plain ones) is converted from seconds by the measured gradient pass.
+"The unlearning itself" is the forget gradient, curvature, selection and update; evaluations are
+reporting and are timed apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import SETTINGS, make_callback, make_datamodule, make_model, override, quiet_lightning, train  # noqa: E402
+
+from lightning_sa_unlearn import FineTune, LastLayer, MonteCarloGGN  # noqa: E402
+from lightning_sa_unlearn.demo import seconds_per_gradient_sample  # noqa: E402
+from lightning_sa_unlearn.pipeline import UNLEARNING_STAGES, UnlearningRun  # noqa: E402
+
+# The callback's defaults (curvature=None: GGN read until the selection is confident) unless the method says.
+METHODS = {
+    "SA first order, flattest (defaults)": lambda s: dict(curvature=None),
+    "SA first order, flattest, MonteCarloGGN": lambda s: dict(curvature=MonteCarloGGN()),
+    "first order, last layer": lambda s: dict(curvature=None, selection=LastLayer()),
+    "fine-tune flattest layer (1 epoch)": lambda s: dict(
+        curvature=None, update=FineTune(epochs=s.fine_tune_epochs, lr=s.fine_tune_lr)
+    ),
+}
+
+
+class SampleCounter:
+    """Counts samples through the model's forward, per pipeline stage: 1 unit with gradients on, 1/3 without."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.units: dict[str, float] = {}
+        self.stage = "outside"
+        self.handle = model.register_forward_pre_hook(self.count)
+        original = UnlearningRun.stage
+
+        @contextlib.contextmanager
+        def staged(run: UnlearningRun, name: str):
+            previous, self.stage = self.stage, name
+            try:
+                with original(run, name):
+                    yield
+            finally:
+                self.stage = previous
+
+        self.original, UnlearningRun.stage = original, staged
+
+    def count(self, module: torch.nn.Module, inputs: tuple) -> None:
+        x = inputs[0] if inputs else None
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            weight = 1.0 if torch.is_grad_enabled() else 1 / 3
+            self.units[self.stage] = self.units.get(self.stage, 0.0) + x.shape[0] * weight
+
+    def close(self) -> None:
+        self.handle.remove()
+        UnlearningRun.stage = self.original
+
+
+def measure_method(
+    setting, seed: int, fitted: torch.nn.Module, datamodule, parts: dict, runs: int, unit_seconds: float
+):
+    per_run = []
+    for _ in range(runs):
+        model = make_model(setting)
+        model.load_state_dict(fitted.state_dict())
+        counter = SampleCounter(model)
+        callback = make_callback(setting, seed, **parts)
+        try:
+            report = callback.unlearn(model, datamodule)
+        finally:
+            counter.close()
+        per_run.append((report, counter.units))
+    reports = [r for r, _ in per_run]
+    seconds = {k: statistics.median(r.seconds.get(k, 0.0) for r in reports) for k in reports[0].seconds}
+    counted = {k: statistics.median(u.get(k, 0.0) for _, u in per_run) for k in per_run[0][1]}
+    units = {stage: counted.get(stage, 0.0) for stage in UNLEARNING_STAGES if stage != "curvature"}
+    units["curvature"] = seconds.get("curvature", 0.0) / unit_seconds  # not plain passes: timed against one
+    return {
+        "seconds": seconds,
+        "units": units,
+        "unlearning_units": sum(units.values()),
+        "counted_units_per_stage": counted,
+        "report": {
+            k: reports[0].to_dict()[k]
+            for k in (
+                "selected_layers",
+                "tau",
+                "curvature_samples",
+                "curvature_stop",
+                "validation_samples",
+                "update_steps",
+            )
+        },
+        "heldout_after": reports[0].heldout_after.get("accuracy"),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", default="mnist_targeted", choices=sorted(SETTINGS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    setting = override(SETTINGS[args.setting], args.set)
+    with tempfile.TemporaryDirectory() as folder, quiet_lightning():
+        fitted, training_seconds = train(setting, args.seed, "poisoned", os.path.join(folder, "poisoned.pt"))
+    datamodule = make_datamodule(setting, args.seed)
+    unit_seconds = seconds_per_gradient_sample(fitted, datamodule.train_dataloader())
+    training_units = setting.epochs * len(datamodule.train_set)
+    rows = {}
+    for name, parts in METHODS.items():
+        with quiet_lightning():
+            rows[name] = measure_method(setting, args.seed, fitted, datamodule, parts(setting), args.runs, unit_seconds)
+        print(name, json.dumps(rows[name]["seconds"]), flush=True)
+    load = os.getloadavg()
+    header = [
+        f"# Cost of unlearning against training: {args.setting}",
+        "",
+        f"Command: `python benchmarks/cost.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        "",
+        f"Machine: {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+        f"load average after the run {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min).",
+        "",
+        f"Training the poisoned model here: {training_seconds:.1f} s, {training_units:,} units "
+        f"({setting.epochs} epochs × {len(datamodule.train_set):,} samples). One gradient pass: "
+        f"{1e3 * unit_seconds:.3f} ms per sample. Seconds are medians of {args.runs} runs on copies of the model.",
+        "",
+        "| method | unlearning s | % of training (s) | unlearning units | % of training (units) | "
+        "forget gradient s | curvature s (samples, stop) | selection s | update s | reporting s | held-out acc after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        s, units, report = row["seconds"], row["unlearning_units"], row["report"]
+        header.append(
+            f"| {name} | {s['unlearning']:.2f} | {100 * s['unlearning'] / training_seconds:.2f}% | {units:,.0f} | "
+            f"{100 * units / training_units:.2f}% | {s.get('forget_gradient', 0):.2f} | {s.get('curvature', 0):.2f} "
+            f"({report['curvature_samples']}, {report['curvature_stop']}) | {s.get('selection', 0):.3f} | "
+            f"{s.get('update', 0):.2f} | {s['reporting']:.2f} | {100 * row['heldout_after']:.2f}% |"
+        )
+    header += [
+        "",
+        f"Stages that are not unlearning ({', '.join(k for k in ('evaluation', 'curvature_report'))}, evaluations) are "
+        f"'reporting'. The unlearning stages are {', '.join(UNLEARNING_STAGES)}.",
+    ]
+    text = "\n".join(header) + "\n"
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"cost_{args.setting}.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(args.out, f"cost_{args.setting}.json"), "w") as f:
+        json.dump(
+            {
+                "setting": args.setting,
+                "training_seconds": training_seconds,
+                "training_units": training_units,
+                "unit_seconds": unit_seconds,
+                "rows": rows,
+            },
+            f,
+            indent=1,
+            default=str,
+        )
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
