@@ -175,6 +175,10 @@ def test_weighted_and_smoothed_cross_entropy(name):
     assert relative_error(flat(hessian_diagonal(model, [(x, y)], loss_fn=loss_fn)), reference) < 1e-10
     fisher = flat(hessian_diagonal(model, [(x, y)], loss_fn=loss_fn, method="empirical_fisher"))
     assert relative_error(fisher, empirical_fisher_reference(model, x, y, loss_fn)) < 1e-10
+    sampled = hessian_diagonal(
+        model, [(x, y)], loss_fn=loss_fn, method="mc_ggn", num_samples=3000, generator=torch.Generator().manual_seed(0)
+    )
+    assert relative_error(flat(sampled), reference) < 0.05  # unbiased, the class weights included
 
 
 def test_weighted_cross_entropy_in_several_batches_is_the_size_weighted_mean_of_batch_hessians():

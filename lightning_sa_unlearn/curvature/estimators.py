@@ -228,7 +228,11 @@ class GGN(Curvature):
 
 
 class MonteCarloGGN(Curvature):
-    """Unbiased GGN diagonal from ``labels_per_example`` labels per example drawn from the model's softmax."""
+    """Unbiased GGN diagonal from ``labels_per_example`` labels per example drawn from the model's softmax.
+
+    Other identified losses (:mod:`~lightning_sa_unlearn.curvature.losses`) sample the factor of their
+    output Hessian instead; it refuses a loss it cannot identify (use :class:`GGN`).
+    """
 
     method = "mc_ggn"
     gauss_newton = True
