@@ -4,12 +4,19 @@
     python benchmarks/curvature.py --model paper_cnn            # writes benchmarks/results/curvature_<model>.{md,json}
     python benchmarks/curvature.py --model resnet18 --samples 512 --threads 1
     python benchmarks/curvature.py --accuracy                   # float64 PaperCNN against method="exact"
+    python benchmarks/curvature.py --model resnet18 --samples 64 --batch-size 64 --chunk-size 4 --threads 1 \
+        --methods ggn mc_ggn_1 empirical_fisher --per-example --name resnet18_per_example   # the fallback's cost
 
 Each method runs in a fresh subprocess, which first times one gradient pass (the unit) and then
 the method, and reports its peak resident memory. Accuracy is the relative L2 error of the whole
 diagonal against our `ggn` (equal to the exact Hessian diagonal for these ReLU/max-pool/eval-BN
 networks, which tests/test_curvature.py checks against torch.autograd.functional.hessian);
 ``--accuracy`` measures every method against ``method="exact"`` on PaperCNN in float64 instead.
+``--per-example`` adds, after each of our per-example methods (``ggn``, ``mc_ggn_*``,
+``empirical_fisher``), the same method forced onto the per-example path (vector-Jacobian products
+under ``torch.func.vmap``), which is where models the forward-hook path cannot serve fall back
+(tied weights, time-major activations, parametrized weights, other layer types): its cost beside
+the fast path's. ``ggn_vmap`` is the same as ``ggn_per_example``.
 ResNet-18 reads real CIFAR-10 training images from ``cache/cifar10`` when that copy exists.
 """
 
@@ -85,24 +92,29 @@ def gradient_pass(model, batches) -> None:
         F.cross_entropy(model(x), y, reduction="sum").backward()
 
 
-def run_method(method: str, model: nn.Module, batches) -> dict[str, torch.Tensor]:
+PER_EXAMPLE = ("ggn", "mc_ggn_1", "empirical_fisher")
+"""Our methods that have a forward-hook path and a per-example (fallback) path."""
+
+
+def run_method(method: str, model: nn.Module, batches, chunk_size: int = 32) -> dict[str, torch.Tensor]:
     from lightning_sa_unlearn.curvature import hessian_diagonal
 
-    if method == "exact":
-        return hessian_diagonal(model, batches, method="exact")
-    if method == "ggn":
-        return hessian_diagonal(model, batches, method="ggn")
-    if method == "ggn_vmap":
+    ours = dict(chunk_size=chunk_size)
+    if method == "ggn_vmap" or method.endswith("_per_example"):
         import lightning_sa_unlearn.curvature.ggn_fast as fast
 
         fast.supports = lambda model: False  # force the per-example vmap path
-        return hessian_diagonal(model, batches, method="ggn")
+        method = method.removesuffix("_per_example").replace("ggn_vmap", "ggn")
+    if method == "exact":
+        return hessian_diagonal(model, batches, method="exact", **ours)
+    if method == "ggn":
+        return hessian_diagonal(model, batches, method="ggn", **ours)
     if method == "mc_ggn_1":
-        return hessian_diagonal(model, batches, method="mc_ggn", num_samples=1)
+        return hessian_diagonal(model, batches, method="mc_ggn", num_samples=1, **ours)
     if method == "hutchinson_1":
-        return hessian_diagonal(model, batches, method="hutchinson", num_probes=1)
+        return hessian_diagonal(model, batches, method="hutchinson", num_probes=1, **ours)
     if method == "empirical_fisher":
-        return hessian_diagonal(model, batches, method="empirical_fisher")
+        return hessian_diagonal(model, batches, method="empirical_fisher", **ours)
     if method.startswith("backpack"):
         from backpack import backpack, extend
         from backpack.extensions import DiagGGNExact, DiagGGNMC, DiagHessian
@@ -149,7 +161,7 @@ def child(args) -> None:
     unit = time.perf_counter() - start
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    diag = run_method(args.child, model, batches)
+    diag = run_method(args.child, model, batches, args.chunk_size)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     flat = torch.cat([d.detach().reshape(-1).double() for d in diag.values()])
@@ -175,6 +187,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--methods", nargs="+", default=None, help=f"default: {METHODS}")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per method")
+    parser.add_argument("--chunk-size", type=int, default=32, help="chunk_size of our methods (examples at once)")
+    parser.add_argument(
+        "--per-example",
+        action="store_true",
+        help=f"after each of {list(PER_EXAMPLE)}, run it again forced onto the per-example (fallback) path",
+    )
+    parser.add_argument("--name", help="results file stem after curvature_ (default: the model, or accuracy_...)")
     parser.add_argument(
         "--accuracy",
         action="store_true",
@@ -188,10 +207,15 @@ def main() -> None:
         args.model, args.float64 = "paper_cnn", True
         args.samples = args.samples or 256
     args.methods = args.methods or (["exact", *METHODS] if args.accuracy else METHODS)
+    if args.per_example and not args.child:
+        args.methods = [
+            m for method in args.methods for m in [method] + [f"{method}_per_example"] * (method in PER_EXAMPLE)
+        ]
     args.samples = args.samples or (10_000 if args.model == "paper_cnn" else 2_000)
-    name = "accuracy_paper_cnn_float64" if args.accuracy else args.model
+    name = args.name or ("accuracy_paper_cnn_float64" if args.accuracy else args.model)
     if args.child:
         return child(args)
+    load_before = machine_load()
     results, diagonals = [], {}
     folder = ROOT / "outputs" / "curvature"
     folder.mkdir(parents=True, exist_ok=True)
@@ -212,6 +236,8 @@ def main() -> None:
             str(tensor),
             "--threads",
             str(args.threads),
+            "--chunk-size",
+            str(args.chunk_size),
             *(["--float64"] if args.float64 else []),
         ]
         done = subprocess.run(command, capture_output=True, text=True)
@@ -237,6 +263,8 @@ def main() -> None:
         f"Command: `python benchmarks/curvature.py {' '.join(sys.argv[1:])}` ({os.cpu_count()} CPU cores, "
         f"{args.threads} threads per method, torch {torch.__version__}).",
         "",
+        f"Machine load (`uptime`) before the run: {load_before}; after it: {machine_load()}.",
+        "",
         f"| method | seconds | gradient passes | peak RSS MB | rel. error vs {reference_name} |",
         "|---|---|---|---|---|",
     ]
@@ -251,6 +279,12 @@ def main() -> None:
         )
     (out / f"curvature_{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def machine_load() -> str:
+    """The load averages that ``uptime`` prints: other processes on the cores slow every method alike."""
+    done = subprocess.run(["uptime"], capture_output=True, text=True)
+    return done.stdout.strip().split("load average:")[-1].strip() or "unknown"
 
 
 if __name__ == "__main__":

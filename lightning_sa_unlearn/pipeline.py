@@ -252,6 +252,7 @@ def run_unlearning(
         curvature=run.curvature.name if run.curvature_result else None,
         curvature_samples=run.curvature_result.samples if run.curvature_result else 0,
         curvature_stop=run.curvature_result.stop if run.curvature_result else None,
+        curvature_notes=list(run.curvature_result.notes) if run.curvature_result else [],
         tau_search=outcome.get("tau_search", []),
         validation_source=run.validation_source if uses_validation else None,
         validation_samples=outcome.get("validation_samples"),

@@ -36,6 +36,9 @@ class UnlearningReport:
     curvature_stop: str | None = None
     """Why the curvature pass stopped reading: ``"confident"``, ``"maximum reached"``, ``"data exhausted"``,
     ``"fixed count"`` or ``"report only"`` (no part chose by curvature: a small sample for this report)."""
+    curvature_notes: list[str] = field(default_factory=list)
+    """What the curvature estimate is not: e.g. ``ggn`` on a model with smooth nonlinearities is the
+    Gauss-Newton part of the Hessian only (:meth:`~lightning_sa_unlearn.curvature.Curvature.notes`)."""
     tau_search: list[tuple[float, float]] = field(default_factory=list)
     """``(τ, validation loss)`` for each τ tried when ``tau="auto"``."""
     validation_source: str | None = None
@@ -149,6 +152,8 @@ class UnlearningReport:
                 "",
                 f"layer sharpness (mean Hessian diagonal, {self.curvature}, {self.curvature_samples} samples):",
             ]
+        for note in self.curvature_notes:
+            lines.append(f"  note: {note}")
         for layer, value in self.layer_sharpness.items():
             mark = "  <- selected" if layer in self.selected_layers else ""
             error = self.sharpness_standard_error.get(layer)

@@ -1,8 +1,8 @@
 """The `make demo` pipeline on a small real MNIST subset from ../shared/datasets."""
 
 import json
-import re
 import pathlib
+import re
 
 import pytest
 import torch

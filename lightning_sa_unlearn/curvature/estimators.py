@@ -7,14 +7,20 @@ over at most ``samples`` training samples. The maths is in :mod:`~lightning_sa_u
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_sa_unlearn.curvature.confidence import SharpnessStatistics
-from lightning_sa_unlearn.curvature.functional import EXACT_MAX_PARAMETERS, hessian_diagonal_sum, sum_over_batches
+from lightning_sa_unlearn.curvature.functional import (
+    EXACT_MAX_PARAMETERS,
+    MAX_CLASSES,
+    hessian_diagonal_sum,
+    sum_over_batches,
+)
 from lightning_sa_unlearn.data import dataset_size, sample_units, sized, unit_batch
 from lightning_sa_unlearn.functional import LossFn, trainable_parameters, tree_add_
 
@@ -38,6 +44,26 @@ class CurvatureResult:
     samples: int
     statistics: SharpnessStatistics
     stop: str = "fixed count"
+    notes: list[str] = field(default_factory=list)
+    """What the estimate is not (:meth:`Curvature.notes`); the report's ``curvature_notes``."""
+
+
+SMOOTH_MODULES: tuple[type[nn.Module], ...] = tuple(
+    getattr(nn, name)
+    for name in (
+        "Tanh", "Sigmoid", "LogSigmoid", "GELU", "SiLU", "Mish", "Hardswish", "ELU", "CELU", "SELU", "Softplus",
+        "Softsign", "Tanhshrink", "GLU", "Softmax", "Softmin", "Softmax2d", "LayerNorm", "GroupNorm", "RMSNorm",
+        "LocalResponseNorm", "MultiheadAttention", "RNNBase", "RNNCellBase",
+    )
+    if hasattr(nn, name)
+) + (nn.modules.instancenorm._InstanceNorm,)  # fmt: skip
+"""Module types whose second derivative is not zero: through them the GGN is not the Hessian.
+``LogSoftmax`` is left out: at the end of a model with ``nll_loss`` it is read as part of the loss."""
+
+
+def smooth_modules(model: nn.Module) -> list[str]:
+    """Names of the smooth nonlinearities among ``model``'s modules (by type; functional calls are not seen)."""
+    return sorted({type(module).__name__ for module in model.modules() if isinstance(module, SMOOTH_MODULES)})
 
 
 class Curvature:
@@ -68,6 +94,8 @@ class Curvature:
     probe_parallel: ClassVar[bool] = False
     """False: processes split the data (data-parallel). True: every process reads all of it with its own
     random probes, and the estimates are averaged (more processes, less variance)."""
+    gauss_newton: ClassVar[bool] = False
+    """True for estimates of the Gauss-Newton matrix, which is the Hessian only for piecewise-linear models."""
 
     def __init__(
         self,
@@ -105,6 +133,23 @@ class Curvature:
     def options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`hessian_diagonal_sum` for a built-in."""
         return {"chunk_size": self.chunk_size}
+
+    def notes(self, model: nn.Module) -> list[str]:
+        """What this estimate is not, for ``model``; each note is warned and recorded in the report.
+
+        A Gauss-Newton estimator on a model with smooth nonlinearities (:data:`SMOOTH_MODULES`, found
+        by module type) says that it measures the Gauss-Newton part of the Hessian only.
+        """
+        smooth = smooth_modules(model) if self.gauss_newton else []
+        if not smooth:
+            return []
+        return [
+            f"{self.name} is the Gauss-Newton part of the Hessian only: the model has smooth nonlinearities "
+            f"({', '.join(smooth)}), whose own curvature the GGN leaves out, so the diagonal and the ranking "
+            "of layers can differ from the Hessian's (the paper's quantity). Hutchinson() estimates the true "
+            "Hessian diagonal. Only nn.Module layers are detected: functional calls in forward such as "
+            "F.gelu or torch.tanh are not."
+        ]
 
     def batch_sum(
         self, model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: LossFn, generator: torch.Generator
@@ -242,7 +287,10 @@ class Curvature:
                 f"the curvature of {bad} is not finite; the model's weights or data may "
                 "hold NaN/inf. Weights were left unchanged."
             )
-        return CurvatureResult(diag, count // copies, statistics, stop)
+        notes = self.notes(run.model)
+        for note in notes:
+            rank_zero_warn(note)
+        return CurvatureResult(diag, count // copies, statistics, stop, notes)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
@@ -252,16 +300,36 @@ class GGN(Curvature):
     """The exact diagonal of the generalized Gauss-Newton matrix ``(1/N) Σ_n J_nᵀ (∇²_f ℓ_n) J_n``.
 
     Equals ``diag H`` for networks piecewise linear in each layer (ReLU, max-pool, eval-mode
-    BatchNorm); the Gauss-Newton part of it otherwise.
+    BatchNorm); the Gauss-Newton part of it otherwise (a run then warns and notes it in the report).
+
+    Args:
+        max_classes: the exact GGN back-propagates one row per output entry (class, or class and
+            position for per-pixel or per-token outputs); above this many it refuses and points to
+            :class:`MonteCarloGGN`.
     """
 
     method = "ggn"
+    gauss_newton = True
+
+    def __init__(self, max_classes: int = MAX_CLASSES, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if max_classes < 1:
+            raise ValueError(f"max_classes must be >= 1, got {max_classes}.")
+        self.max_classes = max_classes
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "max_classes": self.max_classes}
 
 
 class MonteCarloGGN(Curvature):
-    """Unbiased GGN diagonal from ``labels_per_example`` labels per example drawn from the model's softmax."""
+    """Unbiased GGN diagonal from ``labels_per_example`` labels per example drawn from the model's softmax.
+
+    Other identified losses (:mod:`~lightning_sa_unlearn.curvature.losses`) sample the factor of their
+    output Hessian instead; it refuses a loss it cannot identify (use :class:`GGN`).
+    """
 
     method = "mc_ggn"
+    gauss_newton = True
 
     def __init__(self, labels_per_example: int = 1, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -11,15 +11,20 @@ off) and puts each module's mode back afterwards.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, hessian, jvp, vjp, vmap
+from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.overrides import TorchFunctionMode
 
 from lightning_sa_unlearn.curvature import ggn_fast
+from lightning_sa_unlearn.curvature.losses import BatchLoss, output_loss
 from lightning_sa_unlearn.functional import (
     LossFn,
     batches_for,
@@ -35,6 +40,11 @@ from lightning_sa_unlearn.functional import (
 CURVATURE_METHODS = ("exact", "ggn", "mc_ggn", "hutchinson", "empirical_fisher")
 EXACT_MAX_PARAMETERS = 50_000
 """``method="exact"`` costs one Hessian-vector product per parameter and per batch; above this it refuses."""
+MAX_CLASSES = 1000
+"""``method="ggn"`` back-propagates one row per output entry (class, or class and position); above this it refuses."""
+PER_EXAMPLE_METHODS = ("ggn", "mc_ggn", "empirical_fisher")
+
+log = logging.getLogger(__name__)
 
 
 def hessian_diagonal(
@@ -48,14 +58,21 @@ def hessian_diagonal(
     chunk_size: int = 32,
     exact_max_parameters: int = EXACT_MAX_PARAMETERS,
     num_samples: int = 1,
+    max_classes: int = MAX_CLASSES,
 ) -> dict[str, Tensor]:
     """Diagonal of the Hessian of the mean loss over ``batches``, one tensor per trainable parameter.
 
     Args:
         model: the trained network; only parameters with ``requires_grad`` get an entry.
         batches: any iterable of ``(x, y)`` pairs, for example a DataLoader.
-        loss_fn: ``loss_fn(logits, y)`` returning the batch MEAN (torch's default reduction).
-        method: ``"exact"``, ``"ggn"``, ``"hutchinson"`` or ``"empirical_fisher"``:
+        loss_fn: ``loss_fn(logits, y)`` returning the batch MEAN (torch's default reduction). The
+            per-example methods read the loss's curvature in the outputs from the loss itself
+            (:mod:`~lightning_sa_unlearn.curvature.losses`): cross-entropy with ``weight``,
+            ``ignore_index`` and ``label_smoothing``, on ``[N, C]`` or per position ``[N, C, ...]``;
+            ``nll_loss`` on log-probabilities; ``binary_cross_entropy_with_logits``; ``mse_loss``;
+            any other loss through its Hessian in the outputs by autograd. For a class-weighted mean
+            every method returns ``(1/N) Σ_batches N_b · diag ∇² loss_fn(batch)``.
+        method: ``"exact"``, ``"ggn"``, ``"mc_ggn"``, ``"hutchinson"`` or ``"empirical_fisher"``:
 
             * ``"exact"``: ``diag H`` from one Hessian-vector product per parameter (vmapped).
               A test reference for small models; refuses above ``exact_max_parameters``.
@@ -64,21 +81,36 @@ def hessian_diagonal(
               ``diag G = (1/N) Σ_n Σ_c p_nc · (∇_θ ℓ(x_n, c))²``, from per-example gradients.
               For networks that are piecewise linear in each layer (ReLU, max-pool, eval-mode
               BatchNorm, dropout in eval) it EQUALS the Hessian diagonal; for smooth
-              nonlinearities (tanh, GELU, ...) it is the positive semi-definite Gauss-Newton
-              part of the Hessian.
+              nonlinearities (tanh, GELU, LayerNorm, attention, LSTM, ...) it is the positive
+              semi-definite Gauss-Newton part of the Hessian. Costs one backward row per output
+              entry; refuses above ``max_classes`` output entries per example.
             * ``"mc_ggn"``: an unbiased Monte-Carlo GGN diagonal from ``num_samples`` labels per
-              example drawn from the model's own softmax (cross-entropy only), about two gradient
-              passes per sample.
+              example drawn from the distribution the loss defines (softmax for cross-entropy and
+              ``nll_loss``; Rademacher combinations of the exact factor for
+              ``binary_cross_entropy_with_logits`` and ``mse_loss``), about two gradient passes
+              per sample. Refuses a loss it cannot identify.
             * ``"hutchinson"``: the unbiased estimate ``E_z[z ⊙ Hz]`` with ``num_probes``
-              Rademacher probes and forward-over-reverse Hessian-vector products. Any
+              Rademacher probes and forward-over-reverse Hessian-vector products (double
+              backward where an operation has no forward-mode derivative). Any
               twice-differentiable model.
             * ``"empirical_fisher"``: ``(1/N) Σ_n (∇_θ ℓ(x_n, y_n))²`` at the given labels.
               Cheap and biased: not a curvature estimate away from a perfect fit.
+
+            The per-example methods (``ggn``, ``mc_ggn``, ``empirical_fisher``) use forward hooks
+            and one batched backward where every parameter sits in a Linear, Conv or eval-mode
+            BatchNorm layer and a check on the first two examples confirms that the hooks see
+            each parameter's whole per-example gradient (a weight used outside its module, or a
+            Linear applied to activations whose first dimension is not the batch, fail it); else
+            per-example vector-Jacobian products under ``torch.func.vmap``, or a loop over
+            examples where vmap cannot run the model. They refuse models whose output for one
+            example depends on the others of its batch (BatchNorm without running statistics).
         num_probes: probes per batch for ``"hutchinson"``.
         generator: random source of the Hutchinson probes and the ``mc_ggn`` labels.
         num_samples: sampled labels per example for ``"mc_ggn"``.
         chunk_size: examples (or probes, or basis vectors) vmapped at once; bounds memory.
         exact_max_parameters: the size limit of ``"exact"``.
+        max_classes: the most output entries per example (classes, times positions for per-pixel
+            or per-token outputs) that ``"ggn"`` accepts.
 
     Returns:
         ``{name: diagonal}`` with each parameter's name and shape.
@@ -93,6 +125,7 @@ def hessian_diagonal(
         chunk_size=chunk_size,
         exact_max_parameters=exact_max_parameters,
         num_samples=num_samples,
+        max_classes=max_classes,
     )
     if total is None:
         raise ValueError("hessian_diagonal got no samples: `batches` is empty.")
@@ -110,6 +143,7 @@ def hessian_diagonal_sum(
     chunk_size: int = 32,
     exact_max_parameters: int = EXACT_MAX_PARAMETERS,
     num_samples: int = 1,
+    max_classes: int = MAX_CLASSES,
     on_batch: Callable[[dict[str, Tensor], int], None] | None = None,
 ) -> tuple[dict[str, Tensor] | None, int]:
     """``(Σ_n diag ∇²ℓ_n, N)``: the unnormalised sum behind :func:`hessian_diagonal`, and the sample count.
@@ -123,6 +157,8 @@ def hessian_diagonal_sum(
         raise ValueError(f"unknown curvature method {method!r}; choose one of {CURVATURE_METHODS}.")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    if max_classes < 1:
+        raise ValueError(f"max_classes must be >= 1, got {max_classes}.")
     params = require_trainable_parameters(model)
     if method == "exact":
         size = sum(p.numel() for p in params.values())
@@ -137,6 +173,16 @@ def hessian_diagonal_sum(
         raise ValueError(f"num_probes must be >= 1 for method='hutchinson', got {num_probes}.")
     if method == "mc_ggn" and num_samples < 1:
         raise ValueError(f"num_samples must be >= 1 for method='mc_ggn', got {num_samples}.")
+    loss = output_loss(loss_fn)
+    if method == "mc_ggn" and not loss.samples_labels:
+        raise ValueError(
+            "method='mc_ggn' samples labels from the distribution the loss defines, which it knows for "
+            "cross_entropy, nll_loss, binary_cross_entropy_with_logits and mse_loss (functions, nn modules "
+            f"or functools.partial of them, reduction='mean'); loss_fn {_describe(loss_fn)} is none of "
+            "them. Use method='ggn' (GGN()), which reads any loss's Hessian in the outputs."
+        )
+    if method in PER_EXAMPLE_METHODS:
+        _refuse_batch_statistics(model, method)
     per_batch = {
         "exact": _exact_batch,
         "ggn": _ggn_batch,
@@ -145,7 +191,14 @@ def hessian_diagonal_sum(
         "empirical_fisher": _empirical_fisher_batch,
     }[method]
     options = dict(
-        loss_fn=loss_fn, num_probes=num_probes, num_samples=num_samples, generator=generator, chunk_size=chunk_size
+        loss_fn=loss_fn,
+        loss=loss,
+        num_probes=num_probes,
+        num_samples=num_samples,
+        generator=generator,
+        chunk_size=chunk_size,
+        max_classes=max_classes,
+        choice=_Choice(),
     )
     return sum_over_batches(
         model, batches, lambda x, y, params, buffers: per_batch(model, params, buffers, x, y, **options), on_batch
@@ -179,14 +232,42 @@ def sum_over_batches(
     return total, count
 
 
-def _exact_batch(model, params, buffers, x, y, *, loss_fn, chunk_size, **_) -> dict[str, Tensor]:
+@dataclass
+class _Choice:
+    """What the first batch of one call decided for the others: the per-example path and the HVP form."""
+
+    path: str | None = None
+    """``"hooks"`` (:mod:`ggn_fast`), ``"vmap"`` (per-example vector-Jacobian products) or ``"loop"``."""
+    vmap_ran: bool = False
+    hvp: str | None = None
+    """``"forward"`` (forward-over-reverse under vmap) or ``"double"`` (double backward)."""
+
+
+def _refuse_batch_statistics(model: nn.Module, method: str) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+            not module.track_running_stats or module.running_mean is None
+        ):
+            raise ValueError(
+                f"{name or type(model).__name__} ({type(module).__name__}) has no running statistics "
+                "(track_running_stats=False): it normalises each example with the statistics of its batch, "
+                f"so an example's loss depends on the other examples, and method={method!r}, which sums "
+                "per-example terms, does not apply. Use Hutchinson() or ExactHessian() (method='hutchinson' "
+                "or 'exact'), which differentiate each batch's loss, or give the layer running statistics."
+            )
+
+
+# ---------------------------------------------------------------------------- Hessian-vector products
+
+
+def _exact_batch(model, params, buffers, x, y, *, loss_fn, chunk_size, choice, **_) -> dict[str, Tensor]:
     """Σ over the batch of ``diag ∇²ℓ``: column i of H is ``H e_i``; keep its i-th entry."""
-    batch_loss = stateless_loss(model, buffers, loss_fn)
-    size = x.shape[0]
+    with _twice_differentiable(model):
+        return _exact_columns(model, params, buffers, x, y, loss_fn, chunk_size, choice)
 
-    def hvp(tangent: dict[str, Tensor]) -> dict[str, Tensor]:
-        return jvp(grad(lambda p: batch_loss(p, x, y) * size), (params,), (tangent,))[1]
 
+def _exact_columns(model, params, buffers, x, y, loss_fn, chunk_size, choice) -> dict[str, Tensor]:
+    products = _hessian_vector_products(model, params, buffers, x, y, loss_fn, choice)
     names = list(params)
     flat_size = sum(params[n].numel() for n in names)
     reference = next(iter(params.values()))
@@ -195,10 +276,148 @@ def _exact_batch(model, params, buffers, x, y, *, loss_fn, chunk_size, **_) -> d
         index = torch.arange(part.start, part.stop, device=reference.device)
         basis = torch.zeros(len(index), flat_size, dtype=reference.dtype, device=reference.device)
         basis[torch.arange(len(index)), index] = 1.0
-        columns = vmap(hvp)(_unflatten(basis, params))
+        columns = products(_unflatten(basis, params))
         flat_columns = torch.cat([columns[n].reshape(len(index), -1) for n in names], dim=1)
         diagonal[part] = flat_columns[torch.arange(len(index)), index]
     return _unflatten(diagonal[None], params, squeeze=True)
+
+
+def _hutchinson_batch(model, params, buffers, x, y, *, loss_fn, num_probes, generator, chunk_size, choice, **_):
+    """Σ over the batch of ``z ⊙ (∇²ℓ) z`` averaged over Rademacher probes z (fresh per batch)."""
+    with _twice_differentiable(model):
+        products = _hessian_vector_products(model, params, buffers, x, y, loss_fn, choice)
+        total: dict[str, Tensor] | None = None
+        for part in chunks(num_probes, chunk_size):
+            probes = {k: _rademacher((part.stop - part.start, *p.shape), p, generator) for k, p in params.items()}
+            hz = products(probes)
+            total = tree_add_(total, {k: (probes[k] * hz[k]).sum(0) for k in probes})
+    return {k: v / num_probes for k, v in total.items()}
+
+
+@contextlib.contextmanager
+def _twice_differentiable(model: nn.Module) -> Iterator[None]:
+    """Weight norm in plain operations while second derivatives are taken, where the model uses it.
+
+    ``torch._weight_norm`` (``parametrizations.weight_norm`` and the legacy ``weight_norm``) runs a
+    fused kernel whose double backward treats the saved norm as a constant: its Hessian diagonal
+    is off by about 50% on the direction parameter (measured against finite differences, torch
+    2.14), and it has no forward-mode derivative. ``v · (g / ‖v‖)`` from primitives has both.
+    """
+    if not _uses_weight_norm(model):
+        yield
+        return
+    with _PlainWeightNorm():
+        yield
+
+
+class _PlainWeightNorm(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch._weight_norm:
+            v, g, *rest = args
+            dim = rest[0] if rest else kwargs.get("dim", 0)
+            return v * (g / torch.norm_except_dim(v, 2, dim))
+        return func(*args, **kwargs)
+
+
+def _uses_weight_norm(model: nn.Module) -> bool:
+    from torch.nn.utils.parametrizations import _WeightNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return any(
+        isinstance(module, _WeightNorm) or any(isinstance(h, WeightNorm) for h in module._forward_pre_hooks.values())
+        for module in model.modules()
+    )
+
+
+def _hessian_vector_products(model, params, buffers, x, y, loss_fn, choice: _Choice):
+    """``tangents -> H tangents`` for the batch's summed loss, each ``{name: [k, *shape]}``.
+
+    Forward-over-reverse under vmap; where an operation has no forward-mode derivative (weight norm,
+    oneDNN LSTM, the backward of mse_loss) the first batch falls back to double backward, and every
+    later batch of the call uses it too.
+    """
+    batch_loss = stateless_loss(model, buffers, loss_fn)
+    size = x.shape[0]
+
+    def hvp(tangent: dict[str, Tensor]) -> dict[str, Tensor]:
+        return jvp(grad(lambda p: batch_loss(p, x, y) * size), (params,), (tangent,))[1]
+
+    forward = vmap(hvp)
+    chosen: list[Callable] = []
+    if choice.hvp == "forward":
+        return forward
+    if choice.hvp == "double":
+        return _double_backward_products(model, params, buffers, x, y, loss_fn)
+
+    def first(tangents: dict[str, Tensor]) -> dict[str, Tensor]:
+        if chosen:
+            return chosen[0](tangents)
+        try:
+            out = forward(tangents)
+            choice.hvp = "forward"
+            chosen.append(forward)
+            return out
+        except RuntimeError as forward_error:  # NotImplementedError included
+            try:
+                double = _double_backward_products(model, params, buffers, x, y, loss_fn)
+                out = double(tangents)
+            except RuntimeError as double_error:
+                raise ValueError(
+                    "Hessian-vector products are not available for this model and loss: forward-mode AD "
+                    f"failed ({_first_line(forward_error)}) and so did double backward "
+                    f"({_first_line(double_error)}). Use GGN() or MonteCarloGGN(), which need first "
+                    "derivatives only (the GGN equals the Hessian for piecewise-linear operations such "
+                    "as Hardsigmoid or ReLU)."
+                ) from double_error
+            log.info("forward-mode AD failed (%s); using double-backward Hessian-vector products", forward_error)
+            choice.hvp = "double"
+            chosen.append(double)
+            return out
+
+    return first
+
+
+def _double_backward_products(model, params, buffers, x, y, loss_fn):
+    """``H t`` as ``∂(∇ℓ · t)/∂θ``: one backward through the gradient's graph per batch of tangents."""
+    leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+    names = list(leaves)
+    loss = loss_fn(functional_call(model, (leaves, buffers), (x,)), y) * x.shape[0]
+    gradients = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
+    live = [i for i, g in enumerate(gradients) if g is not None and g.requires_grad]
+
+    def products(tangents: dict[str, Tensor]) -> dict[str, Tensor]:
+        out = {n: torch.zeros_like(tangents[n]) for n in names}
+        if not live:  # the loss is at most linear in every parameter
+            return out
+        outputs = [gradients[i] for i in live]
+        columns = _batched_grad(outputs, list(leaves.values()), [tangents[names[i]] for i in live])
+        for name, column in zip(names, columns):
+            if column is not None:
+                out[name] = column.detach()
+        return out
+
+    return products
+
+
+def _batched_grad(outputs, inputs, grad_outputs) -> list[Tensor | None]:
+    """``torch.autograd.grad`` of each row of the batched ``grad_outputs``, stacked; a loop where vmap cannot run."""
+    try:
+        return list(
+            torch.autograd.grad(
+                outputs, inputs, grad_outputs, retain_graph=True, is_grads_batched=True, allow_unused=True
+            )
+        )
+    except RuntimeError:
+        rows = grad_outputs[0].shape[0]
+        each = [
+            torch.autograd.grad(outputs, inputs, [g[j] for g in grad_outputs], retain_graph=True, allow_unused=True)
+            for j in range(rows)
+        ]
+        return [None if each[0][i] is None else torch.stack([e[i] for e in each]) for i in range(len(inputs))]
+
+
+# ---------------------------------------------------------------------------- per-example methods
 
 
 def _output_hessian_factor(logits: Tensor, target: Tensor, loss_fn: LossFn) -> Tensor:
@@ -210,8 +429,7 @@ def _output_hessian_factor(logits: Tensor, target: Tensor, loss_fn: LossFn) -> T
     so row 0 of ``QS`` is zero and its other C − 1 rows are an exact factor (``QᵀQ = I``):
     every later cost that scales with the rows drops by a factor (C − 1)/C. ``‖v‖² ≥ 2``, so
     the reflection is always well conditioned.
-    Other losses use the eigendecomposition; a loss with a non-convex output (a negative
-    eigenvalue) has no Gauss-Newton factor and is clipped at zero.
+    Other losses: the rows of :mod:`~lightning_sa_unlearn.curvature.losses` for a batch of this one example.
     """
     logits = logits.detach()
     if loss_fn is F.cross_entropy:
@@ -223,59 +441,54 @@ def _output_hessian_factor(logits: Tensor, target: Tensor, loss_fn: LossFn) -> T
             return rows
         reflected = rows - (2 / (v @ v)) * torch.outer(v, v @ rows)  # Q S
         return reflected[1:]
-    output_hessian = hessian(lambda f: loss_fn(f[None], target[None]))(logits)
-    eigenvalues, eigenvectors = torch.linalg.eigh(output_hessian)
-    return (eigenvectors * eigenvalues.clamp(min=0).sqrt()[None, :]).T
+    return output_loss(loss_fn).batch(logits[None], target[None]).factor(slice(None))[0]
 
 
-def _squared_jacobian_products(model, params, buffers, x, targets, factor, chunk_size) -> dict[str, Tensor]:
-    """``Σ_n Σ_k (J_nᵀ s_nk)²`` for factor rows ``s_nk = factor(logits_n, target_n)`` (``[K, C]`` per example).
+@dataclass
+class _Rows:
+    """The factor rows of a batch: from each example's own logits (``factor(logits_n, target_n)`` over
+    ``targets``, the default cross-entropy), or precomputed for a slice of examples (``of_part``)."""
 
-    Forward hooks and one batched backward for Linear/Conv/BatchNorm networks (:mod:`ggn_fast`);
-    per-example vector-Jacobian products under vmap for anything else.
-    """
-    if ggn_fast.supports(model):
-        rows = vmap(factor)
-        total: dict[str, Tensor] | None = None
-        for part in chunks(x.shape[0], chunk_size):  # bounds the K-fold activations of the batched backward
-            piece = ggn_fast.ggn_diagonal_sum(model, x[part], lambda logits: rows(logits, targets[part]), chunk_size)
-            if piece is None:
-                total = None
-                break
-            total = tree_add_(total, piece)
-        if total is not None:
-            return total
-    logits_of = stateless_logits(model, buffers)
+    targets: Tensor | None = None
+    factor: Callable[[Tensor, Tensor], Tensor] | None = None
+    of_part: Callable[[slice], Tensor] | None = None
 
-    def example(x_n: Tensor, t_n: Tensor) -> dict[str, Tensor]:
-        logits, pullback = vjp(lambda p: logits_of(p, x_n[None])[0], params)
-        (columns,) = vmap(pullback)(factor(logits.detach(), t_n))
-        return {k: (g**2).sum(0) for k, g in columns.items()}
-
-    return _sum_over_examples(example, x, targets, chunk_size)
+    def for_logits(self, part: slice, logits: Tensor) -> Tensor:
+        """``[n, K, *output shape]`` for the examples ``part`` whose logits are ``logits``."""
+        if self.of_part is not None:
+            return self.of_part(part)
+        return vmap(self.factor)(logits, self.targets[part])
 
 
-def _ggn_batch(model, params, buffers, x, y, *, loss_fn, chunk_size, **_) -> dict[str, Tensor]:
+def _ggn_batch(model, params, buffers, x, y, *, loss, chunk_size, max_classes, choice, **_) -> dict[str, Tensor]:
     """Rows of the output-Hessian factor: ``Σ_k s_k s_kᵀ = ∇²_f ℓ`` (:func:`_output_hessian_factor`)."""
-    factor = lambda z, t: _output_hessian_factor(z, t, loss_fn)  # noqa: E731
-    return _squared_jacobian_products(model, params, buffers, x, y, factor, chunk_size)
+    if loss.plain_cross_entropy(y):
+        factor = lambda z, t: _output_hessian_factor(z, t, F.cross_entropy)  # noqa: E731
+        rows = _Rows(targets=y, factor=factor)
+    else:
+        rows = _Rows(of_part=_batch_loss(model, params, buffers, x, y, loss).factor)
+    return _squared_jacobian_products(model, params, buffers, x, rows, chunk_size, choice, max_outputs=max_classes)
 
 
-def _empirical_fisher_batch(model, params, buffers, x, y, *, loss_fn, chunk_size, **_) -> dict[str, Tensor]:
+def _empirical_fisher_batch(model, params, buffers, x, y, *, loss_fn, loss, chunk_size, choice, **_):
     """One row per example: the loss gradient at the logits, ``s = ∇_f ℓ(f, y)``."""
-    return _squared_jacobian_products(model, params, buffers, x, y, _logit_gradients(loss_fn), chunk_size)
+    if loss.plain_cross_entropy(y):
+        rows = _Rows(targets=y, factor=_logit_gradients(loss_fn))
+    else:
+        rows = _Rows(of_part=_batch_loss(model, params, buffers, x, y, loss).gradient)
+    return _squared_jacobian_products(model, params, buffers, x, rows, chunk_size, choice)
 
 
-def _mc_ggn_batch(model, params, buffers, x, y, *, loss_fn, num_samples, generator, chunk_size, **_):
+def _mc_ggn_batch(model, params, buffers, x, y, *, loss_fn, loss, num_samples, generator, chunk_size, choice, **_):
     """``num_samples`` rows per example, ``∇_f ℓ(f, ŷ_k) / √m`` with ``ŷ_k ~ softmax(f)``: unbiased for the GGN.
 
-    For cross-entropy ``E_ŷ[(p − e_ŷ)(p − e_ŷ)ᵀ] = diag(p) − ppᵀ``, the output Hessian.
+    For cross-entropy ``E_ŷ[(p − e_ŷ)(p − e_ŷ)ᵀ] = diag(p) − ppᵀ``, the output Hessian. Other losses:
+    :meth:`~lightning_sa_unlearn.curvature.losses.BatchLoss.sampled`.
     """
-    if loss_fn is not F.cross_entropy:
-        raise ValueError(
-            "method='mc_ggn' samples labels from the model's softmax, so it needs "
-            "loss_fn=torch.nn.functional.cross_entropy; use method='ggn' for other losses."
-        )
+    if not loss.plain_cross_entropy(y):
+        sampled = _batch_loss(model, params, buffers, x, y, loss).sampled(slice(None), num_samples, generator)
+        rows = _Rows(of_part=lambda part: sampled[part])
+        return _squared_jacobian_products(model, params, buffers, x, rows, chunk_size, choice)
     with torch.no_grad():
         logits = functional_call(model, (params, buffers), (x,))
         probabilities = torch.softmax(logits.double(), dim=-1)
@@ -287,7 +500,14 @@ def _mc_ggn_batch(model, params, buffers, x, y, *, loss_fn, num_samples, generat
     def factor(z: Tensor, labels: Tensor) -> Tensor:
         return vmap(lambda label: gradients(z, label)[0])(labels) * scale
 
-    return _squared_jacobian_products(model, params, buffers, x, sampled.to(x.device), factor, chunk_size)
+    rows = _Rows(targets=sampled.to(x.device), factor=factor)
+    return _squared_jacobian_products(model, params, buffers, x, rows, chunk_size, choice)
+
+
+def _batch_loss(model, params, buffers, x, y, loss) -> BatchLoss:
+    with torch.no_grad():
+        logits = functional_call(model, (params, buffers), (x,))
+    return loss.batch(logits, y)
 
 
 def _logit_gradients(loss_fn: LossFn):
@@ -299,20 +519,115 @@ def _logit_gradients(loss_fn: LossFn):
     return rows
 
 
-def _hutchinson_batch(model, params, buffers, x, y, *, loss_fn, num_probes, generator, chunk_size, **_):
-    """Σ over the batch of ``z ⊙ (∇²ℓ) z`` averaged over Rademacher probes z (fresh per batch)."""
-    batch_loss = stateless_loss(model, buffers, loss_fn)
-    size = x.shape[0]
+def _squared_jacobian_products(
+    model, params, buffers, x, rows: _Rows, chunk_size: int, choice: _Choice, max_outputs: int | None = None
+) -> dict[str, Tensor]:
+    """``Σ_n Σ_k (J_nᵀ s_nk)²`` for the factor rows ``s_nk`` (``[K, *output shape]`` per example).
 
-    def probe_product(z: dict[str, Tensor]) -> dict[str, Tensor]:
-        hz = jvp(grad(lambda p: batch_loss(p, x, y) * size), (params,), (z,))[1]
-        return {k: z[k] * hz[k] for k in z}
+    Forward hooks and one batched backward for Linear/Conv/BatchNorm networks (:mod:`ggn_fast`) where
+    the first batch's check confirms them; per-example vector-Jacobian products under vmap for
+    anything else; a loop over examples where vmap cannot run the model (an LSTM in float64).
+    """
+    if choice.path is None:
+        choice.path = _choose_path(model, params, buffers, x, rows, max_outputs)
+    if choice.path == "hooks":
+        total: dict[str, Tensor] | None = None
+        for part in chunks(x.shape[0], chunk_size):  # bounds the K-fold activations of the batched backward
+            piece = ggn_fast.ggn_diagonal_sum(model, x[part], lambda logits: rows.for_logits(part, logits), chunk_size)
+            if piece is None:
+                total = None
+                break
+            total = tree_add_(total, piece)
+        if total is not None:
+            return total
+    if choice.path != "loop":
+        try:
+            return _vmap_squares(model, params, buffers, x, rows, chunk_size)
+        except RuntimeError as error:
+            if choice.vmap_ran:
+                raise
+            log.info("torch.func.vmap cannot run this model (%s); looping over examples instead", error)
+            choice.path = "loop"
+        finally:
+            choice.vmap_ran = True
+    return _loop_squares(model, params, buffers, x, rows, chunk_size)
+
+
+def _choose_path(model, params, buffers, x, rows: _Rows, max_outputs: int | None) -> str:
+    """Check the first two examples: refuse a model that mixes examples, or too many outputs; hooks if they agree."""
+    probe = x[:2]
+    with torch.no_grad():
+        together = functional_call(model, (params, buffers), (probe,))
+        alone = torch.cat([functional_call(model, (params, buffers), (probe[i : i + 1],)) for i in range(len(probe))])
+    outputs = together[0].numel()
+    if max_outputs is not None and outputs > max_outputs:
+        raise ValueError(
+            f"method='ggn' back-propagates one row per output entry, and this model has {outputs:,} outputs "
+            f"per example (shape {tuple(together.shape[1:])}), above max_classes={max_outputs:,}: the exact "
+            "GGN would cost that many gradient passes. Use MonteCarloGGN() (method='mc_ggn'), about two "
+            "gradient passes per sampled label whatever the number of classes, or raise GGN(max_classes=...)."
+        )
+    if together.shape != alone.shape or not _close(together, alone):
+        raise ValueError(
+            "the model's output for an example depends on the other examples of its batch (outputs of two "
+            "examples computed together differ from each computed alone), so the per-example methods (GGN, "
+            "MonteCarloGGN, EmpiricalFisher) do not apply. Use Hutchinson() or ExactHessian(), which "
+            "differentiate each batch's loss."
+        )
+    if not ggn_fast.supports(model):
+        return "vmap"
+    problem = ggn_fast.verify(model, probe, lambda logits: rows.for_logits(slice(0, len(probe)), logits))
+    if problem is not None:
+        log.info("the forward-hook GGN path does not apply (%s); using per-example products", problem)
+        return "vmap"
+    return "hooks"
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    tolerance = ggn_fast.tolerance(a.dtype)
+    return bool((a - b).abs().max() <= tolerance * a.abs().max() + torch.finfo(a.dtype).tiny)
+
+
+def _vmap_squares(model, params, buffers, x, rows: _Rows, chunk_size: int) -> dict[str, Tensor]:
+    logits_of = stateless_logits(model, buffers)
+    if rows.of_part is None:
+        factor = rows.factor
+
+        def example(x_n: Tensor, t_n: Tensor) -> dict[str, Tensor]:
+            logits, pullback = vjp(lambda p: logits_of(p, x_n[None])[0], params)
+            (columns,) = vmap(pullback)(factor(logits.detach(), t_n))
+            return {k: (g**2).sum(0) for k, g in columns.items()}
+
+        return _sum_over_examples(example, x, rows.targets, chunk_size)
+
+    def example_rows(x_n: Tensor, rows_n: Tensor) -> dict[str, Tensor]:
+        _, pullback = vjp(lambda p: logits_of(p, x_n[None])[0], params)
+        (columns,) = vmap(pullback)(rows_n)
+        return {k: (g**2).sum(0) for k, g in columns.items()}
 
     total: dict[str, Tensor] | None = None
-    for part in chunks(num_probes, chunk_size):
-        probes = {k: _rademacher((part.stop - part.start, *p.shape), p, generator) for k, p in params.items()}
-        total = tree_add_(total, {k: v.sum(0) for k, v in vmap(probe_product)(probes).items()})
-    return {k: v / num_probes for k, v in total.items()}
+    for part in chunks(x.shape[0], chunk_size):
+        total = tree_add_(total, {k: v.sum(0) for k, v in vmap(example_rows)(x[part], rows.of_part(part)).items()})
+    return total
+
+
+def _loop_squares(model, params, buffers, x, rows: _Rows, chunk_size: int) -> dict[str, Tensor]:
+    """The same sum with one forward and one batched backward per example, no vmap through the model."""
+    leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+    total = {k: torch.zeros_like(v) for k, v in params.items()}
+    for part in chunks(x.shape[0], chunk_size):
+        logits = None
+        if rows.of_part is None:
+            with torch.no_grad():
+                logits = functional_call(model, (params, buffers), (x[part],))
+        block = rows.for_logits(part, logits)
+        for i, x_n in enumerate(x[part]):
+            out = functional_call(model, (leaves, buffers), (x_n[None],))
+            columns = _batched_grad([out], list(leaves.values()), [block[i][:, None]])
+            for name, column in zip(leaves, columns):
+                if column is not None:
+                    total[name] += (column.detach() ** 2).sum(0)
+    return total
 
 
 def _rademacher(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -336,3 +651,11 @@ def _unflatten(flat: Tensor, like: dict[str, Tensor], squeeze: bool = False) -> 
         out[name] = piece[0] if squeeze else piece
         start += p.numel()
     return out
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _describe(loss_fn: LossFn) -> str:
+    return getattr(loss_fn, "__name__", None) or type(loss_fn).__name__

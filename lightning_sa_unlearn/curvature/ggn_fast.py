@@ -9,8 +9,13 @@ the squared parameter gradients then follow from the layer's saved input ``a_n``
 * ``Linear`` on sequences, ``Conv1d/2d``: per-example gradients ``δ_nk · unfold(a_n)ᵀ``, squared;
 * ``BatchNorm`` in eval mode: ``(Σ_pixels δ x̂)²`` and ``(Σ_pixels δ)²``.
 
-The same quantity as the vmap path in ``curvature.py``; it is used when every module that owns a
-trainable parameter is of a supported type, and the tests compare the two.
+The same quantity as the per-example path in :mod:`~lightning_sa_unlearn.curvature.functional`; it is used
+when every module that owns a trainable parameter is of a supported type (:func:`supports`) and
+:func:`verify` confirms, on the first two examples, that the hooks see each parameter's whole
+per-example gradient. The static check cannot see a weight used outside its module (a tied decoder
+``F.linear(h, enc.weight.t())``) or a Linear applied to activations whose first dimension is not the
+batch (time-major ``[T, B, F]``); the hook path would silently square the wrong sums there, and the
+check sends both to the per-example path.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -27,15 +33,19 @@ SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
 def supports(model: nn.Module) -> bool:
     """True when every module owning a trainable parameter is one this path handles (convolutions: groups=1).
 
-    Exact types only (a subclass may override ``forward``), and no parameter shared by two modules.
+    Exact types only (a subclass may override ``forward``), no parameter shared by two modules, and only
+    the plain ``weight`` and ``bias`` (not ``weight_norm``'s ``weight_g``/``weight_v``, nor parametrizations).
     """
     owned = [id(p) for module in model.modules() for p in module.parameters(recurse=False) if p.requires_grad]
     if len(owned) != len(set(owned)):
         return False
     for module in model.modules():
-        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+        names = [name for name, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if not names:
             continue
         if type(module) not in SUPPORTED or getattr(module, "groups", 1) != 1:
+            return False
+        if not set(names) <= {"weight", "bias"} or parametrize.is_parametrized(module):
             return False
         if isinstance(module, (nn.Conv1d, nn.Conv2d)) and (
             isinstance(module.padding, str) or module.padding_mode != "zeros"
@@ -50,7 +60,8 @@ def ggn_diagonal_sum(model: nn.Module, x: Tensor, factor_fn, chunk_size: int) ->
     """``Σ_n diag GGN_n`` over the batch ``x``; ``factor_fn(logits) -> [N, K, C]`` gives the factor rows.
 
     None when the forward pass did not call every parameter-owning module exactly once (a module
-    reused or skipped): the caller then takes the per-example path.
+    reused or skipped): the caller then takes the per-example path. A module whose output the logits
+    do not use (an extra head) gets zeros.
     """
     owners = {
         module: [(name, p) for name, p in module.named_parameters(recurse=False) if p.requires_grad]
@@ -76,10 +87,17 @@ def ggn_diagonal_sum(model: nn.Module, x: Tensor, factor_fn, chunk_size: int) ->
         factor = factor_fn(logits.detach())  # [N, K, C]
         modules = list(owners)
         signals = torch.autograd.grad(
-            logits, [saved[m][1] for m in modules], grad_outputs=factor.transpose(0, 1), is_grads_batched=True
+            logits,
+            [saved[m][1] for m in modules],
+            grad_outputs=factor.transpose(0, 1),
+            is_grads_batched=True,
+            allow_unused=True,
         )  # each [K, N, *output shape]
         for module, delta in zip(modules, signals):
-            squares = _squared_gradients(module, saved[module][0], delta, chunk_size)
+            if delta is None:  # the logits do not depend on this module's output
+                squares = [torch.zeros_like(p) for _, p in owners[module]]
+            else:
+                squares = _squared_gradients(module, saved[module][0], delta, chunk_size)
             for (local, p), value in zip(owners[module], squares):
                 name = full_names[id(p)]
                 total[name] = total.get(name, 0) + value.reshape(p.shape)
@@ -87,6 +105,63 @@ def ggn_diagonal_sum(model: nn.Module, x: Tensor, factor_fn, chunk_size: int) ->
         for handle in handles:
             handle.remove()
     return total
+
+
+def verify(model: nn.Module, x: Tensor, factor_fn) -> str | None:
+    """None when the hook path gives, on the examples ``x`` (two suffice), autograd's per-example squared gradients.
+
+    The reference back-propagates each example's first rows alone through the same batch
+    (``is_grads_batched``), so it also sees a weight used outside its module, activations whose
+    first dimension is not the batch, and examples that influence each other. Otherwise a
+    string that says which parameter differs.
+    """
+    factor_fn = _first_rows(factor_fn, VERIFIED_ROWS)
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    try:
+        hooks = ggn_diagonal_sum(model, x, factor_fn, x.shape[0])
+        if hooks is None:
+            return "a module that owns parameters was called more than once, or not at all"
+        logits = model(x)
+        rows = factor_fn(logits.detach())  # [n, K, *output shape]
+        n, k = rows.shape[:2]
+        grad_outputs = torch.zeros(n, k, *logits.shape, dtype=rows.dtype, device=rows.device)
+        for i in range(n):
+            grad_outputs[i, :, i] = rows[i]
+        gradients = torch.autograd.grad(
+            logits,
+            [p for _, p in params],
+            grad_outputs.reshape(n * k, *logits.shape),
+            is_grads_batched=True,
+            allow_unused=True,
+        )
+    except RuntimeError as error:  # e.g. an operation that batched backward (vmap) cannot run
+        return f"the hook path failed: {error}"
+    tolerance_ = tolerance(logits.dtype)
+    for (name, p), g in zip(params, gradients):
+        reference = torch.zeros_like(p) if g is None else (g.detach() ** 2).sum(0)
+        found = hooks.get(name, torch.zeros_like(p))
+        difference = float((found - reference).norm())
+        if difference > tolerance_ * float(reference.norm() + found.norm()) + torch.finfo(p.dtype).tiny:
+            relative = difference / max(float(reference.norm()), 1e-300)
+            return (
+                f"{name}: the hooks' squared per-example gradients are off by {relative:.2g} (relative) against "
+                "autograd; the weight is used outside its module (a tied weight) or its module sees activations "
+                "whose first dimension is not the batch"
+            )
+    return None
+
+
+VERIFIED_ROWS = 2
+"""Factor rows per example that :func:`verify` compares: any row shows a hook path that sums the wrong terms."""
+
+
+def _first_rows(factor_fn, rows: int):
+    return lambda logits: factor_fn(logits)[:, :rows]
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Relative agreement expected between two orders of the same sums in ``dtype``."""
+    return min(0.05, max(1e-5, 1000 * torch.finfo(dtype).eps))
 
 
 def _squared_gradients(module: nn.Module, a: Tensor, delta: Tensor, chunk_size: int) -> list[Tensor]:
