@@ -29,6 +29,7 @@ from lightning_sa_unlearn.selection import (
     Selection,
     Sharpest,
     TopFraction,
+    ValidatedLayer,
     layer_sharpness,
     select_layers,
 )
@@ -82,6 +83,7 @@ __all__ = [
     "UnlearningReport",
     "UnlearningRun",
     "Update",
+    "ValidatedLayer",
     "ValidatedStep",
     "forget_gradient",
     "hessian_diagonal",

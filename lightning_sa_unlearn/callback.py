@@ -19,7 +19,8 @@ from lightning_sa_unlearn.data import UnlearningData
 from lightning_sa_unlearn.evaluations import EVALUATIONS, Evaluation, HeldOutMetrics
 from lightning_sa_unlearn.functional import eval_mode
 from lightning_sa_unlearn.parts import resolve
-from lightning_sa_unlearn.pipeline import FAST_DEV_RUN_SAMPLES, UnlearningRun, run_unlearning
+from lightning_sa_unlearn.context import FAST_DEV_RUN_SAMPLES, UnlearningRun
+from lightning_sa_unlearn.pipeline import run_unlearning
 from lightning_sa_unlearn.processes import Processes
 from lightning_sa_unlearn.report import UnlearningReport
 from lightning_sa_unlearn.selection import SELECTIONS, Layers, Measurements, Selected, Selection

@@ -18,30 +18,18 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from lightning_sa_unlearn.curvature import GGN, Curvature, CurvatureResult, SharpnessStatistics, selection_margin
-from lightning_sa_unlearn.data import (
-    Batches,
-    Relabelled,
-    ShuffledBatches,
-    UnlearningData,
-    check_aligned,
-    dataset_size,
-    is_map_style,
-)
+from lightning_sa_unlearn.context import UnlearningRun
+from lightning_sa_unlearn.curvature import GGN, SharpnessStatistics, selection_margin
+from lightning_sa_unlearn.data import Relabelled, check_aligned, dataset_size
 from lightning_sa_unlearn.evaluations import Evaluation
-from lightning_sa_unlearn.functional import LossFn, batches_for, require_trainable_parameters
-from lightning_sa_unlearn.processes import Processes
+from lightning_sa_unlearn.functional import require_trainable_parameters
 from lightning_sa_unlearn.report import UnlearningReport
 from lightning_sa_unlearn.selection import (
     Flattest,
@@ -54,138 +42,13 @@ from lightning_sa_unlearn.selection import (
     select_layers,
     trainable_layers,
 )
-from lightning_sa_unlearn.updates import Update, default_forget_loss, forget_gradient, loss_sum
+from lightning_sa_unlearn.selection.trials import select_by_trial
+from lightning_sa_unlearn.updates import Update, ValidationSpec, forget_gradient
 
-FAST_DEV_RUN_SAMPLES = 64
 REPORT_SAMPLES = 256
 """Curvature samples read for the report alone when no part chooses by curvature (``LastLayer``, ...)."""
 UNLEARNING_STAGES = ("forget_gradient", "curvature", "selection", "update")
 """The unlearning itself; every other stage (evaluations, report-only curvature) is reporting."""
-
-
-@dataclass
-class UnlearningRun:
-    """The context every stage reads and extends; parts receive it as ``run``."""
-
-    trainer: pl.Trainer | None
-    processes: Processes
-    model: nn.Module
-    data: UnlearningData
-    loss_fn: LossFn = F.cross_entropy
-    seed: int = 0
-    forget_loss: Callable[..., Tensor] = default_forget_loss
-    progress_bar: bool = False
-    target_class: int | None = None
-    max_samples: int | None = None
-    curvature: Curvature | None = None
-    num_classes: int = 0
-    forget: Batches | None = None
-    corrected: Batches | None = None
-    test: Batches | None = None
-    triggered: Batches | None = None
-    gradient: dict[str, Tensor] | None = None
-    curvature_result: CurvatureResult | None = None
-    training_size: int = 0
-    measurements: Measurements | None = None
-    decrement: dict[str, float] | None = None
-    names: list[str] = field(default_factory=list)
-    masks: dict[str, Tensor] | None = None
-    validation: Iterable[Any] | None = None
-    validation_source: str | None = None
-    validation_sample: Iterable[Any] | None = None
-    """The validation set in a seeded random order (for searches that read a growing prefix of it)."""
-    relabelled: Relabelled | None = None
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @classmethod
-    def standalone(cls, model: nn.Module, datamodule: Any, *, loss_fn: LossFn, seed: int) -> UnlearningRun:
-        """A one-process run on ``model`` and the loaders of ``datamodule`` (for evaluations on their own)."""
-        from lightning_sa_unlearn.callback import quiet_trainer
-
-        trainer = quiet_trainer(accelerator="cpu" if _device(model).type == "cpu" else "auto")
-        run = cls(trainer, Processes(trainer, _device(model)), model, UnlearningData.resolve(datamodule, model))
-        run.loss_fn, run.seed, run.target_class = loss_fn, seed, getattr(datamodule, "target_class", None)
-        return run
-
-    # ------------------------------------------------------------------ helpers for parts
-    @property
-    def device(self) -> torch.device:
-        return _device(self.model)
-
-    def batches(self, loader: Any, what: str, max_samples: int | None = None, **options: Any) -> Batches | None:
-        """This process's shard of ``loader`` (None for None), at most ``max_samples`` samples in all."""
-        if loader is None:
-            return None
-        limit = min((v for v in (max_samples, self.max_samples) if v is not None), default=None)
-        options.setdefault("rank", self.processes.rank)
-        options.setdefault("world_size", self.processes.world_size)
-        return Batches(loader, self.num_classes, what, max_samples=limit, seed=self.seed, **options)
-
-    def shuffled(self, loader: Any, what: str, max_samples: int | None = None) -> Iterable[Any] | None:
-        """This process's share of ``loader`` in a seeded random order, so that any prefix is a random sample.
-
-        Map-style loaders only; other loaders come as :meth:`batches` (in their own order).
-        """
-        if not is_map_style(loader):
-            return self.batches(loader, what, max_samples)
-        limit = min((v for v in (max_samples, self.max_samples) if v is not None), default=None)
-        rank, world_size = self.processes.rank, self.processes.world_size
-        return ShuffledBatches(
-            loader, self.num_classes, what, seed=self.seed, rank=rank, world_size=world_size, max_samples=limit
-        )
-
-    def whole(self, loader: Any, what: str) -> Batches | None:
-        """All of ``loader`` in every process (for work that has no collectives)."""
-        return self.batches(loader, what, rank=0, world_size=1)
-
-    def progress(self, iterable: Iterable[Any], description: str, total: int | None) -> Iterable[Any]:
-        """A progress bar on rank 0 for steps that take more than two seconds, if enabled."""
-        enabled = self.progress_bar and (self.trainer is None or self.trainer.is_global_zero)
-        return tqdm(
-            iterable, desc=description, total=total, leave=False, delay=2.0, disable=not enabled, dynamic_ncols=True
-        )
-
-    def mean_loss(self, model: nn.Module, batches: Iterable[Any] | None) -> float:
-        total, count = self.processes.agree(lambda: loss_sum(model, batches, self.loss_fn))
-        total, count = self.processes.sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
-        return total / count if count else float("nan")
-
-    def validation_loss(self, model: nn.Module, batches: Iterable[Any] | None = None) -> float:
-        """The validation objective: mean validation loss (plus the relabelled forget loss, if asked)."""
-        loss = self.mean_loss(model, self.validation if batches is None else batches)
-        if self.relabelled is not None and batches is None:
-            loss += self.mean_loss(model, self.relabelled)
-        return loss
-
-    @property
-    def hvp_scale(self) -> float:
-        """``N / n``: Hessian-vector products on ``n`` curvature samples, rescaled to the SUM loss over N."""
-        return self.training_size / max(self.curvature_result.samples, 1)
-
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-    @contextlib.contextmanager
-    def seeded(self) -> Iterator[None]:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            yield
-
-    def build_batches(self) -> None:
-        self.num_classes = _num_classes(self.model, self.data.forget)
-        self.forget, self.corrected = (
-            self.batches(self.data.forget, "forget"),
-            self.batches(self.data.corrected, "corrected"),
-        )
-        self.test, self.triggered = (
-            self.batches(self.data.test, "test"),
-            self.batches(self.data.triggered_test, "triggered test"),
-        )
 
 
 def run_unlearning(
@@ -222,15 +85,23 @@ def run_unlearning(
             run.curvature_result = GGN(samples=REPORT_SAMPLES).measure(run)
             run.curvature_result.stop = "report only"
     run.training_size = dataset_size(run.data.train) or (run.curvature_result.samples if run.curvature_result else 0)
-    with run.stage("selection"):
-        selected, margin = _select(run, selection, layers)
-    if update.needs_forget_gradient and run.gradient is None:  # back-propagated only as deep as the selection
-        with run.stage("forget_gradient"), _frozen_except(run.model, run.names):
-            run.gradient = _forget_gradient(run)
-    _prepare_validation(run, update)
-    with run.stage("update"), _frozen_except(run.model, run.names):
-        outcome = update.apply(run)
-        _check_finite(run, update)
+    _prepare_validation(run, update, selection)
+    trials = None
+    if selection.trials:  # the rule runs the update on each candidate and keeps the best
+        with run.stage("selection"):
+            selected, outcome, trials = select_by_trial(run, selection, update, layers, _measurements(run, layers))
+            margin = None
+        with run.stage("update"), _frozen_except(run.model, run.names):
+            _check_finite(run, update)
+    else:
+        with run.stage("selection"):
+            selected, margin = _select(run, selection, layers)
+        if update.needs_forget_gradient and run.gradient is None:  # back-propagated only as deep as the selection
+            with run.stage("forget_gradient"), _frozen_except(run.model, run.names):
+                run.gradient = _forget_gradient(run)
+        with run.stage("update"), _frozen_except(run.model, run.names):
+            outcome = update.apply(run)
+            _check_finite(run, update)
     evaluate("after")
     run.seconds["total"] = time.perf_counter() - total_start
     run.seconds["unlearning"] = sum(run.seconds.get(stage, 0.0) for stage in UNLEARNING_STAGES)
@@ -263,6 +134,7 @@ def run_unlearning(
         selection_margin=margin,
         solver=outcome.get("solver"),
         fallback=outcome.get("fallback"),
+        selection_trials=trials,
         **fields,
     )
 
@@ -281,8 +153,8 @@ def _forget_gradient(run: UnlearningRun) -> dict[str, Tensor]:
     return gradient
 
 
-def _select(run: UnlearningRun, selection: Selection, layers: dict[str, list[str]]) -> tuple[list[str], Any]:
-    """Apply the rule to what was measured; set ``run.names`` and ``run.masks``; returns the layers and margin."""
+def _measurements(run: UnlearningRun, layers: dict[str, list[str]]) -> Measurements:
+    """What the run measured before selecting, also kept on the context (``run.measurements``)."""
     result = run.curvature_result
     measured = Measurements(run.model, layers, gradient=run.gradient)
     if result is not None:
@@ -294,6 +166,12 @@ def _select(run: UnlearningRun, selection: Selection, layers: dict[str, list[str
         measured.damping = run.curvature.damping
     run.measurements = measured
     run.decrement = _decrement(measured)
+    return measured
+
+
+def _select(run: UnlearningRun, selection: Selection, layers: dict[str, list[str]]) -> tuple[list[str], Any]:
+    """Apply the rule to what was measured; set ``run.names`` and ``run.masks``; returns the layers and margin."""
+    result, measured = run.curvature_result, _measurements(run, layers)
     chosen = run.processes.broadcast(run.processes.agree(lambda: selection.select(measured)))
     if not isinstance(chosen, Selected):
         chosen = Selected(list(chosen))
@@ -354,8 +232,8 @@ def _warn_if_unsure(run: UnlearningRun, selection: Selection) -> None:
     )
 
 
-def _prepare_validation(run: UnlearningRun, update: Update) -> None:
-    spec = update.validation()
+def _prepare_validation(run: UnlearningRun, update: Update, selection: Selection) -> None:
+    spec = update.validation() or (ValidationSpec() if selection.trials else None)
     if spec is None:
         return
     data = run.data
@@ -397,15 +275,3 @@ def _frozen_except(model: nn.Module, names: list[str]) -> Iterator[None]:
     for name, p in model.named_parameters():
         p.requires_grad_(name in names)
     yield
-
-
-@torch.no_grad()
-def _num_classes(model: nn.Module, forget: Any) -> int:
-    for x, _ in batches_for(model, forget):
-        if len(x):
-            return int(model(x[:1]).shape[-1])
-    raise ValueError("the forget set is empty: forget_dataloader() served no samples. Nothing to unlearn.")
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters(), torch.empty(0)).device

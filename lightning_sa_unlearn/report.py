@@ -55,6 +55,8 @@ class UnlearningReport:
     """Why ``fallback="first_order"`` replaced the second-order update, when it did."""
     sharpness_standard_error: dict[str, float] = field(default_factory=dict)
     """Standard error of each layer's sharpness over curvature batches (:mod:`~lightning_sa_unlearn.curvature`)."""
+    selection_trials: list[dict[str, Any]] | None = None
+    """``ValidatedLayer``: each candidate's layers, validation objective, τ, parameters, and which was chosen."""
     selection_margin: dict[str, Any] | None = None
     """``flattest``/``sharpest``: the runner-up layer and the selected layer's lead in standard errors."""
     membership_inference: dict[str, dict[str, float]] | None = None

@@ -95,8 +95,10 @@ def test_custom_parts_in_python(tiny_model):
 
     assert report.selected_layers == ["net.fc1"] and report.update == "sign_step"
     for name in ("net.fc1.weight", "net.fc1.bias"):
-        expected = before[name] - 0.01 * gradient[name].sign()
-        torch.testing.assert_close(dict(model.named_parameters())[name].detach(), expected)
+        g, moved = gradient[name], before[name] - dict(model.named_parameters())[name].detach()
+        clear = g.abs() > 1e-6 * g.abs().max()  # entries at float noise may take either sign
+        torch.testing.assert_close(moved[clear], 0.01 * g[clear].sign())
+        assert (moved[~clear].abs() <= 0.01 + 1e-7).all()
     assert_same_state(model, before, except_names={"net.fc1.weight", "net.fc1.bias"})
     measured = report.evaluations["forget_set_loss"]
     assert measured["before"]["loss"] == pytest.approx(loss_before, rel=1e-6)

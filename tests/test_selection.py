@@ -71,3 +71,39 @@ def test_tied_weights_belong_to_the_first_module():
 def test_a_module_named_twice_is_refused():
     with pytest.raises(ValueError, match="more than once"):
         select_layers(SHARPNESS, ["fc1", "fc1"])
+
+
+def test_validated_layer_keeps_the_candidate_of_least_validation_loss(tiny_model):
+    from conftest import TinyClassifier, state
+
+    from lightning_sa_unlearn import FirstOrder, Layers, SharpnessAwareUnlearning, ValidatedLayer
+
+    model, datamodule = tiny_model
+    start = state(model)
+    update = FirstOrder()
+    report = SharpnessAwareUnlearning(selection=ValidatedLayer(k=2), update=update, verbose=False).unlearn(
+        model, datamodule
+    )
+    trials = report.selection_trials
+    flattest = sorted(["net.conv", "net.fc1", "net.fc2"], key=report.layer_sharpness.get)[:2]  # BatchNorm excluded
+    assert [t["layers"] for t in trials] == [[layer] for layer in flattest] + (
+        [["net.fc2"]] if "net.fc2" not in flattest else []
+    )
+    x, y = datamodule.val
+
+    def validation_loss(m):
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(m.eval()(x), y))
+
+    by_hand = {}
+    for trial in trials:  # a hand loop: the same update on each candidate alone, from the same weights
+        reference = TinyClassifier()
+        reference.load_state_dict(start)
+        SharpnessAwareUnlearning(selection=Layers(trial["layers"]), update=update, verbose=False).unlearn(
+            reference, datamodule
+        )
+        by_hand[trial["layers"][0]] = validation_loss(reference)
+        assert trial["validation_objective"] == pytest.approx(by_hand[trial["layers"][0]], rel=1e-5)
+    best = min(by_hand, key=by_hand.get)
+    assert report.selected_layers == [best] and [t["chosen"] for t in trials].count(True) == 1
+    assert validation_loss(model) == pytest.approx(by_hand[best], rel=1e-5)

@@ -22,6 +22,7 @@ from lightning_sa_unlearn.selection.rules import (
     Selection,
     Sharpest,
     TopFraction,
+    ValidatedLayer,
 )
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "Selection",
     "Sharpest",
     "TopFraction",
+    "ValidatedLayer",
     "entry_decrement",
     "layer_sharpness",
     "newton_decrement",

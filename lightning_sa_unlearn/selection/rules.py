@@ -54,6 +54,8 @@ class Selection:
     needs_curvature: ClassVar[bool] = False
     needs_forget_gradient: ClassVar[bool] = False
     granularity: ClassVar[str] = "layer"
+    trials: ClassVar[bool] = False
+    """True for a rule that picks among ``candidates(measurements)`` by trial updates (:class:`ValidatedLayer`)."""
 
     @property
     def name(self) -> str | list[str]:
@@ -218,10 +220,59 @@ class TopFraction(Selection):
         return Selected(layers, masks)
 
 
+class ValidatedLayer(Selection):
+    """Curvature proposes, validation decides: the ``k`` flattest layers plus the last are each updated
+    on a trial, and the one whose update leaves the least validation objective is kept.
+
+    Candidates are layers with a weight matrix or kernel (``Linear``, ``Conv``); normalisation and
+    other affine layers only with ``include_norms=True``. Each trial runs the configured update,
+    with its own step-size search, from the same weights; its objective is that of the step size
+    (validation loss, plus the forget term for ``objective="validation_and_forget"``), on the first
+    ``judge_samples`` of a seeded random validation order. Ties go to the candidate with fewer
+    parameters. The curvature pass and the forget gradient are shared; the run costs about ``k + 1``
+    single-layer updates. The report lists every trial (``selection_trials``).
+    """
+
+    needs_curvature = True
+    needs_forget_gradient = True
+    trials = True
+
+    def __init__(self, k: int = 2, include_last: bool = True, include_norms: bool = False, judge_samples: int = 2048):
+        if k < 0 or (k == 0 and not include_last) or judge_samples < 1:
+            raise ValueError(f"ValidatedLayer needs k >= 0 (with include_last if 0) and judge_samples >= 1; got {k}.")
+        self.k, self.include_last, self.include_norms, self.judge_samples = (
+            k,
+            include_last,
+            include_norms,
+            judge_samples,
+        )
+
+    @property
+    def name(self) -> str:
+        return "validated_layer"
+
+    def candidates(self, measured: Measurements) -> list[list[str]]:
+        """Single-layer candidates: the ``k`` flattest eligible layers, then the last eligible one."""
+        modules = dict(measured.model.named_modules())
+        eligible = [
+            layer
+            for layer in measured.layers
+            if self.include_norms or isinstance(modules[layer], (nn.Linear, nn.modules.conv._ConvNd))
+        ] or list(measured.layers)
+        measured.require("sharpness", self)
+        flattest = sorted(eligible, key=measured.sharpness.__getitem__)[: self.k]
+        chosen = flattest + ([eligible[-1]] if self.include_last and eligible[-1] not in flattest else [])
+        return [[layer] for layer in chosen]
+
+    def select(self, measured: Measurements) -> Selected:
+        raise RuntimeError("ValidatedLayer chooses by trial updates; the run calls candidates(), not select().")
+
+
 SELECTIONS = {
     "flattest": Flattest,
     "sharpest": Sharpest,
     "last": LastLayer,
     "all": AllLayers,
     "newton_decrement": NewtonDecrement,
+    "validated_layer": ValidatedLayer,
 }
