@@ -50,6 +50,7 @@ from lightning_sa_unlearn import (  # noqa: E402
     FirstOrder,
     Flattest,
     LastLayer,
+    Layers,
     NewtonDecrement,
     SecondOrder,
     Sharpest,
@@ -73,6 +74,13 @@ METHODS: dict[str, Callable[[Setting], dict[str, Any]]] = {
     "fine-tune flattest layer on D_r ∪ D̃_f": lambda s: dict(update=_fine_tune(s), selection=Flattest()),
 }
 RULES = ("flattest", "sharpest", "last", "newton_decrement")
+
+
+class SweepLayer(Layers):
+    """One named layer, with the whole forget gradient measured, so that the report has every layer's
+    Newton decrement (the ``newton_decrement`` row of the rule table reads it from the sweep)."""
+
+    needs_forget_gradient = True
 
 
 def sweep_rule(parts: dict[str, Any]) -> str | None:
@@ -131,7 +139,7 @@ def run_seed(name: str, setting: Setting, seed: int, cache: str) -> dict:
 
     layers = list(trainable_layers(make_model(setting))) if setting.model == "paper_cnn" else []
     for layer in layers:  # the Figure 1 sweep, for models with few layers
-        sweep = unlearn(f"layer {layer}", selection=[layer])["report"]
+        sweep = unlearn(f"layer {layer}", selection=SweepLayer([layer]))["report"]
     for method, parts_for in METHODS.items():
         parts = parts_for(setting)
         rule = sweep_rule(parts)

@@ -164,7 +164,8 @@ def test_every_method_builds_a_callback_from_the_settings_parts(name):
         callback = common.make_callback(setting, 3, **parts(setting))
         curvature = callback.curvature
         assert type(curvature).method == setting.curvature, method
-        assert (curvature.samples, curvature.damping) == (setting.curvature_samples, setting.damping)
+        samples = "all" if setting.curvature_samples is None else setting.curvature_samples
+        assert (curvature.samples, curvature.damping) == (samples, setting.damping)
         assert callback.seed == 3 and not callback.verbose and not callback.progress_bar
         if isinstance(callback.update, FineTune):
             assert (callback.update.epochs, callback.update.lr) == (setting.fine_tune_epochs, setting.fine_tune_lr)
