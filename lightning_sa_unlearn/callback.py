@@ -14,12 +14,12 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_sa_unlearn.curvature import CURVATURES, GGN, Curvature
+from lightning_sa_unlearn.context import FAST_DEV_RUN_SAMPLES, UnlearningRun
+from lightning_sa_unlearn.curvature import CURVATURES, Curvature, default_curvature
 from lightning_sa_unlearn.data import UnlearningData
 from lightning_sa_unlearn.evaluations import EVALUATIONS, Evaluation, HeldOutMetrics
 from lightning_sa_unlearn.functional import eval_mode
 from lightning_sa_unlearn.parts import resolve
-from lightning_sa_unlearn.context import FAST_DEV_RUN_SAMPLES, UnlearningRun
 from lightning_sa_unlearn.pipeline import run_unlearning
 from lightning_sa_unlearn.processes import Processes
 from lightning_sa_unlearn.report import UnlearningReport
@@ -39,8 +39,9 @@ class SharpnessAwareUnlearning(Callback):
 
     Args:
         curvature: a :class:`~lightning_sa_unlearn.curvature.Curvature` or ``"ggn"``, ``"mc_ggn"``,
-            ``"hutchinson"``, ``"exact"``, ``"empirical_fisher"``. None: :class:`GGN` when a part needs
-            curvature, nothing otherwise; a configured estimator is always measured and reported.
+            ``"hutchinson"``, ``"exact"``, ``"empirical_fisher"``. None: :class:`MonteCarloGGN` (or
+            :class:`GGN` for a loss it cannot sample from) when a part needs curvature, read until the
+            selection is confident; a configured estimator is always measured and reported.
         selection: a :class:`~lightning_sa_unlearn.selection.Selection`, ``"flattest"``,
             ``"sharpest"``, ``"last"``, ``"all"``, ``"newton_decrement"``, or a list of module paths.
         update: an :class:`~lightning_sa_unlearn.updates.Update` or ``"first_order"``,
@@ -172,7 +173,7 @@ class SharpnessAwareUnlearning(Callback):
                 progress_bar=self.progress_bar,
                 target_class=getattr(datamodule, "target_class", None),
                 max_samples=FAST_DEV_RUN_SAMPLES if trainer.fast_dev_run else None,
-                curvature=self.curvature or GGN(),
+                curvature=self.curvature or default_curvature(self.loss_fn),
             )
             selection = _SubclassRule(self) if self._overrides_select_layers() else self.selection
             with torch.inference_mode(False), torch.enable_grad(), run.seeded(), eval_mode(pl_module):

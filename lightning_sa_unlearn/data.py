@@ -214,7 +214,9 @@ def check_aligned(forget: Any, corrected: Any) -> None:
             )
 
 
-def sample_units(loader: Any, *, seed: int, max_samples: int | None) -> list[Tensor] | None:
+def sample_units(
+    loader: Any, *, seed: int, max_samples: int | None, unit_size: int | None = None
+) -> list[Tensor] | None:
     """A seeded random order of a map-style loader's samples (at most ``max_samples``), in units of its batch size.
 
     Units are the same whatever the number of processes, so a sequential pass that stops after a
@@ -225,7 +227,7 @@ def sample_units(loader: Any, *, seed: int, max_samples: int | None) -> list[Ten
     order = torch.randperm(len(loader.dataset), generator=torch.Generator().manual_seed(seed))
     if max_samples is not None:
         order = order[:max_samples]
-    return list(order.split(loader.batch_size or 1))
+    return list(order.split(unit_size or loader.batch_size or 1))
 
 
 def unit_batch(loader: Any, indices: Tensor) -> Any:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from lightning_sa_unlearn.context import UnlearningRun
 from lightning_sa_unlearn.curvature import GGN, SharpnessStatistics, selection_margin
-from lightning_sa_unlearn.data import Relabelled, check_aligned, dataset_size
+from lightning_sa_unlearn.data import Relabelled, check_aligned, dataset_size, limit_samples
 from lightning_sa_unlearn.evaluations import Evaluation
 from lightning_sa_unlearn.functional import require_trainable_parameters
 from lightning_sa_unlearn.report import UnlearningReport
@@ -47,6 +47,7 @@ from lightning_sa_unlearn.updates import Update, ValidationSpec, forget_gradient
 
 REPORT_SAMPLES = 256
 """Curvature samples read for the report alone when no part chooses by curvature (``LastLayer``, ...)."""
+FINITE_CHECK_SAMPLES = 512
 UNLEARNING_STAGES = ("forget_gradient", "curvature", "selection", "update")
 """The unlearning itself; every other stage (evaluations, report-only curvature) is reporting."""
 
@@ -249,7 +250,9 @@ def _prepare_validation(run: UnlearningRun, update: Update, selection: Selection
 
 
 def _check_finite(run: UnlearningRun, update: Update) -> None:
-    after = run.validation_loss(run.model) if run.validation is not None else run.mean_loss(run.model, run.forget)
+    """Finite selected parameters, and a finite loss on a few hundred validation samples (or the forget set)."""
+    sample = run.validation_sample if run.validation_sample is not None else run.forget
+    after = run.mean_loss(run.model, list(limit_samples(sample, FINITE_CHECK_SAMPLES)))
     params = dict(run.model.named_parameters())
     if not all(torch.isfinite(params[n]).all() for n in run.names) or not math.isfinite(after):
         raise RuntimeError(

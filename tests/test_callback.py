@@ -340,7 +340,7 @@ def test_parameter_sharding_strategies_are_refused():
 def test_reported_sharpness_is_the_ggn_of_the_training_set(tiny_model):
     model, datamodule = tiny_model
     expected = layer_sharpness(model, hessian_diagonal(model, datamodule.train_dataloader(), method="ggn"))
-    report = SharpnessAwareUnlearning(verbose=False).unlearn(model, datamodule)
+    report = SharpnessAwareUnlearning(curvature="ggn", verbose=False).unlearn(model, datamodule)
     assert report.layer_sharpness == pytest.approx(expected, rel=1e-5)
 
 

@@ -14,6 +14,7 @@ from lightning_sa_unlearn.curvature.estimators import (
     ExactHessian,
     Hutchinson,
     MonteCarloGGN,
+    default_curvature,
 )
 from lightning_sa_unlearn.curvature.functional import (
     CURVATURE_METHODS,
@@ -35,6 +36,7 @@ __all__ = [
     "Hutchinson",
     "MonteCarloGGN",
     "SharpnessStatistics",
+    "default_curvature",
     "hessian_diagonal",
     "hessian_diagonal_sum",
     "selection_margin",

@@ -492,6 +492,7 @@ def _mc_ggn_batch(model, params, buffers, x, y, *, loss_fn, loss, num_samples, g
     with torch.no_grad():
         logits = functional_call(model, (params, buffers), (x,))
         probabilities = torch.softmax(logits.double(), dim=-1)
+        _require_finite(probabilities)
         device = generator.device if generator is not None else probabilities.device
         sampled = torch.multinomial(probabilities.to(device), num_samples, replacement=True, generator=generator)
     gradients = _logit_gradients(loss_fn)
@@ -659,3 +660,12 @@ def _first_line(error: BaseException) -> str:
 
 def _describe(loss_fn: LossFn) -> str:
     return getattr(loss_fn, "__name__", None) or type(loss_fn).__name__
+
+
+def _require_finite(probabilities: Tensor) -> None:
+    """Labels cannot be sampled from NaN probabilities: say so as a non-finite curvature."""
+    if not torch.isfinite(probabilities).all():
+        raise RuntimeError(
+            "the curvature is not finite: the model's outputs hold NaN/inf, so mc_ggn cannot sample labels. "
+            "Check the weights and the training data for NaN/inf. Weights were left unchanged."
+        )

@@ -234,6 +234,11 @@ class _CrossEntropyBatch(BatchLoss):
         n, positions, classes = p.shape
         device = generator.device if generator is not None else p.device
         flat = p.reshape(-1, classes).double().to(device)
+        if not torch.isfinite(flat).all():
+            raise RuntimeError(
+                "the curvature is not finite: the model's outputs hold NaN/inf, so mc_ggn cannot sample labels. "
+                "Check the weights and the training data for NaN/inf. Weights were left unchanged."
+            )
         labels = torch.multinomial(flat, num_samples, replacement=True, generator=generator).to(p.device)
         one_hot = F.one_hot(labels, classes).to(p.dtype).reshape(n, positions, num_samples, classes)
         rows = (p[:, :, None, :] - one_hot) * (scale / num_samples).sqrt()[:, :, None, None]  # [n, T, m, C]
