@@ -30,9 +30,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lightning_sa_unlearn.curvature import Curvature, CurvatureResult, selection_margin
-from lightning_sa_unlearn.data import Batches, Relabelled, UnlearningData, check_aligned, dataset_size
+from lightning_sa_unlearn.data import Batches, Relabelled, UnlearningData, check_aligned, training_set_size
 from lightning_sa_unlearn.evaluations import Evaluation
 from lightning_sa_unlearn.functional import LossFn, batches_for, require_trainable_parameters
+from lightning_sa_unlearn.guard import HarmGuard
 from lightning_sa_unlearn.processes import Processes
 from lightning_sa_unlearn.report import UnlearningReport
 from lightning_sa_unlearn.selection import (
@@ -63,6 +64,7 @@ class UnlearningRun:
     target_class: int | None = None
     max_samples: int | None = None
     curvature: Curvature | None = None
+    harm_guard: bool = True
     num_classes: int = 0
     forget: Batches | None = None
     corrected: Batches | None = None
@@ -110,7 +112,8 @@ class UnlearningRun:
 
     def progress(self, iterable: Iterable[Any], description: str, total: int | None) -> Iterable[Any]:
         """A progress bar on rank 0 for steps that take more than two seconds, if enabled."""
-        enabled = self.progress_bar and (self.trainer is None or self.trainer.is_global_zero)
+        trainer = self.trainer
+        enabled = self.progress_bar and (trainer is None or trainer.is_global_zero and _shows_progress(trainer))
         return tqdm(
             iterable, desc=description, total=total, leave=False, delay=2.0, disable=not enabled, dynamic_ncols=True
         )
@@ -186,13 +189,16 @@ def run_unlearning(
     if measure_curvature or selection.needs_curvature or update.needs_curvature:
         with run.stage("curvature"):
             run.curvature_result = run.curvature.measure(run)
-    run.training_size = dataset_size(run.data.train) or (run.curvature_result.samples if run.curvature_result else 0)
+    run.training_size = training_set_size(run.data.train) if run.curvature_result else 0
     with run.stage("selection"):
         selected, margin = _select(run, selection, layers)
     _prepare_validation(run, update)
+    guard = HarmGuard.start(run, update)  # the validation objective per sample, before (None: guard off)
     with run.stage("update"), _frozen_except(run.model, run.names):
         outcome = update.apply(run)
         _check_finite(run, update)
+    if guard is not None:
+        guard.check(run, update, outcome)  # raises (the caller restores the weights) on a harmful update
     evaluate("after")
     run.seconds["total"] = time.perf_counter() - total_start
     fields: dict[str, Any] = {}
@@ -326,8 +332,30 @@ def _frozen_except(model: nn.Module, names: list[str]) -> Iterator[None]:
 def _num_classes(model: nn.Module, forget: Any) -> int:
     for x, _ in batches_for(model, forget):
         if len(x):
-            return int(model(x[:1]).shape[-1])
+            return _logits_width(model(x[:1]), type(model).__name__)
     raise ValueError("the forget set is empty: forget_dataloader() served no samples. Nothing to unlearn.")
+
+
+def _logits_width(output: Any, model_name: str) -> int:
+    """The number of classes from one forward's output, refusing anything but a (batch, classes) tensor."""
+    if not isinstance(output, Tensor):
+        what = f"a dict with keys {sorted(output)}" if isinstance(output, dict) else f"a {type(output).__name__}"
+        raise TypeError(
+            f"{model_name}.forward(x) returned {what}, but unlearning needs the logits as one tensor of shape "
+            "(batch, classes). Return the logits from forward (keep other outputs in another method), or unlearn "
+            "a wrapper module whose forward returns them."
+        )
+    if output.ndim != 2:
+        raise ValueError(
+            f"{model_name}.forward(x) returned a tensor of shape {tuple(output.shape)}, but unlearning is for "
+            "classification and needs logits of shape (batch, classes)."
+        )
+    return int(output.shape[-1])
+
+
+def _shows_progress(trainer: pl.Trainer) -> bool:
+    """False when the trainer was built with ``enable_progress_bar=False``."""
+    return getattr(trainer, "progress_bar_callback", None) is not None
 
 
 def _device(model: nn.Module) -> torch.device:

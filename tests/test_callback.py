@@ -90,9 +90,10 @@ def test_first_order_changes_only_the_selected_layer(tiny_model):
     gradient = independent_forget_gradient(model, datamodule)
     model.train()
 
-    report = SharpnessAwareUnlearning(selection=["net.fc1"], update=FirstOrder(0.02), verbose=False).unlearn(
-        model, datamodule
-    )
+    # tau=0.02 raises the validation loss here: the harm guard would refuse it, and this test is about the step itself
+    report = SharpnessAwareUnlearning(
+        selection=["net.fc1"], update=FirstOrder(0.02), verbose=False, harm_guard=False
+    ).unlearn(model, datamodule)
 
     assert report.selected_layers == ["net.fc1"] and report.tau == 0.02
     for name in ("net.fc1.weight", "net.fc1.bias"):

@@ -41,7 +41,9 @@ def config(folder: pathlib.Path, **unlearning) -> pathlib.Path:
             "init_args": {"dataset": "synthetic", "num_poisoned": 40, "synthetic_size": [600, 200]},
         },
     }
-    path = folder / "config.yaml"
+    # not config.yaml: LightningCLI saves the run's config under that name in the log folder (here the same
+    # folder), and sa-unlearn refuses to replace it; the input used to be overwritten by that save
+    path = folder / "input.yaml"
     path.write_text(yaml.safe_dump(values))
     return path
 
