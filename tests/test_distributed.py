@@ -43,6 +43,23 @@ class SaveAfter(Callback):
         )
 
 
+class ExpectFailure(Callback):
+    """Run `callback` after the stages, expecting it to fail; save this process's message and whether weights held."""
+
+    def __init__(self, callback, folder):
+        self.callback, self.folder = callback, folder
+
+    def on_train_end(self, trainer, pl_module):
+        before = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        try:
+            self.callback.run(trainer, pl_module, trainer.datamodule)
+            message = None
+        except Exception as error:
+            message = f"{type(error).__name__}: {error}"
+        unchanged = all(torch.equal(before[k], v) for k, v in pl_module.state_dict().items())
+        (self.folder / f"failure_rank{trainer.global_rank}.json").write_text(json.dumps([message, unchanged]))
+
+
 def frozen_copy(saved):
     """A TinyClassifier holding `saved`, whose training step changes nothing (lr 0, BatchNorm momentum 0)."""
     model = TinyClassifier()
@@ -85,6 +102,8 @@ def runs(tmp_path_factory, fitted_tiny):
     for tag, kwargs in STAGES:
         callback = SharpnessAwareUnlearning(verbose=False, progress_bar=False, seed=3, **kwargs)
         callbacks += [callback, SaveAfter(callback, tag, folder)]
+    harmful = SharpnessAwareUnlearning(update=FirstOrder(1e6), unlearn_on_train_end=False, verbose=False)
+    callbacks.append(ExpectFailure(harmful, folder))
     trainer = quiet_trainer(
         devices=2, strategy="ddp_spawn", max_epochs=1, limit_train_batches=1, limit_val_batches=0, callbacks=callbacks
     )
@@ -172,3 +191,19 @@ def test_results_reach_the_parent_process_through_callback_metrics(runs):
     report, _ = load(folder, "fine_tune", 0)
     metric = trainer.callback_metrics["unlearn/heldout_after/accuracy"].item()
     assert metric == pytest.approx(report["heldout_after"]["accuracy"])
+
+
+def test_membership_inference_is_computed_once_and_shared(runs):
+    folder, reports, _, _ = runs
+    ranks = [load(folder, "hutchinson", rank)[0]["membership_inference"] for rank in (0, 1)]
+    assert ranks[0] == ranks[1]
+    for stage in ("before", "after"):
+        assert ranks[0][stage] == pytest.approx(reports["hutchinson"]["membership_inference"][stage], rel=1e-6)
+
+
+def test_a_harmful_update_is_refused_on_every_process(runs):
+    folder, _, _, _ = runs
+    for rank in (0, 1):
+        message, unchanged = json.loads((folder / f"failure_rank{rank}.json").read_text())
+        assert message.startswith("HarmfulUpdateError: the first_order update raised the validation objective")
+        assert unchanged
