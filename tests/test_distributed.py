@@ -102,7 +102,9 @@ def runs(tmp_path_factory, fitted_tiny):
     for tag, kwargs in STAGES:
         callback = SharpnessAwareUnlearning(verbose=False, progress_bar=False, seed=3, **kwargs)
         callbacks += [callback, SaveAfter(callback, tag, folder)]
-    harmful = SharpnessAwareUnlearning(update=FirstOrder(1e6), unlearn_on_train_end=False, verbose=False)
+    harmful = SharpnessAwareUnlearning(
+        update=FirstOrder(1e6), selection="last", unlearn_on_train_end=False, verbose=False
+    )
     callbacks.append(ExpectFailure(harmful, folder))
     trainer = quiet_trainer(
         devices=2, strategy="ddp_spawn", max_epochs=1, limit_train_batches=1, limit_val_batches=0, callbacks=callbacks
