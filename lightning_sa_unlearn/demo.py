@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         report_path=os.path.join(args.out, "report.json"),
         plot_path=os.path.join(args.out, "sharpness.png"),
     )
+    unlearning.overwrite = True  # `make demo` again replaces its own report and plot in --out
     trainer = quiet_trainer(max_epochs=args.epochs, accelerator="cpu", callbacks=[unlearning], enable_progress_bar=True)
     start = time.perf_counter()
     trainer.fit(model, datamodule)

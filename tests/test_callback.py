@@ -22,6 +22,7 @@ from lightning_sa_unlearn import (
     layer_sharpness,
 )
 from lightning_sa_unlearn.functional import eval_mode
+from lightning_sa_unlearn.report import UnlearningReport
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAYERS = ["net.conv", "net.bn", "net.fc1", "net.fc2"]
@@ -358,12 +359,21 @@ def test_retain_slice_is_the_same_for_every_tau(tiny_model):
     assert dict(report.tau_search)[0.0] == pytest.approx(expected, rel=1e-5)
 
 
-def test_a_failure_while_publishing_restores_the_weights(tiny_model, tmp_path):
+def test_a_failure_while_publishing_restores_the_weights(tiny_model, tmp_path, monkeypatch):
     model, datamodule = tiny_model
     before = state(model)
-    with pytest.raises(IsADirectoryError):
-        SharpnessAwareUnlearning(report_path=str(tmp_path), verbose=False).unlearn(model, datamodule)
+
+    def broken(self, prefix="unlearn"):
+        raise RuntimeError("logging failed")
+
+    # a folder as report_path is now refused before any work, so the failure comes from logging instead
+    monkeypatch.setattr(UnlearningReport, "scalar_metrics", broken)
+    with pytest.raises(RuntimeError, match="logging failed"):
+        SharpnessAwareUnlearning(report_path=str(tmp_path / "report.json"), verbose=False).unlearn(model, datamodule)
     assert_same_state(model, before)
+    assert list(tmp_path.iterdir()) == []  # the report written before logging failed is gone too
+    with pytest.raises(IsADirectoryError, match="report_path .* is a folder"):
+        SharpnessAwareUnlearning(report_path=str(tmp_path), verbose=False).unlearn(model, datamodule)
 
 
 class LateTestSetDataModule(TensorDataModule):
