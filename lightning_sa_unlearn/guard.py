@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -122,10 +122,26 @@ class GuardResult:
     samples: int
     paired: bool
     class_accuracy: dict[int, tuple[float, float]]
+    source: str = ""
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def rise(self) -> float:
         return self.after - self.before
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report's ``harm_guard`` field."""
+        return {
+            "source": self.source,
+            "before": self.before,
+            "after": self.after,
+            "rise": self.rise,
+            "standard_error": self.standard_error,
+            "rise_in_standard_errors": self.standard_errors,
+            "samples": self.samples,
+            "paired": self.paired,
+            "warnings": list(self.warnings),
+        }
 
     @property
     def standard_errors(self) -> float:
@@ -168,6 +184,7 @@ class HarmGuard:
         """Judge the update (see the module's rules): warn, or raise :class:`HarmfulUpdateError`."""
         with run.stage("harm_guard"):
             result = self._compare(run, self._measure(run))
+        result.source = self.source
         deletion = run.data.corrected is None
         tolerance = ROUNDING * max(abs(result.before), 1e-12)
         se = result.standard_error if math.isfinite(result.standard_error) else 0.0
@@ -193,7 +210,7 @@ class HarmGuard:
                 "To keep such an update anyway, pass harm_guard=False."
             )
         if deletion and result.rise > noise:
-            rank_zero_warn(
+            result.warnings.append(
                 f"{summary}. Kept: without a corrected set, forgetting may cost some validation loss; the guard "
                 f"refuses only a rise beyond {DELETION_STANDARD_ERRORS:g} standard errors and "
                 f"{DELETION_RELATIVE_RISE:.0%} of the objective."
@@ -201,11 +218,13 @@ class HarmGuard:
         fallen = {k: v for k, v in result.class_accuracy.items() if v[0] - v[1] > CLASS_ACCURACY_DROP}
         if fallen:
             classes = ", ".join(f"class {k} {100 * b:.1f}% -> {100 * a:.1f}%" for k, (b, a) in sorted(fallen.items()))
-            rank_zero_warn(
+            result.warnings.append(
                 f"the {update.name} update lowered the validation accuracy of some classes by more than "
                 f"{100 * CLASS_ACCURACY_DROP:.0f} points ({classes}; {self.source}). Check the per-class "
                 "held-out accuracy in the report."
             )
+        for warning in result.warnings:
+            rank_zero_warn(warning)
         return result
 
     # ------------------------------------------------------------------ internals

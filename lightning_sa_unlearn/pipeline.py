@@ -197,8 +197,7 @@ def run_unlearning(
     with run.stage("update"), _frozen_except(run.model, run.names):
         outcome = update.apply(run)
         _check_finite(run, update)
-    if guard is not None:
-        guard.check(run, update, outcome)  # raises (the caller restores the weights) on a harmful update
+    guarded = guard.check(run, update, outcome) if guard is not None else None  # raises on a harmful update
     evaluate("after")
     run.seconds["total"] = time.perf_counter() - total_start
     fields: dict[str, Any] = {}
@@ -226,6 +225,7 @@ def run_unlearning(
         selection_margin=margin,
         solver=outcome.get("solver"),
         fallback=outcome.get("fallback"),
+        harm_guard=guarded.to_dict() if guarded is not None else None,
         **fields,
     )
 

@@ -107,10 +107,14 @@ def test_sample_deletion_keeps_a_moderate_rise_with_warnings(tiny_model):
     model, _ = tiny_model
     before = state(model)
     with pytest.warns(UserWarning) as caught:
-        unlearn(model, TensorDataModule(with_corrected=False), update=FirstOrder(0.01), selection="sharpest")
+        report = unlearn(model, TensorDataModule(with_corrected=False), update=FirstOrder(0.01), selection="sharpest")
     messages = " ".join(str(w.message) for w in caught)
     assert "Kept: without a corrected set" in messages and "standard errors" in messages
     assert "lowered the validation accuracy of some classes by more than 5 points (class 2 100.0% ->" in messages
+    guard = report.harm_guard  # the report carries the check and its warnings too
+    assert 2 < guard["rise_in_standard_errors"] < 4 and guard["samples"] == 90 and len(guard["warnings"]) == 2
+    assert "harm guard: validation objective (val_dataloader)" in report.format_table()
+    assert "warning: the first_order update lowered the validation accuracy" in report.format_table()
     assert any(not torch.equal(t, before[name]) for name, t in model.named_parameters())
 
 
@@ -172,7 +176,10 @@ def test_fine_tune_stops_at_the_first_non_finite_loss(tiny_model):
 
 
 # ---------------------------------------------------------------- unconverged solves
-@pytest.mark.parametrize("solver", [CG(max_iterations=2), LiSSA(max_iterations=2)], ids=["cg", "lissa"])
+UNCONVERGED = [CG(max_iterations=2), LiSSA(max_iterations=2, scale=1000.0)]  # a scale: no power iteration
+
+
+@pytest.mark.parametrize("solver", UNCONVERGED, ids=["cg", "lissa"])
 def test_an_unconverged_solve_is_applied_with_a_warning_only_if_harmless(solver, tiny_model):
     model, datamodule = tiny_model
     with pytest.warns(UserWarning, match=f"the {solver.name} solve stopped at max_iterations=2 with relative residual"):
