@@ -16,6 +16,7 @@ from lightning_sa_unlearn.curvature import (
 )
 from lightning_sa_unlearn.datamodules import PoisonedLabelDataModule
 from lightning_sa_unlearn.evaluations import Evaluation, HeldOutMetrics, MembershipInference, RelearnAttack
+from lightning_sa_unlearn.guard import HarmfulUpdateError, paired_standard_error
 from lightning_sa_unlearn.pipeline import UnlearningRun
 from lightning_sa_unlearn.report import UnlearningReport
 from lightning_sa_unlearn.selection import (
@@ -61,6 +62,7 @@ __all__ = [
     "FixedStep",
     "Flattest",
     "ForgetLossDescent",
+    "HarmfulUpdateError",
     "HeldOutMetrics",
     "Hutchinson",
     "LastLayer",
@@ -88,6 +90,7 @@ __all__ = [
     "forget_gradient",
     "hessian_diagonal",
     "layer_sharpness",
+    "paired_standard_error",
     "select_layers",
 ]
 __version__ = "0.2.0"

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import os
+import contextlib
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ from lightning_sa_unlearn.curvature import CURVATURES, Curvature, default_curvat
 from lightning_sa_unlearn.data import UnlearningData
 from lightning_sa_unlearn.evaluations import EVALUATIONS, Evaluation, HeldOutMetrics
 from lightning_sa_unlearn.functional import eval_mode
+from lightning_sa_unlearn.outputs import OutputFiles
 from lightning_sa_unlearn.parts import resolve
 from lightning_sa_unlearn.pipeline import run_unlearning
 from lightning_sa_unlearn.processes import Processes
@@ -53,11 +55,18 @@ class SharpnessAwareUnlearning(Callback):
         report_path, plot_path: where rank 0 writes the JSON report and the sharpness plot.
         checkpoint_path: save the unlearned model there (a Lightning checkpoint that
             ``load_from_checkpoint`` reads). ``ModelCheckpoint`` files written during training
-            hold the model from before unlearning.
+            hold the model from before unlearning. These files are written only when the whole run
+            succeeded, never over the checkpoint the model came from, and never over a file of an
+            earlier run unless asked (:attr:`overwrite`, ``unlearn(..., overwrite=True)``);
+            ``fast_dev_run`` writes none of them.
         unlearn_on_train_end: unlearn at the end of ``trainer.fit`` (False: only train, and
             unlearn later with :meth:`unlearn` or ``sa-unlearn unlearn``).
-        progress_bar: show progress on steps that take more than a couple of seconds.
+        progress_bar: show progress on steps that take more than a couple of seconds (never when
+            the trainer has ``enable_progress_bar=False``).
         verbose: print the before/after table when done.
+        harm_guard: after the update, compare the validation objective with its value before, per
+            sample; a rise beyond noise restores the weights and raises (:mod:`~lightning_sa_unlearn.guard`).
+            False keeps any finite update.
     """
 
     def __init__(
@@ -74,6 +83,7 @@ class SharpnessAwareUnlearning(Callback):
         unlearn_on_train_end: bool = True,
         progress_bar: bool = True,
         verbose: bool = True,
+        harm_guard: bool = True,
     ) -> None:
         self.curvature = None if curvature is None else resolve(curvature, Curvature, CURVATURES, "curvature")
         if isinstance(selection, (list, tuple)):
@@ -88,8 +98,12 @@ class SharpnessAwareUnlearning(Callback):
         self.loss_fn, self.seed = loss_fn, seed
         self.report_path, self.plot_path, self.checkpoint_path = report_path, plot_path, checkpoint_path
         self.unlearn_on_train_end, self.progress_bar, self.verbose = unlearn_on_train_end, progress_bar, verbose
+        self.harm_guard = harm_guard
         self.report: UnlearningReport | None = None
+        self.overwrite = False
+        """Replace a report, plot or checkpoint that an earlier run left (``sa-unlearn --overwrite true`` sets it)."""
         self.unlearn_on_validation_end = False  # set by `sa-unlearn unlearn`
+        self._staged: OutputFiles | None = None  # set by `sa-unlearn unlearn`
         if self._overrides_select_layers() and self.selection.granularity != "layer":
             raise ValueError(
                 f"{type(self).__name__} overrides select_layers, which picks whole layers, but selection="
@@ -139,32 +153,48 @@ class SharpnessAwareUnlearning(Callback):
 
     # ------------------------------------------------------------------ entry points
     def unlearn(
-        self, model: pl.LightningModule, datamodule: Any = None, trainer: pl.Trainer | None = None
+        self,
+        model: pl.LightningModule,
+        datamodule: Any = None,
+        trainer: pl.Trainer | None = None,
+        overwrite: bool | None = None,
     ) -> UnlearningReport:
         """Unlearn on an already fitted ``model`` without training; returns the report.
 
         A LightningDataModule gets ``prepare_data()`` and ``setup("fit")``/``setup("test")``
         first. Without a ``trainer``, a minimal one (no logger, no checkpoints) is built.
+        ``overwrite``: replace a report, plot or checkpoint left by an earlier run (default:
+        :attr:`overwrite`, False: refuse before any work).
         """
         if trainer is None:
-            trainer = quiet_trainer(accelerator="cpu" if _device(model).type == "cpu" else "auto")
+            trainer = quiet_trainer(
+                accelerator="cpu" if _device(model).type == "cpu" else "auto", enable_progress_bar=self.progress_bar
+            )
         if isinstance(datamodule, pl.LightningDataModule):
             datamodule.prepare_data()
-        return self.run(trainer, model, _ready(datamodule, "fit", "test"))
+        return self.run(trainer, model, _ready(datamodule, "fit", "test"), overwrite=overwrite)
 
-    def run(self, trainer: pl.Trainer, pl_module: nn.Module, datamodule: Any = None) -> UnlearningReport:
+    def run(
+        self, trainer: pl.Trainer, pl_module: nn.Module, datamodule: Any = None, overwrite: bool | None = None
+    ) -> UnlearningReport:
         """Unlearn on ``pl_module`` with the data of ``datamodule`` (then ``pl_module``).
 
-        Publishing the report and saving ``checkpoint_path`` are part of the run: if either fails,
-        the weights are restored too.
+        Saving ``checkpoint_path``, writing the report and the plot, and logging are part of the
+        run: the files go to temporary names first and are renamed into place only when all of it
+        succeeded; if anything fails, the weights are restored and the temporary files removed.
         """
         self.report = None
         snapshot = {name: t.detach().clone() for name, t in _tensors(pl_module)}
         flags = {name: p.requires_grad for name, p in pl_module.named_parameters()}
+        staged = self._staged  # set by UnlearningTrainer.unlearn, which then puts the files in place itself
+        outputs = staged
         try:
+            processes = Processes(trainer, _device(pl_module))
+            if outputs is None:  # refused before any work, on every process alike
+                outputs = processes.agree(lambda: self._outputs(trainer, overwrite))
             run = UnlearningRun(
                 trainer,
-                Processes(trainer, _device(pl_module)),
+                processes,
                 pl_module,
                 UnlearningData.resolve(datamodule, pl_module),
                 loss_fn=self.loss_fn,
@@ -174,6 +204,7 @@ class SharpnessAwareUnlearning(Callback):
                 target_class=getattr(datamodule, "target_class", None),
                 max_samples=FAST_DEV_RUN_SAMPLES if trainer.fast_dev_run else None,
                 curvature=self.curvature or default_curvature(self.loss_fn),
+                harm_guard=self.harm_guard,
             )
             selection = _SubclassRule(self) if self._overrides_select_layers() else self.selection
             with torch.inference_mode(False), torch.enable_grad(), run.seeded(), eval_mode(pl_module):
@@ -182,11 +213,13 @@ class SharpnessAwareUnlearning(Callback):
                 )
             for name, p in pl_module.named_parameters():
                 p.requires_grad_(flags[name])
-            if self.checkpoint_path:  # saved before anything reports success
-                run.processes.agree(lambda: _save_checkpoint(trainer, pl_module, self.checkpoint_path))
-            run.processes.agree(lambda: self._publish(trainer, report))  # rank 0's file writes fail on every rank
+            # rank 0 writes and publishes; its failures fail every process
+            run.processes.agree(lambda: self._write(trainer, pl_module, report, outputs))
+            run.processes.agree(lambda: self._publish(trainer, report, commit=None if staged else outputs))
         except BaseException:
             _restore(pl_module, snapshot)
+            if outputs is not None and staged is None and trainer.is_global_zero:
+                outputs.discard()
             raise
         finally:
             for name, p in pl_module.named_parameters():
@@ -217,17 +250,40 @@ class SharpnessAwareUnlearning(Callback):
     def _overrides_select_layers(self) -> bool:
         return type(self).select_layers is not SharpnessAwareUnlearning.select_layers
 
-    def _publish(self, trainer: pl.Trainer, report: UnlearningReport) -> None:
+    def _outputs(self, trainer: pl.Trainer, overwrite: bool | None) -> OutputFiles:
+        """The files this run will write, checked now: none is an input, none replaces an earlier file unasked."""
+        outputs = OutputFiles(self.overwrite if overwrite is None else overwrite, _fitted_checkpoints(trainer))
+        paths = {"checkpoint": self.checkpoint_path, "report": self.report_path, "plot": self.plot_path}
+        if trainer.fast_dev_run:
+            if any(paths.values()):
+                rank_zero_info("fast_dev_run: the report, plot and unlearned checkpoint are not written.")
+            return outputs
+        for role, path in paths.items():
+            if path:
+                outputs.add(role, path, f"{role}_path")
+        return outputs
+
+    def _write(self, trainer: pl.Trainer, pl_module: nn.Module, report: UnlearningReport, outputs: OutputFiles) -> None:
+        """Rank 0 writes the checkpoint, report and plot to their temporary names (no barrier inside)."""
+        if not trainer.is_global_zero:
+            return
+        if "checkpoint" in outputs:
+            _save_checkpoint(pl_module, outputs.prepare("checkpoint"))
+        if "report" in outputs:
+            report.to_json(outputs.prepare("report"))
+        if "plot" in outputs:
+            report.plot(outputs.prepare("plot"))
+
+    def _publish(self, trainer: pl.Trainer, report: UnlearningReport, commit: OutputFiles | None) -> None:
         metrics = report.scalar_metrics()
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+            logger.save()  # e.g. CSVLogger writes metrics.csv only on save
         if not trainer.is_global_zero:
             return
-        if self.report_path:
-            report.to_json(self.report_path)
-        if self.plot_path:
-            report.plot(self.plot_path)
+        if commit is not None:
+            commit.commit()
         if self.verbose:
             rank_zero_info("\nSharpness-aware unlearning\n" + report.format_table())
 
@@ -263,7 +319,31 @@ def quiet_trainer(**options: Any) -> pl.Trainer:
         enable_progress_bar=False,
         num_sanity_val_steps=0,
     )
-    return pl.Trainer(**{**defaults, **options})
+    with _quiet_lightning():  # no "GPU available: ..." banner
+        return pl.Trainer(**{**defaults, **options})
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Lightning's informational messages (the device banner, tips) off for the duration; warnings stay."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _fitted_checkpoints(trainer: pl.Trainer) -> dict[str, str | None]:
+    """The checkpoints the model was loaded from or saved to: no output may replace them."""
+    found: dict[str, str | None] = {"the checkpoint the trainer loaded": getattr(trainer, "ckpt_path", None)}
+    for callback in getattr(trainer, "checkpoint_callbacks", []):
+        for attribute in ("best_model_path", "last_model_path"):
+            found[f"{type(callback).__name__}.{attribute}"] = getattr(callback, attribute, None)
+    return found
 
 
 def _ready(datamodule: Any, *stages: str) -> Any:
@@ -274,17 +354,12 @@ def _ready(datamodule: Any, *stages: str) -> Any:
     return datamodule
 
 
-def _save_checkpoint(trainer: pl.Trainer, pl_module: nn.Module, path: str) -> None:
-    """Save the unlearned model (weights and hyperparameters) so that ``load_from_checkpoint`` reads it.
-
-    Written by rank 0 alone, with no barrier inside, so that a failed write can be agreed on.
-    """
+def _save_checkpoint(pl_module: nn.Module, path: str) -> None:
+    """Save the unlearned model (weights and hyperparameters) so that ``load_from_checkpoint`` reads it."""
     checkpoint = {"state_dict": pl_module.state_dict(), "pytorch-lightning_version": pl.__version__}
     if isinstance(pl_module, pl.LightningModule):
         checkpoint[pl.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY] = dict(pl_module.hparams)
-    if trainer.is_global_zero:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        torch.save(checkpoint, path)
+    torch.save(checkpoint, path)
 
 
 def _tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:

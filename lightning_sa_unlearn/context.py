@@ -39,6 +39,7 @@ class UnlearningRun:
     target_class: int | None = None
     max_samples: int | None = None
     curvature: Curvature | None = None
+    harm_guard: bool = True
     num_classes: int = 0
     forget: Batches | None = None
     corrected: Batches | None = None
@@ -101,7 +102,8 @@ class UnlearningRun:
 
     def progress(self, iterable: Iterable[Any], description: str, total: int | None) -> Iterable[Any]:
         """A progress bar on rank 0 for steps that take more than two seconds, if enabled."""
-        enabled = self.progress_bar and (self.trainer is None or self.trainer.is_global_zero)
+        trainer = self.trainer
+        enabled = self.progress_bar and (trainer is None or trainer.is_global_zero and _shows_progress(trainer))
         return tqdm(
             iterable, desc=description, total=total, leave=False, delay=2.0, disable=not enabled, dynamic_ncols=True
         )
@@ -153,9 +155,31 @@ class UnlearningRun:
 def _num_classes(model: nn.Module, forget: Any) -> int:
     for x, _ in batches_for(model, forget):
         if len(x):
-            return int(model(x[:1]).shape[-1])
+            return _logits_width(model(x[:1]), type(model).__name__)
     raise ValueError("the forget set is empty: forget_dataloader() served no samples. Nothing to unlearn.")
 
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters(), torch.empty(0)).device
+
+
+def _logits_width(output: Any, model_name: str) -> int:
+    """The number of classes from one forward's output, refusing anything but a (batch, classes) tensor."""
+    if not isinstance(output, Tensor):
+        what = f"a dict with keys {sorted(output)}" if isinstance(output, dict) else f"a {type(output).__name__}"
+        raise TypeError(
+            f"{model_name}.forward(x) returned {what}, but unlearning needs the logits as one tensor of shape "
+            "(batch, classes). Return the logits from forward (keep other outputs in another method), or unlearn "
+            "a wrapper module whose forward returns them."
+        )
+    if output.ndim != 2:
+        raise ValueError(
+            f"{model_name}.forward(x) returned a tensor of shape {tuple(output.shape)}, but unlearning is for "
+            "classification and needs logits of shape (batch, classes)."
+        )
+    return int(output.shape[-1])
+
+
+def _shows_progress(trainer: pl.Trainer) -> bool:
+    """False when the trainer was built with ``enable_progress_bar=False``."""
+    return getattr(trainer, "progress_bar_callback", None) is not None

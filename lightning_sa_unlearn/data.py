@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler, Subset
 
@@ -72,7 +73,22 @@ class UnlearningData:
                 "no training set: define train_dataloader() on your datamodule or LightningModule; "
                 "the curvature is measured on it."
             )
+        for field, loader in loaders.items():
+            check_reusable(loader, f"{field}_dataloader()")
         return cls(**loaders)
+
+
+def check_reusable(loader: Any, name: str) -> None:
+    """Refuse a loader that can be read only once (``iter(x) is x``: a generator or an iterator object).
+
+    Unlearning reads most loaders several times (metrics before and after, one pass per τ, ...), and a
+    second pass over a spent iterator is silently empty.
+    """
+    if isinstance(loader, Iterator):  # iter(x) is x, checked without starting a pass
+        raise ValueError(
+            f"{name} returned a {type(loader).__name__}, which can be read only once (iter(x) is x), but "
+            "unlearning reads each loader several times. Return a DataLoader or a list of (x, y) batches instead."
+        )
 
 
 def sized(batches: Iterable[Any]) -> int | None:
@@ -98,10 +114,17 @@ def limit_samples(batches: Iterable[Any], max_samples: int | None) -> Iterator[A
 
 
 def checked_labels(batches: Iterable[Any], num_classes: int, what: str) -> Iterator[Any]:
-    """Pass batches through, raising ValueError on a label outside ``0 .. num_classes - 1``."""
+    """Pass batches through, raising ValueError on labels that are not class indices ``0 .. num_classes - 1``."""
     for batch in batches:
         _, y = split_batch(batch)
-        if y.numel() and not y.is_floating_point() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            kind = f"{y.dtype} labels" if isinstance(y, torch.Tensor) else f"labels of type {type(y).__name__}"
+            raise ValueError(
+                f"the {what} set has {kind}, but the callback unlearns classifiers and needs class indices "
+                f"(an integer tensor, values 0..{num_classes - 1}). Convert them with y.long(); for regression "
+                "losses or soft labels use hessian_diagonal directly."
+            )
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise ValueError(
                 f"the {what} set has labels in [{int(y.min())}, {int(y.max())}], but the model has "
                 f"{num_classes} outputs (classes 0..{num_classes - 1}). Fix the labels or the model's output size."
@@ -200,6 +223,23 @@ class Relabelled:
 
 def dataset_size(loader: Any) -> int | None:
     return len(loader.dataset) if is_map_style(loader) else None
+
+
+def training_set_size(loader: Any) -> int:
+    """``N``, the number of training samples: ``len(dataset)`` when the loader's dataset has a length, else
+    counted in one pass over ``loader`` (an IterableDataset without ``__len__``, or a list of batches)."""
+    size = dataset_size(loader)
+    if size is None and isinstance(loader, DataLoader) and isinstance(loader.dataset, IterableDataset):
+        size = sized(loader.dataset)  # the size the dataset declares
+    if size is None:
+        size = sum(len(split_batch(batch)[1]) for batch in loader)
+        rank_zero_info(
+            f"counted {size} training samples in one pass over train_dataloader() (its dataset has no len()); "
+            "give the dataset a __len__ to skip this pass."
+        )
+    if size == 0:
+        raise ValueError("the training set is empty: train_dataloader() served no samples.")
+    return size
 
 
 def check_aligned(forget: Any, corrected: Any) -> None:

@@ -27,9 +27,10 @@ from torch import Tensor, nn
 
 from lightning_sa_unlearn.context import UnlearningRun
 from lightning_sa_unlearn.curvature import GGN, SharpnessStatistics, selection_margin
-from lightning_sa_unlearn.data import Relabelled, check_aligned, dataset_size, limit_samples
+from lightning_sa_unlearn.data import Relabelled, check_aligned, limit_samples, training_set_size
 from lightning_sa_unlearn.evaluations import Evaluation
 from lightning_sa_unlearn.functional import require_trainable_parameters
+from lightning_sa_unlearn.guard import HarmGuard
 from lightning_sa_unlearn.report import UnlearningReport
 from lightning_sa_unlearn.selection import (
     Flattest,
@@ -85,8 +86,9 @@ def run_unlearning(
         with run.stage("curvature_report"):
             run.curvature_result = GGN(samples=REPORT_SAMPLES).measure(run)
             run.curvature_result.stop = "report only"
-    run.training_size = dataset_size(run.data.train) or (run.curvature_result.samples if run.curvature_result else 0)
+    run.training_size = training_set_size(run.data.train)
     _prepare_validation(run, update, selection)
+    guard = HarmGuard.start(run, update)  # the validation objective per sample, before (None: guard off)
     trials = None
     if selection.trials:  # the rule runs the update on each candidate and keeps the best
         with run.stage("selection"):
@@ -103,6 +105,7 @@ def run_unlearning(
         with run.stage("update"), _frozen_except(run.model, run.names):
             outcome = update.apply(run)
             _check_finite(run, update)
+    guarded = guard.check(run, update, outcome) if guard is not None else None  # raises on a harmful update
     evaluate("after")
     run.seconds["total"] = time.perf_counter() - total_start
     run.seconds["unlearning"] = sum(run.seconds.get(stage, 0.0) for stage in UNLEARNING_STAGES)
@@ -136,6 +139,7 @@ def run_unlearning(
         solver=outcome.get("solver"),
         fallback=outcome.get("fallback"),
         selection_trials=trials,
+        harm_guard=guarded.to_dict() if guarded is not None else None,
         **fields,
     )
 

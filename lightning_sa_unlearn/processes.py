@@ -5,7 +5,8 @@ With one process every method is the identity.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,12 +27,16 @@ class Processes:
             )
 
     def sum(self, value: Tensor) -> Tensor:
-        return self.strategy.reduce(value.to(self.device), reduce_op="sum") if self.world_size > 1 else value
+        if self.world_size == 1:
+            return value
+        with _peer_failures():
+            return self.strategy.reduce(value.to(self.device), reduce_op="sum")
 
     def min(self, value: int) -> int:
         if self.world_size == 1:
             return value
-        return int(self.strategy.reduce(torch.tensor(value, device=self.device), reduce_op="min"))
+        with _peer_failures():
+            return int(self.strategy.reduce(torch.tensor(value, device=self.device), reduce_op="min"))
 
     def sum_tree(self, tree: dict[str, Tensor]) -> dict[str, Tensor]:
         """All-reduce a dict of tensors with one collective (flattened into one buffer)."""
@@ -45,7 +50,14 @@ class Processes:
         return out
 
     def broadcast(self, obj: Any) -> Any:
-        return self.strategy.broadcast(obj) if self.world_size > 1 else obj
+        if self.world_size == 1:
+            return obj
+        with _peer_failures():
+            return self.strategy.broadcast(obj)
+
+    def on_rank_zero(self, work: Callable[[], Any]) -> Any:
+        """Run ``work`` on rank 0 alone and hand its result to every process (a failure fails every process)."""
+        return self.broadcast(self.agree(lambda: work() if self.rank == 0 else None))
 
     def agree(self, work: Callable[[], Any]) -> Any:
         """Run local ``work``; if it fails on any process, every process raises (none waits forever)."""
@@ -60,7 +72,23 @@ class Processes:
         if error is not None:
             raise error
         if failures.item() > 0:
-            raise RuntimeError(
-                "another process failed while unlearning (its error is in its log); the weights were restored."
-            )
+            raise RuntimeError(PEER_FAILED)
         return result
+
+
+PEER_FAILED = "another process failed while unlearning (its error is in its log); the weights were restored."
+_LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused")
+
+
+@contextlib.contextmanager
+def _peer_failures() -> Iterator[None]:
+    """A collective that fails because another process is gone says so, instead of gloo's socket error."""
+    try:
+        yield
+    except RuntimeError as error:
+        lost = isinstance(error, getattr(torch.distributed, "DistNetworkError", ())) or any(
+            text in str(error) for text in _LOST_PEER
+        )
+        if lost:
+            raise RuntimeError(f"{PEER_FAILED} (Here: {str(error).splitlines()[0]})") from error
+        raise

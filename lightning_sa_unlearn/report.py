@@ -53,6 +53,11 @@ class UnlearningReport:
     """``second_order``: the solver's name, iterations, final relative residual and status."""
     fallback: str | None = None
     """Why ``fallback="first_order"`` replaced the second-order update, when it did."""
+    harm_guard: dict[str, Any] | None = None
+    """The harm guard's check (:mod:`~lightning_sa_unlearn.guard`): the validation objective ``before`` and
+    ``after``, the ``rise`` and its paired ``standard_error``, ``samples``, ``source``, and the ``warnings``
+    it gave (a kept rise under sample deletion, classes whose accuracy fell by more than 5 points).
+    None when the guard was off or had no validation data."""
     sharpness_standard_error: dict[str, float] = field(default_factory=dict)
     """Standard error of each layer's sharpness over curvature batches (:mod:`~lightning_sa_unlearn.curvature`)."""
     selection_trials: list[dict[str, Any]] | None = None
@@ -175,9 +180,21 @@ class UnlearningReport:
             "",
             f"update: {self.update}, selection: {self.selection}, tau: {tau}, "
             f"parameters updated: {self.num_updated_parameters:,}",
+            *self._guard_lines(),
             "seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()),
         ]
         return "\n".join(lines)
+
+    def _guard_lines(self) -> list[str]:
+        guard = self.harm_guard
+        if not guard:
+            return []
+        lines = [
+            f"harm guard: validation objective ({guard['source']}) {guard['before']:.4g} -> {guard['after']:.4g} "
+            f"({guard['rise']:+.3g}, {guard['rise_in_standard_errors']:+.1f} standard errors, "
+            f"{guard['samples']} samples)"
+        ]
+        return lines + [f"warning: {warning}" for warning in guard.get("warnings", [])]
 
     def plot(self, path: str | os.PathLike) -> None:
         """Bar chart of per-layer sharpness with the selected layers highlighted (paper Figure 1, left)."""

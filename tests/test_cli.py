@@ -10,6 +10,7 @@ import yaml
 from lightning_sa_unlearn import PoisonedLabelDataModule
 from lightning_sa_unlearn.cli import main
 from lightning_sa_unlearn.models import PaperCNN
+from lightning_sa_unlearn.report import UnlearningReport
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -41,7 +42,9 @@ def config(folder: pathlib.Path, **unlearning) -> pathlib.Path:
             "init_args": {"dataset": "synthetic", "num_poisoned": 40, "synthetic_size": [600, 200]},
         },
     }
-    path = folder / "config.yaml"
+    # not config.yaml: LightningCLI saves the run's config under that name in the log folder (here the same
+    # folder), and sa-unlearn refuses to replace it; the input used to be overwritten by that save
+    path = folder / "input.yaml"
     path.write_text(yaml.safe_dump(values))
     return path
 
@@ -225,3 +228,116 @@ def test_every_poison_is_accepted_by_the_cli(poison, tmp_path):
     assert datamodule.poison == poison
     assert (datamodule.corrected_dataloader() is None) == (poison == "deletion")
     assert (datamodule.triggered_test_dataloader() is not None) == (poison == "backdoor")
+
+
+# ---------------------------------------------------------------- guarantees: the input and earlier files survive
+FAST = dict(selection="last", update={"class_path": "lightning_sa_unlearn.FirstOrder", "init_args": {"step_size": 0.0}})
+
+
+def linked(kind: str, ckpt: pathlib.Path, folder: pathlib.Path) -> pathlib.Path:
+    path = folder / f"{kind}.ckpt"
+    (path.symlink_to if kind == "symlink" else path.hardlink_to)(ckpt)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink"])
+def test_an_output_path_linked_to_the_input_is_refused(fitted, tmp_path, kind):
+    _, cfg, ckpt = fitted
+    before = digest(ckpt)
+    with pytest.raises(ValueError, match="output_path .* is the input checkpoint .*never writes over its input"):
+        main(
+            [
+                "unlearn",
+                "--config",
+                str(cfg),
+                "--ckpt_path",
+                str(ckpt),
+                "--output_path",
+                str(linked(kind, ckpt, tmp_path)),
+            ]
+        )
+    assert digest(ckpt) == before
+
+
+def test_a_report_path_naming_the_input_is_refused(fitted, tmp_path):
+    _, _, ckpt = fitted
+    before = digest(ckpt)
+    cfg = config(tmp_path, report_path=str(ckpt), **FAST)
+    with pytest.raises(ValueError, match="the report .* is the input checkpoint"):
+        main(["unlearn", "--config", str(cfg), "--ckpt_path", str(ckpt), "--output_path", str(tmp_path / "o.ckpt")])
+    assert digest(ckpt) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input.yaml"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (lambda good: b"", "is empty \\(0 bytes\\)"),
+        (lambda good: good[: len(good) // 2], "is cut short"),
+        (lambda good: bytes(range(256)) * 8, "is not a PyTorch checkpoint"),
+    ],
+    ids=["empty", "truncated", "random bytes"],
+)
+def test_an_unreadable_checkpoint_is_a_clear_error(fitted, tmp_path, content, message):
+    _, cfg, ckpt = fitted
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(content(ckpt.read_bytes()))
+    before = digest(bad)
+    with pytest.raises(ValueError, match=message):
+        main(["unlearn", "--config", str(cfg), "--ckpt_path", str(bad)])
+    assert digest(bad) == before and sorted(p.name for p in tmp_path.iterdir()) == ["bad.ckpt"]
+
+
+def test_a_checkpoint_of_another_model_class_is_not_swapped_in(fitted):
+    _, cfg, ckpt = fitted
+    other = "lightning_sa_unlearn.models.CifarResNet18"
+    with pytest.raises(ValueError, match=f"saved from lightning_sa_unlearn.models.PaperCNN, but the model is {other}"):
+        main(["unlearn", "--config", str(cfg), "--ckpt_path", str(ckpt), "--model", other])
+
+
+def test_outputs_of_an_earlier_run_are_replaced_only_when_asked(fitted, tmp_path):
+    _, _, ckpt = fitted
+    output = tmp_path / "out" / "unlearned.ckpt"
+    args = [
+        "unlearn",
+        "--config",
+        str(config(tmp_path, **FAST)),
+        "--ckpt_path",
+        str(ckpt),
+        "--output_path",
+        str(output),
+    ]
+    main(args)
+    written = sorted(p.name for p in output.parent.iterdir())
+    assert written == ["unlearned.ckpt", "unlearned.config.yaml", "unlearned.report.json"]
+    assert yaml.safe_load((output.parent / "unlearned.config.yaml").read_text())["ckpt_path"] == str(ckpt)
+    before = {name: digest(output.parent / name) for name in written}
+    with pytest.raises(FileExistsError, match="output_path .* exists already.*--overwrite true"):
+        main(args)
+    assert {name: digest(output.parent / name) for name in written} == before
+    main([*args, "--overwrite", "true"])
+    assert sorted(p.name for p in output.parent.iterdir()) == written
+
+
+def test_a_failed_cli_run_leaves_nothing_behind(fitted, tmp_path, monkeypatch):
+    _, _, ckpt = fitted
+    before = digest(ckpt)
+
+    def broken_plot(self, path):
+        raise RuntimeError("plotting failed")
+
+    monkeypatch.setattr(UnlearningReport, "plot", broken_plot)
+    cfg = config(tmp_path, plot_path=str(tmp_path / "plot.png"), **FAST)
+    with pytest.raises(RuntimeError, match="plotting failed"):  # after the checkpoint and report were written
+        main(["unlearn", "--config", str(cfg), "--ckpt_path", str(ckpt), "--output_path", str(tmp_path / "o.ckpt")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input.yaml"] and digest(ckpt) == before
+
+
+def test_fit_does_not_replace_the_config_of_an_earlier_run(fitted):
+    folder, cfg, ckpt = fitted
+    before = digest(folder / "config.yaml"), digest(ckpt)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        with pytest.raises(FileExistsError, match="config.yaml exists, from an earlier run.*--overwrite true"):
+            main(["fit", "--config", str(cfg)])
+    assert (digest(folder / "config.yaml"), digest(ckpt)) == before

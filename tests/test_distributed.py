@@ -43,6 +43,23 @@ class SaveAfter(Callback):
         )
 
 
+class ExpectFailure(Callback):
+    """Run `callback` after the stages, expecting it to fail; save this process's message and whether weights held."""
+
+    def __init__(self, callback, folder):
+        self.callback, self.folder = callback, folder
+
+    def on_train_end(self, trainer, pl_module):
+        before = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        try:
+            self.callback.run(trainer, pl_module, trainer.datamodule)
+            message = None
+        except Exception as error:
+            message = f"{type(error).__name__}: {error}"
+        unchanged = all(torch.equal(before[k], v) for k, v in pl_module.state_dict().items())
+        (self.folder / f"failure_rank{trainer.global_rank}.json").write_text(json.dumps([message, unchanged]))
+
+
 def frozen_copy(saved):
     """A TinyClassifier holding `saved`, whose training step changes nothing (lr 0, BatchNorm momentum 0)."""
     model = TinyClassifier()
@@ -53,12 +70,23 @@ def frozen_copy(saved):
 
 
 # Run in order on the same model, in one process and in two; each stage starts where the last ended.
+# The fixed steps of "exact" and "empirical_fisher" raise the validation loss: the harm guard would refuse
+# them, and these stages are about the arithmetic, so they run without it; the other stages keep the guard.
 STAGES = [
-    ("hutchinson", dict(curvature=Hutchinson(num_probes=3, samples=10_000), update=FirstOrder(0.0))),
-    # read until confident, 2 batches of 32 at a time: both world sizes read the same units and stop together
-    ("sequential", dict(curvature=GGN(min_batches=2, confidence=50.0, max_samples=160), update=FirstOrder(0.01))),
-    ("exact", dict(curvature=ExactHessian(), selection="sharpest", update=FirstOrder(0.01))),
-    ("empirical_fisher", dict(curvature=EmpiricalFisher(), selection="last", update=FirstOrder(0.02))),
+    (
+        "hutchinson",
+        dict(curvature=Hutchinson(num_probes=3, samples=10_000), update=FirstOrder(0.0), evaluations=["mia"]),
+    ),
+    # read until confident, 2 batches at a time: both world sizes read the same units and stop together
+    (
+        "sequential",
+        dict(curvature=GGN(min_batches=2, confidence=50.0, max_samples=160), update=FirstOrder(0.01), harm_guard=False),
+    ),
+    ("exact", dict(curvature=ExactHessian(), selection="sharpest", update=FirstOrder(0.01), harm_guard=False)),
+    (
+        "empirical_fisher",
+        dict(curvature=EmpiricalFisher(), selection="last", update=FirstOrder(0.02), harm_guard=False),
+    ),
     ("ggn", dict(curvature=GGN(samples=150), update="first_order")),
     (
         "second_order",
@@ -82,6 +110,10 @@ def runs(tmp_path_factory, fitted_tiny):
     for tag, kwargs in STAGES:
         callback = SharpnessAwareUnlearning(verbose=False, progress_bar=False, seed=3, **kwargs)
         callbacks += [callback, SaveAfter(callback, tag, folder)]
+    harmful = SharpnessAwareUnlearning(
+        update=FirstOrder(1e6), selection="last", unlearn_on_train_end=False, verbose=False
+    )
+    callbacks.append(ExpectFailure(harmful, folder))
     trainer = quiet_trainer(
         devices=2, strategy="ddp_spawn", max_epochs=1, limit_train_batches=1, limit_val_batches=0, callbacks=callbacks
     )
@@ -181,3 +213,19 @@ def test_a_sequential_curvature_pass_reads_the_same_samples_on_every_process(run
     for rank in (0, 1):
         report, _ = load(folder, "sequential", rank)
         assert report["sharpness_standard_error"] == pytest.approx(single["sharpness_standard_error"], rel=1e-4)
+
+
+def test_membership_inference_is_computed_once_and_shared(runs):
+    folder, reports, _, _ = runs
+    ranks = [load(folder, "hutchinson", rank)[0]["membership_inference"] for rank in (0, 1)]
+    assert ranks[0] == ranks[1]
+    for stage in ("before", "after"):
+        assert ranks[0][stage] == pytest.approx(reports["hutchinson"]["membership_inference"][stage], rel=1e-6)
+
+
+def test_a_harmful_update_is_refused_on_every_process(runs):
+    folder, _, _, _ = runs
+    for rank in (0, 1):
+        message, unchanged = json.loads((folder / f"failure_rank{rank}.json").read_text())
+        assert message.startswith("HarmfulUpdateError: the first_order update raised the validation objective")
+        assert unchanged

@@ -142,12 +142,15 @@ def test_failed_solve_restores_or_falls_back(tiny_model):
         SharpnessAwareUnlearning(update=SecondOrder(solver=diverging), verbose=False).unlearn(model, datamodule)
     assert_same_state(model, before)
 
+    # the fallback's fixed step is harmful here (the guard would refuse it); this is about the fallback's arithmetic
     update = SecondOrder(0.01, solver=diverging, fallback=True)
-    report = SharpnessAwareUnlearning(update=update, selection=["net.fc1"], verbose=False).unlearn(model, datamodule)
+    report = SharpnessAwareUnlearning(update=update, selection=["net.fc1"], verbose=False, harm_guard=False).unlearn(
+        model, datamodule
+    )
     assert "applied first_order instead" in report.fallback and report.tau == 0.01
     reference = TinyClassifier()
     reference.load_state_dict(before)
-    SharpnessAwareUnlearning(update=FirstOrder(0.01), selection=["net.fc1"], verbose=False).unlearn(
+    SharpnessAwareUnlearning(update=FirstOrder(0.01), selection=["net.fc1"], verbose=False, harm_guard=False).unlearn(
         reference, datamodule
     )
     assert torch.equal(reference.net.fc1.weight, model.net.fc1.weight)

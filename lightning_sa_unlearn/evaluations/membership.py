@@ -165,7 +165,7 @@ class MembershipInference(Evaluation):
             run.whole(data.test, "test"),
             run.whole(data.forget, "forget"),
         )
-        return run.processes.agree(
+        return run.processes.on_rank_zero(
             lambda: membership_inference(run.model, retain, test, forget, max_samples=self.samples, seed=run.seed)
         )
 

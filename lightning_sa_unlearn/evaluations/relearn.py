@@ -92,7 +92,7 @@ def relearn_evaluation(
 
     Returns the attack's settings, ``heldout`` (:class:`ClassificationMetrics` on ``test``, plus
     ``attack_success_rate`` on ``triggered`` when given) and ``forget_accuracy_trained_labels``.
-    Each process computes it alone (no metric sync).
+    It computes alone (no metric sync); inside a run, rank 0 computes it and broadcasts the result.
     """
     relearn_set = first_samples(forget, samples)
     attacked = relearn_attack(model, relearn_set, steps=steps, lr=lr, loss_fn=loss_fn, seed=seed)
@@ -130,7 +130,7 @@ class RelearnAttack(Evaluation):
 
     def measure(self, run: UnlearningRun) -> dict[str, Any]:
         data = run.data
-        return run.processes.agree(
+        return run.processes.on_rank_zero(
             lambda: relearn_evaluation(
                 run.model,
                 run.whole(data.forget, "forget"),

@@ -9,10 +9,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -88,6 +89,7 @@ def forget_gradient(
     with eval_mode(model), torch.enable_grad():
         for forget_batch, corrected_batch in paired_batches(model, forget, corrected):
             loss = forget_loss(model, forget_batch, corrected_batch)
+            check_forget_loss(loss, forget_loss)
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             for name, g in zip(params, grads):
                 if g is not None:
@@ -96,6 +98,24 @@ def forget_gradient(
     if count == 0 and not allow_empty:
         raise ValueError("the forget set is empty: forget_dataloader() served no samples. Nothing to unlearn.")
     return total
+
+
+def check_forget_loss(loss: Any, forget_loss: Callable[..., Any]) -> None:
+    """Refuse what autograd cannot differentiate into a gradient: a non-scalar or a detached loss."""
+    name = getattr(forget_loss, "__qualname__", type(forget_loss).__name__)
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"forget_loss ({name}) returned a {type(loss).__name__}; it must return a scalar tensor.")
+    if loss.numel() != 1:
+        raise ValueError(
+            f"forget_loss ({name}) returned a tensor of shape {tuple(loss.shape)}; it must return one number for "
+            "the batch, the SUM over its samples (e.g. loss_fn(logits, y) * len(y), or .sum() of per-sample losses)."
+        )
+    if not loss.requires_grad:
+        raise ValueError(
+            f"forget_loss ({name}) returned a tensor that does not depend on the parameters (detached, computed "
+            "under torch.no_grad(), or rebuilt from .item()). Compute it from pl_module(x) without detaching, so "
+            "that its gradient can be taken."
+        )
 
 
 Masks = dict[str, Tensor]
@@ -247,6 +267,7 @@ def fine_tune(
         opt = torch.optim.Adam(selected, lr=lr, weight_decay=weight_decay)
     rng = random.Random(seed)
     steps = 0
+    start = {n: params[n].detach().clone() for n in names}
     try:
         for name, p in params.items():
             p.requires_grad_(name in names)
@@ -255,9 +276,21 @@ def fine_tune(
                 batches = itertools.islice(interleave(sources, rng), steps_per_epoch)
                 for x, y in progress(batches_for(model, batches)):
                     opt.zero_grad(set_to_none=True)
-                    loss_fn(model(x), y).backward()
+                    loss = loss_fn(model(x), y)
+                    loss.backward()
+                    finite = bool(torch.isfinite(loss))
+                    if not finite:  # poison the gradients, so that every process sees it after averaging
+                        for p in selected:
+                            if p.grad is not None:
+                                p.grad.fill_(float("nan"))
                     if average_gradients is not None:
                         average_gradients(selected)
+                    if not finite or not all(torch.isfinite(p.grad).all() for p in selected if p.grad is not None):
+                        raise FloatingPointError(
+                            f"fine-tuning stopped at step {steps + 1}: the loss or its gradient is not finite "
+                            f"(lr {lr:g}, {optimizer}); the weights were restored. Lower lr, or check the retain "
+                            "and corrected data for NaN or infinite inputs."
+                        )
                     for name, (outside, _) in frozen.items():
                         params[name].grad[outside] = 0
                     opt.step()
@@ -265,6 +298,9 @@ def fine_tune(
                         for name, (outside, values) in frozen.items():
                             params[name][outside] = values
                     steps += 1
+    except FloatingPointError:
+        _reset(params, start)
+        raise
     finally:
         for name, p in params.items():
             p.requires_grad_(flags[name])
@@ -315,9 +351,10 @@ def forget_loss_descent(
 
     params = dict(model.named_parameters())
     best_step, best_loss, best = 0, math.inf, None
+    start = {n: params[n].detach().clone() for n in names}
     if validation_loss is not None:
-        best_loss, best = validation_loss(model), {n: params[n].detach().clone() for n in names}
-    with eval_mode(model):
+        best_loss, best = validation_loss(model), start
+    with eval_mode(model), _restored_on_divergence(params, start):
         for step in progress(range(1, steps + 1)):
             g_forget, n_forget = gradient_and_count(forget, corrected, forget_loss)
             like = next(iter(g_forget.values()))  # counts travel with the gradients: same device and dtype
@@ -328,6 +365,11 @@ def forget_loss_descent(
                 terms.update({f"retain/{k}": v for k, v in g_retain.items()})
                 terms["count/retain"] = torch.tensor(float(n_retain), dtype=like.dtype, device=like.device)
             terms = all_reduce(terms)
+            if not all(torch.isfinite(v).all() for v in terms.values()):  # the same on every process
+                raise FloatingPointError(
+                    f"forget-loss descent stopped at step {step}: the forget or retain gradient is not finite "
+                    f"(lr {lr:g}); the weights were restored. Lower lr or steps, or check forget_loss and the data."
+                )
             n_f = float(terms["count/forget"])
             if n_f == 0:
                 raise ValueError("the forget set is empty: forget_dataloader() served no samples. Nothing to unlearn.")
@@ -336,14 +378,33 @@ def forget_loss_descent(
                 n_r = float(terms["count/retain"])
                 direction = {n: d + retain_weight * terms[f"retain/{n}"] / n_r for n, d in direction.items()}
             apply_first_order(model, direction, names, lr, masks)
+            if not all(torch.isfinite(params[n]).all() for n in names):
+                raise FloatingPointError(
+                    f"forget-loss descent stopped at step {step}: the parameters are no longer finite (lr {lr:g}); "
+                    "the weights were restored. Lower lr or steps."
+                )
             if validation_loss is not None:
                 loss = validation_loss(model)
-                if loss < best_loss:  # a NaN loss never wins
+                if not math.isfinite(loss):
+                    raise FloatingPointError(
+                        f"forget-loss descent stopped at step {step}: the validation loss is {loss} (lr {lr:g}); "
+                        "the weights were restored. Lower lr or steps."
+                    )
+                if loss < best_loss:
                     best_step, best_loss, best = step, loss, {n: params[n].detach().clone() for n in names}
     if best is None:
         return steps
     _reset(params, best)
     return best_step
+
+
+@contextlib.contextmanager
+def _restored_on_divergence(params: dict[str, nn.Parameter], start: dict[str, Tensor]) -> Iterator[None]:
+    try:
+        yield
+    except FloatingPointError:
+        _reset(params, start)
+        raise
 
 
 class _CountingBatches:

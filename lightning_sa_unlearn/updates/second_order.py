@@ -90,6 +90,9 @@ class SecondOrder(Update):
         solver: ``"cg"``, ``"lissa"`` or a :class:`Solver` (default :class:`CG`).
         fallback: when the solve fails, apply the first-order update instead (the report says so);
             False raises, after the weights are restored.
+
+    A solve that stops at the solver's ``max_iterations`` (closer to the solution than x = 0, not within
+    ``tolerance``) is applied with a warning that names its residual, and only if the harm guard passes.
     """
 
     name = "second_order"
@@ -135,6 +138,13 @@ class SecondOrder(Update):
             **extra,
         }
         if result.ok:
+            if result.reason == "max_iterations":  # one rule for every solver
+                guarded = "applied only if the harm guard passes" if run.harm_guard else "applied (harm_guard=False)"
+                rank_zero_warn(
+                    f"the {solver.name} solve stopped at max_iterations={solver.max_iterations} with relative "
+                    f"residual {result.residual:.3g} (tolerance {solver.tolerance:g}): the step solves (H + λI)x = g "
+                    f"only approximately; it is {guarded}. Raise max_iterations or the curvature's damping."
+                )
             return {**self.step_size.apply(run, result.x, SECOND_ORDER_TAUS), "solver": report}
         message = (
             f"the {solver.name} solve failed ({result.reason}, relative residual {result.residual:.3g} "
