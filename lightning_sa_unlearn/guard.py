@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_sa_unlearn.data import limit_samples
 from lightning_sa_unlearn.functional import LossFn, batches_for, eval_mode
 
 if TYPE_CHECKING:
@@ -48,6 +49,9 @@ CLASS_ACCURACY_DROP = 0.05
 """A class whose validation accuracy falls by more than this (5 points) is named in a warning."""
 ROUNDING = 1e-6
 """Relative rises below this are rounding, never harm."""
+GUARD_SAMPLES = 2048
+"""Validation samples (a seeded random subset) the guard compares before and after: a paired test is sensitive
+with a few thousand, and the whole set would cost more than the unlearning it checks."""
 RETAIN_SAMPLES = 5000
 """Retain samples that stand in for a missing ``val_dataloader()`` (as in :class:`ValidationSpec`)."""
 
@@ -290,8 +294,14 @@ def _classes(labels: Tensor, classes: int) -> Tensor:
 
 def _validation_parts(run: UnlearningRun) -> tuple[list[tuple[str, Iterable[Any]]], str]:
     """The data of the objective: the update's own validation data, or else val_dataloader or a retain slice."""
+    share = math.ceil(GUARD_SAMPLES / run.processes.world_size)
+    if run.validation_sample is not None:  # a random subset: the paired test needs few samples
+        parts: list[tuple[str, Iterable[Any]]] = [("validation", list(limit_samples(run.validation_sample, share)))]
+        if run.relabelled is not None:
+            parts.append(("forget inputs with corrected labels", run.relabelled))
+        return parts, run.validation_source or "validation"
     if run.validation is not None:
-        parts: list[tuple[str, Iterable[Any]]] = [("validation", run.validation)]
+        parts = [("validation", run.validation)]
         if run.relabelled is not None:
             parts.append(("forget inputs with corrected labels", run.relabelled))
         return parts, run.validation_source or "validation"

@@ -49,7 +49,7 @@ from lightning_sa_unlearn.updates import Update, ValidationSpec, forget_gradient
 REPORT_SAMPLES = 256
 """Curvature samples read for the report alone when no part chooses by curvature (``LastLayer``, ...)."""
 FINITE_CHECK_SAMPLES = 512
-UNLEARNING_STAGES = ("forget_gradient", "curvature", "selection", "update")
+UNLEARNING_STAGES = ("forget_gradient", "curvature", "selection", "update", "harm_guard")
 """The unlearning itself; every other stage (evaluations, report-only curvature) is reporting."""
 
 
