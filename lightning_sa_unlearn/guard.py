@@ -307,9 +307,10 @@ def _validation_parts(run: UnlearningRun) -> tuple[list[tuple[str, Iterable[Any]
         return parts, run.validation_source or "validation"
     data = run.data
     if data.val is not None:
-        return [("validation", run.batches(data.val, "validation"))], "val_dataloader"
+        return [("validation", list(limit_samples(run.shuffled(data.val, "validation"), share)))], "val_dataloader"
     if data.retain is not None:
-        return [("validation", run.batches(data.retain, "retain", RETAIN_SAMPLES))], "retain slice"
+        retain = run.shuffled(data.retain, "retain", RETAIN_SAMPLES)
+        return [("validation", list(limit_samples(retain, share)))], "retain slice"
     return [], ""
 
 
