@@ -22,6 +22,7 @@ from lightning_sa_unlearn.curvature.functional import (
     sum_over_batches,
 )
 from lightning_sa_unlearn.curvature.losses import output_loss
+from lightning_sa_unlearn.curvature.smooth import SMOOTH_MODULES, smooth_modules  # noqa: F401 (re-exported)
 from lightning_sa_unlearn.data import dataset_size, sample_units, sized, unit_batch
 from lightning_sa_unlearn.functional import LossFn, trainable_parameters, tree_add_
 
@@ -47,24 +48,6 @@ class CurvatureResult:
     stop: str = "fixed count"
     notes: list[str] = field(default_factory=list)
     """What the estimate is not (:meth:`Curvature.notes`); the report's ``curvature_notes``."""
-
-
-SMOOTH_MODULES: tuple[type[nn.Module], ...] = tuple(
-    getattr(nn, name)
-    for name in (
-        "Tanh", "Sigmoid", "LogSigmoid", "GELU", "SiLU", "Mish", "Hardswish", "ELU", "CELU", "SELU", "Softplus",
-        "Softsign", "Tanhshrink", "GLU", "Softmax", "Softmin", "Softmax2d", "LayerNorm", "GroupNorm", "RMSNorm",
-        "LocalResponseNorm", "MultiheadAttention", "RNNBase", "RNNCellBase",
-    )
-    if hasattr(nn, name)
-) + (nn.modules.instancenorm._InstanceNorm,)  # fmt: skip
-"""Module types whose second derivative is not zero: through them the GGN is not the Hessian.
-``LogSoftmax`` is left out: at the end of a model with ``nll_loss`` it is read as part of the loss."""
-
-
-def smooth_modules(model: nn.Module) -> list[str]:
-    """Names of the smooth nonlinearities among ``model``'s modules (by type; functional calls are not seen)."""
-    return sorted({type(module).__name__ for module in model.modules() if isinstance(module, SMOOTH_MODULES)})
 
 
 class Curvature:

@@ -11,29 +11,52 @@ off) and puts each module's mode back afterwards.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
-from torch.overrides import TorchFunctionMode
 
-from lightning_sa_unlearn.curvature import ggn_fast
-from lightning_sa_unlearn.curvature.losses import BatchLoss, output_loss
+from lightning_sa_unlearn.curvature.losses import output_loss
+from lightning_sa_unlearn.curvature.per_example import (  # noqa: F401 (re-exported for tests and callers)
+    _batch_loss,
+    _choose_path,
+    _close,
+    _empirical_fisher_batch,
+    _ggn_batch,
+    _logit_gradients,
+    _loop_squares,
+    _mc_ggn_batch,
+    _output_hessian_factor,
+    _require_finite,
+    _Rows,
+    _squared_jacobian_products,
+    _sum_over_examples,
+    _vmap_squares,
+)
+from lightning_sa_unlearn.curvature.second_derivatives import (  # noqa: F401 (re-exported for tests and callers)
+    _batched_grad,
+    _Choice,
+    _double_backward_products,
+    _exact_batch,
+    _exact_columns,
+    _first_line,
+    _hessian_vector_products,
+    _hutchinson_batch,
+    _PlainWeightNorm,
+    _rademacher,
+    _twice_differentiable,
+    _unflatten,
+    _uses_weight_norm,
+)
 from lightning_sa_unlearn.functional import (
     LossFn,
     batches_for,
-    chunks,
     eval_mode,
     model_buffers,
     require_trainable_parameters,
-    stateless_logits,
-    stateless_loss,
     tree_add_,
 )
 
@@ -232,17 +255,6 @@ def sum_over_batches(
     return total, count
 
 
-@dataclass
-class _Choice:
-    """What the first batch of one call decided for the others: the per-example path and the HVP form."""
-
-    path: str | None = None
-    """``"hooks"`` (:mod:`ggn_fast`), ``"vmap"`` (per-example vector-Jacobian products) or ``"loop"``."""
-    vmap_ran: bool = False
-    hvp: str | None = None
-    """``"forward"`` (forward-over-reverse under vmap) or ``"double"`` (double backward)."""
-
-
 def _refuse_batch_statistics(model: nn.Module, method: str) -> None:
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
@@ -257,415 +269,5 @@ def _refuse_batch_statistics(model: nn.Module, method: str) -> None:
             )
 
 
-# ---------------------------------------------------------------------------- Hessian-vector products
-
-
-def _exact_batch(model, params, buffers, x, y, *, loss_fn, chunk_size, choice, **_) -> dict[str, Tensor]:
-    """Σ over the batch of ``diag ∇²ℓ``: column i of H is ``H e_i``; keep its i-th entry."""
-    with _twice_differentiable(model):
-        return _exact_columns(model, params, buffers, x, y, loss_fn, chunk_size, choice)
-
-
-def _exact_columns(model, params, buffers, x, y, loss_fn, chunk_size, choice) -> dict[str, Tensor]:
-    products = _hessian_vector_products(model, params, buffers, x, y, loss_fn, choice)
-    names = list(params)
-    flat_size = sum(params[n].numel() for n in names)
-    reference = next(iter(params.values()))
-    diagonal = torch.empty(flat_size, dtype=reference.dtype, device=reference.device)
-    for part in chunks(flat_size, chunk_size * 8):
-        index = torch.arange(part.start, part.stop, device=reference.device)
-        basis = torch.zeros(len(index), flat_size, dtype=reference.dtype, device=reference.device)
-        basis[torch.arange(len(index)), index] = 1.0
-        columns = products(_unflatten(basis, params))
-        flat_columns = torch.cat([columns[n].reshape(len(index), -1) for n in names], dim=1)
-        diagonal[part] = flat_columns[torch.arange(len(index)), index]
-    return _unflatten(diagonal[None], params, squeeze=True)
-
-
-def _hutchinson_batch(model, params, buffers, x, y, *, loss_fn, num_probes, generator, chunk_size, choice, **_):
-    """Σ over the batch of ``z ⊙ (∇²ℓ) z`` averaged over Rademacher probes z (fresh per batch)."""
-    with _twice_differentiable(model):
-        products = _hessian_vector_products(model, params, buffers, x, y, loss_fn, choice)
-        total: dict[str, Tensor] | None = None
-        for part in chunks(num_probes, chunk_size):
-            probes = {k: _rademacher((part.stop - part.start, *p.shape), p, generator) for k, p in params.items()}
-            hz = products(probes)
-            total = tree_add_(total, {k: (probes[k] * hz[k]).sum(0) for k in probes})
-    return {k: v / num_probes for k, v in total.items()}
-
-
-@contextlib.contextmanager
-def _twice_differentiable(model: nn.Module) -> Iterator[None]:
-    """Weight norm in plain operations while second derivatives are taken, where the model uses it.
-
-    ``torch._weight_norm`` (``parametrizations.weight_norm`` and the legacy ``weight_norm``) runs a
-    fused kernel whose double backward treats the saved norm as a constant: its Hessian diagonal
-    is off by about 50% on the direction parameter (measured against finite differences, torch
-    2.14), and it has no forward-mode derivative. ``v · (g / ‖v‖)`` from primitives has both.
-    """
-    if not _uses_weight_norm(model):
-        yield
-        return
-    with _PlainWeightNorm():
-        yield
-
-
-class _PlainWeightNorm(TorchFunctionMode):
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch._weight_norm:
-            v, g, *rest = args
-            dim = rest[0] if rest else kwargs.get("dim", 0)
-            return v * (g / torch.norm_except_dim(v, 2, dim))
-        return func(*args, **kwargs)
-
-
-def _uses_weight_norm(model: nn.Module) -> bool:
-    from torch.nn.utils.parametrizations import _WeightNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-
-    return any(
-        isinstance(module, _WeightNorm) or any(isinstance(h, WeightNorm) for h in module._forward_pre_hooks.values())
-        for module in model.modules()
-    )
-
-
-def _hessian_vector_products(model, params, buffers, x, y, loss_fn, choice: _Choice):
-    """``tangents -> H tangents`` for the batch's summed loss, each ``{name: [k, *shape]}``.
-
-    Forward-over-reverse under vmap; where an operation has no forward-mode derivative (weight norm,
-    oneDNN LSTM, the backward of mse_loss) the first batch falls back to double backward, and every
-    later batch of the call uses it too.
-    """
-    batch_loss = stateless_loss(model, buffers, loss_fn)
-    size = x.shape[0]
-
-    def hvp(tangent: dict[str, Tensor]) -> dict[str, Tensor]:
-        return jvp(grad(lambda p: batch_loss(p, x, y) * size), (params,), (tangent,))[1]
-
-    forward = vmap(hvp)
-    chosen: list[Callable] = []
-    if choice.hvp == "forward":
-        return forward
-    if choice.hvp == "double":
-        return _double_backward_products(model, params, buffers, x, y, loss_fn)
-
-    def first(tangents: dict[str, Tensor]) -> dict[str, Tensor]:
-        if chosen:
-            return chosen[0](tangents)
-        try:
-            out = forward(tangents)
-            choice.hvp = "forward"
-            chosen.append(forward)
-            return out
-        except RuntimeError as forward_error:  # NotImplementedError included
-            try:
-                double = _double_backward_products(model, params, buffers, x, y, loss_fn)
-                out = double(tangents)
-            except RuntimeError as double_error:
-                raise ValueError(
-                    "Hessian-vector products are not available for this model and loss: forward-mode AD "
-                    f"failed ({_first_line(forward_error)}) and so did double backward "
-                    f"({_first_line(double_error)}). Use GGN() or MonteCarloGGN(), which need first "
-                    "derivatives only (the GGN equals the Hessian for piecewise-linear operations such "
-                    "as Hardsigmoid or ReLU)."
-                ) from double_error
-            log.info("forward-mode AD failed (%s); using double-backward Hessian-vector products", forward_error)
-            choice.hvp = "double"
-            chosen.append(double)
-            return out
-
-    return first
-
-
-def _double_backward_products(model, params, buffers, x, y, loss_fn):
-    """``H t`` as ``∂(∇ℓ · t)/∂θ``: one backward through the gradient's graph per batch of tangents."""
-    leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
-    names = list(leaves)
-    loss = loss_fn(functional_call(model, (leaves, buffers), (x,)), y) * x.shape[0]
-    gradients = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
-    live = [i for i, g in enumerate(gradients) if g is not None and g.requires_grad]
-
-    def products(tangents: dict[str, Tensor]) -> dict[str, Tensor]:
-        out = {n: torch.zeros_like(tangents[n]) for n in names}
-        if not live:  # the loss is at most linear in every parameter
-            return out
-        outputs = [gradients[i] for i in live]
-        columns = _batched_grad(outputs, list(leaves.values()), [tangents[names[i]] for i in live])
-        for name, column in zip(names, columns):
-            if column is not None:
-                out[name] = column.detach()
-        return out
-
-    return products
-
-
-def _batched_grad(outputs, inputs, grad_outputs) -> list[Tensor | None]:
-    """``torch.autograd.grad`` of each row of the batched ``grad_outputs``, stacked; a loop where vmap cannot run."""
-    try:
-        return list(
-            torch.autograd.grad(
-                outputs, inputs, grad_outputs, retain_graph=True, is_grads_batched=True, allow_unused=True
-            )
-        )
-    except RuntimeError:
-        rows = grad_outputs[0].shape[0]
-        each = [
-            torch.autograd.grad(outputs, inputs, [g[j] for g in grad_outputs], retain_graph=True, allow_unused=True)
-            for j in range(rows)
-        ]
-        return [None if each[0][i] is None else torch.stack([e[i] for e in each]) for i in range(len(inputs))]
-
-
-# ---------------------------------------------------------------------------- per-example methods
-
-
-def _output_hessian_factor(logits: Tensor, target: Tensor, loss_fn: LossFn) -> Tensor:
-    """Rows ``s_k`` with ``Σ_k s_k s_kᵀ = ∇²_f ℓ(f, y)`` for one example's logits ``f``.
-
-    For cross-entropy ``∇²_f ℓ = diag(p) − ppᵀ = Σ_c p_c (e_c − p)(e_c − p)ᵀ``: the C rows
-    ``s_c = √p_c (e_c − p)``, stacked as ``S``, satisfy ``√pᵀ S = 0`` (the matrix has rank C − 1).
-    A Householder reflection ``Q = I − 2vvᵀ/‖v‖²`` with ``v = e_0 + √p`` maps ``e_0`` to ``−√p``,
-    so row 0 of ``QS`` is zero and its other C − 1 rows are an exact factor (``QᵀQ = I``):
-    every later cost that scales with the rows drops by a factor (C − 1)/C. ``‖v‖² ≥ 2``, so
-    the reflection is always well conditioned.
-    Other losses: the rows of :mod:`~lightning_sa_unlearn.curvature.losses` for a batch of this one example.
-    """
-    logits = logits.detach()
-    if loss_fn is F.cross_entropy:
-        p = torch.softmax(logits, dim=-1)
-        eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
-        rows = p.sqrt()[:, None] * (eye - p[None, :])  # C rows, rank C − 1
-        v = eye[0] + p.sqrt()
-        if p.shape[-1] == 1:  # one logit: the loss is constant, its one row is zero
-            return rows
-        reflected = rows - (2 / (v @ v)) * torch.outer(v, v @ rows)  # Q S
-        return reflected[1:]
-    return output_loss(loss_fn).batch(logits[None], target[None]).factor(slice(None))[0]
-
-
-@dataclass
-class _Rows:
-    """The factor rows of a batch: from each example's own logits (``factor(logits_n, target_n)`` over
-    ``targets``, the default cross-entropy), or precomputed for a slice of examples (``of_part``)."""
-
-    targets: Tensor | None = None
-    factor: Callable[[Tensor, Tensor], Tensor] | None = None
-    of_part: Callable[[slice], Tensor] | None = None
-
-    def for_logits(self, part: slice, logits: Tensor) -> Tensor:
-        """``[n, K, *output shape]`` for the examples ``part`` whose logits are ``logits``."""
-        if self.of_part is not None:
-            return self.of_part(part)
-        return vmap(self.factor)(logits, self.targets[part])
-
-
-def _ggn_batch(model, params, buffers, x, y, *, loss, chunk_size, max_classes, choice, **_) -> dict[str, Tensor]:
-    """Rows of the output-Hessian factor: ``Σ_k s_k s_kᵀ = ∇²_f ℓ`` (:func:`_output_hessian_factor`)."""
-    if loss.plain_cross_entropy(y):
-        factor = lambda z, t: _output_hessian_factor(z, t, F.cross_entropy)  # noqa: E731
-        rows = _Rows(targets=y, factor=factor)
-    else:
-        rows = _Rows(of_part=_batch_loss(model, params, buffers, x, y, loss).factor)
-    return _squared_jacobian_products(model, params, buffers, x, rows, chunk_size, choice, max_outputs=max_classes)
-
-
-def _empirical_fisher_batch(model, params, buffers, x, y, *, loss_fn, loss, chunk_size, choice, **_):
-    """One row per example: the loss gradient at the logits, ``s = ∇_f ℓ(f, y)``."""
-    if loss.plain_cross_entropy(y):
-        rows = _Rows(targets=y, factor=_logit_gradients(loss_fn))
-    else:
-        rows = _Rows(of_part=_batch_loss(model, params, buffers, x, y, loss).gradient)
-    return _squared_jacobian_products(model, params, buffers, x, rows, chunk_size, choice)
-
-
-def _mc_ggn_batch(model, params, buffers, x, y, *, loss_fn, loss, num_samples, generator, chunk_size, choice, **_):
-    """``num_samples`` rows per example, ``∇_f ℓ(f, ŷ_k) / √m`` with ``ŷ_k ~ softmax(f)``: unbiased for the GGN.
-
-    For cross-entropy ``E_ŷ[(p − e_ŷ)(p − e_ŷ)ᵀ] = diag(p) − ppᵀ``, the output Hessian. Other losses:
-    :meth:`~lightning_sa_unlearn.curvature.losses.BatchLoss.sampled`.
-    """
-    if not loss.plain_cross_entropy(y):
-        sampled = _batch_loss(model, params, buffers, x, y, loss).sampled(slice(None), num_samples, generator)
-        rows = _Rows(of_part=lambda part: sampled[part])
-        return _squared_jacobian_products(model, params, buffers, x, rows, chunk_size, choice)
-    with torch.no_grad():
-        logits = functional_call(model, (params, buffers), (x,))
-        probabilities = torch.softmax(logits.double(), dim=-1)
-        _require_finite(probabilities)
-        device = generator.device if generator is not None else probabilities.device
-        sampled = torch.multinomial(probabilities.to(device), num_samples, replacement=True, generator=generator)
-    gradients = _logit_gradients(loss_fn)
-    scale = num_samples**-0.5
-
-    def factor(z: Tensor, labels: Tensor) -> Tensor:
-        return vmap(lambda label: gradients(z, label)[0])(labels) * scale
-
-    rows = _Rows(targets=sampled.to(x.device), factor=factor)
-    return _squared_jacobian_products(model, params, buffers, x, rows, chunk_size, choice)
-
-
-def _batch_loss(model, params, buffers, x, y, loss) -> BatchLoss:
-    with torch.no_grad():
-        logits = functional_call(model, (params, buffers), (x,))
-    return loss.batch(logits, y)
-
-
-def _logit_gradients(loss_fn: LossFn):
-    """``(logits_n, target_n) -> [1, C]``: the gradient of one example's loss at its logits."""
-
-    def rows(z: Tensor, target: Tensor) -> Tensor:
-        return grad(lambda f: loss_fn(f[None], target[None]))(z.detach())[None]
-
-    return rows
-
-
-def _squared_jacobian_products(
-    model, params, buffers, x, rows: _Rows, chunk_size: int, choice: _Choice, max_outputs: int | None = None
-) -> dict[str, Tensor]:
-    """``Σ_n Σ_k (J_nᵀ s_nk)²`` for the factor rows ``s_nk`` (``[K, *output shape]`` per example).
-
-    Forward hooks and one batched backward for Linear/Conv/BatchNorm networks (:mod:`ggn_fast`) where
-    the first batch's check confirms them; per-example vector-Jacobian products under vmap for
-    anything else; a loop over examples where vmap cannot run the model (an LSTM in float64).
-    """
-    if choice.path is None:
-        choice.path = _choose_path(model, params, buffers, x, rows, max_outputs)
-    if choice.path == "hooks":
-        total: dict[str, Tensor] | None = None
-        for part in chunks(x.shape[0], chunk_size):  # bounds the K-fold activations of the batched backward
-            piece = ggn_fast.ggn_diagonal_sum(model, x[part], lambda logits: rows.for_logits(part, logits), chunk_size)
-            if piece is None:
-                total = None
-                break
-            total = tree_add_(total, piece)
-        if total is not None:
-            return total
-    if choice.path != "loop":
-        try:
-            return _vmap_squares(model, params, buffers, x, rows, chunk_size)
-        except RuntimeError as error:
-            if choice.vmap_ran:
-                raise
-            log.info("torch.func.vmap cannot run this model (%s); looping over examples instead", error)
-            choice.path = "loop"
-        finally:
-            choice.vmap_ran = True
-    return _loop_squares(model, params, buffers, x, rows, chunk_size)
-
-
-def _choose_path(model, params, buffers, x, rows: _Rows, max_outputs: int | None) -> str:
-    """Check the first two examples: refuse a model that mixes examples, or too many outputs; hooks if they agree."""
-    probe = x[:2]
-    with torch.no_grad():
-        together = functional_call(model, (params, buffers), (probe,))
-        alone = torch.cat([functional_call(model, (params, buffers), (probe[i : i + 1],)) for i in range(len(probe))])
-    outputs = together[0].numel()
-    if max_outputs is not None and outputs > max_outputs:
-        raise ValueError(
-            f"method='ggn' back-propagates one row per output entry, and this model has {outputs:,} outputs "
-            f"per example (shape {tuple(together.shape[1:])}), above max_classes={max_outputs:,}: the exact "
-            "GGN would cost that many gradient passes. Use MonteCarloGGN() (method='mc_ggn'), about two "
-            "gradient passes per sampled label whatever the number of classes, or raise GGN(max_classes=...)."
-        )
-    if together.shape != alone.shape or not _close(together, alone):
-        raise ValueError(
-            "the model's output for an example depends on the other examples of its batch (outputs of two "
-            "examples computed together differ from each computed alone), so the per-example methods (GGN, "
-            "MonteCarloGGN, EmpiricalFisher) do not apply. Use Hutchinson() or ExactHessian(), which "
-            "differentiate each batch's loss."
-        )
-    if not ggn_fast.supports(model):
-        return "vmap"
-    problem = ggn_fast.verify(model, probe, lambda logits: rows.for_logits(slice(0, len(probe)), logits))
-    if problem is not None:
-        log.info("the forward-hook GGN path does not apply (%s); using per-example products", problem)
-        return "vmap"
-    return "hooks"
-
-
-def _close(a: Tensor, b: Tensor) -> bool:
-    tolerance = ggn_fast.tolerance(a.dtype)
-    return bool((a - b).abs().max() <= tolerance * a.abs().max() + torch.finfo(a.dtype).tiny)
-
-
-def _vmap_squares(model, params, buffers, x, rows: _Rows, chunk_size: int) -> dict[str, Tensor]:
-    logits_of = stateless_logits(model, buffers)
-    if rows.of_part is None:
-        factor = rows.factor
-
-        def example(x_n: Tensor, t_n: Tensor) -> dict[str, Tensor]:
-            logits, pullback = vjp(lambda p: logits_of(p, x_n[None])[0], params)
-            (columns,) = vmap(pullback)(factor(logits.detach(), t_n))
-            return {k: (g**2).sum(0) for k, g in columns.items()}
-
-        return _sum_over_examples(example, x, rows.targets, chunk_size)
-
-    def example_rows(x_n: Tensor, rows_n: Tensor) -> dict[str, Tensor]:
-        _, pullback = vjp(lambda p: logits_of(p, x_n[None])[0], params)
-        (columns,) = vmap(pullback)(rows_n)
-        return {k: (g**2).sum(0) for k, g in columns.items()}
-
-    total: dict[str, Tensor] | None = None
-    for part in chunks(x.shape[0], chunk_size):
-        total = tree_add_(total, {k: v.sum(0) for k, v in vmap(example_rows)(x[part], rows.of_part(part)).items()})
-    return total
-
-
-def _loop_squares(model, params, buffers, x, rows: _Rows, chunk_size: int) -> dict[str, Tensor]:
-    """The same sum with one forward and one batched backward per example, no vmap through the model."""
-    leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
-    total = {k: torch.zeros_like(v) for k, v in params.items()}
-    for part in chunks(x.shape[0], chunk_size):
-        logits = None
-        if rows.of_part is None:
-            with torch.no_grad():
-                logits = functional_call(model, (params, buffers), (x[part],))
-        block = rows.for_logits(part, logits)
-        for i, x_n in enumerate(x[part]):
-            out = functional_call(model, (leaves, buffers), (x_n[None],))
-            columns = _batched_grad([out], list(leaves.values()), [block[i][:, None]])
-            for name, column in zip(leaves, columns):
-                if column is not None:
-                    total[name] += (column.detach() ** 2).sum(0)
-    return total
-
-
-def _rademacher(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
-    device = generator.device if generator is not None else like.device
-    signs = torch.randint(0, 2, shape, generator=generator, device=device)
-    return (signs * 2 - 1).to(dtype=like.dtype, device=like.device)
-
-
-def _sum_over_examples(example, x: Tensor, y: Tensor, chunk_size: int) -> dict[str, Tensor]:
-    total: dict[str, Tensor] | None = None
-    for part in chunks(x.shape[0], chunk_size):
-        total = tree_add_(total, {k: v.sum(0) for k, v in vmap(example)(x[part], y[part]).items()})
-    return total
-
-
-def _unflatten(flat: Tensor, like: dict[str, Tensor], squeeze: bool = False) -> dict[str, Tensor]:
-    """Split ``flat`` of shape ``[k, P]`` into ``{name: [k, *shape]}`` (or ``{name: shape}`` with squeeze)."""
-    out, start = {}, 0
-    for name, p in like.items():
-        piece = flat[:, start : start + p.numel()].reshape(flat.shape[0], *p.shape)
-        out[name] = piece[0] if squeeze else piece
-        start += p.numel()
-    return out
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
 def _describe(loss_fn: LossFn) -> str:
     return getattr(loss_fn, "__name__", None) or type(loss_fn).__name__
-
-
-def _require_finite(probabilities: Tensor) -> None:
-    """Labels cannot be sampled from NaN probabilities: say so as a non-finite curvature."""
-    if not torch.isfinite(probabilities).all():
-        raise RuntimeError(
-            "the curvature is not finite: the model's outputs hold NaN/inf, so mc_ggn cannot sample labels. "
-            "Check the weights and the training data for NaN/inf. Weights were left unchanged."
-        )

@@ -39,19 +39,16 @@ from torch import Tensor, nn
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
-_ELEMENTS_PER_TANGENT_CHUNK = 2**22
-"""The generic rule's Hessian columns are computed in chunks of tangents holding about this many numbers."""
-
 
 def output_loss(loss_fn: LossFn) -> OutputLoss:
     """The curvature rule of ``loss_fn``: identified from the function, its ``nn`` module or a ``functools.partial``."""
     func, keywords = loss_fn, {}
     if isinstance(loss_fn, functools.partial):
         if loss_fn.args:
-            return GenericLoss(loss_fn)
+            return _generic(loss_fn)
         func, keywords = loss_fn.func, dict(loss_fn.keywords)
     if keywords.get("size_average") is not None or keywords.get("reduce") is not None:
-        return GenericLoss(loss_fn)
+        return _generic(loss_fn)
     if type(func) in (nn.CrossEntropyLoss, nn.NLLLoss, nn.BCEWithLogitsLoss, nn.MSELoss):
         attributes = {
             name: getattr(func, name)
@@ -66,7 +63,7 @@ def output_loss(loss_fn: LossFn) -> OutputLoss:
             nn.MSELoss: F.mse_loss,
         }[type(func)]
     if keywords.pop("reduction", "mean") != "mean":
-        return GenericLoss(loss_fn)
+        return _generic(loss_fn)
     allowed = {
         F.cross_entropy: {"weight", "ignore_index", "label_smoothing"},
         F.nll_loss: {"weight", "ignore_index"},
@@ -74,7 +71,7 @@ def output_loss(loss_fn: LossFn) -> OutputLoss:
         F.mse_loss: set(),
     }
     if func not in allowed or not set(keywords) <= allowed[func]:
-        return GenericLoss(loss_fn)
+        return _generic(loss_fn)
     if func is F.cross_entropy or func is F.nll_loss:
         return CrossEntropyLoss(
             loss_fn,
@@ -183,7 +180,7 @@ class CrossEntropyLoss(OutputLoss):
                     f"for outputs of shape {tuple(logits.shape)}; got {targets.dtype} targets of shape "
                     f"{tuple(targets.shape)}."
                 )
-            return GenericLoss(self.loss_fn).batch(logits, targets)  # probability targets
+            return _generic(self.loss_fn).batch(logits, targets)  # probability targets
         if self.log_probabilities:
             total = torch.logsumexp(logits.detach().double(), dim=1)
             tolerance = max(1e-4, 100 * torch.finfo(logits.dtype).eps)
@@ -312,88 +309,6 @@ class _DiagonalBatch(BatchLoss):
         return signs * root[:, None] / math.sqrt(num_samples)
 
 
-class GenericLoss(OutputLoss):
-    """Any other loss: each example's block of ``N_b ∇²_F L_b`` by double backward, factored by eigendecomposition."""
-
-    name = "generic"
-    samples_labels = False
-
-    def batch(self, logits: Tensor, targets: Tensor) -> BatchLoss:
-        return _GenericBatch(self, logits, targets)
-
-
-class _GenericBatch(BatchLoss):
-    def __init__(self, loss: OutputLoss, logits: Tensor, targets: Tensor) -> None:
-        super().__init__(loss, logits, targets)
-        self._rows: Tensor | None = None
-
-    def factor(self, part: slice) -> Tensor:
-        if self._rows is None:
-            self._rows = self._factor_all()
-        return self._rows[part]
-
-    def _factor_all(self) -> Tensor:
-        logits, targets = self.logits, self.targets
-        size, outputs = logits.shape[0], self.outputs
-        with torch.enable_grad():
-            leaf = logits.clone().requires_grad_()
-            loss = self.loss.loss_fn(leaf, targets)
-            _require_scalar(loss)
-            (gradient,) = torch.autograd.grad(loss * size, leaf, create_graph=True, allow_unused=True)
-            if gradient is None or not gradient.requires_grad:  # linear (or constant) in the outputs
-                return torch.zeros(size, outputs, *logits.shape[1:], dtype=logits.dtype, device=logits.device)
-
-            def hessian_times(tangents: Tensor) -> Tensor:  # [k, N, *out] -> [k, N, *out]
-                try:
-                    (out,) = torch.autograd.grad(
-                        gradient, leaf, tangents, retain_graph=True, is_grads_batched=True, allow_unused=True
-                    )
-                except RuntimeError:
-                    out = torch.stack([torch.autograd.grad(gradient, leaf, t, retain_graph=True)[0] for t in tangents])
-                return torch.zeros_like(tangents) if out is None else out
-
-            self._check_separable(hessian_times, leaf)
-            # tangent e: the unit vector e in every example's slot; block-diagonal, so column e of each block
-            columns = []
-            step = max(1, _ELEMENTS_PER_TANGENT_CHUNK // max(logits.numel(), 1))
-            eye = torch.eye(outputs, dtype=logits.dtype, device=logits.device)
-            for start in range(0, outputs, step):
-                units = eye[start : start + step]  # [k, E]
-                tangents = units[:, None, :].expand(-1, size, -1).reshape(-1, *logits.shape)
-                columns.append(hessian_times(tangents).reshape(len(units), size, outputs).detach())
-        blocks = torch.cat(columns).permute(1, 2, 0)  # [N, E (rows), E (columns)]
-        blocks = (blocks + blocks.transpose(1, 2)) / 2
-        eigenvalues, eigenvectors = torch.linalg.eigh(blocks)
-        largest = eigenvalues.abs().amax(dim=1, keepdim=True)
-        tolerance = 1e-6 if logits.dtype == torch.float64 else 1e-3
-        if bool((eigenvalues < -tolerance * largest.clamp(min=torch.finfo(logits.dtype).tiny)).any()):
-            raise ValueError(
-                f"loss_fn {_describe(self.loss.loss_fn)} is not convex in the model's outputs: its Hessian in "
-                f"the outputs has a negative eigenvalue ({float(eigenvalues.min()):.3g}), so the generalized "
-                "Gauss-Newton matrix is not a curvature estimate (it is indefinite). Use Hutchinson() or "
-                "ExactHessian(), which differentiate the loss itself."
-            )
-        rows = (eigenvectors * eigenvalues.clamp(min=0).sqrt()[:, None, :]).transpose(1, 2)  # [N, E, E]
-        return rows.reshape(size, outputs, *logits.shape[1:])
-
-    def _check_separable(self, hessian_times: Callable[[Tensor], Tensor], leaf: Tensor) -> None:
-        """A random tangent on the even examples must move the gradient of no odd example."""
-        size = leaf.shape[0]
-        if size < 2:
-            return
-        generator = torch.Generator(device=leaf.device).manual_seed(0)
-        tangent = torch.randn(leaf.shape, generator=generator, device=leaf.device, dtype=leaf.dtype)
-        tangent[1::2] = 0
-        product = hessian_times(tangent[None])[0]
-        leak = product[1::2].norm()
-        if bool(leak > 1e-6 * product.norm() + torch.finfo(leaf.dtype).tiny):
-            raise ValueError(
-                f"loss_fn {_describe(self.loss.loss_fn)} couples the examples of a batch (its Hessian in the "
-                "outputs is not block-diagonal over examples), so the per-example estimators (GGN, "
-                "MonteCarloGGN, EmpiricalFisher) do not apply. Use Hutchinson() or ExactHessian()."
-            )
-
-
 def _require_scalar(loss: Any) -> None:
     if not isinstance(loss, Tensor) or loss.dim() != 0:
         raise ValueError(
@@ -410,3 +325,11 @@ def _rademacher(shape: tuple[int, ...], like: Tensor, generator: torch.Generator
     device = generator.device if generator is not None else like.device
     signs = torch.randint(0, 2, shape, generator=generator, device=device)
     return (signs * 2 - 1).to(dtype=like.dtype, device=like.device)
+
+
+def _generic(loss_fn: LossFn) -> OutputLoss:
+    """The generic rule (:class:`~lightning_sa_unlearn.curvature.generic_loss.GenericLoss`), which subclasses
+    :class:`OutputLoss` and so is imported here, on first use."""
+    from lightning_sa_unlearn.curvature.generic_loss import GenericLoss
+
+    return GenericLoss(loss_fn)
