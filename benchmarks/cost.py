@@ -27,14 +27,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import SETTINGS, make_callback, make_datamodule, make_model, override, quiet_lightning, train  # noqa: E402
 
-from lightning_sa_unlearn import FineTune, LastLayer, MonteCarloGGN  # noqa: E402
+from lightning_sa_unlearn import GGN, FineTune, LastLayer  # noqa: E402
 from lightning_sa_unlearn.demo import seconds_per_gradient_sample  # noqa: E402
 from lightning_sa_unlearn.pipeline import UNLEARNING_STAGES, UnlearningRun  # noqa: E402
 
-# The callback's defaults (curvature=None: GGN read until the selection is confident) unless the method says.
+# The callback's defaults (curvature=None: MonteCarloGGN read until the selection is confident) unless the method says.
 METHODS = {
     "SA first order, flattest (defaults)": lambda s: dict(curvature=None),
-    "SA first order, flattest, MonteCarloGGN": lambda s: dict(curvature=MonteCarloGGN()),
+    "SA first order, flattest, GGN instead": lambda s: dict(curvature=GGN()),
     "first order, last layer": lambda s: dict(curvature=None, selection=LastLayer()),
     "fine-tune flattest layer (1 epoch)": lambda s: dict(
         curvature=None, update=FineTune(epochs=s.fine_tune_epochs, lr=s.fine_tune_lr)
