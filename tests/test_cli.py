@@ -5,6 +5,7 @@ import pathlib
 
 import pytest
 import torch
+from torch.multiprocessing.spawn import ProcessExitedException
 import yaml
 
 from lightning_sa_unlearn import PoisonedLabelDataModule
@@ -106,9 +107,16 @@ def test_unlearn_under_ddp_spawn_writes_the_same_checkpoint(fitted, tmp_path):
     fixed += ["--trainer.callbacks.init_args.update.step_size", "0.0002"]
     common = ["--config", str(cfg), "--ckpt_path", str(ckpt), *fixed]
     main(["unlearn", *common, "--output_path", str(single)])
-    main(
-        ["unlearn", *common, "--output_path", str(double), "--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"]
-    )
+    spawned = ["--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"]
+    try:
+        main(["unlearn", *common, "--output_path", str(double), *spawned])
+    except ProcessExitedException as error:
+        # Seen about once in 6 full runs: a spawned worker aborts in gloo's teardown ("terminate called without an
+        # active exception") after its work; not a wrong result. Retried once, into a new file, until it is fixed.
+        if "SIGABRT" not in str(error):
+            raise
+        double = tmp_path / "two_again.ckpt"
+        main(["unlearn", *common, "--output_path", str(double), *spawned])
     one, two = (torch.load(p, weights_only=True)["state_dict"] for p in (single, double))
     for name in one:
         torch.testing.assert_close(one[name], two[name], rtol=1e-5, atol=1e-6)
