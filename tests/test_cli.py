@@ -5,8 +5,8 @@ import pathlib
 
 import pytest
 import torch
-from torch.multiprocessing.spawn import ProcessExitedException
 import yaml
+from torch.multiprocessing.spawn import ProcessExitedException
 
 from lightning_sa_unlearn import PoisonedLabelDataModule
 from lightning_sa_unlearn.cli import main
