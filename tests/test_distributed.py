@@ -19,6 +19,7 @@ from lightning_sa_unlearn import (
     Hutchinson,
     SharpnessAwareUnlearning,
     TopFraction,
+    ValidatedLayer,
     hessian_diagonal,
     layer_sharpness,
 )
@@ -88,6 +89,7 @@ STAGES = [
         dict(curvature=EmpiricalFisher(), selection="last", update=FirstOrder(0.02), harm_guard=False),
     ),
     ("ggn", dict(curvature=GGN(samples=150), update="first_order")),
+    ("validated", dict(curvature=GGN(samples=150), selection=ValidatedLayer(k=2, judge_samples=64))),
     (
         "second_order",
         dict(curvature=GGN(samples=150, damping=1.0), update="second_order", selection="newton_decrement"),
@@ -136,7 +138,7 @@ def load(folder, tag, rank):
 
 
 @pytest.mark.parametrize(
-    "tag", ["sequential", "exact", "empirical_fisher", "ggn", "second_order", "forget_loss", "masked"]
+    "tag", ["sequential", "exact", "empirical_fisher", "ggn", "validated", "second_order", "forget_loss", "masked"]
 )
 def test_two_processes_equal_one(runs, tag):
     folder, reports, weights, _ = runs
@@ -229,3 +231,14 @@ def test_a_harmful_update_is_refused_on_every_process(runs):
         message, unchanged = json.loads((folder / f"failure_rank{rank}.json").read_text())
         assert message.startswith("HarmfulUpdateError: the first_order update raised the validation objective")
         assert unchanged
+
+
+def test_validated_layer_makes_the_same_choice_on_every_process(runs):
+    folder, reports, _, _ = runs
+    single = reports["validated"]["selection_trials"]
+    for rank in (0, 1):
+        trials = load(folder, "validated", rank)[0]["selection_trials"]
+        assert [t["layers"] for t in trials] == [t["layers"] for t in single]
+        assert [t["chosen"] for t in trials] == [t["chosen"] for t in single]
+        for mine, one in zip(trials, single):
+            assert mine["validation_objective"] == pytest.approx(one["validation_objective"], rel=1e-4)
