@@ -309,3 +309,27 @@ def test_an_override_of_select_layers_cannot_pick_entries():
 
     with pytest.raises(ValueError, match="overrides select_layers.*single entries"):
         ConvOnly(selection=TopFraction(Flattest(), fraction=0.1))
+
+
+def test_hessian_vector_products_through_weight_norm_match_plain_operations():
+    """torch's fused weight-norm kernel has a wrong double backward; the second-order update must not use it."""
+    torch.manual_seed(0)
+    normed = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 5)), nn.Tanh(), nn.Linear(5, 3)).double()
+    g = normed[0].parametrizations.weight.original0.detach()
+    v = normed[0].parametrizations.weight.original1.detach()
+
+    def plain(theta, x):  # the same network from primitives: w = g · v / ‖v‖ per output row
+        w = theta["g"] * theta["v"] / theta["v"].norm(dim=1, keepdim=True)
+        return torch.tanh(x @ w.t() + normed[0].bias) @ normed[2].weight.t() + normed[2].bias
+
+    x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+    names = ["0.parametrizations.weight.original0", "0.parametrizations.weight.original1"]
+    direction = {names[0]: torch.randn_like(g), names[1]: torch.randn_like(v)}
+    product = hessian_vector_product(normed, [(x, y)], names)(direction)
+
+    def loss(g_, v_):
+        return F.cross_entropy(plain({"g": g_, "v": v_}, x), y, reduction="sum")
+
+    _, reference = torch.autograd.functional.hvp(loss, (g, v), (direction[names[0]], direction[names[1]]))
+    torch.testing.assert_close(product[names[0]], reference[0], rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(product[names[1]], reference[1], rtol=1e-8, atol=1e-10)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 
+from lightning_sa_unlearn.curvature.second_derivatives import _twice_differentiable
 from lightning_sa_unlearn.functional import LossFn, batches_for, eval_mode, model_buffers
 
 Vector = dict[str, Tensor]
@@ -70,7 +71,7 @@ def hessian_vector_product(
     def matvec(vector: Vector) -> Vector:
         vector = project(vector, masks)
         total = {name: torch.zeros_like(p) for name, p in selected.items()}
-        with eval_mode(model), torch.enable_grad():
+        with eval_mode(model), torch.enable_grad(), _twice_differentiable(model):  # fused weight norm is not
             for x, y in batches_for(model, batches):
 
                 def batch_loss(theta: Vector) -> Tensor:
