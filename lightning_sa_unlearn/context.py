@@ -74,11 +74,15 @@ class UnlearningRun:
     def device(self) -> torch.device:
         return _device(self.model)
 
+    def capped(self, max_samples: int | None) -> int | None:
+        """``max_samples`` within the run's own cap (``fast_dev_run``); None: no limit."""
+        return min((v for v in (max_samples, self.max_samples) if v is not None), default=None)
+
     def batches(self, loader: Any, what: str, max_samples: int | None = None, **options: Any) -> Batches | None:
         """This process's shard of ``loader`` (None for None), at most ``max_samples`` samples in all."""
         if loader is None:
             return None
-        limit = min((v for v in (max_samples, self.max_samples) if v is not None), default=None)
+        limit = self.capped(max_samples)
         options.setdefault("rank", self.processes.rank)
         options.setdefault("world_size", self.processes.world_size)
         return Batches(loader, self.num_classes, what, max_samples=limit, seed=self.seed, **options)
@@ -90,7 +94,7 @@ class UnlearningRun:
         """
         if not is_map_style(loader):
             return self.batches(loader, what, max_samples)
-        limit = min((v for v in (max_samples, self.max_samples) if v is not None), default=None)
+        limit = self.capped(max_samples)
         rank, world_size = self.processes.rank, self.processes.world_size
         return ShuffledBatches(
             loader, self.num_classes, what, seed=self.seed, rank=rank, world_size=world_size, max_samples=limit

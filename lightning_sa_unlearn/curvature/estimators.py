@@ -30,9 +30,6 @@ if TYPE_CHECKING:
     from lightning_sa_unlearn.pipeline import UnlearningRun
 
 
-STOP_REASONS = ("confident", "maximum reached", "data exhausted", "fixed count", "report only")
-
-
 @dataclass
 class CurvatureResult:
     """What a curvature pass measured: the diagonal, the samples it read (once each), batch statistics.
@@ -171,7 +168,7 @@ class Curvature:
     ) -> CurvatureResult:
         """Read the training set (see the class docstring); ``confident(statistics)`` decides when to stop."""
         if self.samples is None:
-            limit = _capped(self.max_samples, run)
+            limit = run.capped(self.max_samples)
             units = sample_units(run.data.train, seed=run.seed, max_samples=limit, unit_size=self.batch_size)
             if units is not None:
                 return self._measure_sequentially(run, units, confident)
@@ -379,7 +376,3 @@ CURVATURES: dict[str, type[Curvature]] = {
     cls.method: cls
     for cls in (GGN, MonteCarloGGN, Hutchinson, ExactHessian, EmpiricalFisher)  # type: ignore[misc]
 }
-
-
-def _capped(max_samples: int, run: UnlearningRun) -> int:
-    return min(max_samples, run.max_samples) if run.max_samples is not None else max_samples

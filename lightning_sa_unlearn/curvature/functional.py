@@ -30,7 +30,6 @@ from lightning_sa_unlearn.curvature.per_example import (  # noqa: F401 (re-expor
     _loop_squares,
     _mc_ggn_batch,
     _output_hessian_factor,
-    _require_finite,
     _Rows,
     _squared_jacobian_products,
     _sum_over_examples,

@@ -231,11 +231,7 @@ class _CrossEntropyBatch(BatchLoss):
         n, positions, classes = p.shape
         device = generator.device if generator is not None else p.device
         flat = p.reshape(-1, classes).double().to(device)
-        if not torch.isfinite(flat).all():
-            raise RuntimeError(
-                "the curvature is not finite: the model's outputs hold NaN/inf, so mc_ggn cannot sample labels. "
-                "Check the weights and the training data for NaN/inf. Weights were left unchanged."
-            )
+        require_finite_probabilities(flat)
         labels = torch.multinomial(flat, num_samples, replacement=True, generator=generator).to(p.device)
         one_hot = F.one_hot(labels, classes).to(p.dtype).reshape(n, positions, num_samples, classes)
         rows = (p[:, :, None, :] - one_hot) * (scale / num_samples).sqrt()[:, :, None, None]  # [n, T, m, C]
@@ -333,3 +329,12 @@ def _generic(loss_fn: LossFn) -> OutputLoss:
     from lightning_sa_unlearn.curvature.generic_loss import GenericLoss
 
     return GenericLoss(loss_fn)
+
+
+def require_finite_probabilities(probabilities: Tensor) -> None:
+    """Labels cannot be sampled from NaN probabilities: say so as a non-finite curvature."""
+    if not torch.isfinite(probabilities).all():
+        raise RuntimeError(
+            "the curvature is not finite: the model's outputs hold NaN/inf, so mc_ggn cannot sample labels. "
+            "Check the weights and the training data for NaN/inf. Weights were left unchanged."
+        )

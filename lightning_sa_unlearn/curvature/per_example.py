@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.func import functional_call, grad, vjp, vmap
 
 from lightning_sa_unlearn.curvature import ggn_fast
-from lightning_sa_unlearn.curvature.losses import BatchLoss, output_loss
+from lightning_sa_unlearn.curvature.losses import BatchLoss, output_loss, require_finite_probabilities
 from lightning_sa_unlearn.curvature.second_derivatives import _batched_grad, _Choice
 from lightning_sa_unlearn.functional import LossFn, chunks, stateless_logits, tree_add_
 
@@ -95,7 +95,7 @@ def _mc_ggn_batch(model, params, buffers, x, y, *, loss_fn, loss, num_samples, g
     with torch.no_grad():
         logits = functional_call(model, (params, buffers), (x,))
         probabilities = torch.softmax(logits.double(), dim=-1)
-        _require_finite(probabilities)
+        require_finite_probabilities(probabilities)
         device = generator.device if generator is not None else probabilities.device
         sampled = torch.multinomial(probabilities.to(device), num_samples, replacement=True, generator=generator)
     gradients = _logit_gradients(loss_fn)
@@ -239,12 +239,3 @@ def _sum_over_examples(example, x: Tensor, y: Tensor, chunk_size: int) -> dict[s
     for part in chunks(x.shape[0], chunk_size):
         total = tree_add_(total, {k: v.sum(0) for k, v in vmap(example)(x[part], y[part]).items()})
     return total
-
-
-def _require_finite(probabilities: Tensor) -> None:
-    """Labels cannot be sampled from NaN probabilities: say so as a non-finite curvature."""
-    if not torch.isfinite(probabilities).all():
-        raise RuntimeError(
-            "the curvature is not finite: the model's outputs hold NaN/inf, so mc_ggn cannot sample labels. "
-            "Check the weights and the training data for NaN/inf. Weights were left unchanged."
-        )

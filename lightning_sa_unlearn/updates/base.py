@@ -11,10 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
 from torch import Tensor
 
-from lightning_sa_unlearn.updates.functional import apply_first_order, choose_tau
+from lightning_sa_unlearn.updates.functional import _reset, apply_first_order, choose_tau
 from lightning_sa_unlearn.updates.step_search import search_tau
 
 if TYPE_CHECKING:
@@ -139,9 +138,7 @@ class ValidatedStep(StepSize):
         start = {n: params[n].detach().clone() for n in run.names}
 
         def move(tau: float) -> None:
-            with torch.no_grad():
-                for n in run.names:
-                    params[n].copy_(start[n])
+            _reset(params, start)
             apply_first_order(run.model, direction, run.names, tau, run.masks)
 
         sources = [run.validation_sample] + ([run.relabelled] if run.relabelled is not None else [])

@@ -15,30 +15,16 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_sa_unlearn.data import limit_samples
-from lightning_sa_unlearn.functional import LossFn, batches_for, eval_mode
+from lightning_sa_unlearn.functional import batches_for
+from lightning_sa_unlearn.guard import sample_losses, standard_error
 
 if TYPE_CHECKING:
     from lightning_sa_unlearn.pipeline import UnlearningRun
 
 GOLDEN = (math.sqrt(5) - 1) / 2
-
-
-@torch.no_grad()
-def per_sample_losses(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn) -> Tensor:
-    """``ℓ_i`` for every sample, float64 on the CPU; a loss without ``reduction=`` gives its batch mean to each."""
-    losses = []
-    with eval_mode(model):
-        for x, y in batches_for(model, batches):
-            logits = model(x)
-            try:
-                value = loss_fn(logits, y, reduction="none")
-            except TypeError:
-                value = loss_fn(logits, y).expand(len(y))
-            losses.append(value.reshape(len(y), -1).mean(dim=1).double().cpu())
-    return torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64)
 
 
 def paired_difference(run: UnlearningRun, after: list[Tensor], before: list[Tensor]) -> tuple[float, float]:
@@ -53,9 +39,8 @@ def paired_difference(run: UnlearningRun, after: list[Tensor], before: list[Tens
         total, squares, n = sums.tolist()
         if n == 0:
             continue
-        term_mean = total / n
-        mean += term_mean
-        variance += max(squares / n - term_mean**2, 0.0) / max(n - 1, 1)
+        mean += total / n
+        variance += standard_error(n, total, squares) ** 2 if n >= 2 else 0.0
     return mean, math.sqrt(variance)
 
 
@@ -80,7 +65,7 @@ class SubsetObjective:
 
     def losses(self) -> list[Tensor]:
         return self.run.processes.agree(
-            lambda: [per_sample_losses(self.run.model, b, self.run.loss_fn) for b in self.batches]
+            lambda: [sample_losses(self.run.model, b, self.run.loss_fn).losses for b in self.batches]
         )
 
     def value(self, losses: list[Tensor]) -> float:
