@@ -4,6 +4,7 @@ The callback is built from four kinds of parts, one subpackage each: :mod:`.curv
 :mod:`.selection`, :mod:`.updates` (with step sizes and solvers) and :mod:`.evaluations`.
 """
 
+from lightning_sa_unlearn.adapters import BatchAdapter
 from lightning_sa_unlearn.callback import SharpnessAwareUnlearning
 from lightning_sa_unlearn.curvature import (
     GGN,
@@ -51,6 +52,7 @@ from lightning_sa_unlearn.updates import (
 
 __all__ = [
     "CG",
+    "BatchAdapter",
     "GGN",
     "AllLayers",
     "Curvature",

@@ -15,12 +15,14 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from lightning_sa_unlearn.adapters import BATCH_ADAPTERS, BatchAdapter
+from lightning_sa_unlearn.adapters.checks import check_first_batch
 from lightning_sa_unlearn.context import FAST_DEV_RUN_SAMPLES, UnlearningRun
 from lightning_sa_unlearn.curvature import CURVATURES, Curvature, default_curvature
-from lightning_sa_unlearn.data import UnlearningData
+from lightning_sa_unlearn.data import NO_FORGET_SET, Batches, UnlearningData, find_dataloader
 from lightning_sa_unlearn.evaluations import EVALUATIONS, Evaluation, HeldOutMetrics
 from lightning_sa_unlearn.functional import eval_mode
-from lightning_sa_unlearn.outputs import OutputFiles
+from lightning_sa_unlearn.outputs import OutputFiles, fitted_checkpoints, save_checkpoint
 from lightning_sa_unlearn.parts import resolve
 from lightning_sa_unlearn.pipeline import run_unlearning
 from lightning_sa_unlearn.processes import Processes
@@ -67,6 +69,11 @@ class SharpnessAwareUnlearning(Callback):
         harm_guard: after the update, compare the validation objective with its value before, per
             sample; a rise beyond noise restores the weights and raises (:mod:`~lightning_sa_unlearn.guard`).
             False keeps any finite update.
+        batch_adapter: how batches become ``(inputs, targets)`` and inputs become logits: a
+            :class:`~lightning_sa_unlearn.adapters.BatchAdapter` (dict batches, a module without
+            ``forward``, several forward arguments, sequence outputs) or ``"tuple"`` (default:
+            ``(x, y)`` batches and ``pl_module(x)``). It is checked on one forget batch in
+            ``on_fit_start``, before training.
     """
 
     def __init__(
@@ -84,6 +91,7 @@ class SharpnessAwareUnlearning(Callback):
         progress_bar: bool = True,
         verbose: bool = True,
         harm_guard: bool = True,
+        batch_adapter: BatchAdapter | str = "tuple",
     ) -> None:
         self.curvature = None if curvature is None else resolve(curvature, Curvature, CURVATURES, "curvature")
         if isinstance(selection, (list, tuple)):
@@ -99,6 +107,7 @@ class SharpnessAwareUnlearning(Callback):
         self.report_path, self.plot_path, self.checkpoint_path = report_path, plot_path, checkpoint_path
         self.unlearn_on_train_end, self.progress_bar, self.verbose = unlearn_on_train_end, progress_bar, verbose
         self.harm_guard = harm_guard
+        self.batch_adapter = resolve(batch_adapter, BatchAdapter, BATCH_ADAPTERS, "batch_adapter")
         self.report: UnlearningReport | None = None
         self.overwrite = False
         """Replace a report, plot or checkpoint that an earlier run left (``sa-unlearn --overwrite true`` sets it)."""
@@ -118,7 +127,9 @@ class SharpnessAwareUnlearning(Callback):
 
         Default: paper eq. 7 with sum reduction, ``Σ_{D̃_f} ℓ − Σ_{D_f} ℓ``. ``corrected_batch``
         is None for sample unlearning (then the default is gradient ascent on ``D_f``).
-        Batches arrive on the model's device. Override for a custom forget objective.
+        Batches arrive on the model's device as the batch adapter returns them, ``(inputs,
+        targets)``, and ``pl_module(inputs)`` returns the logits as the adapter lays them out.
+        Override for a custom forget objective.
         """
         return default_forget_loss(pl_module, forget_batch, corrected_batch, self.loss_fn)
 
@@ -141,6 +152,16 @@ class SharpnessAwareUnlearning(Callback):
                 f"SharpnessAwareUnlearning does not support {type(trainer.strategy).__name__}, which shards "
                 "parameters. Use a single device or strategy='ddp' / 'ddp_spawn'."
             )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Check the data contract, the batch adapter and the model on one forget batch, before training."""
+        if not self.unlearn_on_train_end:
+            return
+        loader = find_dataloader("forget_dataloader", trainer.datamodule, pl_module)
+        if loader is None:
+            raise ValueError(NO_FORGET_SET)
+        forget = Batches(loader, 0, "forget", split=self.batch_adapter.split)
+        check_first_batch(self.batch_adapter.view(pl_module), forget.source(), self.loss_fn, self.batch_adapter)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.unlearn_on_train_end:
@@ -195,7 +216,7 @@ class SharpnessAwareUnlearning(Callback):
             run = UnlearningRun(
                 trainer,
                 processes,
-                pl_module,
+                self.batch_adapter.view(pl_module),
                 UnlearningData.resolve(datamodule, pl_module),
                 loss_fn=self.loss_fn,
                 seed=self.seed,
@@ -205,6 +226,7 @@ class SharpnessAwareUnlearning(Callback):
                 max_samples=FAST_DEV_RUN_SAMPLES if trainer.fast_dev_run else None,
                 curvature=self.curvature or default_curvature(self.loss_fn),
                 harm_guard=self.harm_guard,
+                adapter=self.batch_adapter,
             )
             selection = _SubclassRule(self) if self._overrides_select_layers() else self.selection
             with torch.inference_mode(False), torch.enable_grad(), run.seeded(), eval_mode(pl_module):
@@ -236,6 +258,7 @@ class SharpnessAwareUnlearning(Callback):
             update=repr(self.update),
             evaluations=repr(self.evaluations),
             seed=self.seed,
+            **({} if self.batch_adapter.is_plain else {"batch_adapter": repr(self.batch_adapter)}),
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -252,7 +275,7 @@ class SharpnessAwareUnlearning(Callback):
 
     def _outputs(self, trainer: pl.Trainer, overwrite: bool | None) -> OutputFiles:
         """The files this run will write, checked now: none is an input, none replaces an earlier file unasked."""
-        outputs = OutputFiles(self.overwrite if overwrite is None else overwrite, _fitted_checkpoints(trainer))
+        outputs = OutputFiles(self.overwrite if overwrite is None else overwrite, fitted_checkpoints(trainer))
         paths = {"checkpoint": self.checkpoint_path, "report": self.report_path, "plot": self.plot_path}
         if trainer.fast_dev_run:
             if any(paths.values()):
@@ -268,7 +291,7 @@ class SharpnessAwareUnlearning(Callback):
         if not trainer.is_global_zero:
             return
         if "checkpoint" in outputs:
-            _save_checkpoint(pl_module, outputs.prepare("checkpoint"))
+            save_checkpoint(pl_module, outputs.prepare("checkpoint"))
         if "report" in outputs:
             report.to_json(outputs.prepare("report"))
         if "plot" in outputs:
@@ -337,29 +360,12 @@ def _quiet_lightning() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _fitted_checkpoints(trainer: pl.Trainer) -> dict[str, str | None]:
-    """The checkpoints the model was loaded from or saved to: no output may replace them."""
-    found: dict[str, str | None] = {"the checkpoint the trainer loaded": getattr(trainer, "ckpt_path", None)}
-    for callback in getattr(trainer, "checkpoint_callbacks", []):
-        for attribute in ("best_model_path", "last_model_path"):
-            found[f"{type(callback).__name__}.{attribute}"] = getattr(callback, attribute, None)
-    return found
-
-
 def _ready(datamodule: Any, *stages: str) -> Any:
     """Call ``setup`` for the given stages on a LightningDataModule (the test set may not exist after fit)."""
     if isinstance(datamodule, pl.LightningDataModule):
         for stage in stages:
             datamodule.setup(stage)
     return datamodule
-
-
-def _save_checkpoint(pl_module: nn.Module, path: str) -> None:
-    """Save the unlearned model (weights and hyperparameters) so that ``load_from_checkpoint`` reads it."""
-    checkpoint = {"state_dict": pl_module.state_dict(), "pytorch-lightning_version": pl.__version__}
-    if isinstance(pl_module, pl.LightningModule):
-        checkpoint[pl.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY] = dict(pl_module.hparams)
-    torch.save(checkpoint, path)
 
 
 def _tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:

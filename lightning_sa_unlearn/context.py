@@ -14,9 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lightning_sa_unlearn.adapters import BatchAdapter
+from lightning_sa_unlearn.adapters.checks import check_first_batch
 from lightning_sa_unlearn.curvature import Curvature, CurvatureResult
 from lightning_sa_unlearn.data import Batches, Relabelled, ShuffledBatches, UnlearningData, is_map_style
-from lightning_sa_unlearn.functional import LossFn, batches_for
+from lightning_sa_unlearn.functional import LossFn
 from lightning_sa_unlearn.processes import Processes
 from lightning_sa_unlearn.selection import Measurements
 from lightning_sa_unlearn.updates import default_forget_loss, loss_sum
@@ -40,6 +42,8 @@ class UnlearningRun:
     max_samples: int | None = None
     curvature: Curvature | None = None
     harm_guard: bool = True
+    adapter: BatchAdapter = field(default_factory=BatchAdapter)
+    """How batches become ``(inputs, targets)``; ``model`` is already its view (``adapter.view(module)``)."""
     num_classes: int = 0
     forget: Batches | None = None
     corrected: Batches | None = None
@@ -60,12 +64,16 @@ class UnlearningRun:
     seconds: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def standalone(cls, model: nn.Module, datamodule: Any, *, loss_fn: LossFn, seed: int) -> UnlearningRun:
+    def standalone(
+        cls, model: nn.Module, datamodule: Any, *, loss_fn: LossFn, seed: int, adapter: BatchAdapter | None = None
+    ) -> UnlearningRun:
         """A one-process run on ``model`` and the loaders of ``datamodule`` (for evaluations on their own)."""
         from lightning_sa_unlearn.callback import quiet_trainer
 
         trainer = quiet_trainer(accelerator="cpu" if _device(model).type == "cpu" else "auto")
-        run = cls(trainer, Processes(trainer, _device(model)), model, UnlearningData.resolve(datamodule, model))
+        adapter = adapter or BatchAdapter()
+        data = UnlearningData.resolve(datamodule, model)
+        run = cls(trainer, Processes(trainer, _device(model)), adapter.view(model), data, adapter=adapter)
         run.loss_fn, run.seed, run.target_class = loss_fn, seed, getattr(datamodule, "target_class", None)
         return run
 
@@ -85,7 +93,9 @@ class UnlearningRun:
         limit = self.capped(max_samples)
         options.setdefault("rank", self.processes.rank)
         options.setdefault("world_size", self.processes.world_size)
-        return Batches(loader, self.num_classes, what, max_samples=limit, seed=self.seed, **options)
+        return Batches(
+            loader, self.num_classes, what, max_samples=limit, seed=self.seed, split=self.adapter.split, **options
+        )
 
     def shuffled(self, loader: Any, what: str, max_samples: int | None = None) -> Iterable[Any] | None:
         """This process's share of ``loader`` in a seeded random order, so that any prefix is a random sample.
@@ -97,7 +107,14 @@ class UnlearningRun:
         limit = self.capped(max_samples)
         rank, world_size = self.processes.rank, self.processes.world_size
         return ShuffledBatches(
-            loader, self.num_classes, what, seed=self.seed, rank=rank, world_size=world_size, max_samples=limit
+            loader,
+            self.num_classes,
+            what,
+            seed=self.seed,
+            rank=rank,
+            world_size=world_size,
+            max_samples=limit,
+            split=self.adapter.split,
         )
 
     def whole(self, loader: Any, what: str) -> Batches | None:
@@ -144,7 +161,8 @@ class UnlearningRun:
             yield
 
     def build_batches(self) -> None:
-        self.num_classes = _num_classes(self.model, self.data.forget)
+        forget = Batches(self.data.forget, 0, "forget", split=self.adapter.split)
+        self.num_classes = check_first_batch(self.model, forget.source(), self.loss_fn, self.adapter)
         self.forget, self.corrected = (
             self.batches(self.data.forget, "forget"),
             self.batches(self.data.corrected, "corrected"),
@@ -155,33 +173,8 @@ class UnlearningRun:
         )
 
 
-@torch.no_grad()
-def _num_classes(model: nn.Module, forget: Any) -> int:
-    for x, _ in batches_for(model, forget):
-        if len(x):
-            return _logits_width(model(x[:1]), type(model).__name__)
-    raise ValueError("the forget set is empty: forget_dataloader() served no samples. Nothing to unlearn.")
-
-
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters(), torch.empty(0)).device
-
-
-def _logits_width(output: Any, model_name: str) -> int:
-    """The number of classes from one forward's output, refusing anything but a (batch, classes) tensor."""
-    if not isinstance(output, Tensor):
-        what = f"a dict with keys {sorted(output)}" if isinstance(output, dict) else f"a {type(output).__name__}"
-        raise TypeError(
-            f"{model_name}.forward(x) returned {what}, but unlearning needs the logits as one tensor of shape "
-            "(batch, classes). Return the logits from forward (keep other outputs in another method), or unlearn "
-            "a wrapper module whose forward returns them."
-        )
-    if output.ndim != 2:
-        raise ValueError(
-            f"{model_name}.forward(x) returned a tensor of shape {tuple(output.shape)}, but unlearning is for "
-            "classification and needs logits of shape (batch, classes)."
-        )
-    return int(output.shape[-1])
 
 
 def _shows_progress(trainer: pl.Trainer) -> bool:

@@ -15,7 +15,7 @@ Each loader is looked up on the datamodule first, then on the LightningModule:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler, Subset
 
-from lightning_sa_unlearn.functional import split_batch
+from lightning_sa_unlearn.functional import batch_size, split_batch, take
+
+Split = Callable[[Any], tuple[Any, torch.Tensor]]
+"""A batch adapter's ``split``: a batch as the loader yields it -> ``(inputs, targets)``."""
 
 
 def find_dataloader(name: str, *owners: Any) -> Any | None:
@@ -43,6 +46,12 @@ def find_dataloader(name: str, *owners: Any) -> Any | None:
         if loader is not None:
             return loader
     return None
+
+
+NO_FORGET_SET = (
+    "no forget set: define forget_dataloader() on your datamodule or LightningModule, "
+    "serving the samples to unlearn with the labels the model was trained on."
+)
 
 
 @dataclass
@@ -64,10 +73,7 @@ class UnlearningData:
             for field in ("train", "forget", "corrected", "retain", "val", "test", "triggered_test")
         }
         if loaders["forget"] is None:
-            raise ValueError(
-                "no forget set: define forget_dataloader() on your datamodule or LightningModule, "
-                "serving the samples to unlearn with the labels the model was trained on."
-            )
+            raise ValueError(NO_FORGET_SET)
         if loaders["train"] is None:
             raise ValueError(
                 "no training set: define train_dataloader() on your datamodule or LightningModule; "
@@ -108,8 +114,9 @@ def limit_samples(batches: Iterable[Any], max_samples: int | None) -> Iterator[A
         if seen >= max_samples:
             return
         x, y = split_batch(batch)
-        keep = min(x.shape[0], max_samples - seen)
-        yield (x[:keep], y[:keep]) if keep < x.shape[0] else batch
+        size = batch_size(x)
+        keep = min(size, max_samples - seen)
+        yield (take(x, slice(keep)), y[:keep]) if keep < size else batch
         seen += keep
 
 
@@ -146,7 +153,14 @@ def is_map_style(loader: Any) -> bool:
 
 
 def shard(
-    loader: Any, rank: int, world_size: int, *, max_samples: int | None = None, seed: int = 0, shuffle: bool = False
+    loader: Any,
+    rank: int,
+    world_size: int,
+    *,
+    max_samples: int | None = None,
+    seed: int = 0,
+    shuffle: bool = False,
+    split: Split | None = None,
 ) -> Iterable[Any]:
     """This process's share of ``loader``: every sample counted once across processes, none repeated.
 
@@ -157,10 +171,11 @@ def shard(
     this never pads, so sums over the shards equal the sum over the whole set, whatever
     ``world_size``, and the batches are the same on every run.
     Other iterables are split batch by batch (batch i goes to rank ``i % world_size``), which
-    needs the same batch order on every process.
+    needs the same batch order on every process. ``split`` (a batch adapter's) turns each batch into
+    ``(inputs, targets)``; None: the loader serves such pairs.
     """
     if not is_map_style(loader):
-        limited = limit_samples(loader, max_samples)
+        limited = limit_samples(loader if split is None else map(split, loader), max_samples)
         return limited if world_size == 1 else (b for i, b in enumerate(limited) if i % world_size == rank)
     size = len(loader.dataset)
     if max_samples is not None and max_samples < size:
@@ -168,7 +183,7 @@ def shard(
     else:
         indices = torch.arange(size)
     generator = torch.Generator().manual_seed(seed + 1 + rank) if shuffle else None
-    return DataLoader(
+    loader = DataLoader(
         Subset(loader.dataset, indices[rank::world_size].tolist()),
         batch_size=loader.batch_size or 1,
         shuffle=shuffle,
@@ -177,6 +192,20 @@ def shard(
         num_workers=loader.num_workers,
         pin_memory=loader.pin_memory,
     )
+    return loader if split is None else Adapted(loader, split)
+
+
+class Adapted:
+    """``split(batch)`` for each batch of a loader, with the loader's length."""
+
+    def __init__(self, loader: Iterable[Any], split: Split) -> None:
+        self.loader, self.split = loader, split
+
+    def __iter__(self) -> Iterator[tuple[Any, torch.Tensor]]:
+        return map(self.split, self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
 
 
 class Batches:
@@ -193,9 +222,12 @@ class Batches:
         max_samples: int | None = None,
         seed: int = 0,
         shuffle: bool = False,
+        split: Split = split_batch,
     ) -> None:
         self.loader, self.num_classes, self.what = loader, num_classes, what
-        self.options = dict(rank=rank, world_size=world_size, max_samples=max_samples, seed=seed, shuffle=shuffle)
+        self.options = dict(
+            rank=rank, world_size=world_size, max_samples=max_samples, seed=seed, shuffle=shuffle, split=split
+        )
 
     def source(self) -> Iterable[Any]:
         return shard(self.loader, **self.options)
@@ -225,14 +257,14 @@ def dataset_size(loader: Any) -> int | None:
     return len(loader.dataset) if is_map_style(loader) else None
 
 
-def training_set_size(loader: Any) -> int:
+def training_set_size(loader: Any, split: Split = split_batch) -> int:
     """``N``, the number of training samples: ``len(dataset)`` when the loader's dataset has a length, else
     counted in one pass over ``loader`` (an IterableDataset without ``__len__``, or a list of batches)."""
     size = dataset_size(loader)
     if size is None and isinstance(loader, DataLoader) and isinstance(loader.dataset, IterableDataset):
         size = sized(loader.dataset)  # the size the dataset declares
     if size is None:
-        size = sum(len(split_batch(batch)[1]) for batch in loader)
+        size = sum(len(split(batch)[1]) for batch in loader)
         rank_zero_info(
             f"counted {size} training samples in one pass over train_dataloader() (its dataset has no len()); "
             "give the dataset a __len__ to skip this pass."
@@ -291,11 +323,12 @@ class ShuffledBatches:
         rank: int,
         world_size: int,
         max_samples: int | None,
+        split: Split = split_batch,
     ) -> None:
-        self.loader, self.num_classes, self.what = loader, num_classes, what
+        self.loader, self.num_classes, self.what, self.split = loader, num_classes, what, split
         self.units = sample_units(loader, seed=seed, max_samples=max_samples) or []
         self.rank, self.world_size = rank, world_size
 
     def __iter__(self) -> Iterator[Any]:
-        batches = (unit_batch(self.loader, u) for u in self.units[self.rank :: self.world_size])
+        batches = (self.split(unit_batch(self.loader, u)) for u in self.units[self.rank :: self.world_size])
         return checked_labels(batches, self.num_classes, self.what)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """A loss ``loss_fn(logits, targets)`` that returns the MEAN over the batch (torch's default)."""
@@ -54,24 +55,72 @@ def model_device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]
     return torch.device("cpu"), torch.get_default_dtype()
 
 
-def split_batch(batch: Any) -> tuple[Tensor, Tensor]:
-    """Return ``(x, y)`` from a batch given as a tuple or list whose first two items are inputs and targets."""
+def split_batch(batch: Any) -> tuple[Any, Tensor]:
+    """``(inputs, targets)`` from a batch given as a tuple or list whose first two items are inputs and targets.
+
+    Inside a run, batches have already passed the batch adapter and are such pairs
+    (:class:`~lightning_sa_unlearn.adapters.BatchAdapter`).
+    """
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[0], batch[1]
     raise TypeError(
         f"expected each batch to be a tuple (inputs, targets), got {type(batch).__name__}. "
-        "Return (x, y) pairs from your dataloaders."
+        "Return (x, y) pairs from your dataloaders, or describe your batches with a BatchAdapter."
     )
 
 
-def to_model(batch: Any, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def batch_size(inputs: Any) -> int:
+    """The number of examples in ``inputs``: the first dimension of a tensor, or of a tuple's first tensor."""
+    if isinstance(inputs, Tensor):
+        return inputs.shape[0]
+    for leaf in tree_leaves(inputs):
+        if isinstance(leaf, Tensor):
+            return leaf.shape[0]
+    raise TypeError(f"inputs of type {type(inputs).__name__} hold no tensor, so they have no batch dimension.")
+
+
+def take(inputs: Any, index: Any) -> Any:
+    """``inputs[index]`` along the batch dimension, for a tensor or each tensor of a tuple or dict."""
+    if isinstance(inputs, Tensor):
+        return inputs[index]
+    return tree_map(lambda t: t[index] if isinstance(t, Tensor) else t, inputs)
+
+
+def concatenate(parts: list[Any]) -> Any:
+    """Inputs of several batches as one batch (tensors, or tuples and dicts of them)."""
+    if isinstance(parts[0], Tensor):
+        return torch.cat(parts)
+    return tree_map(lambda *leaves: torch.cat(leaves), *parts)
+
+
+def same_inputs(a: Any, b: Any) -> bool:
+    """True when two inputs hold equal tensors (and equal everything else)."""
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a.shape == b.shape and torch.equal(a, b)
+    leaves_a, spec_a = tree_flatten(a)
+    leaves_b, spec_b = tree_flatten(b)
+    if spec_a != spec_b:
+        return False
+    for u, v in zip(leaves_a, leaves_b):
+        same = (u.shape == v.shape and torch.equal(u, v)) if isinstance(u, Tensor) and isinstance(v, Tensor) else u == v
+        if not same:
+            return False
+    return True
+
+
+def to_model(batch: Any, device: torch.device, dtype: torch.dtype) -> tuple[Any, Tensor]:
     """Move a batch to the model's device; floating inputs take the model's dtype."""
     x, y = split_batch(batch)
-    x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
-    return x, y.to(device)
+
+    def move(t: Any) -> Any:
+        if not isinstance(t, Tensor):
+            return t
+        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+    return move(x) if isinstance(x, Tensor) else tree_map(move, x), y.to(device)
 
 
-def batches_for(model: nn.Module, batches: Iterable[Any]) -> Iterator[tuple[Tensor, Tensor]]:
+def batches_for(model: nn.Module, batches: Iterable[Any]) -> Iterator[tuple[Any, Tensor]]:
     device, dtype = model_device_and_dtype(model)
     for batch in batches:
         yield to_model(batch, device, dtype)
@@ -80,14 +129,14 @@ def batches_for(model: nn.Module, batches: Iterable[Any]) -> Iterator[tuple[Tens
 def stateless_loss(model: nn.Module, buffers: dict[str, Tensor], loss_fn: LossFn) -> Callable[..., Tensor]:
     """``loss(params, x, y)``: the model's mean loss on a batch as a pure function of ``params``."""
 
-    def loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+    def loss(params: dict[str, Tensor], x: Any, y: Tensor) -> Tensor:
         return loss_fn(functional_call(model, (params, buffers), (x,)), y)
 
     return loss
 
 
 def stateless_logits(model: nn.Module, buffers: dict[str, Tensor]) -> Callable[..., Tensor]:
-    def logits(params: dict[str, Tensor], x: Tensor) -> Tensor:
+    def logits(params: dict[str, Tensor], x: Any) -> Tensor:
         return functional_call(model, (params, buffers), (x,))
 
     return logits

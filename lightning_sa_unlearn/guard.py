@@ -82,7 +82,8 @@ def paired_standard_error(before: Tensor, after: Tensor) -> float:
 
 
 def per_sample_loss(loss_fn: LossFn, logits: Tensor, targets: Tensor) -> Tensor:
-    """``loss_fn`` on each sample of a batch (``loss_fn`` returns the mean over the batch)."""
+    """``loss_fn`` on each sample of a batch (``loss_fn`` returns the mean over the batch); with positions
+    (pixels, tokens), cross-entropy gives one loss per position, which the caller averages per sample."""
     if loss_fn is F.cross_entropy:
         return F.cross_entropy(logits, targets, reduction="none")
     try:
@@ -107,9 +108,9 @@ def sample_losses(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn = F.
     with eval_mode(model):
         for x, y in batches_for(model, batches):
             logits = model(x)
-            losses.append(per_sample_loss(loss_fn, logits, y).detach().double().reshape(-1).cpu())
+            losses.append(per_sample_loss(loss_fn, logits, y).detach().double().reshape(len(y), -1).mean(1).cpu())
             labels.append(y.reshape(-1).cpu())
-            predicted.append(logits.argmax(dim=-1).reshape(-1).cpu())
+            predicted.append(logits.argmax(dim=1).reshape(-1).cpu())
     if not losses:
         empty = torch.empty(0, dtype=torch.long)
         return SampleLosses(torch.empty(0, dtype=torch.float64), empty, empty)

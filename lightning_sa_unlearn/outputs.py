@@ -17,6 +17,10 @@ import os
 import uuid
 from dataclasses import dataclass
 
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
 OVERWRITE_HINT = (
     "Delete it, choose another path, or ask to overwrite: unlearn(..., overwrite=True) on the callback or on "
     "UnlearningTrainer, callback.overwrite = True before trainer.fit, or `--overwrite true` on sa-unlearn."
@@ -133,3 +137,20 @@ class OutputFiles:
             except OSError:
                 pass
         self._created = []
+
+
+def fitted_checkpoints(trainer: pl.Trainer) -> dict[str, str | None]:
+    """The checkpoints the model was loaded from or saved to: no output may replace them."""
+    found: dict[str, str | None] = {"the checkpoint the trainer loaded": getattr(trainer, "ckpt_path", None)}
+    for callback in getattr(trainer, "checkpoint_callbacks", []):
+        for attribute in ("best_model_path", "last_model_path"):
+            found[f"{type(callback).__name__}.{attribute}"] = getattr(callback, attribute, None)
+    return found
+
+
+def save_checkpoint(pl_module: nn.Module, path: str) -> None:
+    """Save the unlearned model (weights and hyperparameters) so that ``load_from_checkpoint`` reads it."""
+    checkpoint = {"state_dict": pl_module.state_dict(), "pytorch-lightning_version": pl.__version__}
+    if isinstance(pl_module, pl.LightningModule):
+        checkpoint[pl.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY] = dict(pl_module.hparams)
+    torch.save(checkpoint, path)

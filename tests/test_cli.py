@@ -205,6 +205,7 @@ def test_parts_are_configured_by_class_path_inside_the_callback(fitted, tmp_path
             },
         },
         "evaluations": ["mia", {"class_path": "lightning_sa_unlearn.RelearnAttack", "init_args": {"samples": 7}}],
+        "batch_adapter": {"class_path": "lightning_sa_unlearn.BatchAdapter", "init_args": {"forward": "net"}},
     }
     main(
         [

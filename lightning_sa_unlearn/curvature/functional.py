@@ -52,6 +52,7 @@ from lightning_sa_unlearn.curvature.second_derivatives import (  # noqa: F401 (r
 )
 from lightning_sa_unlearn.functional import (
     LossFn,
+    batch_size,
     batches_for,
     eval_mode,
     model_buffers,
@@ -244,13 +245,13 @@ def sum_over_batches(
     with eval_mode(model), torch.enable_grad():
         buffers = model_buffers(model)
         for x, y in batches_for(model, batches):
-            if x.shape[0] == 0:
+            if batch_size(x) == 0:
                 continue
             part = batch_sum(x, y, params, buffers)
             if on_batch is not None:
-                on_batch(part, x.shape[0])
+                on_batch(part, batch_size(x))
             total = tree_add_(total, part)
-            count += x.shape[0]
+            count += batch_size(x)
     return total, count
 
 

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lightning_sa_unlearn.functional import batch_size
+
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
 
 
@@ -118,7 +120,7 @@ def verify(model: nn.Module, x: Tensor, factor_fn) -> str | None:
     factor_fn = _first_rows(factor_fn, VERIFIED_ROWS)
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     try:
-        hooks = ggn_diagonal_sum(model, x, factor_fn, x.shape[0])
+        hooks = ggn_diagonal_sum(model, x, factor_fn, batch_size(x))
         if hooks is None:
             return "a module that owns parameters was called more than once, or not at all"
         logits = model(x)

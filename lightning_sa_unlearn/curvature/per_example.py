@@ -18,7 +18,7 @@ from torch.func import functional_call, grad, vjp, vmap
 from lightning_sa_unlearn.curvature import ggn_fast
 from lightning_sa_unlearn.curvature.losses import BatchLoss, output_loss, require_finite_probabilities
 from lightning_sa_unlearn.curvature.second_derivatives import _batched_grad, _Choice
-from lightning_sa_unlearn.functional import LossFn, chunks, stateless_logits, tree_add_
+from lightning_sa_unlearn.functional import LossFn, batch_size, chunks, stateless_logits, take, tree_add_
 
 log = logging.getLogger("lightning_sa_unlearn.curvature.functional")
 
@@ -104,7 +104,7 @@ def _mc_ggn_batch(model, params, buffers, x, y, *, loss_fn, loss, num_samples, g
     def factor(z: Tensor, labels: Tensor) -> Tensor:
         return vmap(lambda label: gradients(z, label)[0])(labels) * scale
 
-    rows = _Rows(targets=sampled.to(x.device), factor=factor)
+    rows = _Rows(targets=sampled.to(y.device), factor=factor)
     return _squared_jacobian_products(model, params, buffers, x, rows, chunk_size, choice)
 
 
@@ -136,8 +136,10 @@ def _squared_jacobian_products(
         choice.path = _choose_path(model, params, buffers, x, rows, max_outputs)
     if choice.path == "hooks":
         total: dict[str, Tensor] | None = None
-        for part in chunks(x.shape[0], chunk_size):  # bounds the K-fold activations of the batched backward
-            piece = ggn_fast.ggn_diagonal_sum(model, x[part], lambda logits: rows.for_logits(part, logits), chunk_size)
+        for part in chunks(batch_size(x), chunk_size):  # bounds the K-fold activations of the batched backward
+            piece = ggn_fast.ggn_diagonal_sum(
+                model, take(x, part), lambda logits: rows.for_logits(part, logits), chunk_size
+            )
             if piece is None:
                 total = None
                 break
@@ -159,10 +161,12 @@ def _squared_jacobian_products(
 
 def _choose_path(model, params, buffers, x, rows: _Rows, max_outputs: int | None) -> str:
     """Check the first two examples: refuse a model that mixes examples, or too many outputs; hooks if they agree."""
-    probe = x[:2]
+    probe = take(x, slice(2))
     with torch.no_grad():
         together = functional_call(model, (params, buffers), (probe,))
-        alone = torch.cat([functional_call(model, (params, buffers), (probe[i : i + 1],)) for i in range(len(probe))])
+        alone = torch.cat(
+            [functional_call(model, (params, buffers), (take(probe, slice(i, i + 1)),)) for i in range(len(together))]
+        )
     outputs = together[0].numel()
     if max_outputs is not None and outputs > max_outputs:
         raise ValueError(
@@ -180,7 +184,7 @@ def _choose_path(model, params, buffers, x, rows: _Rows, max_outputs: int | None
         )
     if not ggn_fast.supports(model):
         return "vmap"
-    problem = ggn_fast.verify(model, probe, lambda logits: rows.for_logits(slice(0, len(probe)), logits))
+    problem = ggn_fast.verify(model, probe, lambda logits: rows.for_logits(slice(0, len(together)), logits))
     if problem is not None:
         log.info("the forward-hook GGN path does not apply (%s); using per-example products", problem)
         return "vmap"
@@ -198,20 +202,22 @@ def _vmap_squares(model, params, buffers, x, rows: _Rows, chunk_size: int) -> di
         factor = rows.factor
 
         def example(x_n: Tensor, t_n: Tensor) -> dict[str, Tensor]:
-            logits, pullback = vjp(lambda p: logits_of(p, x_n[None])[0], params)
+            logits, pullback = vjp(lambda p: logits_of(p, take(x_n, None))[0], params)
             (columns,) = vmap(pullback)(factor(logits.detach(), t_n))
             return {k: (g**2).sum(0) for k, g in columns.items()}
 
         return _sum_over_examples(example, x, rows.targets, chunk_size)
 
     def example_rows(x_n: Tensor, rows_n: Tensor) -> dict[str, Tensor]:
-        _, pullback = vjp(lambda p: logits_of(p, x_n[None])[0], params)
+        _, pullback = vjp(lambda p: logits_of(p, take(x_n, None))[0], params)
         (columns,) = vmap(pullback)(rows_n)
         return {k: (g**2).sum(0) for k, g in columns.items()}
 
     total: dict[str, Tensor] | None = None
-    for part in chunks(x.shape[0], chunk_size):
-        total = tree_add_(total, {k: v.sum(0) for k, v in vmap(example_rows)(x[part], rows.of_part(part)).items()})
+    for part in chunks(batch_size(x), chunk_size):
+        total = tree_add_(
+            total, {k: v.sum(0) for k, v in vmap(example_rows)(take(x, part), rows.of_part(part)).items()}
+        )
     return total
 
 
@@ -219,14 +225,14 @@ def _loop_squares(model, params, buffers, x, rows: _Rows, chunk_size: int) -> di
     """The same sum with one forward and one batched backward per example, no vmap through the model."""
     leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
     total = {k: torch.zeros_like(v) for k, v in params.items()}
-    for part in chunks(x.shape[0], chunk_size):
+    for part in chunks(batch_size(x), chunk_size):
         logits = None
         if rows.of_part is None:
             with torch.no_grad():
-                logits = functional_call(model, (params, buffers), (x[part],))
+                logits = functional_call(model, (params, buffers), (take(x, part),))
         block = rows.for_logits(part, logits)
-        for i, x_n in enumerate(x[part]):
-            out = functional_call(model, (leaves, buffers), (x_n[None],))
+        for i in range(part.stop - part.start):
+            out = functional_call(model, (leaves, buffers), (take(x, slice(part.start + i, part.start + i + 1)),))
             columns = _batched_grad([out], list(leaves.values()), [block[i][:, None]])
             for name, column in zip(leaves, columns):
                 if column is not None:
@@ -236,6 +242,6 @@ def _loop_squares(model, params, buffers, x, rows: _Rows, chunk_size: int) -> di
 
 def _sum_over_examples(example, x: Tensor, y: Tensor, chunk_size: int) -> dict[str, Tensor]:
     total: dict[str, Tensor] | None = None
-    for part in chunks(x.shape[0], chunk_size):
-        total = tree_add_(total, {k: v.sum(0) for k, v in vmap(example)(x[part], y[part]).items()})
+    for part in chunks(batch_size(x), chunk_size):
+        total = tree_add_(total, {k: v.sum(0) for k, v in vmap(example)(take(x, part), y[part]).items()})
     return total

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 from torch.overrides import TorchFunctionMode
 
-from lightning_sa_unlearn.functional import chunks, stateless_loss, tree_add_
+from lightning_sa_unlearn.functional import batch_size, chunks, stateless_loss, tree_add_
 
 log = logging.getLogger("lightning_sa_unlearn.curvature.functional")
 
@@ -110,7 +110,7 @@ def _hessian_vector_products(model, params, buffers, x, y, loss_fn, choice: _Cho
     later batch of the call uses it too.
     """
     batch_loss = stateless_loss(model, buffers, loss_fn)
-    size = x.shape[0]
+    size = batch_size(x)
 
     def hvp(tangent: dict[str, Tensor]) -> dict[str, Tensor]:
         return jvp(grad(lambda p: batch_loss(p, x, y) * size), (params,), (tangent,))[1]
@@ -154,7 +154,7 @@ def _double_backward_products(model, params, buffers, x, y, loss_fn):
     """``H t`` as ``∂(∇ℓ · t)/∂θ``: one backward through the gradient's graph per batch of tangents."""
     leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
     names = list(leaves)
-    loss = loss_fn(functional_call(model, (leaves, buffers), (x,)), y) * x.shape[0]
+    loss = loss_fn(functional_call(model, (leaves, buffers), (x,)), y) * batch_size(x)
     gradients = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
     live = [i for i, g in enumerate(gradients) if g is not None and g.requires_grad]
 

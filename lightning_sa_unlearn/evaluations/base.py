@@ -11,6 +11,7 @@ from torch import nn
 from lightning_sa_unlearn.functional import LossFn, eval_mode
 
 if TYPE_CHECKING:
+    from lightning_sa_unlearn.adapters import BatchAdapter
     from lightning_sa_unlearn.pipeline import UnlearningRun
 
 
@@ -36,12 +37,21 @@ class Evaluation:
         return {"evaluations": {self.key: results}}
 
     def __call__(
-        self, model: nn.Module, datamodule: Any = None, *, loss_fn: LossFn = F.cross_entropy, seed: int = 0
+        self,
+        model: nn.Module,
+        datamodule: Any = None,
+        *,
+        loss_fn: LossFn = F.cross_entropy,
+        seed: int = 0,
+        batch_adapter: BatchAdapter | None = None,
     ) -> dict[str, Any]:
-        """Measure ``model`` on the data of ``datamodule`` (then ``model``) in this process alone."""
+        """Measure ``model`` on the data of ``datamodule`` (then ``model``) in this process alone.
+
+        ``batch_adapter``: how batches and logits are read, as on the callback (default: ``(x, y)`` tuples).
+        """
         from lightning_sa_unlearn.pipeline import UnlearningRun
 
-        run = UnlearningRun.standalone(model, datamodule, loss_fn=loss_fn, seed=seed)
+        run = UnlearningRun.standalone(model, datamodule, loss_fn=loss_fn, seed=seed, adapter=batch_adapter)
         self.check(run)
         with torch.inference_mode(False), torch.enable_grad(), run.seeded(), eval_mode(model):
             run.build_batches()

@@ -34,15 +34,20 @@ def attack_features(model: nn.Module, batches: Iterable[Any], max_samples: int |
     count = 0
     with eval_mode(model):
         for x, y in batches_for(model, batches):
-            log_p = F.log_softmax(model(x).double(), dim=-1)
-            loss = -log_p.gather(1, y[:, None]).squeeze(1)
-            entropy = -(log_p.exp() * log_p).sum(dim=1)
+            log_p = F.log_softmax(model(x).double(), dim=1)  # [B, C] or [B, C, positions...]
+            loss = _per_example(-log_p.gather(1, y[:, None]).squeeze(1))
+            entropy = _per_example(-(log_p.exp() * log_p).sum(dim=1))
             rows.append(torch.stack([loss, entropy], dim=1).cpu())
             count += len(y)
             if max_samples is not None and count >= max_samples:
                 break
     features = torch.cat(rows) if rows else torch.empty(0, 2, dtype=torch.float64)
     return features[:max_samples]
+
+
+def _per_example(values: Tensor) -> Tensor:
+    """The mean over positions (pixels, tokens) of each example; ``[B]`` stays as it is."""
+    return values.reshape(values.shape[0], -1).mean(dim=1)
 
 
 def fit_logistic_regression(features: Tensor, labels: Tensor, l2: float = 1e-4, max_iter: int = 100) -> Tensor:

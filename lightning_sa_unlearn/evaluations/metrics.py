@@ -36,7 +36,7 @@ class ClassificationMetrics(Metric):
         self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, logits: Tensor, target: Tensor) -> None:
-        index = target * self.num_classes + logits.argmax(dim=-1)  # row: true class, column: predicted
+        index = (target * self.num_classes + logits.argmax(dim=1)).reshape(-1)  # row: true class, column: predicted
         self.confusion += torch.bincount(index, minlength=self.num_classes**2).view(self.num_classes, -1)
         self.loss_sum += self.loss_fn(logits, target).detach().double() * target.numel()
         self.count += target.numel()

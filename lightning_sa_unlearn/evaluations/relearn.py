@@ -17,30 +17,30 @@ from torch import Tensor, nn
 
 from lightning_sa_unlearn.evaluations.base import Evaluation
 from lightning_sa_unlearn.evaluations.metrics import ClassificationMetrics
-from lightning_sa_unlearn.functional import LossFn, batches_for, eval_mode, split_batch
+from lightning_sa_unlearn.functional import LossFn, batches_for, concatenate, eval_mode, split_batch, take
 
 if TYPE_CHECKING:
     from lightning_sa_unlearn.pipeline import UnlearningRun
 
 
-def first_samples(batches: Iterable[Any], num_samples: int) -> tuple[Tensor, Tensor]:
+def first_samples(batches: Iterable[Any], num_samples: int) -> tuple[Any, Tensor]:
     """The first ``num_samples`` ``(x, y)`` pairs of ``batches``, concatenated (the attacker's ``D'_f``)."""
     xs, ys, count = [], [], 0
     for batch in batches:
         x, y = split_batch(batch)
-        xs.append(x[: num_samples - count])
+        xs.append(take(x, slice(num_samples - count)))
         ys.append(y[: num_samples - count])
         count += len(ys[-1])
         if count >= num_samples:
             break
     if count == 0:
         raise ValueError("the relearning attack needs at least one forget sample; the forget set is empty.")
-    return torch.cat(xs), torch.cat(ys)
+    return concatenate(xs), torch.cat(ys)
 
 
 def relearn_attack(
     model: nn.Module,
-    relearn_set: tuple[Tensor, Tensor],
+    relearn_set: tuple[Any, Tensor],
     *,
     steps: int = 10,
     lr: float = 1e-4,
@@ -67,7 +67,7 @@ def relearn_attack(
     optimizer = torch.optim.SGD(attacked.parameters(), lr=lr)
     with torch.enable_grad(), eval_mode(attacked):
         for index in itertools.islice(itertools.cycle(slices), steps):
-            (bx, by), *_ = batches_for(attacked, [(x[index], y[index])])
+            (bx, by), *_ = batches_for(attacked, [(take(x, index), y[index])])
             optimizer.zero_grad()
             loss_fn(attacked(bx), by).backward()
             optimizer.step()

@@ -18,16 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_sa_unlearn.functional import LossFn, batches_for, eval_mode
+from lightning_sa_unlearn.functional import LossFn, batch_size, batches_for, eval_mode, same_inputs
 
-Batch = tuple[Tensor, Tensor]
+Batch = tuple[Any, Tensor]
+"""``(inputs, targets)`` as the batch adapter returns them."""
 ForgetLoss = Callable[[nn.Module, Batch, "Batch | None"], Tensor]
 
 
 def sum_loss(model: nn.Module, batch: Batch, loss_fn: LossFn = F.cross_entropy) -> Tensor:
     """``Σ_{(x,y) ∈ batch} ℓ(h(x, θ), y)`` from a mean-reduced ``loss_fn``."""
     x, y = batch
-    return loss_fn(model(x), y) * x.shape[0]
+    return loss_fn(model(x), y) * batch_size(x)
 
 
 def default_forget_loss(
@@ -37,8 +38,8 @@ def default_forget_loss(
 
     When the two batches hold the same inputs (label unlearning), one forward pass serves both terms.
     """
-    if corrected_batch is not None and torch.equal(forget_batch[0], corrected_batch[0]):
-        logits, count = model(forget_batch[0]), forget_batch[0].shape[0]
+    if corrected_batch is not None and same_inputs(forget_batch[0], corrected_batch[0]):
+        logits, count = model(forget_batch[0]), batch_size(forget_batch[0])
         return (loss_fn(logits, corrected_batch[1]) - loss_fn(logits, forget_batch[1])) * count
     loss = -sum_loss(model, forget_batch, loss_fn)
     if corrected_batch is not None:
@@ -58,7 +59,7 @@ def paired_batches(
     for index, (f, c) in enumerate(
         itertools.zip_longest(forget_batches, batches_for(model, corrected), fillvalue=missing)
     ):
-        if f is missing or c is missing or f[0].shape[0] != c[0].shape[0]:
+        if f is missing or c is missing or batch_size(f[0]) != batch_size(c[0]):
             raise ValueError(
                 f"the forget and corrected sets differ in length (first difference at batch {index}). "
                 "corrected_dataloader must serve the same samples as forget_dataloader, in the same "
@@ -91,7 +92,7 @@ def forget_gradient(
             for name, g in zip(params, grads):
                 if g is not None:
                     total[name].add_(g)
-            count += forget_batch[0].shape[0]
+            count += batch_size(forget_batch[0])
     if count == 0 and not allow_empty:
         raise ValueError("the forget set is empty: forget_dataloader() served no samples. Nothing to unlearn.")
     return total
@@ -141,8 +142,8 @@ def loss_sum(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn = F.cross
     total, count = 0.0, 0
     with eval_mode(model):
         for x, y in batches_for(model, batches):
-            total += float(loss_fn(model(x), y)) * x.shape[0]
-            count += x.shape[0]
+            total += float(loss_fn(model(x), y)) * batch_size(x)
+            count += batch_size(x)
     return total, count
 
 

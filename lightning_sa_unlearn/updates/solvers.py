@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 
 from lightning_sa_unlearn.curvature.second_derivatives import _twice_differentiable
-from lightning_sa_unlearn.functional import LossFn, batches_for, eval_mode, model_buffers
+from lightning_sa_unlearn.functional import LossFn, batch_size, batches_for, eval_mode, model_buffers
 
 Vector = dict[str, Tensor]
 MatVec = Callable[[Vector], Vector]
@@ -76,7 +76,7 @@ def hessian_vector_product(
 
                 def batch_loss(theta: Vector) -> Tensor:
                     logits = functional_call(model, ({**fixed, **theta}, buffers), (x,))
-                    return loss_fn(logits, y) * x.shape[0]
+                    return loss_fn(logits, y) * batch_size(x)
 
                 product = jvp(grad(batch_loss), (selected,), (vector,))[1]
                 for name in total:

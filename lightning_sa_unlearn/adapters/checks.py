@@ -1,0 +1,79 @@
+"""The data contract checked on one batch: before training (``on_fit_start``) and at the start of a run."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_sa_unlearn.data import checked_labels
+from lightning_sa_unlearn.functional import LossFn, batch_size, batches_for, eval_mode, take
+
+
+@torch.no_grad()
+def check_first_batch(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, adapter: Any) -> int:
+    """Two examples of the first non-empty batch through ``model`` (a batch adapter's view); returns the classes.
+
+    Checks that the logits are one tensor ``[B, C, ...]`` matching the targets' shape ``[B, ...]``, that
+    the labels are class indices below ``C``, and that ``loss_fn`` gives a finite number on them.
+    Leaves the global random state as it was (reading a shuffled loader draws from it).
+    """
+    with torch.random.fork_rng(devices=[]), eval_mode(model):
+        for inputs, targets in batches_for(model, batches):
+            if batch_size(inputs):
+                inputs, targets = take(inputs, slice(2)), targets[:2]
+                try:
+                    logits = model(inputs)
+                except NotImplementedError as error:  # nn.Module without forward
+                    raise TypeError(
+                        f"{type(model).__name__} could not be called for logits ({error}). If the module keeps its "
+                        "network in an attribute and has no forward, name it: SharpnessAwareUnlearning("
+                        "batch_adapter=BatchAdapter(forward='model')) (or the attribute's name)."
+                    ) from error
+                called = f"{type(model).__name__}.forward(x)" if adapter.is_plain else f"{model!r}, {adapter!r},"
+                classes = logits_width(logits, targets, called)
+                list(checked_labels([(inputs, targets)], classes, "forget"))
+                _check_loss(loss_fn, logits, targets, adapter)
+                return classes
+    raise ValueError("the forget set is empty: forget_dataloader() served no samples. Nothing to unlearn.")
+
+
+def logits_width(output: Any, targets: Tensor, called: str) -> int:
+    """The number of classes from one forward's output, refusing anything but logits ``[B, C, ...]``.
+
+    ``called`` names what produced ``output``, for the messages.
+    """
+    if not isinstance(output, Tensor):
+        what = f"a dict with keys {sorted(output)}" if isinstance(output, dict) else f"a {type(output).__name__}"
+        raise TypeError(
+            f"{called} returned {what}, but unlearning needs the logits as one tensor. Return the logits "
+            "from forward (keep other outputs in another method), or point the batch adapter at what returns "
+            "them: BatchAdapter(forward='<submodule or method>'), or override BatchAdapter.logits."
+        )
+    expected = (targets.shape[0], *targets.shape[1:])
+    if output.ndim < 2 or (output.shape[0], *output.shape[2:]) != expected:
+        raise ValueError(
+            f"{called} returned logits of shape {tuple(output.shape)} for targets of shape "
+            f"{tuple(targets.shape)}. Unlearning is for classification and needs logits [B, C] for targets "
+            "[B], or [B, C, d1, ...] for per-pixel or per-token targets [B, d1, ...] (torch's cross_entropy "
+            "layout). For classes in the last dimension use BatchAdapter(outputs='classes_last'); for "
+            "positions flattened into the batch ([B*T, C]) use BatchAdapter(outputs='flattened')."
+        )
+    return int(output.shape[1])
+
+
+def _check_loss(loss_fn: LossFn, logits: Tensor, targets: Tensor, adapter: Any) -> None:
+    try:
+        loss = loss_fn(logits, targets)
+    except Exception as error:
+        raise ValueError(
+            f"loss_fn failed on the logits {tuple(logits.shape)} and targets {tuple(targets.shape)} that "
+            f"{adapter!r} produced: {error}. Give the loss the model was trained with, on these shapes."
+        ) from error
+    if not isinstance(loss, Tensor) or loss.numel() != 1 or not math.isfinite(float(loss)):
+        raise ValueError(
+            f"loss_fn returned {loss!r} on one forget batch; it must be a finite scalar (reduction='mean')."
+        )
