@@ -137,7 +137,8 @@ def new_cases(damping: float, samples: int | None, epochs: int, lr: float) -> di
 # Report fields that the new API renamed or computes only when a part needs them.
 RENAMED = {"fine_tune_steps": "update_steps"}
 NOT_NEEDED = {"fine_tune": ["newton_decrement"], "fine_tune_adam_all": ["newton_decrement"]}
-ADDED = {"evaluations", "curvature_stop", "validation_samples", "curvature_notes"}  # not in the old report
+# not in the old report
+ADDED = {"evaluations", "curvature_stop", "validation_samples", "curvature_notes", "update_details"}
 
 SETTING_CASES = {
     "synthetic": list(OLD_CASES),

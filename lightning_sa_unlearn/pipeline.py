@@ -86,7 +86,7 @@ def run_unlearning(
         with run.stage("curvature_report"):
             run.curvature_result = GGN(samples=REPORT_SAMPLES).measure(run)
             run.curvature_result.stop = "report only"
-    run.training_size = training_set_size(run.data.train)
+    run.training_size = training_set_size(run.data.train, run.adapter.split)
     _prepare_validation(run, update, selection)
     guard = HarmGuard.start(run, update)  # the validation objective per sample, before (None: guard off)
     trials = None
@@ -132,6 +132,7 @@ def run_unlearning(
         validation_source=run.validation_source if uses_validation else None,
         validation_samples=outcome.get("validation_samples"),
         update_steps=outcome.get("steps"),
+        update_details=outcome.get("details"),
         granularity=selection.granularity,
         newton_decrement=run.decrement or {},
         sharpness_standard_error=measured.standard_errors or {},

@@ -46,6 +46,9 @@ class UnlearningReport:
     """Validation samples the step-size search read (the golden search's final subset)."""
     update_steps: int | None = None
     """Steps the update took: optimizer steps of ``FineTune``; for ``ForgetLossDescent`` the gradient step kept."""
+    update_details: dict[str, Any] | None = None
+    """What the update read: ``FineTune``'s ``retain_samples`` and ``cached_below``, the last frozen
+    module whose outputs it stored (None: every epoch ran the whole model)."""
     granularity: str = "layer"
     newton_decrement: dict[str, float] = field(default_factory=dict)
     """Per-layer predicted decrease of the forget loss, Σ g²/(H_ii + λ) / |layer| (the ``newton_decrement`` rule)."""

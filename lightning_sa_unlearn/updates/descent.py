@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from lightning_sa_unlearn.data import sized
 from lightning_sa_unlearn.functional import LossFn, batches_for, eval_mode
+from lightning_sa_unlearn.updates.cached_features import FeatureCache, Tagged
 from lightning_sa_unlearn.updates.functional import (
     Batch,
     ForgetLoss,
@@ -63,6 +64,8 @@ def fine_tune(
     steps_per_epoch: int | None = None,
     average_gradients: Callable[[Sequence[Tensor]], None] | None = None,
     progress: Callable[[Iterable[Any]], Iterable[Any]] = lambda it: it,
+    cache: FeatureCache | None = None,
+    above: nn.Module | None = None,
 ) -> int:
     """Minimise the mean loss over ``sources`` (``D_r`` and ``D̃_f``), updating only ``names``.
 
@@ -74,6 +77,9 @@ def fine_tune(
     they stay bitwise identical. ``steps_per_epoch`` caps the steps of an epoch (so that every
     process takes the same number); ``average_gradients(params)`` runs between backward and
     step (an all-reduce under data parallelism). Returns the number of optimizer steps taken.
+    With a ``cache`` of the frozen layers below the selection and the layers ``above`` them
+    (:func:`~lightning_sa_unlearn.updates.cached_features.split_below`), epochs after the first
+    train ``above`` on the stored features (:mod:`~lightning_sa_unlearn.updates.cached_features`).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1 for update='fine_tune', got {epochs}.")
@@ -94,11 +100,19 @@ def fine_tune(
         for name, p in params.items():
             p.requires_grad_(name in names)
         with eval_mode(model), torch.enable_grad():
-            for _ in range(epochs):
-                batches = itertools.islice(interleave(sources, rng), steps_per_epoch)
-                for x, y in progress(batches_for(model, batches)):
+            for epoch in range(epochs):
+                cached = cache is not None and cache.usable
+                tagged = [Tagged(i, s) for i, s in enumerate(cache.epoch() if cached else sources)]
+                for index, batch in progress(itertools.islice(interleave(tagged, rng), steps_per_epoch)):
+                    x, y = batch if cached else next(batches_for(model, [batch]))
                     opt.zero_grad(set_to_none=True)
-                    loss = loss_fn(model(x), y)
+                    if cached:
+                        logits = above(x)
+                    elif cache is not None:  # the first epoch stores what the frozen layers give
+                        logits = above(cache.first_epoch(index, (x, y))[0])
+                    else:
+                        logits = model(x)
+                    loss = loss_fn(logits, y)
                     loss.backward()
                     finite = bool(torch.isfinite(loss))
                     if not finite:  # poison the gradients, so that every process sees it after averaging
@@ -120,6 +134,8 @@ def fine_tune(
                         for name, (outside, values) in frozen.items():
                             params[name][outside] = values
                     steps += 1
+                if cache is not None and epoch == 0:
+                    cache.complete = steps_per_epoch is None  # a capped epoch left samples unread
     except FloatingPointError:
         _reset(params, start)
         raise

@@ -7,8 +7,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from torch import Tensor
 
-from lightning_sa_unlearn.data import sized
+from lightning_sa_unlearn.data import dataset_size, sized
+from lightning_sa_unlearn.functional import batches_for, take
 from lightning_sa_unlearn.updates.base import StepSize, Update, ValidationSpec, step_size_from
+from lightning_sa_unlearn.updates.cached_features import FeatureCache, split_below
 from lightning_sa_unlearn.updates.functional import OPTIMIZERS, default_tau_grid, fine_tune, forget_loss_descent
 
 if TYPE_CHECKING:
@@ -94,6 +96,11 @@ class FineTune(Update):
         epochs, lr, momentum, weight_decay: the optimizer's settings.
         optimizer: ``"sgd"`` (with momentum) or ``"adam"``.
         include_corrected: train on ``D_r ∪ D̃_f`` (True) or on ``D_r`` alone.
+        retain_samples: train on a seeded random subset of this many retain samples (None: all of
+            ``D_r``); the report's ``update_details`` gives the count read.
+        cache_features: where the model is a plain chain of modules up to the selection, run the
+            frozen layers below it once per sample and train later epochs on their stored outputs
+            (:mod:`~lightning_sa_unlearn.updates.cached_features`; up to 2 GiB of features).
     """
 
     name = "fine_tune"
@@ -108,7 +115,11 @@ class FineTune(Update):
         weight_decay: float = 0.0,
         optimizer: Literal["sgd", "adam"] = "sgd",
         include_corrected: bool = True,
+        retain_samples: int | None = None,
+        cache_features: bool = True,
     ) -> None:
+        if retain_samples is not None and retain_samples < 1:
+            raise ValueError(f"retain_samples must be >= 1 or None (all), got {retain_samples}.")
         if epochs < 1 or not lr > 0 or not 0 <= momentum < 1 or weight_decay < 0:
             raise ValueError(
                 "FineTune needs epochs >= 1, lr > 0, 0 <= momentum < 1 and weight_decay >= 0; got "
@@ -118,10 +129,11 @@ class FineTune(Update):
             raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}.")
         self.epochs, self.lr, self.momentum, self.weight_decay = epochs, lr, momentum, weight_decay
         self.optimizer, self.include_corrected = optimizer, include_corrected
+        self.retain_samples, self.cache_features = retain_samples, cache_features
 
     def apply(self, run: UnlearningRun) -> dict[str, Any]:
         processes, data = run.processes, run.data
-        sources = [run.batches(data.retain, "retain", shuffle=True)]
+        sources = [run.batches(data.retain, "retain", self.retain_samples, shuffle=True)]
         if data.corrected is not None and self.include_corrected:
             sources.append(run.batches(data.corrected, "corrected", shuffle=True))
         lengths = [sized(s) for s in sources]
@@ -130,6 +142,8 @@ class FineTune(Update):
             if None in lengths:
                 raise ValueError("FineTune under several processes needs sized dataloaders (map-style datasets).")
             steps_per_epoch = processes.min(sum(lengths))
+
+        cached, below_path = self._cache(run, sources)
 
         def average_gradients(params: Sequence[Tensor]) -> None:  # one all-reduce for all selected tensors
             summed = processes.sum_tree({str(i): p.grad for i, p in enumerate(params)})
@@ -151,5 +165,24 @@ class FineTune(Update):
             steps_per_epoch=steps_per_epoch,
             average_gradients=average_gradients if processes.world_size > 1 else None,
             progress=lambda it: run.progress(it, "fine-tuning", steps_per_epoch),
+            **cached,
         )
-        return {"steps": steps}
+        details = {"retain_samples": _samples(data.retain, self.retain_samples), "cached_below": below_path}
+        return {"steps": steps, "details": details}
+
+    def _cache(self, run: UnlearningRun, sources: Sequence[Any]) -> tuple[dict[str, Any], str | None]:
+        """``fine_tune``'s ``cache`` and ``above`` where the model allows it, and the last cached module's path."""
+        if not self.cache_features or self.epochs < 2:
+            return {}, None
+        probe = next((x for x, _ in batches_for(run.model, sources[0])), None)
+        split = split_below(run.model, run.names, None if probe is None else take(probe, slice(2)))
+        if split is None:
+            return {}, None
+        below, above, path = split
+        return {"cache": FeatureCache(below, sources), "above": above}, path
+
+
+def _samples(loader: Any, limit: int | None) -> int | None:
+    """How many samples of a map-style ``loader`` a read capped at ``limit`` takes (None for other loaders)."""
+    size = dataset_size(loader)
+    return None if size is None else min(size, limit or size)

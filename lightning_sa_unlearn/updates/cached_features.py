@@ -1,0 +1,91 @@
+"""Fine-tuning on cached features: the frozen layers below the selection run once per sample, not once per epoch.
+
+When the model is a plain chain ``h = f_L ∘ … ∘ f_1`` (an ``nn.Sequential`` whose output is the model's) and the
+selected parameters sit in ``f_k … f_L`` only, the layers ``f_1 … f_{k−1}`` are frozen and, in eval mode,
+deterministic: ``a = f_{k−1} ∘ … ∘ f_1 (x)`` is computed in the first epoch and stored, and every later epoch
+trains ``f_L ∘ … ∘ f_k`` on the stored ``a``. Later epochs replay the first epoch's batches, which is what the
+run's loaders serve again (a seeded order, the same in every pass), so the result is the uncached one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_sa_unlearn.functional import eval_mode
+
+MAX_CACHE_BYTES = 2 * 1024**3
+"""Features are cached only while they fit in this many bytes; beyond it, every epoch runs the whole model."""
+
+
+def split_below(model: nn.Module, names: Sequence[str], probe: Any) -> tuple[nn.Module, nn.Module, str] | None:
+    """``(below, above, path)``: ``model(x) == above(below(x))`` with every parameter in ``names`` inside ``above``.
+
+    Searches the ``nn.Sequential`` submodules of ``model`` (the model itself included); a chain qualifies
+    when the selection starts after its first child and its output on ``probe`` equals the model's, bit
+    for bit. ``path`` names the last module of ``below``. None when no chain qualifies (then nothing is cached).
+    """
+    if not isinstance(probe, Tensor) or not names:
+        return None
+    for path, chain in model.named_modules():
+        if not isinstance(chain, nn.Sequential):
+            continue
+        prefix = f"{path}." if path else ""
+        children = [name for name, _ in chain.named_children()]
+        heads = {name[len(prefix) :].split(".")[0] for name in names if name.startswith(prefix)}
+        if len(heads) == 0 or not all(name.startswith(prefix) for name in names) or not heads <= set(children):
+            continue
+        first = min(children.index(head) for head in heads)
+        if first == 0:
+            return None
+        with torch.no_grad(), eval_mode(model):
+            if not torch.equal(model(probe), chain(probe)):
+                return None
+        return chain[:first], chain[first:], prefix + children[first - 1]
+    return None
+
+
+class FeatureCache:
+    """Batches of ``(below(x), y)``: computed while the first epoch reads the sources, replayed afterwards."""
+
+    def __init__(self, below: nn.Module, sources: Sequence[Iterable[Any]]) -> None:
+        self.below, self.sources = below, sources
+        self.stored: list[list[tuple[Tensor, Tensor]]] = [[] for _ in sources]
+        self.bytes, self.complete, self.dropped = 0, False, False
+
+    def first_epoch(self, source: int, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """``(below(x), y)`` for one batch of the first epoch, stored unless the cache grew past its limit."""
+        x, y = batch
+        with torch.no_grad():
+            features = self.below(x)
+        if not self.dropped:
+            self.bytes += features.numel() * features.element_size()
+            if self.bytes > MAX_CACHE_BYTES:
+                self.dropped, self.stored = True, [[] for _ in self.sources]
+            else:
+                self.stored[source].append((features, y))
+        return features, y
+
+    def epoch(self) -> list[list[tuple[Tensor, Tensor]]]:
+        """Each source's stored ``(features, labels)`` batches, in the order the first epoch read them."""
+        return self.stored
+
+    @property
+    def usable(self) -> bool:
+        return self.complete and not self.dropped
+
+
+class Tagged:
+    """The batches of one source with the source's index, so that the first epoch knows where to store them."""
+
+    def __init__(self, index: int, batches: Iterable[Any]) -> None:
+        self.index, self.batches = index, batches
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        return ((self.index, batch) for batch in self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]

@@ -1,0 +1,92 @@
+"""Fine-tuning on cached features: the weights of running the whole model every epoch, for fewer passes."""
+
+import pytest
+import torch
+from conftest import TinyClassifier
+
+from lightning_sa_unlearn import FineTune, Layers, SharpnessAwareUnlearning
+from lightning_sa_unlearn.updates import fine_tune
+from lightning_sa_unlearn.updates.cached_features import FeatureCache, split_below
+
+
+def copies(tiny_model):
+    model, datamodule = tiny_model
+    twin = TinyClassifier()
+    twin.load_state_dict(model.state_dict())
+    return model, twin, datamodule
+
+
+def batches(datamodule):
+    retain = list(datamodule.retain_dataloader())
+    return [retain[: len(retain) // 2], retain[len(retain) // 2 :]]  # two sources, interleaved
+
+
+def count_samples(module):
+    seen = []
+    module.register_forward_hook(lambda m, inputs, output: seen.append(len(inputs[0])))
+    return seen
+
+
+def test_split_below_finds_the_frozen_layers_of_a_chain(tiny_model):
+    model, _ = tiny_model
+    x = torch.randn(2, 1, 8, 8)
+    below, above, path = split_below(model, ["net.fc2.weight", "net.fc2.bias"], x)
+    assert path == "net.relu2" and list(above) == [model.net.fc2]
+    assert torch.equal(above(below(x)), model(x))
+    assert split_below(model, ["net.conv.weight"], x) is None  # nothing below the first layer
+
+
+def test_a_model_that_is_not_its_chain_is_not_cut():
+    class Scaled(TinyClassifier):
+        def forward(self, x):
+            return 2 * self.net(x)
+
+    assert split_below(Scaled(), ["net.fc2.weight"], torch.randn(2, 1, 8, 8)) is None
+
+
+@pytest.mark.parametrize("names", [["net.fc2.weight", "net.fc2.bias"], ["net.fc1.weight", "net.fc2.bias"]])
+def test_three_epochs_on_cached_features_equal_three_epochs_of_the_whole_model(tiny_model, names):
+    model, twin, datamodule = copies(tiny_model)
+    sources = batches(datamodule)
+    below, above, _ = split_below(model, names, sources[0][0][0])
+    conv_calls, twin_conv_calls = count_samples(model.net.conv), count_samples(twin.net.conv)
+    options = dict(epochs=3, lr=0.05, momentum=0.9, seed=3)
+    cached = fine_tune(model, names, sources, cache=FeatureCache(below, sources), above=above, **options)
+    whole = fine_tune(twin, names, sources, **options)
+    assert cached == whole == 3 * sum(len(s) for s in sources)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    samples = sum(len(y) for source in sources for _, y in source)
+    assert sum(conv_calls) == samples and sum(twin_conv_calls) == 3 * samples  # the frozen layers ran once
+
+
+def test_the_callback_reports_the_retain_subsample_and_the_cache(tiny_model):
+    model, twin, datamodule = copies(tiny_model)
+    reports = []
+    for target, cache in ((model, True), (twin, False)):
+        update = FineTune(epochs=2, retain_samples=100, cache_features=cache)
+        callback = SharpnessAwareUnlearning(selection=Layers(["net.fc2"]), update=update, verbose=False)
+        reports.append(callback.unlearn(target, datamodule))
+    assert reports[0].update_details == {"retain_samples": 100, "cached_below": "net.relu2"}
+    assert reports[1].update_details == {"retain_samples": 100, "cached_below": None}
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_cache_over_its_byte_limit_is_dropped(monkeypatch, tiny_model):
+    from lightning_sa_unlearn.updates import cached_features
+
+    model, twin, datamodule = copies(tiny_model)
+    monkeypatch.setattr(cached_features, "MAX_CACHE_BYTES", 1000)
+    sources = batches(datamodule)
+    below, above, _ = split_below(model, ["net.fc2.weight"], sources[0][0][0])
+    cache = FeatureCache(below, sources)
+    fine_tune(model, ["net.fc2.weight"], sources, epochs=2, cache=cache, above=above)
+    fine_tune(twin, ["net.fc2.weight"], sources, epochs=2)
+    assert cache.dropped and not cache.usable
+    assert torch.equal(model.net.fc2.weight, twin.net.fc2.weight)
+
+
+def test_retain_samples_is_checked():
+    with pytest.raises(ValueError, match="retain_samples must be >= 1"):
+        FineTune(retain_samples=0)
