@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sa_unlearn import (
     GGN,
+    BatchAdapter,
     EmpiricalFisher,
     ExactHessian,
     FineTune,
@@ -89,6 +90,8 @@ STAGES = [
         dict(curvature=EmpiricalFisher(), selection="last", update=FirstOrder(0.02), harm_guard=False),
     ),
     ("ggn", dict(curvature=GGN(samples=150), update="first_order")),
+    # the batch adapter's view of the module (logits from its `net`) under DDP
+    ("adapted", dict(curvature=GGN(samples=150), batch_adapter=BatchAdapter(forward="net"))),
     ("validated", dict(curvature=GGN(samples=150), selection=ValidatedLayer(k=2, judge_samples=64))),
     (
         "second_order",
@@ -138,7 +141,8 @@ def load(folder, tag, rank):
 
 
 @pytest.mark.parametrize(
-    "tag", ["sequential", "exact", "empirical_fisher", "ggn", "validated", "second_order", "forget_loss", "masked"]
+    "tag",
+    ["sequential", "exact", "empirical_fisher", "ggn", "adapted", "validated", "second_order", "forget_loss", "masked"],
 )
 def test_two_processes_equal_one(runs, tag):
     folder, reports, weights, _ = runs
