@@ -236,3 +236,22 @@ def test_ggn_of_a_single_logit_is_zero():
     diag = hessian_diagonal(model, [(x, y)], method="ggn")
     assert all(torch.equal(d, torch.zeros_like(d)) for d in diag.values())
     torch.testing.assert_close(flat(diag), autograd_hessian_diagonal(model, x, y))
+
+
+def test_monte_carlo_labels_drawn_from_the_hooks_forward_match_a_separate_pass(monkeypatch):
+    """The hook path samples its labels from the logits of its own forward: the same draws, hence the same
+    estimate, as the per-example path that samples them in a pass of its own; one forward per batch."""
+    from lightning_sa_unlearn.curvature import ggn_fast
+
+    model = relu_cnn().double().eval()
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(40, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (40,), generator=g)
+    batches = [(x[:20], y[:20]), (x[20:], y[20:])]
+    forwards = []
+    model.register_forward_pre_hook(lambda module, inputs: forwards.append(len(inputs[0])))
+    options = dict(method="mc_ggn", chunk_size=8)
+    hooks = hessian_diagonal(model, batches, generator=torch.Generator().manual_seed(1), **options)
+    assert forwards[-1:] == [20]  # the second batch: one forward over the whole batch, no sampling pass
+    monkeypatch.setattr(ggn_fast, "supports", lambda model: False)
+    separate = hessian_diagonal(model, batches, generator=torch.Generator().manual_seed(1), **options)
+    torch.testing.assert_close(flat(hooks), flat(separate), rtol=1e-10, atol=0)

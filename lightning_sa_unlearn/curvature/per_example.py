@@ -50,14 +50,18 @@ def _output_hessian_factor(logits: Tensor, target: Tensor, loss_fn: LossFn) -> T
 @dataclass
 class _Rows:
     """The factor rows of a batch: from each example's own logits (``factor(logits_n, target_n)`` over
-    ``targets``, the default cross-entropy), or precomputed for a slice of examples (``of_part``)."""
+    ``targets``, the default cross-entropy), precomputed for a slice of examples (``of_part``), or drawn
+    from the logits of the pass that uses them (``of_logits``: Monte-Carlo labels on the hook path)."""
 
     targets: Tensor | None = None
     factor: Callable[[Tensor, Tensor], Tensor] | None = None
     of_part: Callable[[slice], Tensor] | None = None
+    of_logits: Callable[[Tensor], Tensor] | None = None
 
     def for_logits(self, part: slice, logits: Tensor) -> Tensor:
         """``[n, K, *output shape]`` for the examples ``part`` whose logits are ``logits``."""
+        if self.of_logits is not None:
+            return self.of_logits(logits)
         if self.of_part is not None:
             return self.of_part(part)
         return vmap(self.factor)(logits, self.targets[part])
@@ -92,19 +96,30 @@ def _mc_ggn_batch(model, params, buffers, x, y, *, loss_fn, loss, num_samples, g
         sampled = _batch_loss(model, params, buffers, x, y, loss).sampled(slice(None), num_samples, generator)
         rows = _Rows(of_part=lambda part: sampled[part])
         return _squared_jacobian_products(model, params, buffers, x, rows, chunk_size, choice)
-    with torch.no_grad():
-        logits = functional_call(model, (params, buffers), (x,))
-        probabilities = torch.softmax(logits.double(), dim=-1)
-        require_finite_probabilities(probabilities)
-        device = generator.device if generator is not None else probabilities.device
-        sampled = torch.multinomial(probabilities.to(device), num_samples, replacement=True, generator=generator)
     gradients = _logit_gradients(loss_fn)
     scale = num_samples**-0.5
 
     def factor(z: Tensor, labels: Tensor) -> Tensor:
         return vmap(lambda label: gradients(z, label)[0])(labels) * scale
 
-    rows = _Rows(targets=sampled.to(y.device), factor=factor)
+    def draw(logits: Tensor) -> Tensor:
+        with torch.no_grad():
+            probabilities = torch.softmax(logits.double(), dim=-1)
+            require_finite_probabilities(probabilities)
+            device = generator.device if generator is not None else probabilities.device
+            labels = torch.multinomial(probabilities.to(device), num_samples, replacement=True, generator=generator)
+        return labels.to(logits.device)
+
+    if choice.path == "hooks":  # the labels come from the logits of the hooks' own forward: no separate pass
+        rows = _Rows(of_logits=lambda logits: vmap(factor)(logits, draw(logits)))
+        # the batched backward holds num_samples rows per example; with one, a whole batch fits like a plain pass
+        examples = batch_size(x) if num_samples == 1 else chunk_size
+        total = _squared_jacobian_products(model, params, buffers, x, rows, chunk_size, choice, pass_size=examples)
+        if total is not None:
+            return total
+    with torch.no_grad():
+        logits = functional_call(model, (params, buffers), (x,))
+    rows = _Rows(targets=draw(logits), factor=factor)
     return _squared_jacobian_products(model, params, buffers, x, rows, chunk_size, choice)
 
 
@@ -124,9 +139,20 @@ def _logit_gradients(loss_fn: LossFn):
 
 
 def _squared_jacobian_products(
-    model, params, buffers, x, rows: _Rows, chunk_size: int, choice: _Choice, max_outputs: int | None = None
-) -> dict[str, Tensor]:
+    model,
+    params,
+    buffers,
+    x,
+    rows: _Rows,
+    chunk_size: int,
+    choice: _Choice,
+    max_outputs: int | None = None,
+    pass_size: int | None = None,
+) -> dict[str, Tensor] | None:
     """``Σ_n Σ_k (J_nᵀ s_nk)²`` for the factor rows ``s_nk`` (``[K, *output shape]`` per example).
+
+    ``pass_size``: examples per forward and batched backward on the hook path (default ``chunk_size``).
+    None only for rows drawn from the pass's own logits (``of_logits``) where the hook path failed.
 
     Forward hooks and one batched backward for Linear/Conv/BatchNorm networks (:mod:`ggn_fast`) where
     the first batch's check confirms them; per-example vector-Jacobian products under vmap for
@@ -136,7 +162,7 @@ def _squared_jacobian_products(
         choice.path = _choose_path(model, params, buffers, x, rows, max_outputs)
     if choice.path == "hooks":
         total: dict[str, Tensor] | None = None
-        for part in chunks(batch_size(x), chunk_size):  # bounds the K-fold activations of the batched backward
+        for part in chunks(batch_size(x), pass_size or chunk_size):  # bounds the K-fold activations of the backward
             piece = ggn_fast.ggn_diagonal_sum(
                 model, take(x, part), lambda logits: rows.for_logits(part, logits), chunk_size
             )
@@ -146,6 +172,8 @@ def _squared_jacobian_products(
             total = tree_add_(total, piece)
         if total is not None:
             return total
+        if rows.of_logits is not None:
+            return None  # the caller draws its labels in a pass of their own for the other paths
     if choice.path != "loop":
         try:
             return _vmap_squares(model, params, buffers, x, rows, chunk_size)
