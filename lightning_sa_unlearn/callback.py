@@ -16,10 +16,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_sa_unlearn.adapters import BATCH_ADAPTERS, BatchAdapter
-from lightning_sa_unlearn.adapters.checks import check_first_batch
+from lightning_sa_unlearn.adapters.checks import check_first_batch, random_states_kept
 from lightning_sa_unlearn.context import FAST_DEV_RUN_SAMPLES, UnlearningRun
 from lightning_sa_unlearn.curvature import CURVATURES, Curvature, default_curvature
-from lightning_sa_unlearn.data import NO_FORGET_SET, Batches, UnlearningData, find_dataloader
+from lightning_sa_unlearn.data import NO_FORGET_SET, Batches, UnlearningData, find_dataloader, head_batch
 from lightning_sa_unlearn.evaluations import EVALUATIONS, Evaluation, HeldOutMetrics
 from lightning_sa_unlearn.functional import eval_mode
 from lightning_sa_unlearn.outputs import OutputFiles, fitted_checkpoints, save_checkpoint
@@ -154,13 +154,23 @@ class SharpnessAwareUnlearning(Callback):
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Check the data contract, the batch adapter and the model on one forget batch, before training."""
+        """Check the data contract, the batch adapter and the model on two forget samples, before training.
+
+        A forget set that cannot be built yet (a datamodule that builds it in ``setup("test")``) is
+        checked when unlearning starts instead.
+        """
         if not self.unlearn_on_train_end:
             return
-        loader = find_dataloader("forget_dataloader", trainer.datamodule, pl_module)
-        if loader is None:
-            raise ValueError(NO_FORGET_SET)
-        forget = Batches(loader, 0, "forget", split=self.batch_adapter.split)
+        with random_states_kept():
+            try:
+                loader = find_dataloader("forget_dataloader", trainer.datamodule, pl_module)
+            except Exception as error:  # built later: the run checks it
+                rank_zero_info(f"the forget set is not available before training ({error!r}); it is checked later.")
+                return
+            if loader is None:
+                raise ValueError(NO_FORGET_SET)
+            first = head_batch(loader, 2)
+        forget = Batches(loader if first is None else [first], 0, "forget", split=self.batch_adapter.split)
         check_first_batch(self.batch_adapter.view(pl_module), forget.source(), self.loss_fn, self.batch_adapter)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -132,9 +132,16 @@ def checked_labels(batches: Iterable[Any], num_classes: int, what: str) -> Itera
                 "losses or soft labels use hessian_diagonal directly."
             )
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            padding = (
+                " Negative labels look like padding (ignore_index): the callback does not unlearn with ignored "
+                "positions yet; cut the padding from the batches (hessian_diagonal itself honours ignore_index)."
+                if int(y.min()) < 0
+                else ""
+            )
             raise ValueError(
                 f"the {what} set has labels in [{int(y.min())}, {int(y.max())}], but the model has "
                 f"{num_classes} outputs (classes 0..{num_classes - 1}). Fix the labels or the model's output size."
+                + padding
             )
         yield batch
 
@@ -279,7 +286,7 @@ def check_aligned(forget: Any, corrected: Any) -> None:
     if corrected is not None and is_map_style(forget) and is_map_style(corrected):
         if len(forget.dataset) != len(corrected.dataset) or forget.batch_size != corrected.batch_size:
             raise ValueError(
-                f"the forget and corrected sets differ in length ({len(forget.dataset)} vs "
+                f"the forget and corrected sets differ in length or batch size ({len(forget.dataset)} vs "
                 f"{len(corrected.dataset)} samples, batch sizes {forget.batch_size} vs {corrected.batch_size}). "
                 "corrected_dataloader must serve the same samples as forget_dataloader, in the same order "
                 "and with the same batch size; only labels or features may differ."
@@ -300,6 +307,13 @@ def sample_units(
     if max_samples is not None:
         order = order[:max_samples]
     return list(order.split(unit_size or loader.batch_size or 1))
+
+
+def head_batch(loader: Any, count: int) -> Any | None:
+    """The first ``count`` samples of a map-style loader's dataset as one batch (None for other loaders)."""
+    if not is_map_style(loader) or len(loader.dataset) == 0:
+        return None
+    return unit_batch(loader, torch.arange(min(count, len(loader.dataset))))
 
 
 def unit_batch(loader: Any, indices: Tensor) -> Any:

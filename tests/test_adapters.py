@@ -23,6 +23,7 @@ from lightning_sa_unlearn import (
     hessian_diagonal,
 )
 from lightning_sa_unlearn.adapters import AdaptedModule
+from lightning_sa_unlearn.adapters.checks import check_first_batch
 from lightning_sa_unlearn.updates import default_forget_loss, forget_gradient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -311,3 +312,96 @@ def test_an_evaluation_on_its_own_reads_batches_through_the_adapter():
     with torch.no_grad():
         expected = float((module.model(images).argmax(1) == labels).double().mean())
     assert metrics["accuracy"] == pytest.approx(expected)
+
+
+class AugmentedImages(torch.utils.data.Dataset):
+    """An augmentation that draws from Python's and numpy's generators, as many do."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        import random
+
+        import numpy as np
+
+        sample = self.data[index]
+        shift = random.random() + float(np.random.rand())
+        return {"image": sample["image"] + shift, "label": sample["label"]}
+
+
+class LateForgetSet(pl.LightningDataModule):
+    """Builds its forget set in setup('test'), as per-stage datamodules do; its dataset augments at random."""
+
+    def __init__(self, example):
+        super().__init__()
+        self.inner = example.FlippedImages(train=32, flip=4)
+
+    def setup(self, stage):
+        if stage == "test":
+            self.forget_set = torch.utils.data.Subset(self.inner.train_set, range(4))
+
+    def train_dataloader(self):
+        return DataLoader(AugmentedImages(self.inner.train_set), batch_size=16, shuffle=True)
+
+    def forget_dataloader(self):
+        return DataLoader(self.forget_set, batch_size=64)
+
+    def corrected_dataloader(self):
+        return self.inner.corrected_dataloader()
+
+    def val_dataloader(self):
+        return self.inner.val_dataloader()
+
+    def test_dataloader(self):
+        return self.inner.test_dataloader()
+
+
+class AugmentedForgetSet(LateForgetSet):
+    def setup(self, stage):
+        self.forget_set = AugmentedImages(torch.utils.data.Subset(self.inner.train_set, range(4)))
+
+
+def trained_weights(example, datamodule, with_callback):
+    import random
+
+    import numpy as np
+
+    pl.seed_everything(0, verbose=False)
+    random.seed(0)
+    np.random.seed(0)
+    snapshot = Snapshot()
+    callback = SharpnessAwareUnlearning(batch_adapter=example.ADAPTER, selection="last", verbose=False)
+    fit(example.ResNetClassifier(), datamodule, [snapshot, callback] if with_callback else [snapshot])
+    return snapshot.weights
+
+
+@pytest.mark.parametrize("datamodule", [LateForgetSet, AugmentedForgetSet])
+def test_the_check_before_training_leaves_training_as_it_was(datamodule):
+    """A forget set built later is checked later; the check's reads draw nothing from torch, random or numpy."""
+    example = load_example()
+    with_check = trained_weights(example, datamodule(example), True)
+    without = trained_weights(example, datamodule(example), False)
+    assert all(torch.equal(with_check[name], without[name]) for name in without)
+
+
+def test_adapter_errors_name_the_adapter():
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    batch = [(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([0, 1]))]
+    adapter = BatchAdapter(inputs=[0, 1], targets=2)
+    with pytest.raises(
+        TypeError, match=r"through BatchAdapter\(inputs=\[0, 1\].*inputs= lists the forward's arguments"
+    ):
+        check_first_batch(adapter.view(Plain()), [adapter.split(b) for b in batch], F.cross_entropy, adapter)
+    stable = BatchAdapter(forward=users_loss)
+    assert "test_adapters.users_loss" in repr(stable) and "0x" not in repr(stable)

@@ -90,3 +90,28 @@ def test_a_cache_over_its_byte_limit_is_dropped(monkeypatch, tiny_model):
 def test_retain_samples_is_checked():
     with pytest.raises(ValueError, match="retain_samples must be >= 1"):
         FineTune(retain_samples=0)
+
+
+def test_a_first_epoch_cut_short_leaves_no_cache_and_the_uncached_weights(tiny_model):
+    """Under DDP every epoch is capped at the smallest process's batches: the store is incomplete and let go."""
+    model, twin, datamodule = copies(tiny_model)
+    sources = batches(datamodule)
+    below, above, _ = split_below(model, ["net.fc2.weight"], sources[0][0][0])
+    cache = FeatureCache(below, sources)
+    options = dict(epochs=3, lr=0.05, steps_per_epoch=3, seed=1)
+    fine_tune(model, ["net.fc2.weight"], sources, cache=cache, above=above, **options)
+    fine_tune(twin, ["net.fc2.weight"], sources, **options)
+    assert not cache.usable and cache.stored == [[], []]
+    assert torch.equal(model.net.fc2.weight, twin.net.fc2.weight)
+
+
+def test_the_report_names_no_cache_when_it_was_dropped(monkeypatch, tiny_model):
+    from lightning_sa_unlearn.updates import cached_features
+
+    model, datamodule = tiny_model
+    monkeypatch.setattr(cached_features, "MAX_CACHE_BYTES", 1000)
+    update = FineTune(epochs=2, retain_samples=100)
+    report = SharpnessAwareUnlearning(selection=Layers(["net.fc2"]), update=update, verbose=False).unlearn(
+        model, datamodule
+    )
+    assert report.update_details == {"retain_samples": 100, "cached_below": None}

@@ -90,7 +90,10 @@ class BatchAdapter:
 
     def describe(self) -> str:
         """How batches and logits are read, for messages."""
-        fields = f"inputs={self.inputs!r}, targets={self.targets!r}, forward={self.forward!r}, outputs={self.outputs!r}"
+        forward = self.forward
+        if callable(forward):  # its import path, not its address: the text keys the callback's checkpoint state
+            forward = f"{getattr(forward, '__module__', '')}.{getattr(forward, '__qualname__', type(forward).__name__)}"
+        fields = f"inputs={self.inputs!r}, targets={self.targets!r}, forward={forward!r}, outputs={self.outputs!r}"
         return f"{type(self).__name__}({fields})"
 
     def __repr__(self) -> str:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+import random
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -19,26 +22,50 @@ def check_first_batch(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn,
 
     Checks that the logits are one tensor ``[B, C, ...]`` matching the targets' shape ``[B, ...]``, that
     the labels are class indices below ``C``, and that ``loss_fn`` gives a finite number on them.
-    Leaves the global random state as it was (reading a shuffled loader draws from it).
+    Leaves the random states of torch, ``random`` and numpy as they were (a shuffled loader or an
+    augmentation draws from them).
     """
-    with torch.random.fork_rng(devices=[]), eval_mode(model):
+    with random_states_kept(), eval_mode(model):
         for inputs, targets in batches_for(model, batches):
             if batch_size(inputs):
                 inputs, targets = take(inputs, slice(2)), targets[:2]
-                try:
-                    logits = model(inputs)
-                except NotImplementedError as error:  # nn.Module without forward
-                    raise TypeError(
-                        f"{type(model).__name__} could not be called for logits ({error}). If the module keeps its "
-                        "network in an attribute and has no forward, name it: SharpnessAwareUnlearning("
-                        "batch_adapter=BatchAdapter(forward='model')) (or the attribute's name)."
-                    ) from error
+                logits = _logits(model, inputs, adapter)
                 called = f"{type(model).__name__}.forward(x)" if adapter.is_plain else f"{model!r}, {adapter!r},"
                 classes = logits_width(logits, targets, called)
                 list(checked_labels([(inputs, targets)], classes, "forget"))
                 _check_loss(loss_fn, logits, targets, adapter)
                 return classes
     raise ValueError("the forget set is empty: forget_dataloader() served no samples. Nothing to unlearn.")
+
+
+def _logits(model: nn.Module, inputs: Any, adapter: Any) -> Any:
+    try:
+        return model(inputs)
+    except NotImplementedError as error:
+        if "missing the required" not in str(error):  # nn.Module's message for a module without forward
+            raise
+        raise TypeError(
+            f"{type(model).__name__} could not be called for logits ({error}). If the module keeps its network "
+            "in an attribute and has no forward, name it: SharpnessAwareUnlearning(batch_adapter="
+            "BatchAdapter(forward='model')) (or the attribute's name)."
+        ) from error
+    except TypeError as error:  # e.g. a forward that takes another number of arguments
+        raise TypeError(
+            f"calling {type(model).__name__} through {adapter!r} failed: {error}. Check the batch adapter: "
+            "inputs= lists the forward's arguments in order, forward= names what returns the logits."
+        ) from error
+
+
+@contextlib.contextmanager
+def random_states_kept() -> Iterator[None]:
+    """Restore the random states of torch (CPU), Python's ``random`` and numpy on exit."""
+    python, numpy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
 
 
 def logits_width(output: Any, targets: Tensor, called: str) -> int:

@@ -4,7 +4,9 @@ When the model is a plain chain ``h = f_L ∘ … ∘ f_1`` (an ``nn.Sequential`
 selected parameters sit in ``f_k … f_L`` only, the layers ``f_1 … f_{k−1}`` are frozen and, in eval mode,
 deterministic: ``a = f_{k−1} ∘ … ∘ f_1 (x)`` is computed in the first epoch and stored, and every later epoch
 trains ``f_L ∘ … ∘ f_k`` on the stored ``a``. Later epochs replay the first epoch's batches, which is what the
-run's loaders serve again (a seeded order, the same in every pass), so the result is the uncached one.
+run's map-style loaders serve again (a seeded order, the same in every pass), so the weights are the uncached
+ones. Loaders that serve other samples in each pass (random augmentation, a sampler of their own) get a valid
+fine-tune that differs from the uncached one: every epoch sees the first epoch's samples.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_sa_unlearn.data import sized
 from lightning_sa_unlearn.functional import eval_mode
 
 MAX_CACHE_BYTES = 2 * 1024**3
@@ -25,8 +28,10 @@ def split_below(model: nn.Module, names: Sequence[str], probe: Any) -> tuple[nn.
     """``(below, above, path)``: ``model(x) == above(below(x))`` with every parameter in ``names`` inside ``above``.
 
     Searches the ``nn.Sequential`` submodules of ``model`` (the model itself included); a chain qualifies
-    when the selection starts after its first child and its output on ``probe`` equals the model's, bit
-    for bit. ``path`` names the last module of ``below``. None when no chain qualifies (then nothing is cached).
+    when the selection starts after its first child and its output on ``probe`` (a whole batch) equals the
+    model's, bit for bit. ``path`` names the last module of ``below``. None when no chain qualifies (then
+    nothing is cached). A forward that changes the chain's output only on inputs unlike ``probe`` (a clamp
+    that the probe does not reach) would pass this check: turn caching off for such a model.
     """
     if not isinstance(probe, Tensor) or not names:
         return None
@@ -54,7 +59,7 @@ class FeatureCache:
     def __init__(self, below: nn.Module, sources: Sequence[Iterable[Any]]) -> None:
         self.below, self.sources = below, sources
         self.stored: list[list[tuple[Tensor, Tensor]]] = [[] for _ in sources]
-        self.bytes, self.complete, self.dropped = 0, False, False
+        self.bytes, self.dropped, self.closed = 0, False, False
 
     def first_epoch(self, source: int, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """``(below(x), y)`` for one batch of the first epoch, stored unless the cache grew past its limit."""
@@ -73,9 +78,20 @@ class FeatureCache:
         """Each source's stored ``(features, labels)`` batches, in the order the first epoch read them."""
         return self.stored
 
+    def close(self) -> None:
+        """The first epoch is over: nothing more is stored, and an incomplete store is let go."""
+        self.closed = True
+        if not self.usable:
+            self.stored = [[] for _ in self.sources]
+
     @property
     def usable(self) -> bool:
-        return self.complete and not self.dropped
+        """Every batch of every source is stored (a first epoch cut short, e.g. under DDP, left some unread)."""
+        return (
+            self.closed
+            and not self.dropped
+            and all(len(stored) == sized(source) for stored, source in zip(self.stored, self.sources))
+        )
 
 
 class Tagged:

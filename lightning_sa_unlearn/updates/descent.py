@@ -108,7 +108,7 @@ def fine_tune(
                     opt.zero_grad(set_to_none=True)
                     if cached:
                         logits = above(x)
-                    elif cache is not None:  # the first epoch stores what the frozen layers give
+                    elif cache is not None and epoch == 0:  # the first epoch stores what the frozen layers give
                         logits = above(cache.first_epoch(index, (x, y))[0])
                     else:
                         logits = model(x)
@@ -135,7 +135,7 @@ def fine_tune(
                             params[name][outside] = values
                     steps += 1
                 if cache is not None and epoch == 0:
-                    cache.complete = steps_per_epoch is None  # a capped epoch left samples unread
+                    cache.close()
     except FloatingPointError:
         _reset(params, start)
         raise

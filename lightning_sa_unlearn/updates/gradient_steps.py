@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from torch import Tensor
 
 from lightning_sa_unlearn.data import dataset_size, sized
-from lightning_sa_unlearn.functional import batches_for, take
+from lightning_sa_unlearn.functional import batches_for
 from lightning_sa_unlearn.updates.base import StepSize, Update, ValidationSpec, step_size_from
 from lightning_sa_unlearn.updates.cached_features import FeatureCache, split_below
 from lightning_sa_unlearn.updates.functional import OPTIMIZERS, default_tau_grid, fine_tune, forget_loss_descent
@@ -97,10 +97,13 @@ class FineTune(Update):
         optimizer: ``"sgd"`` (with momentum) or ``"adam"``.
         include_corrected: train on ``D_r ∪ D̃_f`` (True) or on ``D_r`` alone.
         retain_samples: train on a seeded random subset of this many retain samples (None: all of
-            ``D_r``); the report's ``update_details`` gives the count read.
+            ``D_r``; loaders that are not map-style give their first samples); the report's
+            ``update_details`` gives the count (None for loaders whose size is unknown).
         cache_features: where the model is a plain chain of modules up to the selection, run the
             frozen layers below it once per sample and train later epochs on their stored outputs
-            (:mod:`~lightning_sa_unlearn.updates.cached_features`; up to 2 GiB of features).
+            (:mod:`~lightning_sa_unlearn.updates.cached_features`; up to 2 GiB of features). The same
+            weights as without it for loaders that serve the same batches in every pass; the report's
+            ``update_details["cached_below"]`` names the last cached module when the cache was used.
     """
 
     name = "fine_tune"
@@ -167,15 +170,16 @@ class FineTune(Update):
             progress=lambda it: run.progress(it, "fine-tuning", steps_per_epoch),
             **cached,
         )
-        details = {"retain_samples": _samples(data.retain, self.retain_samples), "cached_below": below_path}
-        return {"steps": steps, "details": details}
+        used = "cache" in cached and cached["cache"].usable  # not when dropped at its limit, or left incomplete
+        retain = _samples(data.retain, run.capped(self.retain_samples))
+        return {"steps": steps, "details": {"retain_samples": retain, "cached_below": below_path if used else None}}
 
     def _cache(self, run: UnlearningRun, sources: Sequence[Any]) -> tuple[dict[str, Any], str | None]:
         """``fine_tune``'s ``cache`` and ``above`` where the model allows it, and the last cached module's path."""
         if not self.cache_features or self.epochs < 2:
             return {}, None
         probe = next((x for x, _ in batches_for(run.model, sources[0])), None)
-        split = split_below(run.model, run.names, None if probe is None else take(probe, slice(2)))
+        split = split_below(run.model, run.names, probe)
         if split is None:
             return {}, None
         below, above, path = split
