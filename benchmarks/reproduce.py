@@ -336,7 +336,7 @@ def _plot(runs: dict[int, dict], seeds: list[int], path: str, title: str) -> Non
 
 def _without_reports(run: dict) -> dict:
     """The raw numbers, with each report cut to what the tables use."""
-    keep = ("layer_sharpness", "selected_layers", "tau", "newton_decrement", "solver", "seconds")
+    keep = ("layer_sharpness", "selected_layers", "tau", "newton_decrement", "solver", "seconds", "selection_trials")
     return {k: {**v, "report": {r: v["report"].get(r) for r in keep}} if "report" in v else v for k, v in run.items()}
 
 
