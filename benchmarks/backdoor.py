@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import SETTINGS, Setting, load_clause, make_callback, make_datamodule, make_model, measure, stat, train  # noqa: E402
 
-from lightning_sa_unlearn import FineTune, FirstOrder, Flattest, LastLayer, ValidatedLayer, ValidatedStep  # noqa: E402
+from lightning_sa_unlearn import AllLayers, FineTune, FirstOrder, Flattest, LastLayer, ValidatedLayer, ValidatedStep  # noqa: E402
 
 SCENARIO = "mnist_backdoor"
 
@@ -61,6 +61,18 @@ METHODS: dict[str, Callable[[Setting], dict[str, Any]]] = {
     ),
     "fine-tune, validated_layer, D̃_f = triggered inputs, true labels": lambda s: dict(
         update=_fine_tune(s), selection=ValidatedLayer(), correction="labels"
+    ),
+    "fine-tune last layer, D̃_f = triggered inputs, true labels": lambda s: dict(
+        update=_fine_tune(s), selection=LastLayer(), correction="labels"
+    ),
+    "fine-tune, validated_layer k=3, D̃_f = triggered inputs, true labels": lambda s: dict(
+        update=_fine_tune(s), selection=ValidatedLayer(k=3), correction="labels"
+    ),
+    "fine-tune flattest layer 3 epochs, D̃_f = triggered inputs, true labels": lambda s: dict(
+        update=_fine_tune(s, epochs=3), selection=Flattest(), correction="labels"
+    ),
+    "fine-tune all layers (reference), D̃_f = triggered inputs, true labels": lambda s: dict(
+        update=_fine_tune(s), selection=AllLayers(), correction="labels"
     ),
 }
 
