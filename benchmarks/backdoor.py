@@ -28,7 +28,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import SETTINGS, Setting, load_clause, make_callback, make_datamodule, make_model, measure, stat, train  # noqa: E402
 
-from lightning_sa_unlearn import AllLayers, FineTune, FirstOrder, Flattest, LastLayer, ValidatedLayer, ValidatedStep  # noqa: E402
+from lightning_sa_unlearn import (  # noqa: E402
+    AllLayers,
+    FineTune,
+    FirstOrder,
+    Flattest,
+    HarmfulUpdateError,
+    LastLayer,
+    ValidatedLayer,
+    ValidatedStep,
+)
 
 SCENARIO = "mnist_backdoor"
 
@@ -113,11 +122,17 @@ def run(seed: int, cache: str, methods: list[str]) -> dict[str, Any]:
             data = make_datamodule(setting, seed)
             data.corrected_set = TensorDataset(data.forget_set.tensors[0], data.corrected_set.tensors[1])
         start = time.perf_counter()
-        report = make_callback(setting, seed, **parts).unlearn(model, data)
-        results[method] = _row(model, datamodule, report, time.perf_counter() - start)
+        try:
+            report = make_callback(setting, seed, **parts).unlearn(model, data)
+            results[method] = _row(model, datamodule, report, time.perf_counter() - start)
+        except HarmfulUpdateError as error:  # the weights were restored: the row is the poisoned model's
+            results[method] = {**_row(model, datamodule), "seconds": time.perf_counter() - start}
+            results[method].update(selected_layers=[], tau=None, refused=str(error))
         r = results[method]
         print(
-            f"  seed {seed} {method}: acc {r['accuracy']:.4f}, ASR {r['asr']:.4f}, {r['selected_layers']}", flush=True
+            f"  seed {seed} {method}: acc {r['accuracy']:.4f}, ASR {r['asr']:.4f}, {r['selected_layers']}",
+            f"refused: {r['refused'][:80]}" if "refused" in r else "",
+            flush=True,
         )
         with open(path + ".tmp", "w") as f:
             json.dump(results, f, indent=1)
@@ -147,6 +162,8 @@ def summarize(results: dict[str, Any], out: str) -> str:
         behind = [v["accuracy"] - runs[s]["retrained"]["accuracy"] for v, s in zip(values, seeds)]
         met = sum(v["asr"] <= 0.05 and b >= -0.01 for v, b in zip(values, behind))
         picked = "; ".join(sorted({", ".join(v.get("selected_layers", [])) for v in values} - {""}))
+        refused = sum("refused" in v for v in values)
+        picked += f" (harm guard refused {refused} of {len(seeds)}: poisoned weights kept)" if refused else ""
         taus = [v.get("tau") for v in values]
         fixed = row in ("poisoned", "retrained")
         lines.append(
