@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -80,15 +81,35 @@ METHODS: dict[str, Callable[[Setting], dict[str, Any]]] = {
     "fine-tune flattest layer 3 epochs, D̃_f = triggered inputs, true labels": lambda s: dict(
         update=_fine_tune(s, epochs=3), selection=Flattest(), correction="labels"
     ),
+    "fine-tune flattest layer 10 epochs, D̃_f = triggered inputs, true labels": lambda s: dict(
+        update=_fine_tune(s, epochs=10), selection=Flattest(), correction="labels"
+    ),
     "fine-tune all layers (reference), D̃_f = triggered inputs, true labels": lambda s: dict(
         update=_fine_tune(s), selection=AllLayers(), correction="labels"
     ),
 }
 
 
+@torch.no_grad()
+def objective(model, datamodule) -> float:
+    """What ``objective="validation_and_forget"`` reads, on all of it: the mean loss on the validation split plus
+    the mean loss of the forget inputs (trigger on) under their true labels. No test data: a user can compute it."""
+    model.eval()
+
+    def mean_loss(x, y):
+        return sum(
+            F.cross_entropy(model(x[i : i + 1000]), y[i : i + 1000], reduction="sum") for i in range(0, len(y), 1000)
+        )
+
+    x_val, y_val = datamodule.val_set.tensors
+    x_f, y_true = datamodule.forget_set.tensors[0], datamodule.corrected_set.tensors[1]
+    return float(mean_loss(x_val, y_val) / len(y_val) + mean_loss(x_f, y_true) / len(y_true))
+
+
 def _row(model, datamodule, report=None, seconds=None) -> dict[str, Any]:
     measured = measure(model, datamodule)
     row = {"accuracy": measured["heldout"]["accuracy"], "asr": measured["heldout"]["attack_success_rate"]}
+    row["objective"] = objective(model, datamodule)
     if report is not None:
         trials = report.selection_trials or []
         row.update(
@@ -153,9 +174,13 @@ def summarize(results: dict[str, Any], out: str) -> str:
         + load_clause(results.get("load_average")),
         "Target: ASR ≤ 5% and clean accuracy within 1 point of the retrained model (seed by seed).",
         "",
-        "| method | clean test acc % | ASR % | acc − retrained (points) | seeds meeting the target | seconds "
+        "Objective: validation loss + loss of the forget inputs (trigger on) under their true labels, after "
+        "unlearning (what `validation_and_forget` steers τ by; no test data).",
+        "",
+        "| method | clean test acc % | ASR % | acc − retrained (points) | seeds meeting the target | objective "
+        "| seconds "
         "| layers picked | τ |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         values = [runs[s][row] for s in seeds]
@@ -169,9 +194,16 @@ def summarize(results: dict[str, Any], out: str) -> str:
         lines.append(
             f"| {row} | {stat([v['accuracy'] for v in values])} | {stat([v['asr'] for v in values])} | "
             f"{'' if row == 'retrained' else stat(behind)} | {'' if fixed else f'{met} of {len(seeds)}'} | "
+            f"{stat([v['objective'] for v in values], 1.0, 4)} | "
             f"{'' if fixed else stat([v['seconds'] for v in values], 1.0, 1)} | {picked} | "
             f"{', '.join('-' if t is None else f'{t:.3g}' for t in taus) if not fixed else ''} |"
         )
+    methods = [row for row in rows if row not in ("poisoned", "retrained")]
+    picks = {s: min(methods, key=lambda row: runs[s][row]["objective"]) for s in seeds}
+    lines += ["", "The method of least objective on each seed (a choice a user can make without the test set):", ""]
+    for s, row in picks.items():
+        r = runs[s][row]
+        lines.append(f"- seed {s}: {row}: clean {100 * r['accuracy']:.2f}%, ASR {100 * r['asr']:.2f}%")
     text = "\n".join(lines) + "\n"
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "backdoor.md"), "w") as f:
