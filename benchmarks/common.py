@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import statistics
 import time
 from collections.abc import Iterator
@@ -240,3 +241,28 @@ def override(setting: Setting, assignments: list[str]) -> Setting:
         except json.JSONDecodeError:
             changes[name] = value  # a bare string such as root=cache/cifar10
     return dataclasses.replace(setting, **changes)
+
+
+def current_machine() -> dict[str, Any]:
+    return {"cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def machine_of(path: str, results: dict[str, Any]) -> dict[str, Any]:
+    """The machine a results file was made on: its ``machine`` entry or, for files written before it had
+    one, the ``Machine:`` clause of the markdown table next to it; failing both, this machine."""
+    if "machine" in results:
+        return results["machine"]
+    table = os.path.splitext(path)[0] + ".md"
+    text = open(table).read() if os.path.exists(table) else ""
+    found = re.search(r"Machine: (\d+) CPU cores, (\d+) torch threads, torch (.+)\.$", text, re.MULTILINE)
+    if found is None:
+        return current_machine()
+    return {"cpu_cores": int(found[1]), "torch_threads": int(found[2]), "torch": found[3]}
+
+
+def load_clause(load: list | None) -> str:
+    """`` Load average ...`` of a table's machine line from ``[[before x3], [after x3]]``; "" for files without."""
+    if not load:
+        return ""
+    before, after = (" / ".join(f"{v:.2f}" for v in three) for three in load)
+    return f" Load average (`uptime`, 1 / 5 / 15 min) before the run {before}, after it {after}."

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import statistics
 import sys
 import time
@@ -34,6 +33,9 @@ from common import (  # noqa: E402
     SETTINGS,
     Setting,
     _digest,
+    current_machine,
+    load_clause,
+    machine_of,
     make_callback,
     make_datamodule,
     make_model,
@@ -42,6 +44,7 @@ from common import (  # noqa: E402
     stat,
     train,
 )
+from validated import validated_lines  # noqa: E402
 
 from lightning_sa_unlearn import (  # noqa: E402
     CG,
@@ -54,6 +57,7 @@ from lightning_sa_unlearn import (  # noqa: E402
     NewtonDecrement,
     SecondOrder,
     Sharpest,
+    ValidatedLayer,
     ValidatedStep,
 )
 from lightning_sa_unlearn.selection import select_layers, trainable_layers  # noqa: E402
@@ -69,6 +73,8 @@ METHODS: dict[str, Callable[[Setting], dict[str, Any]]] = {
     "first-order, last layer": lambda s: dict(selection=LastLayer()),
     "SA first-order, flattest": lambda s: dict(selection=Flattest()),
     "SA first-order, sharpest": lambda s: dict(selection=Sharpest()),
+    # issue 14: the 2 flattest weight layers and the last each updated with its own τ search; validation picks
+    "SA first-order, validated_layer": lambda s: dict(selection=ValidatedLayer()),
     "first-order, newton_decrement": lambda s: dict(selection=NewtonDecrement()),
     "SA second-order, flattest": lambda s: dict(update=SecondOrder(solver=CG(max_iterations=30)), selection=Flattest()),
     "fine-tune flattest layer on D_r ∪ D̃_f": lambda s: dict(update=_fine_tune(s), selection=Flattest()),
@@ -152,16 +158,14 @@ def run_seed(name: str, setting: Setting, seed: int, cache: str) -> dict:
     return results
 
 
-def current_machine() -> dict[str, Any]:
-    return {"cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
-
-
-def record(setting: Setting, runs: dict[int, dict], command: str) -> dict[str, Any]:
-    """What ``<setting>.json`` holds: the setting, the command, this machine and each seed's raw numbers."""
+def record(setting: Setting, runs: dict[int, dict], command: str, load: list | None = None) -> dict[str, Any]:
+    """What ``<setting>.json`` holds: the setting, the command, this machine (and its load average before
+    and after the run, when given) and each seed's raw numbers."""
     return {
         "setting": dataclasses.asdict(setting),
         "command": command,
         "machine": current_machine(),
+        **({"load_average": load} if load else {}),
         "runs": {str(s): _without_reports(runs[s]) for s in sorted(runs)},
     }
 
@@ -193,7 +197,7 @@ def summarize(name: str, results: dict[str, Any], out: str, machine: dict[str, A
         "",
         f"Setting: {json.dumps(setting)}; seeds {seeds}; mean ± std over seeds. "
         f"Machine: {machine['cpu_cores']} CPU cores, {machine['torch_threads']} torch threads, "
-        f"torch {machine['torch']}.",
+        f"torch {machine['torch']}." + load_clause(results.get("load_average")),
         "",
         f"**Damage** (retrained − poisoned held-out accuracy): {stat(damage)} points.",
     ]
@@ -232,7 +236,7 @@ def summarize(name: str, results: dict[str, Any], out: str, machine: dict[str, A
             else stat(column(row, lambda r, run: r["seconds"] / run["retrained"]["seconds"]), 100.0, 1) + "%",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += _sweep_lines(runs, seeds)
+    lines += _sweep_lines(runs, seeds) + validated_lines(runs, seeds)
     text = "\n".join(lines) + "\n"
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"{name}.md"), "w") as f:
@@ -241,19 +245,6 @@ def summarize(name: str, results: dict[str, Any], out: str, machine: dict[str, A
         json.dump(results, f, indent=1)
     _plot(runs, seeds, os.path.join(out, f"{name}_layers.png"), name)
     return text
-
-
-def machine_of(path: str, results: dict[str, Any]) -> dict[str, Any]:
-    """The machine a results file was made on: its ``machine`` entry or, for files written before it had
-    one, the ``Machine:`` clause of the markdown table next to it; failing both, this machine."""
-    if "machine" in results:
-        return results["machine"]
-    table = os.path.splitext(path)[0] + ".md"
-    text = open(table).read() if os.path.exists(table) else ""
-    found = re.search(r"Machine: (\d+) CPU cores, (\d+) torch threads, torch (.+)\.$", text, re.MULTILINE)
-    if found is None:
-        return current_machine()
-    return {"cpu_cores": int(found[1]), "torch_threads": int(found[2]), "torch": found[3]}
 
 
 def _layer_runs(run: dict) -> dict[str, dict]:
@@ -345,7 +336,7 @@ def _plot(runs: dict[int, dict], seeds: list[int], path: str, title: str) -> Non
 
 def _without_reports(run: dict) -> dict:
     """The raw numbers, with each report cut to what the tables use."""
-    keep = ("layer_sharpness", "selected_layers", "tau", "newton_decrement", "solver", "seconds")
+    keep = ("layer_sharpness", "selected_layers", "tau", "newton_decrement", "solver", "seconds", "selection_trials")
     return {k: {**v, "report": {r: v["report"].get(r) for r in keep}} if "report" in v else v for k, v in run.items()}
 
 
@@ -356,6 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--cache", default="cache/benchmarks")
     parser.add_argument("--root", default=None, help="override the setting's data folder")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument(
         "--set",
         nargs="+",
@@ -375,6 +367,7 @@ def main(argv: list[str] | None = None) -> None:
         "with the command and machine it records",
     )
     args = parser.parse_args(argv)
+    load = [list(os.getloadavg())]
     if args.from_json:
         with open(args.from_json) as f:
             results = json.load(f)
@@ -383,6 +376,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.setting is None:
         parser.error("--setting is required (or --from-json)")
+    torch.set_num_threads(args.threads)
     setting = override(SETTINGS[args.setting], args.set)
     # an overridden setting gets a cache of its own: its models are not the setting's models
     cache_name = args.setting if setting == SETTINGS[args.setting] else f"{args.setting}-{_digest(setting)}"
@@ -399,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
     # the command that regenerates the table (from the cache, or from scratch without one)
     words = [word for word in (argv if argv is not None else sys.argv[1:]) if word != "--summarize-only"]
     command = ("python benchmarks/reproduce.py " + " ".join(words)).strip()
-    print(summarize(args.setting, record(setting, runs, command), args.out))
+    print(summarize(args.setting, record(setting, runs, command, [*load, list(os.getloadavg())]), args.out))
 
 
 if __name__ == "__main__":

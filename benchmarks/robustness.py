@@ -24,15 +24,27 @@ import statistics
 import sys
 from typing import Any
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import SETTINGS, make_callback, make_datamodule, make_model, measure, quiet_lightning, stat, train  # noqa: E402
+from common import (  # noqa: E402
+    SETTINGS,
+    load_clause,
+    make_callback,
+    make_datamodule,
+    make_model,
+    measure,
+    quiet_lightning,
+    stat,
+    train,
+)
 
 from lightning_sa_unlearn import FirstOrder, MembershipInference, RelearnAttack, ValidatedStep  # noqa: E402
 from lightning_sa_unlearn.evaluations import classification_metrics  # noqa: E402
 
 SCENARIOS = ("mnist_targeted", "mnist_backdoor", "mnist_deletion")
-RULES = ("flattest", "sharpest", "last", "all")
+RULES = ("flattest", "sharpest", "last", "all", "validated_layer")
 # Chosen on the validation split of mnist_targeted, seed 0: the largest lr on the grid 1e-5, 3e-5, 1e-4, 3e-4
 # (10 steps) at which the RETRAINED model keeps at least 95% of its class-9 accuracy (96%; at 3e-4 it kept 41%).
 # A stronger attack teaches the poison from scratch to any model, and then says nothing about unlearning.
@@ -65,7 +77,7 @@ def evaluate(model, datamodule, seed: int) -> dict[str, Any]:
     return result
 
 
-def run(scenario: str, seed: int, cache: str) -> dict[str, Any]:
+def run(scenario: str, seed: int, cache: str, rules: tuple[str, ...] = RULES) -> dict[str, Any]:
     setting = SETTINGS[scenario]
     folder = os.path.join(cache, scenario, f"seed{seed}")
     path = os.path.join(folder, "robustness.json")
@@ -77,7 +89,7 @@ def run(scenario: str, seed: int, cache: str) -> dict[str, Any]:
         if key not in results:
             results[key] = evaluate(models[key], datamodule, seed)
     poisoned = models["poisoned"]
-    for rule in RULES:
+    for rule in rules:
         if rule in results:
             continue
         model = make_model(setting)
@@ -147,10 +159,12 @@ def summarize(results: dict[str, Any], out: str) -> str:
         f"{attack['lr']} (batch 32, all parameters) on the first {attack['samples']} forget samples with their "
         "trained labels. MIA efficacy: share of D_f that a loss/entropy logistic-regression attacker, trained "
         "on retain (members) against test (non-members), calls non-members; attacker AUC is on its held-out half. "
-        "Mean ± std over seeds.",
+        "Mean ± std over seeds."
+        + (f" {results['torch_threads']} torch threads." if "torch_threads" in results else "")
+        + load_clause(results.get("load_average")),
     ]
     for scenario, seeds in runs.items():
-        rows = ["poisoned", "retrained", *RULES]
+        rows = _rows(seeds)
         poison = scenarios[scenario]["poison"]
         header = list(_metrics(poison, seeds[next(iter(seeds))]["poisoned"]))
         lines += [
@@ -177,6 +191,11 @@ def summarize(results: dict[str, Any], out: str) -> str:
     return text
 
 
+def _rows(seeds: dict[int, dict]) -> list[str]:
+    """The models every seed of a scenario has, in table order (a run may be limited with ``--rules``)."""
+    return [row for row in ("poisoned", "retrained", *RULES) if all(row in run for run in seeds.values())]
+
+
 def _plot(runs: dict[str, dict[int, dict]], poisons: dict[str, str], path: str) -> None:
     import matplotlib
 
@@ -190,14 +209,15 @@ def _plot(runs: dict[str, dict[int, dict]], poisons: dict[str, str], path: str) 
     }
     fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 3.2), squeeze=False)
     for ax, scenario in zip(axes[0], runs):
-        rows = ["poisoned", "retrained", *RULES]
+        rows = _rows(runs[scenario])
         seeds, poison = runs[scenario], poisons[scenario]
         means, errors = [], []
         for row in rows:
             values = [100 * _metrics(poison, seeds[s][row])[columns[poison]] for s in seeds]
             means.append(statistics.fmean(values))
             errors.append(statistics.stdev(values) if len(values) > 1 else 0.0)
-        ax.bar(rows, means, yerr=errors, color=["gray", "black", "tab:green", "tab:red", "tab:orange", "tab:blue"])
+        colors = ["gray", "black", "tab:green", "tab:red", "tab:orange", "tab:blue", "tab:purple"]
+        ax.bar(rows, means, yerr=errors, color=colors[: len(rows)])
         ax.set_title(f"{scenario}: {columns[poison]} (points)", fontsize=9)
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
@@ -209,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), help=f"settings, default {SCENARIOS}")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES, help=f"default {RULES}")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--cache", default="cache/benchmarks")
     parser.add_argument(
@@ -221,15 +243,19 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.from_json) as f:
             print(summarize(json.load(f), args.out))
         return
+    torch.set_num_threads(args.threads)
+    load = [list(os.getloadavg())]
     runs: dict[str, dict[int, dict]] = {}
     for scenario in args.scenarios:
         for seed in args.seeds:
             print(f"[{scenario}] seed {seed}", flush=True)
-            runs.setdefault(scenario, {})[seed] = run(scenario, seed, args.cache)
+            runs.setdefault(scenario, {})[seed] = run(scenario, seed, args.cache, tuple(args.rules))
     command = "python benchmarks/robustness.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results = {
         "command": command.strip(),
         "attack": ATTACK,
+        "torch_threads": torch.get_num_threads(),
+        "load_average": [*load, list(os.getloadavg())],
         "scenarios": {scenario: describe(scenario) for scenario in runs},
         "runs": runs,
     }

@@ -279,7 +279,13 @@ def _count_updated(model: nn.Module, names: list[str], masks: dict[str, Tensor] 
 
 @contextlib.contextmanager
 def _frozen_except(model: nn.Module, names: list[str]) -> Iterator[None]:
-    """``requires_grad`` False on every parameter outside ``names`` (the caller restores the flags)."""
+    """``requires_grad`` False on every parameter outside ``names`` for the block, then the flags as they
+    were: the evaluations after the update (the relearning attack) see the parameters the user had trainable."""
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
     for name, p in model.named_parameters():
         p.requires_grad_(name in names)
-    yield
+    try:
+        yield
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])

@@ -9,6 +9,7 @@ from conftest import TensorDataModule, assert_same_state, state
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import lightning_sa_unlearn.evaluations.relearn as relearn_module
 from lightning_sa_unlearn import (
     GGN,
     HeldOutMetrics,
@@ -100,6 +101,36 @@ def test_relearn_attack_is_one_sgd_step_on_a_copy():
     grads = torch.autograd.grad(loss, list(reference.parameters()))
     for p, p0, grad in zip(attacked.parameters(), reference.parameters(), grads):
         torch.testing.assert_close(p, p0 - 0.1 * grad)
+
+
+def test_relearn_attack_in_a_run_trains_what_the_user_had_trainable(tiny_model, monkeypatch):
+    """The update freezes all but the selected layer; the attack after it must not inherit that freeze."""
+    model, datamodule = tiny_model
+    model.net.conv.bias.requires_grad_(False)  # frozen by the user: the attack leaves it too
+    seen = {}
+
+    def spy(attacked_model, *args, **kwargs):
+        seen["flags"] = {n: p.requires_grad for n, p in attacked_model.named_parameters()}
+        seen["before"] = {n: p.detach().clone() for n, p in attacked_model.named_parameters()}
+        seen["copy"] = relearn_attack(attacked_model, *args, **kwargs)
+        return seen["copy"]
+
+    monkeypatch.setattr(relearn_module, "relearn_attack", spy)
+    evaluation = RelearnAttack(samples=20, steps=3, lr=0.01)
+    report = SharpnessAwareUnlearning(verbose=False, selection="last", evaluations=[evaluation]).unlearn(
+        model, datamodule
+    )
+    assert report.selected_layers == ["net.fc2"] and report.relearn["steps"] == 3
+    assert seen["flags"] == {n: n != "net.conv.bias" for n, _ in model.named_parameters()}
+    moved = {n for n, p in seen["copy"].named_parameters() if not torch.equal(p, seen["before"][n])}
+    assert moved == {n for n, _ in model.named_parameters()} - {"net.conv.bias"}  # outside the selection too
+    assert not model.net.conv.bias.requires_grad and model.net.fc1.weight.requires_grad  # flags as the user set
+
+
+def test_relearn_attack_needs_a_trainable_parameter():
+    model = nn.Linear(5, 3).requires_grad_(False)
+    with pytest.raises(ValueError, match="trainable parameter"):
+        relearn_attack(model, (torch.randn(4, 5), torch.zeros(4, dtype=torch.long)))
 
 
 def test_first_samples_takes_the_first_n():

@@ -11,7 +11,14 @@ import pytest
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 RESULTS = BENCHMARKS / "results"
-TABLES = ["mnist_targeted", "mnist_targeted_random", "mnist_untargeted_2500", "mnist_untargeted_5000", "cifar10_cpu"]
+TABLES = [
+    "mnist_targeted",
+    "mnist_targeted_random",
+    "mnist_untargeted_2500",
+    "mnist_untargeted_5000",
+    "cifar10_cpu",
+    "v0_2/mnist_targeted",
+]
 
 
 def load(name: str):
@@ -34,14 +41,21 @@ def robustness():
 @pytest.mark.parametrize("name", TABLES)
 def test_a_committed_table_rebuilds_from_its_json(name, reproduce, tmp_path):
     reproduce.main(["--from-json", str(RESULTS / f"{name}.json"), "--out", str(tmp_path)])
-    assert (tmp_path / f"{name}.md").read_bytes() == (RESULTS / f"{name}.md").read_bytes()
-    assert (tmp_path / f"{name}.json").read_bytes() == (RESULTS / f"{name}.json").read_bytes()  # written unchanged
+    base = Path(name).name
+    assert (tmp_path / f"{base}.md").read_bytes() == (RESULTS / f"{name}.md").read_bytes()
+    assert (tmp_path / f"{base}.json").read_bytes() == (RESULTS / f"{name}.json").read_bytes()  # written unchanged
 
 
-def test_the_committed_robustness_table_rebuilds_from_its_json(robustness, tmp_path):
-    robustness.main(["--from-json", str(RESULTS / "robustness.json"), "--out", str(tmp_path)])
-    assert (tmp_path / "robustness.md").read_bytes() == (RESULTS / "robustness.md").read_bytes()
-    assert (tmp_path / "robustness.json").read_bytes() == (RESULTS / "robustness.json").read_bytes()
+@pytest.mark.parametrize("folder", [RESULTS, RESULTS / "v0_2"])
+def test_the_committed_robustness_table_rebuilds_from_its_json(folder, robustness, tmp_path):
+    robustness.main(["--from-json", str(folder / "robustness.json"), "--out", str(tmp_path)])
+    assert (tmp_path / "robustness.md").read_bytes() == (folder / "robustness.md").read_bytes()
+    assert (tmp_path / "robustness.json").read_bytes() == (folder / "robustness.json").read_bytes()
+
+
+def test_the_committed_backdoor_table_rebuilds_from_its_json(tmp_path):
+    load("backdoor").main(["--from-json", str(RESULTS / "v0_2" / "backdoor.json"), "--out", str(tmp_path)])
+    assert (tmp_path / "backdoor.md").read_bytes() == (RESULTS / "v0_2" / "backdoor.md").read_bytes()
 
 
 def test_the_machine_comes_from_the_json_or_else_from_the_table_beside_it(reproduce, tmp_path):

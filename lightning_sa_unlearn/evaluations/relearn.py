@@ -48,7 +48,10 @@ def relearn_attack(
     loss_fn: LossFn = F.cross_entropy,
     seed: int = 0,
 ) -> nn.Module:
-    """A copy of ``model`` after ``steps`` SGD steps of all its parameters on ``relearn_set``.
+    """A copy of ``model`` after ``steps`` SGD steps of its trainable parameters on ``relearn_set``.
+
+    Trainable: ``requires_grad`` as the model has it (the copy keeps the flags); a parameter the user
+    froze stays frozen. Inside a run the attack sees the user's flags, not the update's.
 
     Mini-batches of ``batch_size`` cycle over a fixed shuffle of ``relearn_set``; ``lr`` is fixed.
     The copy stays in eval mode (BatchNorm statistics and dropout frozen), so that only the
@@ -59,12 +62,13 @@ def relearn_attack(
             f"relearn_attack needs steps >= 1, lr > 0 and batch_size >= 1; got {steps}, {lr}, {batch_size}."
         )
     attacked = copy.deepcopy(model)
-    for p in attacked.parameters():
-        p.requires_grad_(True)
+    trainable = [p for p in attacked.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("relearn_attack needs a trainable parameter; every requires_grad of the model is False.")
     x, y = relearn_set
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     slices = [order[i : i + batch_size] for i in range(0, len(y), batch_size)]
-    optimizer = torch.optim.SGD(attacked.parameters(), lr=lr)
+    optimizer = torch.optim.SGD(trainable, lr=lr)
     with torch.enable_grad(), eval_mode(attacked):
         for index in itertools.islice(itertools.cycle(slices), steps):
             (bx, by), *_ = batches_for(attacked, [(take(x, index), y[index])])
