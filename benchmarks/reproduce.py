@@ -106,7 +106,18 @@ def sweep_rule(parts: dict[str, Any]) -> str | None:
     return selection.name if selection.name in RULES else None
 
 
-def run_seed(name: str, setting: Setting, seed: int, cache: str) -> dict:
+def sweep_layers(setting: Setting) -> list[str]:
+    """The layers of the sweep: every layer of PaperCNN; on ResNet-20 the last convolution of each residual
+    block and the classifier (issue #14); none for other models."""
+    names = list(trainable_layers(make_model(setting)))
+    if setting.model == "paper_cnn":
+        return names
+    if setting.model == "cifar_resnet20":
+        return [name for name in names if name.endswith(".conv2")] + names[-1:]
+    return []
+
+
+def run_seed(name: str, setting: Setting, seed: int, cache: str, methods: list[str] | None = None) -> dict:
     """Everything for one seed, resumable: a finished method is read back from the cache."""
     folder = os.path.join(cache, name, f"seed{seed}")
     results_path = os.path.join(folder, "results.json")
@@ -143,16 +154,20 @@ def run_seed(name: str, setting: Setting, seed: int, cache: str) -> dict:
         )
         return results[key]
 
-    layers = list(trainable_layers(make_model(setting))) if setting.model == "paper_cnn" else []
-    for layer in layers:  # the Figure 1 sweep, for models with few layers
+    layers = sweep_layers(setting)
+    for layer in layers:  # the Figure 1 sweep
         sweep = unlearn(f"layer {layer}", selection=SweepLayer([layer]))["report"]
     for method, parts_for in METHODS.items():
+        if methods and method not in methods:
+            continue
         parts = parts_for(setting)
         rule = sweep_rule(parts)
         if layers and rule is not None:
             scores = sweep["newton_decrement"] if rule == "newton_decrement" else sweep["layer_sharpness"]
-            results[method] = results[f"layer {select_layers(scores, rule)[0]}"]  # the same run as the sweep's
-            continue
+            picked = f"layer {select_layers(scores, rule)[0]}"
+            if picked in results:  # the same run as the sweep's (a layer outside the sweep runs below)
+                results[method] = results[picked]
+                continue
         unlearn(method, **parts)
     save()
     return results
@@ -348,6 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", default="cache/benchmarks")
     parser.add_argument("--root", default=None, help="override the setting's data folder")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--methods", nargs="+", default=None, help="run only these methods (names as in the table)")
     parser.add_argument(
         "--set",
         nargs="+",
@@ -389,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
             with open(os.path.join(args.cache, cache_name, f"seed{seed}", "results.json")) as f:
                 runs[seed] = json.load(f)
         else:
-            runs[seed] = run_seed(cache_name, setting, seed, args.cache)
+            runs[seed] = run_seed(cache_name, setting, seed, args.cache, args.methods)
     # the command that regenerates the table (from the cache, or from scratch without one)
     words = [word for word in (argv if argv is not None else sys.argv[1:]) if word != "--summarize-only"]
     command = ("python benchmarks/reproduce.py " + " ".join(words)).strip()
