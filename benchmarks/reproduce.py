@@ -42,6 +42,7 @@ from common import (  # noqa: E402
     measure,
     override,
     stat,
+    sweep_layers,
     train,
 )
 from validated import validated_lines  # noqa: E402
@@ -60,7 +61,7 @@ from lightning_sa_unlearn import (  # noqa: E402
     ValidatedLayer,
     ValidatedStep,
 )
-from lightning_sa_unlearn.selection import select_layers, trainable_layers  # noqa: E402
+from lightning_sa_unlearn.selection import select_layers  # noqa: E402
 
 
 def _fine_tune(setting: Setting, **options: Any) -> FineTune:
@@ -104,17 +105,6 @@ def sweep_rule(parts: dict[str, Any]) -> str | None:
     if not isinstance(selection, (Flattest, Sharpest, NewtonDecrement, LastLayer)) or selection.num_layers != 1:
         return None
     return selection.name if selection.name in RULES else None
-
-
-def sweep_layers(setting: Setting) -> list[str]:
-    """The layers of the sweep: every layer of PaperCNN; on ResNet-20 the last convolution of each residual
-    block and the classifier (issue #14); none for other models."""
-    names = list(trainable_layers(make_model(setting)))
-    if setting.model == "paper_cnn":
-        return names
-    if setting.model == "cifar_resnet20":
-        return [name for name in names if name.endswith(".conv2")] + names[-1:]
-    return []
 
 
 def run_seed(name: str, setting: Setting, seed: int, cache: str, methods: list[str] | None = None) -> dict:
