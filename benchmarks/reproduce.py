@@ -354,24 +354,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", default=None, help="override the setting's data folder")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--methods", nargs="+", default=None, help="run only these methods (names as in the table)")
-    parser.add_argument(
-        "--set",
-        nargs="+",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override fields of the setting, e.g. --set epochs=1 num_train=600 (a scaled-down run)",
-    )
-    parser.add_argument(
-        "--summarize-only",
-        action="store_true",
-        help="train and unlearn nothing: summarize the results already in the cache (e.g. of an interrupted run)",
-    )
-    parser.add_argument(
-        "--from-json",
-        metavar="PATH",
-        help="train and unlearn nothing: rebuild the table and plot of a results file (<name>.json) into --out, "
-        "with the command and machine it records",
-    )
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", help="override setting fields")
+    parser.add_argument("--summarize-only", action="store_true", help="summarize the cached results only")
+    parser.add_argument("--from-json", metavar="PATH", help="rebuild the table and plot of a results file")
     args = parser.parse_args(argv)
     load = [list(os.getloadavg())]
     if args.from_json:
