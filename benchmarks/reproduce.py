@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -73,6 +74,10 @@ METHODS: dict[str, Callable[[Setting], dict[str, Any]]] = {
     "fine-tune all layers on D_r": lambda s: dict(update=_fine_tune(s, include_corrected=False), selection=AllLayers()),
     "first-order, last layer": lambda s: dict(selection=LastLayer()),
     "SA first-order, flattest": lambda s: dict(selection=Flattest()),
+    # version 0.1 τ search (10-point grid, whole validation split) on the same models
+    "SA first-order, flattest, v0.1 grid": lambda s: dict(
+        selection=Flattest(), update=FirstOrder(ValidatedStep(search="grid"))
+    ),
     "SA first-order, sharpest": lambda s: dict(selection=Sharpest()),
     # issue 14: the 2 flattest weight layers and the last each updated with its own τ search; validation picks
     "SA first-order, validated_layer": lambda s: dict(selection=ValidatedLayer()),
@@ -93,14 +98,18 @@ class SweepLayer(Layers):
 def sweep_rule(parts: dict[str, Any]) -> str | None:
     """The rule whose pick the layer sweep already ran with the same update, or None.
 
-    The sweep runs ``FirstOrder()`` (τ on validation, default grid and objective) with the setting's
-    curvature on one layer at a time: a method that is that update on one layer picked by a fixed rule
-    is the sweep's run of the rule's layer."""
+    The sweep runs ``FirstOrder()`` (default τ search) with the setting's curvature on one layer at a time:
+    that update on one layer picked by a fixed rule is the sweep's run of the rule's layer."""
     update, selection = parts.get("update", FirstOrder()), parts.get("selection")
     step = getattr(update, "step_size", None)
     if set(parts) - {"update", "selection"} or type(update) is not FirstOrder:
         return None
-    if type(step) is not ValidatedStep or step.grid is not None or step.spec != ValidatedStep().spec:
+    default = ValidatedStep()
+    if (
+        type(step) is not ValidatedStep
+        or step.grid is not None
+        or (step.spec, step.search) != (default.spec, default.search)
+    ):
         return None
     if not isinstance(selection, (Flattest, Sharpest, NewtonDecrement, LastLayer)) or selection.num_layers != 1:
         return None
@@ -383,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
             runs[seed] = run_seed(cache_name, setting, seed, args.cache, args.methods)
     # the command that regenerates the table (from the cache, or from scratch without one)
     words = [word for word in (argv if argv is not None else sys.argv[1:]) if word != "--summarize-only"]
-    command = ("python benchmarks/reproduce.py " + " ".join(words)).strip()
+    command = ("python benchmarks/reproduce.py " + shlex.join(words)).strip()
     print(summarize(args.setting, record(setting, runs, command, [*load, list(os.getloadavg())]), args.out))
 
 
