@@ -30,6 +30,7 @@ from lightning_sa_unlearn.callback import quiet_trainer
 from lightning_sa_unlearn.curvature import CURVATURES, Curvature
 from lightning_sa_unlearn.datamodules import PoisonedLabelDataModule
 from lightning_sa_unlearn.models import CifarResNet18, CifarResNet20, PaperCNN
+from lightning_sa_unlearn.selection import trainable_layers
 
 
 @dataclass
@@ -266,3 +267,14 @@ def load_clause(load: list | None) -> str:
         return ""
     before, after = (" / ".join(f"{v:.2f}" for v in three) for three in load)
     return f" Load average (`uptime`, 1 / 5 / 15 min) before the run {before}, after it {after}."
+
+
+def sweep_layers(setting: Setting) -> list[str]:
+    """The layers of the sweep: every layer of PaperCNN; on ResNet-20 the last convolution of each residual
+    block and the classifier (issue #14); none for other models."""
+    names = list(trainable_layers(make_model(setting)))
+    if setting.model == "paper_cnn":
+        return names
+    if setting.model == "cifar_resnet20":
+        return [name for name in names if name.endswith(".conv2")] + names[-1:]
+    return []

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -42,6 +43,7 @@ from common import (  # noqa: E402
     measure,
     override,
     stat,
+    sweep_layers,
     train,
 )
 from validated import validated_lines  # noqa: E402
@@ -60,7 +62,7 @@ from lightning_sa_unlearn import (  # noqa: E402
     ValidatedLayer,
     ValidatedStep,
 )
-from lightning_sa_unlearn.selection import select_layers, trainable_layers  # noqa: E402
+from lightning_sa_unlearn.selection import select_layers  # noqa: E402
 
 
 def _fine_tune(setting: Setting, **options: Any) -> FineTune:
@@ -72,6 +74,10 @@ METHODS: dict[str, Callable[[Setting], dict[str, Any]]] = {
     "fine-tune all layers on D_r": lambda s: dict(update=_fine_tune(s, include_corrected=False), selection=AllLayers()),
     "first-order, last layer": lambda s: dict(selection=LastLayer()),
     "SA first-order, flattest": lambda s: dict(selection=Flattest()),
+    # version 0.1 τ search (10-point grid, whole validation split) on the same models
+    "SA first-order, flattest, v0.1 grid": lambda s: dict(
+        selection=Flattest(), update=FirstOrder(ValidatedStep(search="grid"))
+    ),
     "SA first-order, sharpest": lambda s: dict(selection=Sharpest()),
     # issue 14: the 2 flattest weight layers and the last each updated with its own τ search; validation picks
     "SA first-order, validated_layer": lambda s: dict(selection=ValidatedLayer()),
@@ -92,21 +98,25 @@ class SweepLayer(Layers):
 def sweep_rule(parts: dict[str, Any]) -> str | None:
     """The rule whose pick the layer sweep already ran with the same update, or None.
 
-    The sweep runs ``FirstOrder()`` (τ on validation, default grid and objective) with the setting's
-    curvature on one layer at a time: a method that is that update on one layer picked by a fixed rule
-    is the sweep's run of the rule's layer."""
+    The sweep runs ``FirstOrder()`` (default τ search) with the setting's curvature on one layer at a time:
+    that update on one layer picked by a fixed rule is the sweep's run of the rule's layer."""
     update, selection = parts.get("update", FirstOrder()), parts.get("selection")
     step = getattr(update, "step_size", None)
     if set(parts) - {"update", "selection"} or type(update) is not FirstOrder:
         return None
-    if type(step) is not ValidatedStep or step.grid is not None or step.spec != ValidatedStep().spec:
+    default = ValidatedStep()
+    if (
+        type(step) is not ValidatedStep
+        or step.grid is not None
+        or (step.spec, step.search) != (default.spec, default.search)
+    ):
         return None
     if not isinstance(selection, (Flattest, Sharpest, NewtonDecrement, LastLayer)) or selection.num_layers != 1:
         return None
     return selection.name if selection.name in RULES else None
 
 
-def run_seed(name: str, setting: Setting, seed: int, cache: str) -> dict:
+def run_seed(name: str, setting: Setting, seed: int, cache: str, methods: list[str] | None = None) -> dict:
     """Everything for one seed, resumable: a finished method is read back from the cache."""
     folder = os.path.join(cache, name, f"seed{seed}")
     results_path = os.path.join(folder, "results.json")
@@ -143,16 +153,20 @@ def run_seed(name: str, setting: Setting, seed: int, cache: str) -> dict:
         )
         return results[key]
 
-    layers = list(trainable_layers(make_model(setting))) if setting.model == "paper_cnn" else []
-    for layer in layers:  # the Figure 1 sweep, for models with few layers
+    layers = sweep_layers(setting)
+    for layer in layers:  # the Figure 1 sweep
         sweep = unlearn(f"layer {layer}", selection=SweepLayer([layer]))["report"]
     for method, parts_for in METHODS.items():
+        if methods and method not in methods:
+            continue
         parts = parts_for(setting)
         rule = sweep_rule(parts)
         if layers and rule is not None:
             scores = sweep["newton_decrement"] if rule == "newton_decrement" else sweep["layer_sharpness"]
-            results[method] = results[f"layer {select_layers(scores, rule)[0]}"]  # the same run as the sweep's
-            continue
+            picked = f"layer {select_layers(scores, rule)[0]}"
+            if picked in results:  # the same run as the sweep's (a layer outside the sweep runs below)
+                results[method] = results[picked]
+                continue
         unlearn(method, **parts)
     save()
     return results
@@ -348,24 +362,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", default="cache/benchmarks")
     parser.add_argument("--root", default=None, help="override the setting's data folder")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument(
-        "--set",
-        nargs="+",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override fields of the setting, e.g. --set epochs=1 num_train=600 (a scaled-down run)",
-    )
-    parser.add_argument(
-        "--summarize-only",
-        action="store_true",
-        help="train and unlearn nothing: summarize the results already in the cache (e.g. of an interrupted run)",
-    )
-    parser.add_argument(
-        "--from-json",
-        metavar="PATH",
-        help="train and unlearn nothing: rebuild the table and plot of a results file (<name>.json) into --out, "
-        "with the command and machine it records",
-    )
+    parser.add_argument("--methods", nargs="+", default=None, help="run only these methods (names as in the table)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", help="override setting fields")
+    parser.add_argument("--summarize-only", action="store_true", help="summarize the cached results only")
+    parser.add_argument("--from-json", metavar="PATH", help="rebuild the table and plot of a results file")
     args = parser.parse_args(argv)
     load = [list(os.getloadavg())]
     if args.from_json:
@@ -389,10 +389,10 @@ def main(argv: list[str] | None = None) -> None:
             with open(os.path.join(args.cache, cache_name, f"seed{seed}", "results.json")) as f:
                 runs[seed] = json.load(f)
         else:
-            runs[seed] = run_seed(cache_name, setting, seed, args.cache)
+            runs[seed] = run_seed(cache_name, setting, seed, args.cache, args.methods)
     # the command that regenerates the table (from the cache, or from scratch without one)
     words = [word for word in (argv if argv is not None else sys.argv[1:]) if word != "--summarize-only"]
-    command = ("python benchmarks/reproduce.py " + " ".join(words)).strip()
+    command = ("python benchmarks/reproduce.py " + shlex.join(words)).strip()
     print(summarize(args.setting, record(setting, runs, command, [*load, list(os.getloadavg())]), args.out))
 
 
