@@ -405,3 +405,11 @@ def test_adapter_errors_name_the_adapter():
         check_first_batch(adapter.view(Plain()), [adapter.split(b) for b in batch], F.cross_entropy, adapter)
     stable = BatchAdapter(forward=users_loss)
     assert "test_adapters.users_loss" in repr(stable) and "0x" not in repr(stable)
+
+
+@pytest.mark.parametrize("loss_fn", [F.mse_loss, F.binary_cross_entropy_with_logits])
+def test_a_regression_loss_is_refused_before_training(loss_fn):
+    example = load_example()
+    callback = SharpnessAwareUnlearning(batch_adapter=example.ADAPTER, loss_fn=loss_fn, verbose=False)
+    with pytest.raises(ValueError, match="the callback unlearns classifiers.*hessian_diagonal"):
+        fit(example.ResNetClassifier(), example.FlippedImages(train=32, flip=4), [callback])

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_sa_unlearn.curvature.losses import output_loss
 from lightning_sa_unlearn.data import checked_labels
 from lightning_sa_unlearn.functional import LossFn, batch_size, batches_for, eval_mode, take
 
@@ -93,6 +94,14 @@ def logits_width(output: Any, targets: Tensor, called: str) -> int:
 
 
 def _check_loss(loss_fn: LossFn, logits: Tensor, targets: Tensor, adapter: Any) -> None:
+    rule = output_loss(loss_fn).name
+    if rule in ("mse_loss", "binary_cross_entropy_with_logits"):
+        raise ValueError(
+            f"loss_fn is {rule}, a loss for regression or independent binary outputs, but the callback unlearns "
+            "classifiers trained with cross-entropy (or nll_loss on log-probabilities, or a loss of your own on "
+            "class indices). For curvature under this loss, call hessian_diagonal(model, batches, loss_fn=...) "
+            "directly."
+        )
     try:
         loss = loss_fn(logits, targets)
     except Exception as error:
