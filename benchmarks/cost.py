@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -183,9 +184,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--methods", nargs="+", default=None, help="run only these rows (names as in the table)")
+    parser.add_argument(
+        "--cache",
+        default=None,
+        help="take the fitted models of a reproduce.py cache (<cache>/<setting>/seed<seed>/) instead of training "
+        "them here; their training seconds are then those recorded by that run, under its load",
+    )
     args = parser.parse_args(argv)
     setting = override(SETTINGS[args.setting], args.set)
     with tempfile.TemporaryDirectory() as folder, quiet_lightning():
+        if args.cache:
+            folder = os.path.join(args.cache, args.setting, f"seed{args.seed}")
         fitted, training_seconds = train(setting, args.seed, "poisoned", os.path.join(folder, "poisoned.pt"))
         retrained, _ = train(setting, args.seed, "corrected", os.path.join(folder, "retrained.pt"))
     datamodule = make_datamodule(setting, args.seed)
@@ -195,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     training_units = setting.epochs * len(datamodule.train_set)
     rows = {}
     for name, parts in METHODS.items():
+        if args.methods and name not in args.methods:
+            continue
         with quiet_lightning():
             rows[name] = measure_method(setting, args.seed, fitted, datamodule, parts(setting), args.runs, unit_seconds)
         print(name, json.dumps(rows[name]["seconds"]), flush=True)
@@ -202,12 +214,13 @@ def main(argv: list[str] | None = None) -> None:
     header = [
         f"# Cost of unlearning against training: {args.setting}",
         "",
-        f"Command: `python benchmarks/cost.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        f"Command: `python benchmarks/cost.py {shlex.join(argv if argv is not None else sys.argv[1:])}`",
         "",
         f"Machine: {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
         f"load average after the run {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min).",
         "",
-        f"Training the poisoned model here: {training_seconds:.1f} s, {training_units:,} units "
+        f"Training the poisoned model {'(recorded in the cache) ' if args.cache else 'here'}: "
+        f"{training_seconds:.1f} s, {training_units:,} units "
         f"({setting.epochs} epochs × {len(datamodule.train_set):,} samples). One gradient pass: "
         f"{1e3 * unit_seconds:.3f} ms per sample. Seconds are medians of {args.runs} runs on copies of the model.",
         f"Held-out accuracy: poisoned {100 * poisoned_accuracy:.2f}%, retrained from scratch on corrected labels "
