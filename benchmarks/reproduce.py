@@ -20,7 +20,6 @@ import json
 import math
 import os
 import shlex
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -46,6 +45,7 @@ from common import (  # noqa: E402
     sweep_layers,
     train,
 )
+from sweep import RULES, plot_sweep, sweep_lines  # noqa: E402
 from validated import validated_lines  # noqa: E402
 
 from lightning_sa_unlearn import (  # noqa: E402
@@ -85,7 +85,6 @@ METHODS: dict[str, Callable[[Setting], dict[str, Any]]] = {
     "SA second-order, flattest": lambda s: dict(update=SecondOrder(solver=CG(max_iterations=30)), selection=Flattest()),
     "fine-tune flattest layer on D_r ∪ D̃_f": lambda s: dict(update=_fine_tune(s), selection=Flattest()),
 }
-RULES = ("flattest", "sharpest", "last", "newton_decrement")
 
 
 class SweepLayer(Layers):
@@ -250,102 +249,15 @@ def summarize(name: str, results: dict[str, Any], out: str, machine: dict[str, A
             else stat(column(row, lambda r, run: r["seconds"] / run["retrained"]["seconds"]), 100.0, 1) + "%",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += _sweep_lines(runs, seeds) + validated_lines(runs, seeds)
+    lines += sweep_lines(runs, seeds) + validated_lines(runs, seeds)
     text = "\n".join(lines) + "\n"
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"{name}.md"), "w") as f:
         f.write(text)
     with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump(results, f, indent=1)
-    _plot(runs, seeds, os.path.join(out, f"{name}_layers.png"), name)
+    plot_sweep(runs, seeds, os.path.join(out, f"{name}_layers.png"), name)
     return text
-
-
-def _layer_runs(run: dict) -> dict[str, dict]:
-    return {key[len("layer ") :]: value for key, value in run.items() if key.startswith("layer ")}
-
-
-def _sweep(runs: dict[int, dict], seeds: list[int]) -> dict[str, tuple[list[float], list[float]]]:
-    """``{layer: (mean Hessian diagonal per seed, held-out accuracy gain per seed)}`` of the layer sweep."""
-    layers = list(_layer_runs(runs[seeds[0]]))
-    out = {}
-    for layer in layers:
-        sweeps = [_layer_runs(runs[s])[layer] for s in seeds]
-        sharpness = [sweep["report"]["layer_sharpness"][layer] for sweep in sweeps]
-        gains = [
-            sweep["heldout"]["accuracy"] - runs[s]["poisoned"]["heldout"]["accuracy"] for sweep, s in zip(sweeps, seeds)
-        ]
-        out[layer] = (sharpness, gains)
-    return out
-
-
-def _sweep_lines(runs: dict[int, dict], seeds: list[int]) -> list[str]:
-    sweep = _sweep(runs, seeds)
-    if not sweep:
-        return []
-    lines = [
-        "",
-        "## Layer sweep (Figure 1): first-order update of one layer at a time",
-        "",
-        "| layer | mean Hessian diagonal | held-out accuracy gain (points) |",
-        "|---|---|---|",
-    ]
-    for layer, (sharpness, gains) in sweep.items():
-        spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
-        lines.append(
-            f"| {layer} | {statistics.fmean(sharpness):.3e} | "
-            f"{100 * statistics.fmean(gains):+.2f} ± {100 * spread:.2f} |"
-        )
-    lines += [
-        "",
-        "Shortfall: how many points of held-out accuracy the rule's layer gains less than the seed's best layer.",
-        "",
-        "| rule | picks the best layer in | shortfall from the best layer (points) | layers it picked |",
-        "|---|---|---|---|",
-    ]
-    for rule in RULES:
-        hits, picks, shortfalls = 0, [], []
-        for s in seeds:
-            layer_runs = _layer_runs(runs[s])
-            first = next(iter(layer_runs.values()))["report"]
-            scores = first["newton_decrement"] if rule == "newton_decrement" else first["layer_sharpness"]
-            pick = select_layers(scores, rule)[0]
-            accuracy = {layer: run["heldout"]["accuracy"] for layer, run in layer_runs.items()}
-            best = max(accuracy, key=accuracy.get)
-            hits += pick == best
-            shortfalls.append(100 * (accuracy[best] - accuracy[pick]))
-            picks.append(pick)
-        spread = statistics.stdev(shortfalls) if len(shortfalls) > 1 else 0.0
-        lines.append(
-            f"| {rule} | {hits} of {len(seeds)} seeds | {statistics.fmean(shortfalls):.2f} ± {spread:.2f} | "
-            f"{', '.join(picks)} |"
-        )
-    return lines
-
-
-def _plot(runs: dict[int, dict], seeds: list[int], path: str, title: str) -> None:
-    sweep = _sweep(runs, seeds)
-    if not sweep:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers = list(sweep)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
-    left.bar(layers, [statistics.fmean(sweep[layer][0]) for layer in layers], color="tab:blue")
-    left.set_yscale("log")
-    left.set_title("mean Hessian diagonal")
-    right.bar(layers, [100 * statistics.fmean(sweep[layer][1]) for layer in layers], color="tab:green")
-    right.axhline(0, color="black", linewidth=0.8)
-    right.set_title("held-out accuracy gain (points)")
-    for ax in (left, right):
-        ax.tick_params(axis="x", rotation=30)
-    fig.suptitle(f"{title}: per-layer first-order unlearning, mean over {len(seeds)} seeds")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _without_reports(run: dict) -> dict:

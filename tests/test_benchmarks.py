@@ -234,3 +234,27 @@ def test_robustness_pipeline_on_synthetic_data(tmp_path, monkeypatch, one_thread
     robustness.main(["--from-json", str(out / "robustness.json"), "--out", str(tmp_path / "rebuilt")])
     assert (tmp_path / "rebuilt" / "robustness.md").read_text() == table
     assert (tmp_path / "rebuilt" / "robustness.json").read_text() == (out / "robustness.json").read_text()
+
+
+def test_a_rule_picking_a_layer_outside_the_sweep_is_read_from_its_own_run():
+    """ResNet-20's sweep covers each block's last convolution: a rule that picks a BatchNorm is judged by its own
+    run; a rule with neither a swept pick nor a run of its own is left out. Shortfalls computed by hand."""
+    sweep = sys.modules["sweep"]
+    sharpness = {"bn": 1e-4, "conv2": 1e-2, "fc": 5e-1}  # flattest: bn (not swept); sharpest: fc (swept)
+
+    def seed(conv2, fc, flattest):
+        report = {"layer_sharpness": sharpness, "newton_decrement": {"bn": 9.0, "conv2": 1.0, "fc": 1.0}}
+        layer = lambda accuracy: {"heldout": {"accuracy": accuracy}, "report": report}  # noqa: E731
+        return {
+            "poisoned": {"heldout": {"accuracy": 0.5}},
+            "layer conv2": layer(conv2),
+            "layer fc": layer(fc),
+            "SA first-order, flattest": {"heldout": {"accuracy": flattest}},
+        }
+
+    lines = sweep.sweep_lines({0: seed(0.70, 0.80, 0.75), 1: seed(0.90, 0.60, 0.95)}, [0, 1])
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ")}
+    assert "| 0 of 2 seeds | 0.00 ± 7.07 | bn, bn |" in rows["flattest"]  # (0.80-0.75, 0.90-0.95) → 5, -5 points
+    assert "| 1 of 2 seeds | 15.00 ± 21.21 | fc, fc |" in rows["sharpest"]  # (0, 0.90-0.60) → 0, 30 points
+    assert "newton_decrement" not in rows  # picks bn, which neither the sweep nor a run of its own covers
+    assert "| 1 of 2 seeds | 15.00 ± 21.21 | fc, fc |" in rows["last"]
