@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from lightning_sa_unlearn.adapters import BatchAdapter
 from lightning_sa_unlearn.adapters.checks import check_first_batch
 from lightning_sa_unlearn.curvature import Curvature, CurvatureResult
+from lightning_sa_unlearn.curvature.losses import ignored_label
 from lightning_sa_unlearn.data import Batches, Relabelled, ShuffledBatches, UnlearningData, is_map_style
 from lightning_sa_unlearn.functional import LossFn
 from lightning_sa_unlearn.processes import Processes
@@ -93,6 +94,7 @@ class UnlearningRun:
         limit = self.capped(max_samples)
         options.setdefault("rank", self.processes.rank)
         options.setdefault("world_size", self.processes.world_size)
+        options.setdefault("ignore_index", ignored_label(self.loss_fn))
         return Batches(
             loader, self.num_classes, what, max_samples=limit, seed=self.seed, split=self.adapter.split, **options
         )
@@ -115,6 +117,7 @@ class UnlearningRun:
             world_size=world_size,
             max_samples=limit,
             split=self.adapter.split,
+            ignore_index=ignored_label(self.loss_fn),
         )
 
     def whole(self, loader: Any, what: str) -> Batches | None:

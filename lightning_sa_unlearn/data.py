@@ -120,10 +120,15 @@ def limit_samples(batches: Iterable[Any], max_samples: int | None) -> Iterator[A
         seen += keep
 
 
-def checked_labels(batches: Iterable[Any], num_classes: int, what: str) -> Iterator[Any]:
-    """Pass batches through, raising ValueError on labels that are not class indices ``0 .. num_classes - 1``."""
+def checked_labels(
+    batches: Iterable[Any], num_classes: int, what: str, ignore_index: int | None = None
+) -> Iterator[Any]:
+    """Pass batches through, raising ValueError on labels that are not class indices ``0 .. num_classes - 1``
+    (or the loss's ``ignore_index``, a padding label, which must be negative)."""
     for batch in batches:
         _, y = split_batch(batch)
+        if ignore_index is not None and ignore_index < 0 and isinstance(y, torch.Tensor):
+            y = y[y != ignore_index]
         if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
             kind = f"{y.dtype} labels" if isinstance(y, torch.Tensor) else f"labels of type {type(y).__name__}"
             raise ValueError(
@@ -133,8 +138,7 @@ def checked_labels(batches: Iterable[Any], num_classes: int, what: str) -> Itera
             )
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             padding = (
-                " Negative labels look like padding (ignore_index): the callback does not unlearn with ignored "
-                "positions yet; cut the padding from the batches (hessian_diagonal itself honours ignore_index)."
+                f" Negative labels look like padding: give the loss that ignore_index (it skips {ignore_index})."
                 if int(y.min()) < 0
                 else ""
             )
@@ -230,8 +234,9 @@ class Batches:
         seed: int = 0,
         shuffle: bool = False,
         split: Split = split_batch,
+        ignore_index: int | None = None,
     ) -> None:
-        self.loader, self.num_classes, self.what = loader, num_classes, what
+        self.loader, self.num_classes, self.what, self.ignore_index = loader, num_classes, what, ignore_index
         self.options = dict(
             rank=rank, world_size=world_size, max_samples=max_samples, seed=seed, shuffle=shuffle, split=split
         )
@@ -240,7 +245,7 @@ class Batches:
         return shard(self.loader, **self.options)
 
     def __iter__(self) -> Iterator[Any]:
-        return checked_labels(self.source(), self.num_classes, self.what)
+        return checked_labels(self.source(), self.num_classes, self.what, self.ignore_index)
 
     def __len__(self) -> int:
         length = sized(self.source())
@@ -338,11 +343,13 @@ class ShuffledBatches:
         world_size: int,
         max_samples: int | None,
         split: Split = split_batch,
+        ignore_index: int | None = None,
     ) -> None:
         self.loader, self.num_classes, self.what, self.split = loader, num_classes, what, split
+        self.ignore_index = ignore_index
         self.units = sample_units(loader, seed=seed, max_samples=max_samples) or []
         self.rank, self.world_size = rank, world_size
 
     def __iter__(self) -> Iterator[Any]:
         batches = (self.split(unit_batch(self.loader, u)) for u in self.units[self.rank :: self.world_size])
-        return checked_labels(batches, self.num_classes, self.what)
+        return checked_labels(batches, self.num_classes, self.what, self.ignore_index)

@@ -108,9 +108,13 @@ def sample_losses(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn = F.
     with eval_mode(model):
         for x, y in batches_for(model, batches):
             logits = model(x)
-            losses.append(per_sample_loss(loss_fn, logits, y).detach().double().reshape(len(y), -1).mean(1).cpu())
-            labels.append(y.reshape(-1).cpu())
-            predicted.append(logits.argmax(dim=1).reshape(-1).cpu())
+            valid = (y >= 0).reshape(len(y), -1)  # negative labels are padding the loss ignores
+            per = per_sample_loss(loss_fn, logits, y).detach().double().reshape(len(y), -1)
+            if per.shape == valid.shape:  # one loss per position: the mean over the positions not ignored
+                per = (per * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1)
+            losses.append(per.mean(1).cpu())
+            labels.append(y.reshape(-1)[valid.reshape(-1)].cpu())
+            predicted.append(logits.argmax(dim=1).reshape(-1)[valid.reshape(-1)].cpu())
     if not losses:
         empty = torch.empty(0, dtype=torch.long)
         return SampleLosses(torch.empty(0, dtype=torch.float64), empty, empty)

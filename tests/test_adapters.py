@@ -413,3 +413,74 @@ def test_a_regression_loss_is_refused_before_training(loss_fn):
     callback = SharpnessAwareUnlearning(batch_adapter=example.ADAPTER, loss_fn=loss_fn, verbose=False)
     with pytest.raises(ValueError, match="the callback unlearns classifiers.*hessian_diagonal"):
         fit(example.ResNetClassifier(), example.FlippedImages(train=32, flip=4), [callback])
+
+
+# ------------------------------------------------------------------------------------------ padded tokens
+
+
+class TokenTagger(pl.LightningModule):
+    """Per-token classes from the tokens alone, ``[B, T, V]`` (classes last), trained on targets padded with -100."""
+
+    def __init__(self, vocabulary=7):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding, self.head = nn.Embedding(vocabulary, 8), nn.Linear(8, vocabulary)
+
+    def forward(self, tokens):
+        return self.head(torch.relu(self.embedding(tokens)))
+
+    def training_step(self, batch, batch_idx):
+        tokens, target = batch
+        return F.cross_entropy(self.forward(tokens).movedim(-1, 1), target)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+class PaddedTokens(SyntheticTokens):
+    """The last two positions of every other sequence are padding (-100) in every split."""
+
+    def __init__(self):
+        super().__init__()
+        for labels in (self.right, self.trained):
+            labels[::2, -2:] = -100
+
+
+def test_padded_positions_are_left_out_of_every_measurement():
+    snapshot = Snapshot()
+    callback = SharpnessAwareUnlearning(
+        batch_adapter=BatchAdapter(outputs="classes_last"), selection="last", verbose=False, harm_guard=False
+    )
+    module, datamodule = TokenTagger(), PaddedTokens()
+    fit(module, datamodule, [snapshot, callback])
+    assert changed_parameters(snapshot.weights, module) <= {"head.weight", "head.bias"}
+    tokens, target = datamodule.inputs[56:], datamodule.right[56:]
+    with torch.no_grad():
+        predicted = module(tokens).argmax(-1)
+    kept = target != -100
+    expected = float((predicted[kept] == target[kept]).double().mean())
+    assert callback.report.heldout_after["accuracy"] == pytest.approx(expected)
+    assert callback.report.heldout_after["loss"] == pytest.approx(
+        float(F.cross_entropy(module(tokens).movedim(-1, 1), target)), rel=1e-5
+    )
+
+
+def test_per_sample_losses_average_each_sequence_over_its_tokens_that_are_not_padding():
+    from lightning_sa_unlearn.guard import sample_losses
+
+    g = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(3, 5, 4, generator=g), torch.randint(0, 5, (3, 4), generator=g)
+    target[0, 2:] = -100
+
+    class Fixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            return logits[x] * self.weight
+
+    measured = sample_losses(Fixed(), [(torch.arange(3), target)])
+    by_hand = [F.cross_entropy(logits[i : i + 1], target[i : i + 1]) for i in range(3)]  # mean over kept tokens
+    torch.testing.assert_close(measured.losses, torch.stack(by_hand).double())
+    assert measured.labels.tolist() == target[target != -100].tolist()

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_sa_unlearn.curvature.losses import output_loss
+from lightning_sa_unlearn.curvature.losses import ignored_label, output_loss
 from lightning_sa_unlearn.data import checked_labels
 from lightning_sa_unlearn.functional import LossFn, batch_size, batches_for, eval_mode, take
 
@@ -33,7 +33,7 @@ def check_first_batch(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn,
                 logits = _logits(model, inputs, adapter)
                 called = f"{type(model).__name__}.forward(x)" if adapter.is_plain else f"{model!r}, {adapter!r},"
                 classes = logits_width(logits, targets, called)
-                list(checked_labels([(inputs, targets)], classes, "forget"))
+                list(checked_labels([(inputs, targets)], classes, "forget", ignored_label(loss_fn)))
                 _check_loss(loss_fn, logits, targets, adapter)
                 return classes
     raise ValueError("the forget set is empty: forget_dataloader() served no samples. Nothing to unlearn.")
@@ -109,7 +109,8 @@ def _check_loss(loss_fn: LossFn, logits: Tensor, targets: Tensor, adapter: Any) 
             f"loss_fn failed on the logits {tuple(logits.shape)} and targets {tuple(targets.shape)} that "
             f"{adapter!r} produced: {error}. Give the loss the model was trained with, on these shapes."
         ) from error
-    if not isinstance(loss, Tensor) or loss.numel() != 1 or not math.isfinite(float(loss)):
+    padding_only = not bool((targets >= 0).any())  # the loss of positions that are all ignored is NaN
+    if not isinstance(loss, Tensor) or loss.numel() != 1 or not (padding_only or math.isfinite(float(loss))):
         raise ValueError(
             f"loss_fn returned {loss!r} on one forget batch; it must be a finite scalar (reduction='mean')."
         )

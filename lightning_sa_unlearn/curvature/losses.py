@@ -85,6 +85,12 @@ def output_loss(loss_fn: LossFn) -> OutputLoss:
     return SquaredErrorLoss(loss_fn)
 
 
+def ignored_label(loss_fn: LossFn) -> int | None:
+    """The label that ``loss_fn`` skips (cross-entropy's and nll_loss's ``ignore_index``), or None."""
+    rule = output_loss(loss_fn)
+    return rule.ignore_index if isinstance(rule, CrossEntropyLoss) else None
+
+
 class OutputLoss:
     """How one loss curves in the model's outputs; :meth:`batch` gives the rows for one batch."""
 

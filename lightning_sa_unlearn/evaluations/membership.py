@@ -35,8 +35,9 @@ def attack_features(model: nn.Module, batches: Iterable[Any], max_samples: int |
     with eval_mode(model):
         for x, y in batches_for(model, batches):
             log_p = F.log_softmax(model(x).double(), dim=1)  # [B, C] or [B, C, positions...]
-            loss = _per_example(-log_p.gather(1, y[:, None]).squeeze(1))
-            entropy = _per_example(-(log_p.exp() * log_p).sum(dim=1))
+            valid = y >= 0  # negative labels are padding the loss ignores
+            loss = _per_example(-log_p.gather(1, y.clamp(min=0)[:, None]).squeeze(1), valid)
+            entropy = _per_example(-(log_p.exp() * log_p).sum(dim=1), valid)
             rows.append(torch.stack([loss, entropy], dim=1).cpu())
             count += len(y)
             if max_samples is not None and count >= max_samples:
@@ -45,9 +46,10 @@ def attack_features(model: nn.Module, batches: Iterable[Any], max_samples: int |
     return features[:max_samples]
 
 
-def _per_example(values: Tensor) -> Tensor:
-    """The mean over positions (pixels, tokens) of each example; ``[B]`` stays as it is."""
-    return values.reshape(values.shape[0], -1).mean(dim=1)
+def _per_example(values: Tensor, valid: Tensor) -> Tensor:
+    """The mean over the positions (pixels, tokens) of each example that are not padding; ``[B]`` stays as it is."""
+    mask = valid.reshape(values.shape[0], -1).to(values.dtype)
+    return (values.reshape(values.shape[0], -1) * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
 
 def fit_logistic_regression(features: Tensor, labels: Tensor, l2: float = 1e-4, max_iter: int = 100) -> Tensor:

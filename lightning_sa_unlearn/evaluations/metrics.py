@@ -36,10 +36,13 @@ class ClassificationMetrics(Metric):
         self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, logits: Tensor, target: Tensor) -> None:
-        index = (target * self.num_classes + logits.argmax(dim=1)).reshape(-1)  # row: true class, column: predicted
+        valid = target >= 0  # negative labels are padding the loss ignores (its ignore_index)
+        index = (target * self.num_classes + logits.argmax(dim=1))[valid]  # row: true class, column: predicted
         self.confusion += torch.bincount(index, minlength=self.num_classes**2).view(self.num_classes, -1)
-        self.loss_sum += self.loss_fn(logits, target).detach().double() * target.numel()
-        self.count += target.numel()
+        counted = int(valid.sum())
+        if counted:
+            self.loss_sum += self.loss_fn(logits, target).detach().double() * counted
+            self.count += counted
 
     def compute(self) -> dict[str, float]:
         matrix = self.confusion.double()
