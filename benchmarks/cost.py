@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Machine: {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
         f"load average after the run {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min).",
         "",
-        f"Training the poisoned model {'(recorded in the cache) ' if args.cache else 'here'}: "
+        f"Training the poisoned model{' (recorded in the cache)' if args.cache else ' here'}: "
         f"{training_seconds:.1f} s, {training_units:,} units "
         f"({setting.epochs} epochs × {len(datamodule.train_set):,} samples). One gradient pass: "
         f"{1e3 * unit_seconds:.3f} ms per sample. Seconds are medians of {args.runs} runs on copies of the model.",
