@@ -115,7 +115,9 @@ def sweep_rule(parts: dict[str, Any]) -> str | None:
     return selection.name if selection.name in RULES else None
 
 
-def run_seed(name: str, setting: Setting, seed: int, cache: str, methods: list[str] | None = None) -> dict:
+def run_seed(
+    name: str, setting: Setting, seed: int, cache: str, methods: list[str] | None = None, sweep: bool = True
+) -> dict:
     """Everything for one seed, resumable: a finished method is read back from the cache."""
     folder = os.path.join(cache, name, f"seed{seed}")
     results_path = os.path.join(folder, "results.json")
@@ -152,7 +154,7 @@ def run_seed(name: str, setting: Setting, seed: int, cache: str, methods: list[s
         )
         return results[key]
 
-    layers = sweep_layers(setting)
+    layers = sweep_layers(setting) if sweep else []
     for layer in layers:  # the Figure 1 sweep
         sweep = unlearn(f"layer {layer}", selection=SweepLayer([layer]))["report"]
     for method, parts_for in METHODS.items():
@@ -275,6 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", default=None, help="override the setting's data folder")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--methods", nargs="+", default=None, help="run only these methods (names as in the table)")
+    parser.add_argument("--skip-sweep", action="store_true", help="run the methods without the layer sweep")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", help="override setting fields")
     parser.add_argument("--summarize-only", action="store_true", help="summarize the cached results only")
     parser.add_argument("--from-json", metavar="PATH", help="rebuild the table and plot of a results file")
@@ -301,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
             with open(os.path.join(args.cache, cache_name, f"seed{seed}", "results.json")) as f:
                 runs[seed] = json.load(f)
         else:
-            runs[seed] = run_seed(cache_name, setting, seed, args.cache, args.methods)
+            runs[seed] = run_seed(cache_name, setting, seed, args.cache, args.methods, not args.skip_sweep)
     # the command that regenerates the table (from the cache, or from scratch without one)
     words = [word for word in (argv if argv is not None else sys.argv[1:]) if word != "--summarize-only"]
     command = ("python benchmarks/reproduce.py " + shlex.join(words)).strip()
