@@ -24,8 +24,16 @@ def layer_runs(run: dict) -> dict[str, dict]:
     return {key[len("layer ") :]: value for key, value in run.items() if key.startswith("layer ")}
 
 
+def seeds_with_sweep(runs: dict[int, dict], seeds: list[int]) -> list[int]:
+    """The seeds whose runs include the sweep (``reproduce.py --skip-sweep`` leaves it out)."""
+    return [s for s in seeds if layer_runs(runs[s])]
+
+
 def sweep_table(runs: dict[int, dict], seeds: list[int]) -> dict[str, tuple[list[float], list[float]]]:
     """``{layer: (mean Hessian diagonal per seed, held-out accuracy gain per seed)}`` of the layer sweep."""
+    seeds = seeds_with_sweep(runs, seeds)
+    if not seeds:
+        return {}
     layers = list(layer_runs(runs[seeds[0]]))
     out = {}
     for layer in layers:
@@ -42,6 +50,7 @@ def sweep_lines(runs: dict[int, dict], seeds: list[int]) -> list[str]:
     table = sweep_table(runs, seeds)
     if not table:
         return []
+    seeds = seeds_with_sweep(runs, seeds)
     lines = [
         "",
         "## Layer sweep (Figure 1): first-order update of one layer at a time",
@@ -92,6 +101,7 @@ def plot_sweep(runs: dict[int, dict], seeds: list[int], path: str, title: str) -
     table = sweep_table(runs, seeds)
     if not table:
         return
+    seeds = seeds_with_sweep(runs, seeds)
     import matplotlib
 
     matplotlib.use("Agg")
