@@ -18,6 +18,7 @@ TABLES = [
     "mnist_untargeted_5000",
     "cifar10_cpu",
     "v0_2/mnist_targeted",
+    "v0_2/cifar10_cpu",
 ]
 
 
