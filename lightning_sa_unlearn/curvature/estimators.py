@@ -22,6 +22,7 @@ from lightning_sa_unlearn.curvature.functional import (
     sum_over_batches,
 )
 from lightning_sa_unlearn.curvature.losses import output_loss
+from lightning_sa_unlearn.curvature.second_derivatives import _Choice
 from lightning_sa_unlearn.curvature.smooth import SMOOTH_MODULES, smooth_modules  # noqa: F401 (re-exported)
 from lightning_sa_unlearn.data import dataset_size, sample_units, sized, unit_batch
 from lightning_sa_unlearn.functional import LossFn, trainable_parameters, tree_add_
@@ -112,6 +113,9 @@ class Curvature:
         """The name in the report."""
         return self.method or type(self).__name__
 
+    _path: _Choice | None = None
+    """During :meth:`measure`, the computation path chosen on the first unit (not a setting)."""
+
     def options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`hessian_diagonal_sum` for a built-in."""
         return {"chunk_size": self.chunk_size}
@@ -157,6 +161,7 @@ class Curvature:
                 method=self.method,
                 generator=generator,
                 on_batch=on_batch,
+                path=self._path,
                 **self.options(),
             )
         return sum_over_batches(
@@ -167,13 +172,17 @@ class Curvature:
         self, run: UnlearningRun, confident: Callable[[SharpnessStatistics], bool] | None = None
     ) -> CurvatureResult:
         """Read the training set (see the class docstring); ``confident(statistics)`` decides when to stop."""
-        if self.samples is None:
-            limit = run.capped(self.max_samples)
-            units = sample_units(run.data.train, seed=run.seed, max_samples=limit, unit_size=self.batch_size)
-            if units is not None:
-                return self._measure_sequentially(run, units, confident)
-        samples = None if self.samples == "all" else self.samples or self.max_samples
-        return self._measure_fixed(run, samples)
+        self._path = _Choice()  # the first unit's checks choose the computation path for every later unit
+        try:
+            if self.samples is None:
+                limit = run.capped(self.max_samples)
+                units = sample_units(run.data.train, seed=run.seed, max_samples=limit, unit_size=self.batch_size)
+                if units is not None:
+                    return self._measure_sequentially(run, units, confident)
+            samples = None if self.samples == "all" else self.samples or self.max_samples
+            return self._measure_fixed(run, samples)
+        finally:
+            self._path = None
 
     def _measure_sequentially(
         self, run: UnlearningRun, units: list[Tensor], confident: Callable[[SharpnessStatistics], bool] | None
@@ -279,7 +288,8 @@ class Curvature:
         return CurvatureResult(diag, count // copies, statistics, stop, notes)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+        settings = {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in settings.items())})"
 
 
 class GGN(Curvature):

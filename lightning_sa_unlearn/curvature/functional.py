@@ -168,12 +168,15 @@ def hessian_diagonal_sum(
     num_samples: int = 1,
     max_classes: int = MAX_CLASSES,
     on_batch: Callable[[dict[str, Tensor], int], None] | None = None,
+    path: _Choice | None = None,
 ) -> tuple[dict[str, Tensor] | None, int]:
     """``(Σ_n diag ∇²ℓ_n, N)``: the unnormalised sum behind :func:`hessian_diagonal`, and the sample count.
 
     Sums from disjoint shards of the data add up, which is how several processes combine their
     work (``None`` when ``batches`` held no sample). ``on_batch(part, size)``, if given, sees each
     batch's own sum first (for standard errors: :class:`~lightning_sa_unlearn.curvature.SharpnessStatistics`).
+    ``path``: the computation path chosen on a first batch (hooks, vmap or a loop; forward-mode or
+    double-backward products), shared by calls on the same model so that its checks run once.
     Other arguments as in :func:`hessian_diagonal`.
     """
     if method not in CURVATURE_METHODS:
@@ -221,7 +224,7 @@ def hessian_diagonal_sum(
         generator=generator,
         chunk_size=chunk_size,
         max_classes=max_classes,
-        choice=_Choice(),
+        choice=path if path is not None else _Choice(),
     )
     return sum_over_batches(
         model, batches, lambda x, y, params, buffers: per_batch(model, params, buffers, x, y, **options), on_batch
