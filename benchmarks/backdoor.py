@@ -27,7 +27,18 @@ from torch.utils.data import TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import SETTINGS, Setting, load_clause, make_callback, make_datamodule, make_model, measure, stat, train  # noqa: E402
+from common import (  # noqa: E402
+    SETTINGS,
+    Setting,
+    command_line,
+    load_clause,
+    make_callback,
+    make_datamodule,
+    make_model,
+    measure,
+    stat,
+    train,
+)
 
 from lightning_sa_unlearn import (  # noqa: E402
     AllLayers,
@@ -229,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     load = [list(os.getloadavg())]
     runs = {str(seed): run(seed, args.cache, args.methods) for seed in args.seeds}
-    command = ("python benchmarks/backdoor.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    command = command_line("backdoor.py", argv)
     results = {
         "command": command,
         "torch_threads": torch.get_num_threads(),

@@ -16,7 +16,9 @@ import logging
 import math
 import os
 import re
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -117,6 +119,12 @@ SETTINGS = {
 
 
 MODELS = {"paper_cnn": PaperCNN, "cifar_resnet20": CifarResNet20, "cifar_resnet18": CifarResNet18}
+
+
+def command_line(script: str, argv: list[str] | None = None) -> str:
+    """The command that ran ``benchmarks/<script>`` (``argv``: its words, default the process's), quoted for a shell."""
+    words = sys.argv[1:] if argv is None else argv
+    return f"python benchmarks/{script} {shlex.join(words)}".strip()
 
 
 def make_model(setting: Setting) -> pl.LightningModule:

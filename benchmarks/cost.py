@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import json
 import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -29,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
     SETTINGS,
+    command_line,
     make_callback,
     make_datamodule,
     make_model,
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     header = [
         f"# Cost of unlearning against training: {args.setting}",
         "",
-        f"Command: `python benchmarks/cost.py {shlex.join(argv if argv is not None else sys.argv[1:])}`",
+        f"Command: `{command_line('cost.py', argv)}`",
         "",
         f"Machine: {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
         f"load average after the run {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min).",

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import math
 import os
-import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from common import (  # noqa: E402
     SETTINGS,
     Setting,
     _digest,
+    command_line,
     current_machine,
     load_clause,
     machine_of,
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
             runs[seed] = run_seed(cache_name, setting, seed, args.cache, args.methods, not args.skip_sweep)
     # the command that regenerates the table (from the cache, or from scratch without one)
     words = [word for word in (argv if argv is not None else sys.argv[1:]) if word != "--summarize-only"]
-    command = ("python benchmarks/reproduce.py " + shlex.join(words)).strip()
+    command = command_line("reproduce.py", words)
     print(summarize(args.setting, record(setting, runs, command, [*load, list(os.getloadavg())]), args.out))
 
 

@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
     SETTINGS,
+    command_line,
     load_clause,
     make_callback,
     make_datamodule,
@@ -250,9 +251,9 @@ def main(argv: list[str] | None = None) -> None:
         for seed in args.seeds:
             print(f"[{scenario}] seed {seed}", flush=True)
             runs.setdefault(scenario, {})[seed] = run(scenario, seed, args.cache, tuple(args.rules))
-    command = "python benchmarks/robustness.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("robustness.py", argv)
     results = {
-        "command": command.strip(),
+        "command": command,
         "attack": ATTACK,
         "torch_threads": torch.get_num_threads(),
         "load_average": [*load, list(os.getloadavg())],

@@ -13,9 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import command_line  # noqa: E402
 
 ROWS = {
     "golden-section search (0.2 default), flattest layer": "layer net.fc1",
@@ -34,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         "# τ search: the 0.2 golden-section search against 0.1's grid, on the same models",
         "",
-        f"Command: `python benchmarks/tau_search.py {shlex.join(argv if argv is not None else sys.argv[1:])}` "
+        f"Command: `{command_line('tau_search.py', argv)}` "
         f"(reads the cache of `reproduce.py --setting mnist_targeted`); seeds {args.seeds}; mean ± std.",
         "",
         "| τ search | held-out acc % | gap restored % | per seed % | unlearning s |",

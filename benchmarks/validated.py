@@ -11,8 +11,10 @@ from __future__ import annotations
 import math
 import statistics
 
+from sweep import RULE_METHODS
+
 METHOD = "SA first-order, validated_layer"
-FLATTEST, LAST = "SA first-order, flattest", "first-order, last layer"
+FLATTEST, LAST = RULE_METHODS["flattest"], RULE_METHODS["last"]
 
 
 def _mean_se(values: list[float]) -> tuple[float, float]:

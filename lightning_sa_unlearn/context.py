@@ -83,6 +83,11 @@ class UnlearningRun:
     def device(self) -> torch.device:
         return _device(self.model)
 
+    @property
+    def ignore_index(self) -> int | None:
+        """The padding label that ``loss_fn`` skips (None: every label counts)."""
+        return ignored_label(self.loss_fn)
+
     def capped(self, max_samples: int | None) -> int | None:
         """``max_samples`` within the run's own cap (``fast_dev_run``); None: no limit."""
         return min((v for v in (max_samples, self.max_samples) if v is not None), default=None)
@@ -94,7 +99,7 @@ class UnlearningRun:
         limit = self.capped(max_samples)
         options.setdefault("rank", self.processes.rank)
         options.setdefault("world_size", self.processes.world_size)
-        options.setdefault("ignore_index", ignored_label(self.loss_fn))
+        options.setdefault("ignore_index", self.ignore_index)
         return Batches(
             loader, self.num_classes, what, max_samples=limit, seed=self.seed, split=self.adapter.split, **options
         )
@@ -117,7 +122,7 @@ class UnlearningRun:
             world_size=world_size,
             max_samples=limit,
             split=self.adapter.split,
-            ignore_index=ignored_label(self.loss_fn),
+            ignore_index=self.ignore_index,
         )
 
     def whole(self, loader: Any, what: str) -> Batches | None:

@@ -88,16 +88,13 @@ class BatchAdapter:
         """``module`` as the run sees it: ``view(inputs)`` returns the logits; same parameters, same names."""
         return module if self.is_plain else AdaptedModule(module, self.logits)
 
-    def describe(self) -> str:
-        """How batches and logits are read, for messages."""
+    def __repr__(self) -> str:
+        """How batches and logits are read (messages, and the callback's state key)."""
         forward = self.forward
         if callable(forward):  # its import path, not its address: the text keys the callback's checkpoint state
             forward = f"{getattr(forward, '__module__', '')}.{getattr(forward, '__qualname__', type(forward).__name__)}"
         fields = f"inputs={self.inputs!r}, targets={self.targets!r}, forward={forward!r}, outputs={self.outputs!r}"
         return f"{type(self).__name__}({fields})"
-
-    def __repr__(self) -> str:
-        return self.describe()
 
     def _call(self, module: nn.Module, arguments: Sequence[Any]) -> Any:
         if self.forward is None:
