@@ -1,7 +1,10 @@
 """The harm guard: an update that makes the validation objective worse beyond noise is undone.
 
 After the update the guard measures the validation objective again, on the same samples, and
-compares it with its value before. Noise is :func:`paired_standard_error`: the standard error of
+compares it with its value before. When the layers are selected before it starts, the outputs of the
+frozen layers below the selection are stored by the first pass and the second runs the layers above
+only (:class:`~lightning_sa_unlearn.updates.cached_features.StoredFeatures`; the whole model again if
+anything below changed). Noise is :func:`paired_standard_error`: the standard error of
 the mean of the per-sample loss differences (after − before). Pairing cancels what the samples
 have in common, so the test sees a small systematic rise that an unpaired comparison would miss.
 
@@ -39,6 +42,7 @@ from lightning_sa_unlearn.functional import LossFn, batches_for, eval_mode
 if TYPE_CHECKING:
     from lightning_sa_unlearn.pipeline import UnlearningRun
     from lightning_sa_unlearn.updates import Update
+    from lightning_sa_unlearn.updates.cached_features import StoredFeatures
 
 HARM_STANDARD_ERRORS = 2.0
 """A rise of the validation objective beyond this many paired standard errors is harm."""
@@ -133,6 +137,8 @@ class GuardResult:
     class_accuracy: dict[int, tuple[float, float]]
     source: str = ""
     warnings: list[str] = field(default_factory=list)
+    stored_below: str | None = None
+    """The last frozen module whose outputs were stored and reused after the update (None: whole model twice)."""
 
     @property
     def rise(self) -> float:
@@ -150,6 +156,7 @@ class GuardResult:
             "samples": self.samples,
             "paired": self.paired,
             "warnings": list(self.warnings),
+            "stored_below": self.stored_below,
         }
 
     @property
@@ -170,6 +177,9 @@ class HarmGuard:
     def __init__(self, parts: list[tuple[str, Iterable[Any]]], source: str) -> None:
         self.parts, self.source = parts, source
         self.before: list[SampleLosses] = []
+        self.features: StoredFeatures | None = None
+        """With the layers already selected, the outputs of the frozen layers below them, stored by the first pass."""
+        self.stored: list[list[tuple[Tensor, Tensor]] | None] = [None] * len(parts)
 
     @classmethod
     def start(cls, run: UnlearningRun, update: Update) -> HarmGuard | None:
@@ -186,7 +196,11 @@ class HarmGuard:
             return None
         guard = cls(parts, source)
         with run.stage("harm_guard"):
-            guard.before = guard._measure(run)
+            if run.names:  # selected already: the layers below the selection need to run only once
+                from lightning_sa_unlearn.updates.cached_features import StoredFeatures
+
+                guard.features = StoredFeatures.find(run.model, run.names, parts[0][1])
+            guard.before = guard._measure(run, store=True)
         return guard
 
     def check(self, run: UnlearningRun, update: Update, outcome: dict[str, Any] | None = None) -> GuardResult:
@@ -194,6 +208,8 @@ class HarmGuard:
         with run.stage("harm_guard"):
             result = self._compare(run, self._measure(run))
         result.source = self.source
+        if self.features is not None and any(s is not None for s in self.stored) and self.features.current():
+            result.stored_below = self.features.path
         deletion = run.data.corrected is None
         tolerance = ROUNDING * max(abs(result.before), 1e-12)
         se = result.standard_error if math.isfinite(result.standard_error) else 0.0
@@ -237,8 +253,22 @@ class HarmGuard:
         return result
 
     # ------------------------------------------------------------------ internals
-    def _measure(self, run: UnlearningRun) -> list[SampleLosses]:
-        return run.processes.agree(lambda: [sample_losses(run.model, part, run.loss_fn) for _, part in self.parts])
+    def _measure(self, run: UnlearningRun, store: bool = False) -> list[SampleLosses]:
+        """Per-sample losses of every part; through the stored features while the layers below are unchanged."""
+
+        def measure() -> list[SampleLosses]:
+            if self.features is None or not self.features.current():
+                return [sample_losses(run.model, part, run.loss_fn) for _, part in self.parts]
+            if store:
+                self.stored = [self.features.store(part) for _, part in self.parts]
+            return [
+                sample_losses(run.model, part, run.loss_fn)
+                if stored is None
+                else sample_losses(self.features.above, stored, run.loss_fn)
+                for (_, part), stored in zip(self.parts, self.stored)
+            ]
+
+        return run.processes.agree(measure)
 
     def _compare(self, run: UnlearningRun, after: list[SampleLosses]) -> GuardResult:
         classes = max(run.num_classes, 1)

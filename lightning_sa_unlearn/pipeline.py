@@ -88,9 +88,9 @@ def run_unlearning(
             run.curvature_result.stop = "report only"
     run.training_size = training_set_size(run.data.train, run.adapter.split)
     _prepare_validation(run, update, selection)
-    guard = HarmGuard.start(run, update)  # the validation objective per sample, before (None: guard off)
     trials = None
     if selection.trials:  # the rule runs the update on each candidate and keeps the best
+        guard = HarmGuard.start(run, update)  # the validation objective per sample, before (None: guard off)
         with run.stage("selection"):
             selected, outcome, trials = select_by_trial(run, selection, update, layers, _measurements(run, layers))
             margin = None
@@ -99,6 +99,7 @@ def run_unlearning(
     else:
         with run.stage("selection"):
             selected, margin = _select(run, selection, layers)
+        guard = HarmGuard.start(run, update)  # before the update; the layers below the selection run once
         if update.needs_forget_gradient and run.gradient is None:  # back-propagated only as deep as the selection
             with run.stage("forget_gradient"), _frozen_except(run.model, run.names):
                 run.gradient = _forget_gradient(run)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sa_unlearn.data import sized
-from lightning_sa_unlearn.functional import eval_mode
+from lightning_sa_unlearn.functional import batches_for, eval_mode
 
 MAX_CACHE_BYTES = 2 * 1024**3
 """Features are cached only while they fit in this many bytes; beyond it, every epoch runs the whole model."""
@@ -92,6 +92,46 @@ class FeatureCache:
             and not self.dropped
             and all(len(stored) == sized(source) for stored, source in zip(self.stored, self.sources))
         )
+
+
+class StoredFeatures:
+    """Repeated evaluations on fixed batches while only the selection moves: ``above(a)`` with ``a = below(x)`` stored.
+
+    The step-size search evaluates ``L(θ − τ·d)`` at several τ, and the harm guard before and after the
+    update, on the same samples; the layers below the selection give the same ``a`` every time, so they run
+    once (eval mode, no gradients) and each evaluation runs ``above`` only. :meth:`current` is False once a
+    parameter or buffer below has changed since the split (a custom update may move them); callers then run
+    the whole model again.
+    """
+
+    def __init__(self, model: nn.Module, below: nn.Module, above: nn.Module, path: str) -> None:
+        self.model, self.below, self.above, self.path = model, below, above, path
+        self.state = {k: v.detach().clone() for k, v in below.state_dict().items()}
+        self.bytes = 0
+
+    @classmethod
+    def find(cls, model: nn.Module, names: Sequence[str], batches: Iterable[Any]) -> StoredFeatures | None:
+        """The split of :func:`split_below`, checked on the first batch of ``batches``; None where there is none."""
+        probe = next((x for x, _ in batches_for(model, batches)), None)
+        split = split_below(model, names, probe)
+        return None if split is None else cls(model, *split)
+
+    def store(self, batches: Iterable[Any]) -> list[tuple[Tensor, Tensor]] | None:
+        """``[(below(x), y)]`` for every batch; None once all stores together pass :data:`MAX_CACHE_BYTES`."""
+        stored = []
+        with torch.no_grad(), eval_mode(self.model):
+            for x, y in batches_for(self.model, batches):
+                features = self.below(x)
+                self.bytes += features.numel() * features.element_size()
+                if self.bytes > MAX_CACHE_BYTES:
+                    return None
+                stored.append((features, y))
+        return stored
+
+    def current(self) -> bool:
+        """Whether the layers below hold the parameters and buffers they had at the split, bit for bit."""
+        state = self.below.state_dict()
+        return state.keys() == self.state.keys() and all(torch.equal(state[k], v) for k, v in self.state.items())
 
 
 class Tagged:

@@ -20,6 +20,7 @@ from torch import Tensor
 from lightning_sa_unlearn.data import limit_samples
 from lightning_sa_unlearn.functional import batches_for
 from lightning_sa_unlearn.guard import sample_losses, standard_error
+from lightning_sa_unlearn.updates.cached_features import StoredFeatures
 
 if TYPE_CHECKING:
     from lightning_sa_unlearn.pipeline import UnlearningRun
@@ -45,12 +46,18 @@ def paired_difference(run: UnlearningRun, after: list[Tensor], before: list[Tens
 
 
 class SubsetObjective:
-    """The validation objective's terms on their first ``samples`` samples, held on the model's device."""
+    """The validation objective's terms on their first ``samples`` samples, held on the model's device.
+
+    Where the model splits below the selection (:class:`StoredFeatures`), the frozen layers' outputs are
+    held instead of the inputs, and each evaluation runs the layers above only.
+    """
 
     def __init__(self, run: UnlearningRun, sources: Sequence[Iterable[Any]]) -> None:
         self.run, self.sources = run, list(sources)
         self.sizes = [0] * len(self.sources)
         self.batches: list[list[Any]] = [[] for _ in self.sources]
+        self.features: StoredFeatures | None = None
+        self.stored: list[list[Any] | None] = [None] * len(self.sources)
 
     def grow(self, samples: int) -> bool:
         """Use the first ``samples`` samples of each term (per process: a share); False if nothing was added."""
@@ -61,12 +68,23 @@ class SubsetObjective:
             size = sum(len(y) for _, y in batches)
             grew |= size > self.sizes[t]
             self.batches[t], self.sizes[t] = batches, size
+        if self.features is None and self.run.names and self.batches[0]:
+            self.features = StoredFeatures.find(self.run.model, self.run.names, self.batches[0])
+        if self.features is not None:
+            self.stored = [self.features.store(b) for b in self.batches]
         return grew
 
     def losses(self) -> list[Tensor]:
-        return self.run.processes.agree(
-            lambda: [sample_losses(self.run.model, b, self.run.loss_fn).losses for b in self.batches]
-        )
+        def measure() -> list[Tensor]:
+            run, current = self.run, self.features is not None and self.features.current()
+            return [
+                sample_losses(self.features.above, stored, run.loss_fn).losses
+                if current and stored is not None
+                else sample_losses(run.model, b, run.loss_fn).losses
+                for b, stored in zip(self.batches, self.stored)
+            ]
+
+        return self.run.processes.agree(measure)
 
     def value(self, losses: list[Tensor]) -> float:
         """``Σ_t mean_i ℓ_i`` across every process."""
