@@ -181,8 +181,8 @@ def close(old: Any, new: Any, rel: float = 1e-4, abs_: float = 1e-6) -> bool:
 
 
 def comparable(report: dict) -> dict:
-    """The report without wall-clock timings, as JSON writes it."""
-    return _finite_or_none({k: v for k, v in report.items() if k != "seconds"})
+    """The report without wall-clock timings and pass counts (added after the record), as JSON writes it."""
+    return _finite_or_none({k: v for k, v in report.items() if k not in ("seconds", "sample_passes")})
 
 
 MODELS = os.path.join(os.path.dirname(RECORD), "api_equivalence_models")

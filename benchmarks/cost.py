@@ -5,8 +5,9 @@
 In one process: train the poisoned model (seconds measured here), time one plain gradient pass per
 sample, then unlearn copies of the fitted model ``--runs`` times per method and take the median of
 each stage. Units: a forward+backward over one sample is 1, a forward alone 1/3; training for E
-epochs on N samples is E·N. Forward and backward samples are counted with a hook on the model;
-curvature (whose passes are not plain ones) is converted from seconds by the measured gradient pass.
+epochs on N samples is E·N. Passes are the report's ``sample_passes`` (counted by the run); curvature
+samples and passes through the layers above stored outputs are priced by
+:func:`lightning_sa_unlearn.passes.unlearning_units`, timed against a gradient pass in this process.
 "The unlearning itself" is the forget gradient, curvature, selection and update; evaluations are
 reporting and are timed apart.
 """
@@ -14,13 +15,11 @@ reporting and are timed apart.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
 
@@ -39,9 +38,9 @@ from common import (  # noqa: E402
 )
 
 from lightning_sa_unlearn import GGN, FineTune, LastLayer  # noqa: E402
-from lightning_sa_unlearn.demo import seconds_per_gradient_sample  # noqa: E402
-from lightning_sa_unlearn.pipeline import UNLEARNING_STAGES, UnlearningRun  # noqa: E402
-from lightning_sa_unlearn.updates import gradient_steps  # noqa: E402
+from lightning_sa_unlearn.curvature import default_curvature  # noqa: E402
+from lightning_sa_unlearn.passes import seconds_per_gradient_sample, unlearning_units  # noqa: E402
+from lightning_sa_unlearn.pipeline import UNLEARNING_STAGES  # noqa: E402
 
 # The callback's defaults (curvature=None: MonteCarloGGN read until the selection is confident) unless the method says.
 METHODS = {
@@ -59,108 +58,23 @@ METHODS = {
     ),
 }
 
-CACHED = "update (cached features)"
-"""Fine-tuning on cached features: samples through the frozen layers below (forward only, counted as a whole
-forward, 1/3) and through the layers above (at the measured share of a pass that those layers take)."""
 
-
-class SampleCounter:
-    """Counts samples through the model's forward, per pipeline stage: 1 unit with gradients on, 1/3 without."""
-
-    def __init__(self, model: torch.nn.Module, datamodule) -> None:
-        self.units: dict[str, float] = {}
-        self.stage = "outside"
-        self.handle = model.register_forward_pre_hook(self.count)
-        self.model, self.datamodule, self.handles = model, datamodule, []
-        self.original_split, gradient_steps.split_below = gradient_steps.split_below, self.split_below
-        original = UnlearningRun.stage
-
-        @contextlib.contextmanager
-        def staged(run: UnlearningRun, name: str):
-            previous, self.stage = self.stage, name
-            try:
-                with original(run, name):
-                    yield
-            finally:
-                self.stage = previous
-
-        self.original, UnlearningRun.stage = original, staged
-
-    def count(self, module: torch.nn.Module, inputs: tuple) -> None:
-        x = inputs[0] if inputs else None
-        if isinstance(x, torch.Tensor) and x.dim() > 0:
-            weight = 1.0 if torch.is_grad_enabled() else 1 / 3
-            self.units[self.stage] = self.units.get(self.stage, 0.0) + x.shape[0] * weight
-
-    def split_below(self, model, names, probe):
-        """The fine-tune's split, with a counter on the layers above the cache weighted by their share of a pass."""
-        split = self.original_split(model, names, probe)
-        if split is not None:
-            below, above, _ = split
-            share = pass_share(self.model, below, above, next(iter(self.datamodule.train_dataloader()))[0])
-            self.units["pass share of the layers above the cache"] = share
-
-            def count(module, inputs):
-                if self.stage == "update" and torch.is_grad_enabled():
-                    self.units[CACHED] = self.units.get(CACHED, 0.0) + inputs[0].shape[0] * share
-
-            def count_below(module, inputs):  # the frozen layers, forward only: counted as a whole forward, 1/3
-                if self.stage == "update":
-                    self.units[CACHED] = self.units.get(CACHED, 0.0) + inputs[0].shape[0] / 3
-
-            self.handles += [above.register_forward_pre_hook(count), below.register_forward_pre_hook(count_below)]
-        return split
-
-    def close(self) -> None:
-        self.handle.remove()
-        for handle in self.handles:
-            handle.remove()
-        UnlearningRun.stage = self.original
-        gradient_steps.split_below = self.original_split
-
-
-def pass_share(model, below, above, x, repeats: int = 5) -> float:
-    """Seconds of a forward+backward through ``above`` on cached features over those of the whole model (medians)."""
-    with torch.no_grad():
-        features = below(x)
-
-    def timed(forward, inputs) -> float:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            forward(inputs).logsumexp(1).sum().backward()
-            times.append(time.perf_counter() - start)
-        model.zero_grad(set_to_none=True)
-        return statistics.median(times)
-
-    return timed(above, features) / timed(model, x)
-
-
-def measure_method(
-    setting, seed: int, fitted: torch.nn.Module, datamodule, parts: dict, runs: int, unit_seconds: float
-):
-    per_run = []
+def measure_method(setting, seed: int, fitted: torch.nn.Module, datamodule, parts: dict, runs: int):
+    reports = []
     for _ in range(runs):
         model = make_model(setting)
         model.load_state_dict(fitted.state_dict())
-        counter = SampleCounter(model, datamodule)
         callback = make_callback(setting, seed, **parts)
-        try:
-            report = callback.unlearn(model, datamodule)
-        finally:
-            counter.close()
-        per_run.append((report, counter.units))
-    reports = [r for r, _ in per_run]
+        reports.append(callback.unlearn(model, datamodule))
+        estimator = callback.curvature or default_curvature(callback.loss_fn)
     seconds = {k: statistics.median(r.seconds.get(k, 0.0) for r in reports) for k in reports[0].seconds}
-    counted = {k: statistics.median(u.get(k, 0.0) for _, u in per_run) for k in per_run[0][1]}
-    units = {stage: counted.get(stage, 0.0) for stage in UNLEARNING_STAGES if stage != "curvature"}
-    units["update"] += counted.get(CACHED, 0.0)  # the first epoch ran the whole model (counted by the model's hook)
-    units["curvature"] = seconds.get("curvature", 0.0) / unit_seconds  # not plain passes: timed against one
+    # counted passes are the same in every run; curvature and the layers above stored outputs are timed here
+    units = unlearning_units(reports[0], fitted, datamodule.train_dataloader(), estimator)
     return {
         "seconds": seconds,
         "units": units,
         "unlearning_units": sum(units.values()),
-        "counted_units_per_stage": counted,
+        "sample_passes": reports[0].sample_passes,
         "report": {
             k: reports[0].to_dict()[k]
             for k in (
@@ -171,6 +85,7 @@ def measure_method(
                 "validation_samples",
                 "update_steps",
                 "update_details",
+                "harm_guard",
             )
         },
         "heldout_after": reports[0].heldout_after.get("accuracy"),
@@ -208,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.methods and name not in args.methods:
             continue
         with quiet_lightning():
-            rows[name] = measure_method(setting, args.seed, fitted, datamodule, parts(setting), args.runs, unit_seconds)
+            rows[name] = measure_method(setting, args.seed, fitted, datamodule, parts(setting), args.runs)
         print(name, json.dumps(rows[name]["seconds"]), flush=True)
     load = os.getloadavg()
     header = [
@@ -240,6 +155,15 @@ def main(argv: list[str] | None = None) -> None:
             f"{s.get('update', 0):.2f} | {s['reporting']:.2f} | {100 * row['heldout_after']:.2f}% | "
             f"{100 * (row['heldout_after'] - poisoned_accuracy) / (retrained_accuracy - poisoned_accuracy):.0f}% |"
         )
+    header += [
+        "",
+        "Units per stage (counted passes; curvature samples and passes above stored outputs priced by timing):",
+        "",
+        "| method | " + " | ".join(UNLEARNING_STAGES) + " |",
+        "|---|" + "---|" * len(UNLEARNING_STAGES),
+    ]
+    for name, row in rows.items():
+        header.append(f"| {name} | " + " | ".join(f"{row['units'].get(k, 0):,.0f}" for k in UNLEARNING_STAGES) + " |")
     header += [
         "",
         f"Stages that are not unlearning ({', '.join(k for k in ('evaluation', 'curvature_report'))}, evaluations) are "

@@ -63,6 +63,10 @@ class UnlearningRun:
     """The validation set in a seeded random order (for searches that read a growing prefix of it)."""
     relabelled: Relabelled | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    passes: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Samples through the model per stage and kind of pass (:mod:`~lightning_sa_unlearn.passes`)."""
+    stages: list[str] = field(default_factory=list)
+    """The stages now running, innermost last."""
 
     @classmethod
     def standalone(
@@ -156,11 +160,19 @@ class UnlearningRun:
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        """Time the work inside under ``name``, and count its passes there."""
         start = time.perf_counter()
+        self.stages.append(name)
         try:
             yield
         finally:
+            self.stages.pop()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def count(self, kind: str, samples: int) -> None:
+        """Record ``samples`` passes of ``kind`` under the current stage (``"outside"`` between stages)."""
+        stage = self.passes.setdefault(self.stages[-1] if self.stages else "outside", {})
+        stage[kind] = stage.get(kind, 0.0) + samples
 
     @contextlib.contextmanager
     def seeded(self) -> Iterator[None]:

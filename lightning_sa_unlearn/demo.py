@@ -12,10 +12,13 @@ import time
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 
 from lightning_sa_unlearn import GGN, PoisonedLabelDataModule, SharpnessAwareUnlearning
 from lightning_sa_unlearn.callback import quiet_trainer
+from lightning_sa_unlearn.curvature import default_curvature
 from lightning_sa_unlearn.models import PaperCNN
+from lightning_sa_unlearn.passes import unlearning_units
 
 
 def summary_table(report, target_class: int) -> str:
@@ -71,7 +74,6 @@ def main(argv: list[str] | None = None) -> None:
     trainer.fit(model, datamodule)
     training = time.perf_counter() - start
     fitted = {k: v.clone() for k, v in model.state_dict().items()}
-    unit = seconds_per_gradient_sample(model, datamodule.train_dataloader())
     reports = []
     for run in range(args.runs):  # the same unlearning on copies of the fitted model: a median, not one timing
         copy = PaperCNN(lr=1e-3)
@@ -90,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     seconds = statistics.median(r.seconds["unlearning"] for r in reports)
     reporting = statistics.median(r.seconds["reporting"] for r in reports)
     training_units = args.epochs * len(datamodule.train_set)
+    units = unlearning_units(
+        report, model, datamodule.train_dataloader(), curvature or default_curvature(F.cross_entropy)
+    )
 
     print(
         f"\nPaperCNN on MNIST, {len(datamodule.train_set):,} training images, "
@@ -100,31 +105,16 @@ def main(argv: list[str] | None = None) -> None:
     print(report.format_table())
     print(f"\ntraining the poisoned model: {training:.1f} s ({training_units:,} units)")
     print(
-        f"unlearning: {seconds:.2f} s ({100 * seconds / training:.2f}% of training), about {seconds / unit:,.0f} units "
-        f"({100 * seconds / unit / training_units:.2f}%); median of {args.runs} runs"
+        f"unlearning: {seconds:.2f} s ({100 * seconds / training:.2f}% of training), median of {args.runs} runs; "
+        f"{sum(units.values()):,.0f} units ({100 * sum(units.values()) / training_units:.2f}% of training)"
     )
+    print("  units per stage: " + ", ".join(f"{stage} {n:,.0f}" for stage, n in units.items()))
     print(f"reporting (held-out metrics before and after): {reporting:.2f} s")
-    print("units: one forward+backward pass over one sample; here converted from seconds by a timed pass")
+    print(
+        "units: one forward+backward pass over one sample (a forward alone: 1/3), counted per stage; curvature and "
+        "passes through the layers above stored outputs priced against a timed gradient pass"
+    )
     print(f"report: {os.path.join(args.out, 'report.json')}\nplot:   {os.path.join(args.out, 'sharpness.png')}")
-
-
-def seconds_per_gradient_sample(model: torch.nn.Module, batches, samples: int = 2048) -> float:
-    """Median over 3 repeats of one forward+backward pass, per sample, on the first ``samples`` of ``batches``."""
-    chosen, seen = [], 0
-    for x, y in batches:
-        chosen.append((x, y))
-        seen += len(y)
-        if seen >= samples:
-            break
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        for x, y in chosen:
-            model.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-        times.append((time.perf_counter() - start) / seen)
-    model.zero_grad(set_to_none=True)
-    return statistics.median(times)
 
 
 if __name__ == "__main__":

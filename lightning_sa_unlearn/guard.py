@@ -199,7 +199,7 @@ class HarmGuard:
             if run.names:  # selected already: the layers below the selection need to run only once
                 from lightning_sa_unlearn.updates.cached_features import StoredFeatures
 
-                guard.features = StoredFeatures.find(run.model, run.names, parts[0][1])
+                guard.features = StoredFeatures.find(run.model, run.names, parts[0][1], run.count)
             guard.before = guard._measure(run, store=True)
         return guard
 

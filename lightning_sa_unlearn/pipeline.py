@@ -31,6 +31,7 @@ from lightning_sa_unlearn.data import Relabelled, check_aligned, limit_samples, 
 from lightning_sa_unlearn.evaluations import Evaluation
 from lightning_sa_unlearn.functional import require_trainable_parameters
 from lightning_sa_unlearn.guard import HarmGuard
+from lightning_sa_unlearn.passes import PASS_KINDS, count_samples
 from lightning_sa_unlearn.report import UnlearningReport
 from lightning_sa_unlearn.selection import (
     Flattest,
@@ -57,6 +58,16 @@ def run_unlearning(
     run: UnlearningRun, selection: Selection, update: Update, evaluations: list[Evaluation], measure_curvature: bool
 ) -> UnlearningReport:
     """Every stage on ``run.model``; raises (leaving restoration to the caller) on any failure."""
+    counting = count_samples(run.model, run.count)  # the report's sample_passes
+    try:
+        return _run_stages(run, selection, update, evaluations, measure_curvature)
+    finally:
+        counting.remove()
+
+
+def _run_stages(
+    run: UnlearningRun, selection: Selection, update: Update, evaluations: list[Evaluation], measure_curvature: bool
+) -> UnlearningReport:
     total_start = time.perf_counter()
     require_trainable_parameters(run.model)
     layers = trainable_layers(run.model)
@@ -95,7 +106,7 @@ def run_unlearning(
             selected, outcome, trials = select_by_trial(run, selection, update, layers, _measurements(run, layers))
             margin = None
         with run.stage("update"), _frozen_except(run.model, run.names):
-            _check_finite(run, update)
+            _check_finite(run, update, outcome)
     else:
         with run.stage("selection"):
             selected, margin = _select(run, selection, layers)
@@ -105,7 +116,7 @@ def run_unlearning(
                 run.gradient = _forget_gradient(run)
         with run.stage("update"), _frozen_except(run.model, run.names):
             outcome = update.apply(run)
-            _check_finite(run, update)
+            _check_finite(run, update, outcome)
     guarded = guard.check(run, update, outcome) if guard is not None else None  # raises on a harmful update
     evaluate("after")
     run.seconds["total"] = time.perf_counter() - total_start
@@ -142,8 +153,18 @@ def run_unlearning(
         fallback=outcome.get("fallback"),
         selection_trials=trials,
         harm_guard=guarded.to_dict() if guarded is not None else None,
+        sample_passes=_summed_passes(run),
         **fields,
     )
+
+
+def _summed_passes(run: UnlearningRun) -> dict[str, dict[str, float]]:
+    """``run.passes`` summed over the processes (every process ran the same stages, so the keys agree)."""
+    stages = sorted(set(run.seconds) | {"outside"})
+    counts = torch.tensor([[run.passes.get(s, {}).get(k, 0.0) for k in PASS_KINDS] for s in stages])
+    counts = run.processes.sum(counts.double()).cpu().tolist()
+    summed = {s: {k: n for k, n in zip(PASS_KINDS, row) if n} for s, row in zip(stages, counts)}
+    return {s: kinds for s, kinds in summed.items() if kinds}
 
 
 def _forget_gradient(run: UnlearningRun) -> dict[str, Tensor]:
@@ -255,10 +276,16 @@ def _prepare_validation(run: UnlearningRun, update: Update, selection: Selection
         run.validation_source = f"{run.validation_source} + forget inputs with corrected labels"
 
 
-def _check_finite(run: UnlearningRun, update: Update) -> None:
-    """Finite selected parameters, and a finite loss on a few hundred validation samples (or the forget set)."""
-    sample = run.validation_sample if run.validation_sample is not None else run.forget
-    after = run.mean_loss(run.model, list(limit_samples(sample, FINITE_CHECK_SAMPLES)))
+def _check_finite(run: UnlearningRun, update: Update, outcome: dict[str, Any]) -> None:
+    """Finite selected parameters, and a finite loss on a few hundred validation samples (or the forget set).
+
+    A step-size search that measured the validation objective at the final weights (``objective_after``, on
+    its own subset) has that value checked instead of a new pass.
+    """
+    after = outcome.get("objective_after")
+    if after is None:
+        sample = run.validation_sample if run.validation_sample is not None else run.forget
+        after = run.mean_loss(run.model, list(limit_samples(sample, FINITE_CHECK_SAMPLES)))
     params = dict(run.model.named_parameters())
     if not all(torch.isfinite(params[n]).all() for n in run.names) or not math.isfinite(after):
         raise RuntimeError(

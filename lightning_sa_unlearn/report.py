@@ -73,6 +73,10 @@ class UnlearningReport:
     """``RelearnAttack``: the attack's settings and the held-out metrics after it."""
     evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Custom evaluations: ``{key: {stage: result}}``."""
+    sample_passes: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Samples through the model per stage and kind of pass, over all processes (:mod:`~lightning_sa_unlearn.passes`):
+    ``forward_backward``, ``forward``, and ``forward_above``/``forward_backward_above`` through the layers above
+    stored outputs only. Curvature stages count their model calls; their cost per sample is higher (timed)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

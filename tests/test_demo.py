@@ -36,7 +36,15 @@ def test_demo_runs_on_a_real_mnist_subset(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "| poisoned" in out and "| after unlearning" in out and "<- selected" in out
-    assert re.search(r"^unlearning: [0-9.]+ s \([0-9.]+% of training\), about [0-9,]+ units", out, re.MULTILINE)
+    assert re.search(
+        r"^unlearning: [0-9.]+ s \([0-9.]+% of training\), median of 2 runs; [0-9,]+ units \([0-9.]+% of training\)",
+        out,
+        re.MULTILINE,
+    )
+    stages = re.search(r"^  units per stage: (.*)$", out, re.MULTILINE).group(1)
+    assert [part.split()[0] for part in stages.split(", ")] == [
+        "forget_gradient", "curvature", "selection", "update", "harm_guard"
+    ]  # fmt: skip
     assert re.search(r"^reporting \(held-out metrics before and after\): [0-9.]+ s", out, re.MULTILINE)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["curvature_samples"] == 600

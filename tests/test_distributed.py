@@ -84,6 +84,11 @@ STAGES = [
         "sequential",
         dict(curvature=GGN(min_batches=2, confidence=50.0, max_samples=160), update=FirstOrder(0.01), harm_guard=False),
     ),
+    # confident after 3 units of 16: two processes read units 3 and 4 in one round and drop the 4th
+    (
+        "confident",
+        dict(curvature=GGN(min_batches=2, batch_size=16, confidence=15.0), update=FirstOrder(0.01), harm_guard=False),
+    ),
     ("exact", dict(curvature=ExactHessian(), selection="sharpest", update=FirstOrder(0.01), harm_guard=False)),
     (
         "empirical_fisher",
@@ -142,7 +147,18 @@ def load(folder, tag, rank):
 
 @pytest.mark.parametrize(
     "tag",
-    ["sequential", "exact", "empirical_fisher", "ggn", "adapted", "validated", "second_order", "forget_loss", "masked"],
+    [
+        "sequential",
+        "confident",
+        "exact",
+        "empirical_fisher",
+        "ggn",
+        "adapted",
+        "validated",
+        "second_order",
+        "forget_loss",
+        "masked",
+    ],
 )
 def test_two_processes_equal_one(runs, tag):
     folder, reports, weights, _ = runs
@@ -219,6 +235,18 @@ def test_a_sequential_curvature_pass_reads_the_same_samples_on_every_process(run
     for rank in (0, 1):
         report, _ = load(folder, "sequential", rank)
         assert report["sharpness_standard_error"] == pytest.approx(single["sharpness_standard_error"], rel=1e-4)
+
+
+def test_a_pass_confident_inside_a_round_keeps_the_same_units_on_every_process(runs):
+    folder, reports, _, _ = runs
+    single = reports["confident"]
+    assert single["curvature_stop"] == "confident" and single["curvature_samples"] == 3 * 16
+    for rank in (0, 1):
+        report, _ = load(folder, "confident", rank)
+        assert report["sharpness_standard_error"] == pytest.approx(single["sharpness_standard_error"], rel=1e-4)
+        margin, expected = report["selection_margin"], single["selection_margin"]
+        assert margin["runner_up"] == expected["runner_up"]
+        assert margin["lead_in_standard_errors"] == pytest.approx(expected["lead_in_standard_errors"], rel=1e-4)
 
 
 def test_membership_inference_is_computed_once_and_shared(runs):

@@ -23,9 +23,10 @@ from lightning_sa_unlearn.curvature.functional import (
 )
 from lightning_sa_unlearn.curvature.losses import output_loss
 from lightning_sa_unlearn.curvature.second_derivatives import _Choice
+from lightning_sa_unlearn.curvature.sequential import read_until_confident
 from lightning_sa_unlearn.curvature.smooth import SMOOTH_MODULES, smooth_modules  # noqa: F401 (re-exported)
-from lightning_sa_unlearn.data import dataset_size, sample_units, sized, unit_batch
-from lightning_sa_unlearn.functional import LossFn, trainable_parameters, tree_add_
+from lightning_sa_unlearn.data import sample_units, sized
+from lightning_sa_unlearn.functional import LossFn, trainable_parameters
 
 if TYPE_CHECKING:
     from lightning_sa_unlearn.pipeline import UnlearningRun
@@ -65,7 +66,8 @@ class Curvature:
         max_samples: the most a sequential pass reads; 10,000 picked the same layer as all 50,000
             MNIST images in 5 of 5 seeds (``benchmarks/results/curvature_seeds.md``).
         confidence: the lead, in standard errors, at which a sequential pass stops.
-        min_batches: the fewest batches a sequential pass reads (and the batches between two checks).
+        min_batches: the fewest batches a sequential pass reads; from then on it checks after every batch
+            (:mod:`~lightning_sa_unlearn.curvature.sequential`).
         batch_size: samples per batch of a sequential pass (None: the training loader's); 8 batches of
             64 give the standard errors 7 degrees of freedom from 512 samples.
         damping: λ of ``H + λI`` wherever the curvature is inverted: the second-order solve (eq. 12)
@@ -187,44 +189,11 @@ class Curvature:
     def _measure_sequentially(
         self, run: UnlearningRun, units: list[Tensor], confident: Callable[[SharpnessStatistics], bool] | None
     ) -> CurvatureResult:
-        """Rounds of ``min_batches`` units; each unit is read by one process (all, for probes); stop when confident."""
-        processes, model, loader = run.processes, run.model, run.data.train
-        statistics = SharpnessStatistics(model)
-        generator = torch.Generator(device=run.device).manual_seed(run.seed + 7919 * processes.rank)
-        total, count, stop = None, 0, "data exhausted"
-        copies = processes.world_size if self.probe_parallel else 1
-        progress = iter(run.progress(range(len(units)), f"curvature ({self.name})", len(units)))
-        for start in range(0, len(units), self.min_batches):
-            chunk = units[start : start + self.min_batches]
-            rows = torch.zeros(len(chunk), len(statistics.names), dtype=torch.float64)
-            mine = range(len(chunk)) if self.probe_parallel else range(processes.rank, len(chunk), processes.world_size)
-
-            def read() -> tuple[dict[str, Tensor] | None, int]:
-                part_total, part_count = None, 0
-                for i in mine:
-                    batch = run.batches([unit_batch(loader, chunk[i])], "training", rank=0, world_size=1)
-                    # data-parallel: a unit's random draws depend on the unit, not on who reads it
-                    copy = processes.rank if self.probe_parallel else 0
-                    generator.manual_seed(run.seed + 7919 * copy + 104729 * (start + i + 1))
-                    part, n = self.diagonal_sum(model, batch, loss_fn=run.loss_fn, generator=generator)
-                    if part is not None:
-                        rows[i] = statistics.layer_sums(part)
-                        part_total, part_count = tree_add_(part_total, part), part_count + n
-                return part_total, part_count
-
-            part, n = processes.agree(read)
-            total, count = (total, count) if part is None else (tree_add_(total, part), count + n)
-            averaged = processes.sum(rows).cpu() / copies
-            for i, unit in enumerate(chunk):
-                statistics.record(averaged[i], len(unit))
-                next(progress, None)
-            if confident is not None and confident(statistics):
-                stop = "confident"
-                break
-        else:
-            if sum(len(u) for u in units) < (dataset_size(loader) or 0):
-                stop = "maximum reached"
-        return self._reduced(run, total, count, copies, statistics, stop)
+        """Units until the selection is confident (:mod:`~lightning_sa_unlearn.curvature.sequential`)."""
+        total, count, statistics, stop = read_until_confident(self, run, units, confident)
+        return self._reduced(
+            run, total, count, run.processes.world_size if self.probe_parallel else 1, statistics, stop
+        )
 
     def _measure_fixed(self, run: UnlearningRun, samples: int | None) -> CurvatureResult:
         """Per-process sums on disjoint shards, all-reduced (probe-parallel: averaged copies)."""

@@ -131,7 +131,7 @@ class ValidatedStep(StepSize):
             progress=lambda it: run.progress(it, "choosing tau", len(grid)),
             masks=run.masks,
         )
-        return {"tau": tau, "tau_search": sorted(losses.items())}
+        return {"tau": tau, "tau_search": sorted(losses.items()), "objective_after": losses.get(tau)}
 
     def _golden(self, run: UnlearningRun, direction: dict[str, Tensor], grid: Sequence[float]) -> dict[str, Any]:
         params = dict(run.model.named_parameters())
@@ -154,7 +154,12 @@ class ValidatedStep(StepSize):
             z=self.z,
         )
         move(tau)
-        return {"tau": tau, "tau_search": sorted(losses.items()), "validation_samples": used}
+        return {
+            "tau": tau,
+            "tau_search": sorted(losses.items()),
+            "validation_samples": used,
+            "objective_after": losses.get(tau),
+        }
 
 
 def step_size_from(value: StepSize | float | None) -> StepSize:

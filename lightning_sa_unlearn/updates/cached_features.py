@@ -11,7 +11,7 @@ fine-tune that differs from the uncached one: every epoch sees the first epoch's
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -19,7 +19,12 @@ from torch import Tensor, nn
 
 from lightning_sa_unlearn.data import sized
 from lightning_sa_unlearn.functional import batches_for, eval_mode
+from lightning_sa_unlearn.passes import count_samples
 
+Recorder = Callable[[str, int], None]
+
+PROBE_SAMPLES = 64
+"""Samples on which :class:`StoredFeatures` checks that the model is its chain (two extra forward passes)."""
 MAX_CACHE_BYTES = 2 * 1024**3
 """Features are cached only while they fit in this many bytes; beyond it, every epoch runs the whole model."""
 
@@ -104,17 +109,26 @@ class StoredFeatures:
     the whole model again.
     """
 
-    def __init__(self, model: nn.Module, below: nn.Module, above: nn.Module, path: str) -> None:
+    def __init__(
+        self, model: nn.Module, below: nn.Module, above: nn.Module, path: str, record: Recorder | None = None
+    ) -> None:
         self.model, self.below, self.above, self.path = model, below, above, path
         self.state = {k: v.detach().clone() for k, v in below.state_dict().items()}
         self.bytes = 0
+        if record is not None:  # the run's sample_passes
+            count_samples(below, record)
+            count_samples(above, record, "_above")
 
     @classmethod
-    def find(cls, model: nn.Module, names: Sequence[str], batches: Iterable[Any]) -> StoredFeatures | None:
-        """The split of :func:`split_below`, checked on the first batch of ``batches``; None where there is none."""
+    def find(
+        cls, model: nn.Module, names: Sequence[str], batches: Iterable[Any], record: Recorder | None = None
+    ) -> StoredFeatures | None:
+        """The split of :func:`split_below`, checked on the first :data:`PROBE_SAMPLES` samples of ``batches``; None
+        where there is none. ``record(kind, samples)`` (``UnlearningRun.count``) is told of every pass through the
+        two parts."""
         probe = next((x for x, _ in batches_for(model, batches)), None)
-        split = split_below(model, names, probe)
-        return None if split is None else cls(model, *split)
+        split = split_below(model, names, probe[:PROBE_SAMPLES] if isinstance(probe, Tensor) else probe)
+        return None if split is None else cls(model, *split, record=record)
 
     def store(self, batches: Iterable[Any]) -> list[tuple[Tensor, Tensor]] | None:
         """``[(below(x), y)]`` for every batch; None once all stores together pass :data:`MAX_CACHE_BYTES`."""

@@ -62,16 +62,17 @@ class SubsetObjective:
     def grow(self, samples: int) -> bool:
         """Use the first ``samples`` samples of each term (per process: a share); False if nothing was added."""
         local = math.ceil(samples / self.run.processes.world_size)
+        if self.features is None and self.run.names:
+            first = list(limit_samples(self.sources[0], local))
+            self.features = StoredFeatures.find(self.run.model, self.run.names, first, self.run.count)
         grew = False
         for t, source in enumerate(self.sources):
             batches = list(batches_for(self.run.model, limit_samples(source, local)))
             size = sum(len(y) for _, y in batches)
-            grew |= size > self.sizes[t]
-            self.batches[t], self.sizes[t] = batches, size
-        if self.features is None and self.run.names and self.batches[0]:
-            self.features = StoredFeatures.find(self.run.model, self.run.names, self.batches[0])
-        if self.features is not None:
-            self.stored = [self.features.store(b) for b in self.batches]
+            if size > self.sizes[t]:
+                grew = True
+                self.batches[t], self.sizes[t] = batches, size
+                self.stored[t] = None if self.features is None else self.features.store(batches)
         return grew
 
     def losses(self) -> list[Tensor]:
