@@ -85,8 +85,9 @@ def seconds_per_gradient_sample(model: nn.Module, batches: Iterable[Any], sample
 
 def curvature_cost(model: nn.Module, batches: Iterable[Any], curvature: Any, samples: int = 1024) -> float:
     """Units of one curvature sample: seconds per sample of ``curvature`` (a
-    :class:`~lightning_sa_unlearn.curvature.Curvature`, in batches of its own ``batch_size``) over those of a
-    gradient pass on ``batches`` as they come (the training loader's), on the same ``samples`` in memory.
+    :class:`~lightning_sa_unlearn.curvature.Curvature`) over those of a plain gradient pass on the same
+    ``samples``, in memory, both in the estimator's own batches (``batch_size``; as
+    ``benchmarks/curvature.py`` times them). Medians of 3.
     """
     chosen = _first(batches, samples)
     x, y = torch.cat([x for x, _ in chosen]), torch.cat([y for _, y in chosen])
@@ -94,7 +95,7 @@ def curvature_cost(model: nn.Module, batches: Iterable[Any], curvature: Any, sam
     own = list(zip(x.split(size), y.split(size)))
     generator = torch.Generator().manual_seed(0)
     seconds = _median_seconds(lambda: curvature.diagonal_sum(model, own, loss_fn=F.cross_entropy, generator=generator))
-    return seconds / len(y) / seconds_per_gradient_sample(model, chosen, samples)
+    return seconds / len(y) / seconds_per_gradient_sample(model, own, len(y))
 
 
 def above_share(model: nn.Module, below: nn.Module, above: nn.Module, x: torch.Tensor) -> float:

@@ -88,13 +88,14 @@ def ggn_diagonal_sum(model: nn.Module, x: Tensor, factor_fn, chunk_size: int) ->
             return None
         factor = factor_fn(logits.detach())  # [N, K, C]
         modules = list(owners)
-        signals = torch.autograd.grad(
-            logits,
-            [saved[m][1] for m in modules],
-            grad_outputs=factor.transpose(0, 1),
-            is_grads_batched=True,
-            allow_unused=True,
-        )  # each [K, N, *output shape]
+        outputs = [saved[m][1] for m in modules]
+        if factor.shape[1] == 1:  # one row (a sampled label): a plain backward pass, without vmap's batching
+            signals = torch.autograd.grad(logits, outputs, grad_outputs=factor[:, 0], allow_unused=True)
+            signals = tuple(None if s is None else s.unsqueeze(0) for s in signals)
+        else:
+            signals = torch.autograd.grad(
+                logits, outputs, grad_outputs=factor.transpose(0, 1), is_grads_batched=True, allow_unused=True
+            )  # each [K, N, *output shape]
         for module, delta in zip(modules, signals):
             if delta is None:  # the logits do not depend on this module's output
                 squares = [torch.zeros_like(p) for _, p in owners[module]]
