@@ -258,3 +258,23 @@ def test_a_rule_picking_a_layer_outside_the_sweep_is_read_from_its_own_run():
     assert "| 1 of 2 seeds | 15.00 ± 21.21 | fc, fc |" in rows["sharpest"]  # (0, 0.90-0.60) → 0, 30 points
     assert "newton_decrement" not in rows  # picks bn, which neither the sweep nor a run of its own covers
     assert "| 1 of 2 seeds | 15.00 ± 21.21 | fc, fc |" in rows["last"]
+
+
+def test_cost_over_seeds_summarises_each_seeds_table(tmp_path, one_thread):
+    cost_seeds = load("cost_seeds")
+    method = "first order, last layer"
+    cost_seeds.main(
+        ["--setting", "synthetic", "--seeds", "0", "1", "--runs", "1", "--methods", method, "--out", str(tmp_path)]
+    )
+    per_seed = []
+    for seed in (0, 1):
+        main, stages = (tmp_path / "cost_seeds" / f"cost_synthetic_seed{seed}.md").read_text().split("Units per stage")
+        row = dict(zip(cells(main, "method"), cells(main, method)))
+        per_seed.append(float(row["% of training (units)"].rstrip("%")))
+        units = dict(zip(cells(stages, "method"), cells(stages, method)))
+        # counted by the run: the last layer needs no curvature, and the forget gradient reads every forget sample
+        assert units["curvature"] == "0" and int(units["forget_gradient"].replace(",", "")) >= 40
+    summary = (tmp_path / "cost_synthetic_seeds.md").read_text()
+    mean, spread = cells(summary, method)[2].split(" ± ")
+    assert float(mean) == pytest.approx(sum(per_seed) / 2, abs=0.006)
+    assert float(spread) == pytest.approx(abs(per_seed[0] - per_seed[1]) / math.sqrt(2), abs=0.006)
