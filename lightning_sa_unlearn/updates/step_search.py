@@ -58,17 +58,18 @@ class SubsetObjective:
         self.batches: list[list[Any]] = [[] for _ in self.sources]
         self.features: StoredFeatures | None = None
         self.stored: list[list[Any] | None] = [None] * len(self.sources)
+        self.looked = False
 
     def grow(self, samples: int) -> bool:
         """Use the first ``samples`` samples of each term (per process: a share); False if nothing was added."""
         local = math.ceil(samples / self.run.processes.world_size)
-        if self.features is None and self.run.names:
-            first = list(limit_samples(self.sources[0], local))
-            self.features = StoredFeatures.find(self.run.model, self.run.names, first, self.run.count)
         grew = False
         for t, source in enumerate(self.sources):
             batches = list(batches_for(self.run.model, limit_samples(source, local)))
             size = sum(len(y) for _, y in batches)
+            if t == 0 and not self.looked and self.run.names and batches:  # once: does the model split?
+                self.looked = True
+                self.features = StoredFeatures.find(self.run.model, self.run.names, batches, self.run.count)
             if size > self.sizes[t]:
                 grew = True
                 self.batches[t], self.sizes[t] = batches, size
