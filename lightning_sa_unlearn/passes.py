@@ -71,31 +71,38 @@ def stage_units(
 def seconds_per_gradient_sample(model: nn.Module, batches: Iterable[Any], samples: int = 2048) -> float:
     """Median over 3 repeats of one forward+backward pass (cross-entropy), per sample, on the first ``samples``."""
     chosen = _first(batches, samples)
-    seen = sum(len(y) for _, y in chosen)
-
-    def one_pass() -> None:
-        for x, y in chosen:
-            model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-
-    seconds = _median_seconds(one_pass) / seen
+    seconds = _median_seconds(lambda: _gradient_pass(model, chosen)) / sum(len(y) for _, y in chosen)
     model.zero_grad(set_to_none=True)
     return seconds
 
 
-def curvature_cost(model: nn.Module, batches: Iterable[Any], curvature: Any, samples: int = 1024) -> float:
-    """Units of one curvature sample: seconds per sample of ``curvature`` (a
-    :class:`~lightning_sa_unlearn.curvature.Curvature`) over those of a plain gradient pass on the same
-    ``samples``, in memory, both in the estimator's own batches (``batch_size``; as
-    ``benchmarks/curvature.py`` times them). Medians of 3.
+def curvature_cost(
+    model: nn.Module, batches: Iterable[Any], curvature: Any, samples: int = 1024, repeats: int = 5
+) -> float:
+    """Units of one curvature sample: seconds of ``curvature`` (a :class:`~lightning_sa_unlearn.curvature.Curvature`)
+    over those of a plain gradient pass, on the same ``samples`` in memory, both in the estimator's own batches
+    (``batch_size``; as ``benchmarks/curvature.py`` times them). The two are timed in turn and the median of the
+    ``repeats`` ratios is returned, so that a machine that speeds up or slows down affects both alike.
     """
     chosen = _first(batches, samples)
     x, y = torch.cat([x for x, _ in chosen]), torch.cat([y for _, y in chosen])
     size = getattr(curvature, "batch_size", None) or len(chosen[0][1])
     own = list(zip(x.split(size), y.split(size)))
     generator = torch.Generator().manual_seed(0)
-    seconds = _median_seconds(lambda: curvature.diagonal_sum(model, own, loss_fn=F.cross_entropy, generator=generator))
-    return seconds / len(y) / seconds_per_gradient_sample(model, own, len(y))
+    ratios = []
+    for _ in range(repeats):
+        measured = _median_seconds(
+            lambda: curvature.diagonal_sum(model, own, loss_fn=F.cross_entropy, generator=generator), repeats=1
+        )
+        ratios.append(measured / _median_seconds(lambda: _gradient_pass(model, own), repeats=1))
+    model.zero_grad(set_to_none=True)
+    return statistics.median(ratios)
+
+
+def _gradient_pass(model: nn.Module, batches: list[Any]) -> None:
+    for x, y in batches:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
 
 
 def above_share(model: nn.Module, below: nn.Module, above: nn.Module, x: torch.Tensor) -> float:
