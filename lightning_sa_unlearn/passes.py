@@ -126,6 +126,9 @@ def unlearning_units(
     Counted passes (``sample_passes``); the layers above stored outputs at their timed share of a pass;
     curvature as ``curvature_samples`` times the timed cost of ``curvature`` (the estimator the run used).
     ``model``: the fitted model, before unlearning; ``batches``: training batches to time on (in memory).
+    Approximations: passes above stored outputs are priced at the share of the final selection's split (a
+    trial rule's candidates had their own); under several processes, curvature units read in a round past
+    the stopping one are counted in ``sample_passes`` but not priced here.
     """
     from lightning_sa_unlearn.pipeline import UNLEARNING_STAGES
     from lightning_sa_unlearn.updates.cached_features import split_below

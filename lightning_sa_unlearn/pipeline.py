@@ -161,8 +161,10 @@ def _run_stages(
 def _summed_passes(run: UnlearningRun) -> dict[str, dict[str, float]]:
     """``run.passes`` summed over the processes (every process ran the same stages, so the keys agree)."""
     stages = sorted(set(run.seconds) | {"outside"})
-    counts = torch.tensor([[run.passes.get(s, {}).get(k, 0.0) for k in PASS_KINDS] for s in stages])
-    counts = run.processes.sum(counts.double()).cpu().tolist()
+    counts = torch.tensor(
+        [[run.passes.get(s, {}).get(k, 0.0) for k in PASS_KINDS] for s in stages], dtype=torch.float64
+    )
+    counts = run.processes.sum(counts).cpu().tolist()
     summed = {s: {k: n for k, n in zip(PASS_KINDS, row) if n} for s, row in zip(stages, counts)}
     return {s: kinds for s, kinds in summed.items() if kinds}
 

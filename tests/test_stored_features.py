@@ -73,3 +73,80 @@ def test_stored_features_notice_a_changed_buffer():
     assert torch.equal(features.above(stored[0][0]), model(batches[0][0]))
     model[1].running_mean.add_(1.0)
     assert not features.current()
+
+
+class FlattenFirst(TinyClassifier):
+    """A forward that reshapes its input before the chain: the chain cannot take the model's input."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+    def forward(self, x):
+        return self.net(x.flatten(1))
+
+
+class Tempered(torch.nn.Sequential):
+    def forward(self, x):
+        return super().forward(x) / 4
+
+
+class TemperedClassifier(FlattenFirst):
+    """A Sequential subclass whose own forward scales the chain's output: its slices would apply it twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = Tempered(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class MLP(torch.nn.Sequential):
+    """A Sequential subclass with an __init__ of its own (slicing it would call MLP(OrderedDict))."""
+
+    def __init__(self, hidden):
+        super().__init__(torch.nn.Flatten(), torch.nn.Linear(64, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 3))
+
+
+class SubclassedChain(FlattenFirst):
+    def __init__(self):
+        super().__init__()
+        self.net = MLP(16)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize(
+    "make, layer, stored_below",
+    [(FlattenFirst, "net.2", None), (TemperedClassifier, "net.3", None), (SubclassedChain, "net.3", "net.2")],
+)
+def test_models_beyond_a_plain_chain_get_the_whole_models_numbers(monkeypatch, tiny_model, make, layer, stored_below):
+    _, datamodule = tiny_model
+    torch.manual_seed(0)
+    model = make()
+    twin = make()
+    twin.load_state_dict(model.state_dict())
+    reports = []
+    for target, stored in ((model, True), (twin, False)):
+        if not stored:
+            monkeypatch.setattr(StoredFeatures, "find", classmethod(lambda cls, *args: None))
+        callback = SharpnessAwareUnlearning(selection=Layers([layer]), verbose=False)
+        reports.append(callback.unlearn(target, datamodule))
+    assert reports[0].harm_guard["stored_below"] == stored_below
+    assert reports[0].tau == reports[1].tau and reports[0].tau_search == reports[1].tau_search
+    for key in ("before", "after", "standard_error"):
+        assert reports[0].harm_guard[key] == reports[1].harm_guard[key], key
+
+
+def test_stored_features_notice_a_change_through_data_and_count_released_bytes():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    batches = [(torch.randn(5, 3), torch.zeros(5, dtype=torch.long))]
+    features = StoredFeatures.find(model, ["2.weight"], batches)
+    stored = features.store(batches)
+    assert features.bytes == 5 * 4 * 4  # five samples of four float32 features
+    features.release(stored)
+    assert features.bytes == 0
+    model[0].weight.data[1, 2] += 0.5  # not through autograd's version counter
+    assert not features.current()

@@ -48,7 +48,9 @@ def read_until_confident(
         )
 
         def read() -> dict[int, tuple[dict[str, Tensor], int]]:
-            parts = {}
+            # the first round is kept whole (the rule cannot stop before its last unit): one running sum;
+            # later rounds hold one unit per process until the rule says whether it is kept
+            parts: dict[int, tuple[dict[str, Tensor], int]] = {}
             for i in mine:
                 batch = run.batches([unit_batch(loader, chunk[i])], "training", rank=0, world_size=1)
                 # data-parallel: a unit's random draws depend on the unit, not on who reads it
@@ -57,7 +59,10 @@ def read_until_confident(
                 part, n = estimator.diagonal_sum(model, batch, loss_fn=run.loss_fn, generator=generator)
                 if part is not None:
                     rows[i] = statistics.layer_sums(part)
-                    parts[i] = (part, n)
+                    if start == 0 and 0 in parts:
+                        parts[0] = (tree_add_(parts[0][0], part), parts[0][1] + n)
+                    else:
+                        parts[0 if start == 0 else i] = (part, n)
             return parts
 
         parts = processes.agree(read)

@@ -11,6 +11,7 @@ fine-tune that differs from the uncached one: every epoch sees the first epoch's
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -32,29 +33,35 @@ MAX_CACHE_BYTES = 2 * 1024**3
 def split_below(model: nn.Module, names: Sequence[str], probe: Any) -> tuple[nn.Module, nn.Module, str] | None:
     """``(below, above, path)``: ``model(x) == above(below(x))`` with every parameter in ``names`` inside ``above``.
 
-    Searches the ``nn.Sequential`` submodules of ``model`` (the model itself included); a chain qualifies
-    when the selection starts after its first child and its output on ``probe`` (a whole batch) equals the
-    model's, bit for bit. ``path`` names the last module of ``below``. None when no chain qualifies (then
-    nothing is cached). A forward that changes the chain's output only on inputs unlike ``probe`` (a clamp
+    Searches the ``nn.Sequential`` submodules of ``model`` (the model itself included) whose ``forward`` is
+    ``nn.Sequential``'s own; a chain qualifies when the selection starts after its first child and its output
+    on ``probe`` equals the model's, bit for bit. ``below`` and ``above`` are plain ``nn.Sequential`` holding the
+    chain's own children; ``path`` names the last module of ``below``. None when no chain qualifies, or when
+    running the model or the chain on ``probe`` fails (a forward that reshapes its input before the chain):
+    then nothing is stored. A forward that changes the chain's output only on inputs unlike ``probe`` (a clamp
     that the probe does not reach) would pass this check: turn caching off for such a model.
     """
     if not isinstance(probe, Tensor) or not names:
         return None
     for path, chain in model.named_modules():
-        if not isinstance(chain, nn.Sequential):
+        if not isinstance(chain, nn.Sequential) or type(chain).forward is not nn.Sequential.forward:
             continue
         prefix = f"{path}." if path else ""
-        children = [name for name, _ in chain.named_children()]
+        children = list(chain.named_children())
         heads = {name[len(prefix) :].split(".")[0] for name in names if name.startswith(prefix)}
-        if len(heads) == 0 or not all(name.startswith(prefix) for name in names) or not heads <= set(children):
+        if len(heads) == 0 or not all(name.startswith(prefix) for name in names) or not heads <= dict(children).keys():
             continue
-        first = min(children.index(head) for head in heads)
+        first = min([name for name, _ in children].index(head) for head in heads)
         if first == 0:
             return None
-        with torch.no_grad(), eval_mode(model):
-            if not torch.equal(model(probe), chain(probe)):
-                return None
-        return chain[:first], chain[first:], prefix + children[first - 1]
+        try:
+            with torch.no_grad(), eval_mode(model):
+                if not torch.equal(model(probe), chain(probe)):
+                    return None
+        except Exception:  # the chain does not take the model's input: no split
+            return None
+        below, above = nn.Sequential(OrderedDict(children[:first])), nn.Sequential(OrderedDict(children[first:]))
+        return below, above, prefix + children[first - 1][0]
     return None
 
 
@@ -104,7 +111,8 @@ class StoredFeatures:
 
     The step-size search evaluates ``L(θ − τ·d)`` at several τ, and the harm guard before and after the
     update, on the same samples; the layers below the selection give the same ``a`` every time, so they run
-    once (eval mode, no gradients) and each evaluation runs ``above`` only. :meth:`current` is False once a
+    once per set of samples (eval mode, no gradients; the search's subset again when it doubles) and each
+    evaluation runs ``above`` only. :meth:`current` is False once a
     parameter or buffer below has changed since the split (a custom update may move them); callers then run
     the whole model again.
     """
@@ -113,7 +121,7 @@ class StoredFeatures:
         self, model: nn.Module, below: nn.Module, above: nn.Module, path: str, record: Recorder | None = None
     ) -> None:
         self.model, self.below, self.above, self.path = model, below, above, path
-        self.state = {k: v.detach().clone() for k, v in below.state_dict().items()}
+        self.fingerprint = _fingerprint(below)
         self.bytes = 0
         if record is not None:  # the run's sample_passes
             count_samples(below, record)
@@ -131,21 +139,47 @@ class StoredFeatures:
         return None if split is None else cls(model, *split, record=record)
 
     def store(self, batches: Iterable[Any]) -> list[tuple[Tensor, Tensor]] | None:
-        """``[(below(x), y)]`` for every batch; None once all stores together pass :data:`MAX_CACHE_BYTES`."""
-        stored = []
+        """``[(below(x), y)]`` for every batch; None once the stores held pass :data:`MAX_CACHE_BYTES`."""
+        stored: list[tuple[Tensor, Tensor]] = []
         with torch.no_grad(), eval_mode(self.model):
             for x, y in batches_for(self.model, batches):
-                features = self.below(x)
-                self.bytes += features.numel() * features.element_size()
+                stored.append((self.below(x), y))
+                self.bytes += _bytes([stored[-1]])
                 if self.bytes > MAX_CACHE_BYTES:
+                    self.release(stored)
                     return None
-                stored.append((features, y))
         return stored
 
+    def release(self, stored: list[tuple[Tensor, Tensor]] | None) -> None:
+        """A store is no longer held (replaced by a larger one): its bytes leave the count."""
+        self.bytes -= _bytes(stored or [])
+
     def current(self) -> bool:
-        """Whether the layers below hold the parameters and buffers they had at the split, bit for bit."""
-        state = self.below.state_dict()
-        return state.keys() == self.state.keys() and all(torch.equal(state[k], v) for k, v in self.state.items())
+        """Whether the parameters and buffers below are the ones at the split (same storage, same values)."""
+        return _fingerprint(self.below) == self.fingerprint
+
+
+def _bytes(stored: list[tuple[Tensor, Tensor]]) -> int:
+    return sum(features.numel() * features.element_size() for features, _ in stored)
+
+
+_FINGERPRINT_CHUNK = 2**22
+
+
+def _fingerprint(module: nn.Module) -> list[tuple[Any, ...]]:
+    """Per parameter and buffer (non-persistent ones too): storage, shape, dtype and three float64 sums of its
+    values (plain, squared, position-weighted), read in chunks: what :meth:`StoredFeatures.current` compares
+    instead of holding a copy of the layers below. An in-place change, through ``.data`` too, changes the sums."""
+    prints = []
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        flat = tensor.detach().reshape(-1)
+        sums = torch.zeros(3, dtype=torch.float64, device=flat.device)
+        for start in range(0, flat.numel(), _FINGERPRINT_CHUNK):
+            part = flat[start : start + _FINGERPRINT_CHUNK].double()
+            weights = torch.arange(start, start + part.numel(), dtype=torch.float64, device=flat.device) % 7919 + 1
+            sums += torch.stack([part.sum(), part.square().sum(), (part * weights).sum()])
+        prints.append((name, tensor.data_ptr(), tuple(tensor.shape), tensor.dtype, *sums.tolist()))
+    return prints
 
 
 class Tagged:

@@ -73,7 +73,9 @@ class SubsetObjective:
             if size > self.sizes[t]:
                 grew = True
                 self.batches[t], self.sizes[t] = batches, size
-                self.stored[t] = None if self.features is None else self.features.store(batches)
+                if self.features is not None:
+                    self.features.release(self.stored[t])
+                    self.stored[t] = self.features.store(batches)
         return grew
 
     def losses(self) -> list[Tensor]:
