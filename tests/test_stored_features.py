@@ -150,3 +150,14 @@ def test_stored_features_notice_a_change_through_data_and_count_released_bytes()
     assert features.bytes == 0
     model[0].weight.data[1, 2] += 0.5  # not through autograd's version counter
     assert not features.current()
+
+
+def test_stores_over_their_byte_limit_leave_the_whole_model(monkeypatch, tiny_model):
+    from lightning_sa_unlearn.updates import cached_features
+
+    model, datamodule = tiny_model
+    monkeypatch.setattr(cached_features, "MAX_STORED_BYTES", 1000)  # less than one batch of features
+    report = SharpnessAwareUnlearning(selection=Layers(["net.fc2"]), verbose=False).unlearn(model, datamodule)
+    assert report.harm_guard["stored_below"] is None
+    assert "forward_above" not in report.sample_passes["harm_guard"]
+    assert "forward_above" not in report.sample_passes["update"]

@@ -28,6 +28,9 @@ PROBE_SAMPLES = 64
 """Samples on which :class:`StoredFeatures` checks that the model is its chain (two extra forward passes)."""
 MAX_CACHE_BYTES = 2 * 1024**3
 """Features are cached only while they fit in this many bytes; beyond it, every epoch runs the whole model."""
+MAX_STORED_BYTES = 512 * 1024**2
+"""What :class:`StoredFeatures` holds at most (the guard's store lives through the update, on the model's device);
+beyond it, evaluations run the whole model."""
 
 
 def split_below(model: nn.Module, names: Sequence[str], probe: Any) -> tuple[nn.Module, nn.Module, str] | None:
@@ -139,13 +142,13 @@ class StoredFeatures:
         return None if split is None else cls(model, *split, record=record)
 
     def store(self, batches: Iterable[Any]) -> list[tuple[Tensor, Tensor]] | None:
-        """``[(below(x), y)]`` for every batch; None once the stores held pass :data:`MAX_CACHE_BYTES`."""
+        """``[(below(x), y)]`` for every batch; None once the stores held pass :data:`MAX_STORED_BYTES`."""
         stored: list[tuple[Tensor, Tensor]] = []
         with torch.no_grad(), eval_mode(self.model):
             for x, y in batches_for(self.model, batches):
                 stored.append((self.below(x), y))
                 self.bytes += _bytes([stored[-1]])
-                if self.bytes > MAX_CACHE_BYTES:
+                if self.bytes > MAX_STORED_BYTES:
                     self.release(stored)
                     return None
         return stored
