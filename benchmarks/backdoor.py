@@ -30,12 +30,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     SETTINGS,
     Setting,
-    command_line,
     load_clause,
     make_callback,
     make_datamodule,
     make_model,
     measure,
+    rebuilt_from_json,
+    recorded_run,
     stat,
     train,
 )
@@ -233,20 +234,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--from-json", metavar="PATH", help="run nothing: rebuild the table of a backdoor.json")
     args = parser.parse_args(argv)
-    if args.from_json:
-        with open(args.from_json) as f:
-            print(summarize(json.load(f), args.out))
+    if rebuilt_from_json(args.from_json, lambda results: summarize(results, args.out)):
         return
-    torch.set_num_threads(args.threads)
-    load = [list(os.getloadavg())]
-    runs = {str(seed): run(seed, args.cache, args.methods) for seed in args.seeds}
-    command = command_line("backdoor.py", argv)
-    results = {
-        "command": command,
-        "torch_threads": torch.get_num_threads(),
-        "load_average": [*load, list(os.getloadavg())],
-        "runs": runs,
-    }
+    results = recorded_run(
+        "backdoor.py",
+        argv,
+        args.threads,
+        lambda: {str(seed): run(seed, args.cache, args.methods) for seed in args.seeds},
+    )
     print(summarize(results, args.out))
 
 

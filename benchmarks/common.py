@@ -20,7 +20,7 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,6 +125,28 @@ def command_line(script: str, argv: list[str] | None = None) -> str:
     """The command that ran ``benchmarks/<script>`` (``argv``: its words, default the process's), quoted for a shell."""
     words = sys.argv[1:] if argv is None else argv
     return f"python benchmarks/{script} {shlex.join(words)}".strip()
+
+
+def rebuilt_from_json(path: str | None, summarize: Callable[[dict[str, Any]], str]) -> bool:
+    """``--from-json PATH``: print ``summarize`` of the recorded results and say so (the script then runs nothing)."""
+    if not path:
+        return False
+    with open(path) as f:
+        print(summarize(json.load(f)))
+    return True
+
+
+def recorded_run(script: str, argv: list[str] | None, threads: int, work: Callable[[], Any]) -> dict[str, Any]:
+    """``work()`` on ``threads`` torch threads, with the command, thread count and load average before and after."""
+    torch.set_num_threads(threads)
+    before = list(os.getloadavg())
+    runs = work()
+    return {
+        "command": command_line(script, argv),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": [before, list(os.getloadavg())],
+        "runs": runs,
+    }
 
 
 def make_model(setting: Setting) -> pl.LightningModule:

@@ -24,19 +24,18 @@ import statistics
 import sys
 from typing import Any
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
     SETTINGS,
-    command_line,
     load_clause,
     make_callback,
     make_datamodule,
     make_model,
     measure,
     quiet_lightning,
+    rebuilt_from_json,
+    recorded_run,
     stat,
     train,
 )
@@ -240,26 +239,19 @@ def main(argv: list[str] | None = None) -> None:
         help="train and attack nothing: rebuild the table and plot of a robustness.json into --out",
     )
     args = parser.parse_args(argv)
-    if args.from_json:
-        with open(args.from_json) as f:
-            print(summarize(json.load(f), args.out))
+    if rebuilt_from_json(args.from_json, lambda results: summarize(results, args.out)):
         return
-    torch.set_num_threads(args.threads)
-    load = [list(os.getloadavg())]
-    runs: dict[str, dict[int, dict]] = {}
-    for scenario in args.scenarios:
-        for seed in args.seeds:
-            print(f"[{scenario}] seed {seed}", flush=True)
-            runs.setdefault(scenario, {})[seed] = run(scenario, seed, args.cache, tuple(args.rules))
-    command = command_line("robustness.py", argv)
-    results = {
-        "command": command,
-        "attack": ATTACK,
-        "torch_threads": torch.get_num_threads(),
-        "load_average": [*load, list(os.getloadavg())],
-        "scenarios": {scenario: describe(scenario) for scenario in runs},
-        "runs": runs,
-    }
+
+    def every_run() -> dict[str, dict[int, dict]]:
+        runs: dict[str, dict[int, dict]] = {}
+        for scenario in args.scenarios:
+            for seed in args.seeds:
+                print(f"[{scenario}] seed {seed}", flush=True)
+                runs.setdefault(scenario, {})[seed] = run(scenario, seed, args.cache, tuple(args.rules))
+        return runs
+
+    results = recorded_run("robustness.py", argv, args.threads, every_run)
+    results |= {"attack": ATTACK, "scenarios": {scenario: describe(scenario) for scenario in results["runs"]}}
     print(summarize(results, args.out))
 
 
