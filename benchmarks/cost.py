@@ -66,7 +66,7 @@ def measure_method(setting, seed: int, fitted: torch.nn.Module, datamodule, part
         model.load_state_dict(fitted.state_dict())
         callback = make_callback(setting, seed, **parts)
         reports.append(callback.unlearn(model, datamodule))
-        estimator = callback.curvature or default_curvature(callback.loss_fn)
+    estimator = callback.curvature or default_curvature(callback.loss_fn)  # the estimator the runs used
     seconds = {k: statistics.median(r.seconds.get(k, 0.0) for r in reports) for k in reports[0].seconds}
     # counted passes are the same in every run; curvature and the layers above stored outputs are timed here
     units = unlearning_units(reports[0], fitted, datamodule.train_dataloader(), estimator)

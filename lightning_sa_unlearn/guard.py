@@ -257,16 +257,12 @@ class HarmGuard:
         """Per-sample losses of every part; through the stored features while the layers below are unchanged."""
 
         def measure() -> list[SampleLosses]:
-            if self.features is None or not self.features.current():
-                return [sample_losses(run.model, part, run.loss_fn) for _, part in self.parts]
+            parts = [part for _, part in self.parts]
+            if self.features is None:
+                return [sample_losses(run.model, part, run.loss_fn) for part in parts]
             if store:
-                self.stored = [self.features.store(part) for _, part in self.parts]
-            return [
-                sample_losses(run.model, part, run.loss_fn)
-                if stored is None
-                else sample_losses(self.features.above, stored, run.loss_fn)
-                for (_, part), stored in zip(self.parts, self.stored)
-            ]
+                self.stored = [self.features.store(part) for part in parts]
+            return self.features.losses(parts, self.stored, run.loss_fn)
 
         return run.processes.agree(measure)
 

@@ -29,6 +29,8 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 
+from lightning_sa_unlearn.data import limit_samples
+
 PASS_UNITS = {"forward_backward": 1.0, "forward": 1 / 3}
 """Units per sample of the passes through the whole model."""
 PASS_KINDS = ("forward_backward", "forward", "forward_backward_above", "forward_above")
@@ -70,7 +72,7 @@ def stage_units(
 
 def seconds_per_gradient_sample(model: nn.Module, batches: Iterable[Any], samples: int = 2048) -> float:
     """Median over 3 repeats of one forward+backward pass (cross-entropy), per sample, on the first ``samples``."""
-    chosen = _first(batches, samples)
+    chosen = list(limit_samples(batches, samples))
     seconds = _median_seconds(lambda: _gradient_pass(model, chosen)) / sum(len(y) for _, y in chosen)
     model.zero_grad(set_to_none=True)
     return seconds
@@ -84,7 +86,7 @@ def curvature_cost(
     (``batch_size``; as ``benchmarks/curvature.py`` times them). The two are timed in turn and the median of the
     ``repeats`` ratios is returned, so that a machine that speeds up or slows down affects both alike.
     """
-    chosen = _first(batches, samples)
+    chosen = list(limit_samples(batches, samples))
     x, y = torch.cat([x for x, _ in chosen]), torch.cat([y for _, y in chosen])
     size = getattr(curvature, "batch_size", None) or len(chosen[0][1])
     own = list(zip(x.split(size), y.split(size)))
@@ -133,7 +135,7 @@ def unlearning_units(
     from lightning_sa_unlearn.pipeline import UNLEARNING_STAGES
     from lightning_sa_unlearn.updates.cached_features import split_below
 
-    chosen = _first(batches, 2048)
+    chosen = list(limit_samples(batches, 2048))
     share = None
     if any(kind.endswith("_above") for kinds in report.sample_passes.values() for kind in kinds):
         names = [
@@ -154,16 +156,6 @@ def unlearning_units(
         else:
             units[stage] = stage_units(passes, above_share=share)
     return units
-
-
-def _first(batches: Iterable[Any], samples: int) -> list[Any]:
-    chosen, seen = [], 0
-    for x, y in batches:
-        chosen.append((x, y))
-        seen += len(y)
-        if seen >= samples:
-            break
-    return chosen
 
 
 def _median_seconds(work: Callable[[], Any], repeats: int = 3) -> float:

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sa_unlearn.data import sized
-from lightning_sa_unlearn.functional import batches_for, eval_mode
+from lightning_sa_unlearn.functional import LossFn, batches_for, eval_mode
+from lightning_sa_unlearn.guard import SampleLosses, sample_losses
 from lightning_sa_unlearn.passes import count_samples
 
 Recorder = Callable[[str, int], None]
@@ -126,9 +127,8 @@ class StoredFeatures:
         self.model, self.below, self.above, self.path = model, below, above, path
         self.fingerprint = _fingerprint(below)
         self.bytes = 0
-        if record is not None:  # the run's sample_passes
-            count_samples(below, record)
-            count_samples(above, record, "_above")
+        if record is not None:
+            count_split_passes(below, above, record)
 
     @classmethod
     def find(
@@ -157,9 +157,27 @@ class StoredFeatures:
         """A store is no longer held (replaced by a larger one): its bytes leave the count."""
         self.bytes -= _bytes(stored or [])
 
+    def losses(self, parts: list[Iterable[Any]], stored: list[Any], loss_fn: LossFn) -> list[SampleLosses]:
+        """Per-sample losses of each part: through ``above`` on its store while the layers below are
+        :meth:`current`, through the whole model otherwise (no store, or something below changed)."""
+        current = self.current()
+        return [
+            sample_losses(self.above, store, loss_fn)
+            if current and store is not None
+            else sample_losses(self.model, part, loss_fn)
+            for part, store in zip(parts, stored)
+        ]
+
     def current(self) -> bool:
         """Whether the parameters and buffers below are the ones at the split (same storage, same values)."""
         return _fingerprint(self.below) == self.fingerprint
+
+
+def count_split_passes(below: nn.Module, above: nn.Module, record: Recorder) -> None:
+    """Hooks that tell ``record`` (``UnlearningRun.count``, the report's ``sample_passes``) of every pass through
+    the two parts: ``below`` as whole-model passes, ``above`` as ``*_above``."""
+    count_samples(below, record)
+    count_samples(above, record, "_above")
 
 
 def _bytes(stored: list[tuple[Tensor, Tensor]]) -> int:

@@ -9,9 +9,8 @@ from torch import Tensor
 
 from lightning_sa_unlearn.data import dataset_size, sized
 from lightning_sa_unlearn.functional import batches_for
-from lightning_sa_unlearn.passes import count_samples
 from lightning_sa_unlearn.updates.base import StepSize, Update, ValidationSpec, step_size_from
-from lightning_sa_unlearn.updates.cached_features import FeatureCache, split_below
+from lightning_sa_unlearn.updates.cached_features import FeatureCache, count_split_passes, split_below
 from lightning_sa_unlearn.updates.functional import OPTIMIZERS, default_tau_grid, fine_tune, forget_loss_descent
 
 if TYPE_CHECKING:
@@ -184,8 +183,7 @@ class FineTune(Update):
         if split is None:
             return {}, None
         below, above, path = split
-        count_samples(below, run.count)  # the run's sample_passes
-        count_samples(above, run.count, "_above")
+        count_split_passes(below, above, run.count)
         return {"cache": FeatureCache(below, sources), "above": above}, path
 
 

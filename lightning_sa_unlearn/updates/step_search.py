@@ -80,13 +80,9 @@ class SubsetObjective:
 
     def losses(self) -> list[Tensor]:
         def measure() -> list[Tensor]:
-            run, current = self.run, self.features is not None and self.features.current()
-            return [
-                sample_losses(self.features.above, stored, run.loss_fn).losses
-                if current and stored is not None
-                else sample_losses(run.model, b, run.loss_fn).losses
-                for b, stored in zip(self.batches, self.stored)
-            ]
+            if self.features is None:
+                return [sample_losses(self.run.model, b, self.run.loss_fn).losses for b in self.batches]
+            return [each.losses for each in self.features.losses(self.batches, self.stored, self.run.loss_fn)]
 
         return self.run.processes.agree(measure)
 
