@@ -39,6 +39,7 @@ from common import (  # noqa: E402
     recorded_run,
     stat,
     train,
+    write_results,
 )
 
 from lightning_sa_unlearn import (  # noqa: E402
@@ -217,11 +218,7 @@ def summarize(results: dict[str, Any], out: str) -> str:
         r = runs[s][row]
         lines.append(f"- seed {s}: {row}: clean {100 * r['accuracy']:.2f}%, ASR {100 * r['asr']:.2f}%")
     text = "\n".join(lines) + "\n"
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "backdoor.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(out, "backdoor.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    write_results(out, "backdoor", text, results)
     return text
 
 

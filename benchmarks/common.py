@@ -127,6 +127,15 @@ def command_line(script: str, argv: list[str] | None = None) -> str:
     return f"python benchmarks/{script} {shlex.join(words)}".strip()
 
 
+def write_results(out: str, name: str, text: str, results: Any) -> None:
+    """``<out>/<name>.md`` (the table) and ``<out>/<name>.json`` (the raw numbers it was made from)."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+
+
 def rebuilt_from_json(path: str | None, summarize: Callable[[dict[str, Any]], str]) -> bool:
     """``--from-json PATH``: print ``summarize`` of the recorded results and say so (the script then runs nothing)."""
     if not path:

@@ -35,6 +35,7 @@ from common import (  # noqa: E402
     override,
     quiet_lightning,
     train,
+    write_results,
 )
 
 from lightning_sa_unlearn import GGN, FineTune, LastLayer  # noqa: E402
@@ -170,24 +171,16 @@ def main(argv: list[str] | None = None) -> None:
         f"'reporting'. The unlearning stages are {', '.join(UNLEARNING_STAGES)}.",
     ]
     text = "\n".join(header) + "\n"
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"cost_{args.setting}.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(args.out, f"cost_{args.setting}.json"), "w") as f:
-        json.dump(
-            {
-                "setting": args.setting,
-                "training_seconds": training_seconds,
-                "training_units": training_units,
-                "poisoned_accuracy": poisoned_accuracy,
-                "retrained_accuracy": retrained_accuracy,
-                "unit_seconds": unit_seconds,
-                "rows": rows,
-            },
-            f,
-            indent=1,
-            default=str,
-        )
+    results = {
+        "setting": args.setting,
+        "training_seconds": training_seconds,
+        "training_units": training_units,
+        "poisoned_accuracy": poisoned_accuracy,
+        "retrained_accuracy": retrained_accuracy,
+        "unit_seconds": unit_seconds,
+        "rows": rows,
+    }
+    write_results(args.out, f"cost_{args.setting}", text, results)
     print(text)
 
 

@@ -44,6 +44,7 @@ from common import (  # noqa: E402
     stat,
     sweep_layers,
     train,
+    write_results,
 )
 from sweep import RULES, plot_sweep, sweep_lines  # noqa: E402
 from validated import validated_lines  # noqa: E402
@@ -253,11 +254,7 @@ def summarize(name: str, results: dict[str, Any], out: str, machine: dict[str, A
         lines.append("| " + " | ".join(cells) + " |")
     lines += sweep_lines(runs, seeds) + validated_lines(runs, seeds)
     text = "\n".join(lines) + "\n"
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"{name}.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(out, f"{name}.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    write_results(out, name, text, results)
     plot_sweep(runs, seeds, os.path.join(out, f"{name}_layers.png"), name)
     return text
 

@@ -38,6 +38,7 @@ from common import (  # noqa: E402
     recorded_run,
     stat,
     train,
+    write_results,
 )
 
 from lightning_sa_unlearn import FirstOrder, MembershipInference, RelearnAttack, ValidatedStep  # noqa: E402
@@ -182,11 +183,7 @@ def summarize(results: dict[str, Any], out: str) -> str:
             picked = sorted({", ".join(seeds[s][row].get("selected_layers", [])) for s in sorted(seeds)} - {""})
             lines.append(f"| {row} | " + " | ".join(cells) + f" | {'; '.join(picked)} |")
     text = "\n".join(lines) + "\n"
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "robustness.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(out, "robustness.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    write_results(out, "robustness", text, results)
     _plot(runs, {scenario: scenarios[scenario]["poison"] for scenario in runs}, os.path.join(out, "robustness.png"))
     return text
 
