@@ -109,6 +109,9 @@ class SharpnessAwareUnlearning(Callback):
         self.harm_guard = harm_guard
         self.batch_adapter = resolve(batch_adapter, BatchAdapter, BATCH_ADAPTERS, "batch_adapter")
         self.report: UnlearningReport | None = None
+        """This process's last run (None until one finished)."""
+        self.restored_report: UnlearningReport | None = None
+        """A report read back from a checkpoint (:meth:`load_state_dict`): an earlier run's, for reference only."""
         self.overwrite = False
         """Replace a report, plot or checkpoint that an earlier run left (``sa-unlearn --overwrite true`` sets it)."""
         self.unlearn_on_validation_end = False  # set by `sa-unlearn unlearn`
@@ -154,13 +157,18 @@ class SharpnessAwareUnlearning(Callback):
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Check the data contract, the batch adapter and the model on two forget samples, before training.
+        """Check the output files, the data contract, the batch adapter and the model on two forget samples,
+        before training.
 
-        A forget set that cannot be built yet (a datamodule that builds it in ``setup("test")``) is
-        checked when unlearning starts instead.
+        The outputs (``checkpoint_path``, ``report_path``, ``plot_path``) are checked as at the start of
+        unlearning (none replaces an earlier file unasked, none is an input, each can be written), and again
+        then: ``ModelCheckpoint``'s files are known only after training. A forget set that cannot be built
+        yet (a datamodule that builds it in ``setup("test")``) is checked when unlearning starts instead.
         """
         if not self.unlearn_on_train_end:
             return
+        if not trainer.fast_dev_run:
+            Processes(trainer, _device(pl_module)).agree(lambda: self._outputs(trainer, None))
         with random_states_kept():
             try:
                 loader = find_dataloader("forget_dataloader", trainer.datamodule, pl_module)
@@ -276,8 +284,13 @@ class SharpnessAwareUnlearning(Callback):
         return {"report": None if self.report is None else self.report.to_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep a report stored in a checkpoint as :attr:`restored_report`: history, never this run's result.
+
+        :attr:`report` is set only by a run of this process, so that a checkpoint cannot make a run that
+        did not happen look finished.
+        """
         report = state_dict.get("report")
-        self.report = None if report is None else UnlearningReport.from_dict(report)
+        self.restored_report = None if report is None else UnlearningReport.from_dict(report)
 
     # ------------------------------------------------------------------ internals
     def _overrides_select_layers(self) -> bool:

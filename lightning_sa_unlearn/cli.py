@@ -13,18 +13,21 @@ process.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 import sys
-import zipfile
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_sa_unlearn.callback import SharpnessAwareUnlearning
+from lightning_sa_unlearn.checkpoints import check_model_class, model_arguments, read_checkpoint
 from lightning_sa_unlearn.outputs import OutputFiles
+from lightning_sa_unlearn.processes import Processes
 from lightning_sa_unlearn.report import UnlearningReport
 
 
@@ -80,9 +83,12 @@ class UnlearningTrainer(pl.Trainer):
         saved = callback.verbose, callback._staged
         callback.verbose, callback._staged, callback.unlearn_on_validation_end = False, outputs, True
         callback.report, self.unlearning = None, True
+        snapshot = copy.deepcopy(model.state_dict())  # the model as it came, restored if anything fails
         try:
             self.validate(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False, weights_only=weights_only)
-            report = callback.report  # None in the parent of ddp_spawn: rank 0 wrote the report's file
+            # only this run's: a report restored from the checkpoint is kept apart (restored_report); under
+            # ddp_spawn the parent reads the temporary file rank 0 wrote for this run (a fresh name)
+            report = callback.report
             if report is None and os.path.exists(outputs.temporary("report")):
                 report = UnlearningReport.from_json(outputs.temporary("report"))
             if report is None:
@@ -99,6 +105,7 @@ class UnlearningTrainer(pl.Trainer):
                         config.save_to(outputs.prepare("config"))
                     outputs.commit()
         except BaseException:
+            model.load_state_dict(snapshot, strict=False)  # a buffer the run added stays; the rest as it came
             if self.is_global_zero:
                 outputs.discard()
             raise
@@ -122,63 +129,18 @@ class UnlearningTrainer(pl.Trainer):
         return found[0]
 
 
-def read_checkpoint(ckpt_path: str, weights_only: bool = True) -> dict[str, Any]:
-    """The checkpoint's contents, or a clear error for a file that is empty, cut short or not a checkpoint."""
-    size = os.path.getsize(ckpt_path)
-    if size == 0:
-        raise ValueError(f"checkpoint {ckpt_path!r} is empty (0 bytes); was it written completely?")
-    with open(ckpt_path, "rb") as f:
-        start = f.read(4)
-    archive = start == b"PK\x03\x04"  # torch.save writes a zip archive (older versions: a pickle, b"\x80...")
-    if not archive and not start.startswith(b"\x80"):
-        raise ValueError(
-            f"{ckpt_path!r} ({size:,} bytes) is not a PyTorch checkpoint: it does not start like one. Pass the "
-            ".ckpt file that `sa-unlearn fit` (ModelCheckpoint) wrote."
-        )
-    if archive and not zipfile.is_zipfile(ckpt_path):
-        raise ValueError(
-            f"checkpoint {ckpt_path!r} ({size:,} bytes) is cut short: its zip archive has no end. Was it copied or "
-            "written completely?"
-        )
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=weights_only)
-    except Exception as error:
-        if archive and weights_only and "Weights only load failed" in str(error):
-            raise ValueError(
-                f"checkpoint {ckpt_path!r} holds objects that torch.load(weights_only=True) refuses. If you trust "
-                "the file, pass weights_only=False (`--weights_only false`)."
-            ) from error
-        raise ValueError(
-            f"checkpoint {ckpt_path!r} ({size:,} bytes) cannot be read as a PyTorch checkpoint "
-            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). It may be truncated or "
-            "not a checkpoint at all; pass the .ckpt file that `sa-unlearn fit` (ModelCheckpoint) wrote."
-        ) from error
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{ckpt_path} is not a Lightning checkpoint (no 'state_dict').")
-    return checkpoint
+TRUST_HINT = "--weights_only false (sa-unlearn) or weights_only=False (Python)"
 
 
-def _class_path(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _resolve(class_path: str) -> Any:
-    """The class a dotted path names (the path itself when it cannot be imported)."""
+def _configured_class(class_path: str | None) -> type | None:
+    """The class the user's own config names (importing it is what the config asks for); None if it cannot be."""
+    if not class_path:
+        return None
     module, _, name = class_path.rpartition(".")
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
-        return class_path
-
-
-def check_model_class(checkpoint: dict[str, Any], class_path: str | None, ckpt_path: str) -> None:
-    """Refuse a checkpoint whose hyperparameters name another LightningModule class than the config."""
-    saved = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
-    if saved and class_path and saved != class_path and _resolve(saved) is not _resolve(class_path):
-        raise ValueError(
-            f"{ckpt_path} was saved from {saved}, but the model is {class_path}. Pass the model class the "
-            f"checkpoint was fitted with (--model {saved}), or a checkpoint of {class_path}."
-        )
+        return None
 
 
 def _check_checkpoint(model: pl.LightningModule, ckpt_path: str | None, weights_only: bool) -> str:
@@ -187,8 +149,8 @@ def _check_checkpoint(model: pl.LightningModule, ckpt_path: str | None, weights_
         raise ValueError("`unlearn` needs --ckpt_path, the checkpoint of the fitted model.")
     if not os.path.isfile(ckpt_path):
         raise FileNotFoundError(f"checkpoint {ckpt_path!r} does not exist; pass the path of a fitted checkpoint.")
-    checkpoint = read_checkpoint(ckpt_path, weights_only)
-    check_model_class(checkpoint, _class_path(type(model)), ckpt_path)
+    checkpoint = read_checkpoint(ckpt_path, weights_only, trust_hint=TRUST_HINT)
+    check_model_class(checkpoint, type(model), None, ckpt_path)
     expected, found = set(model.state_dict()), set(checkpoint["state_dict"])
     missing, unexpected = sorted(expected - found), sorted(found - expected)
     if missing or unexpected:
@@ -201,32 +163,44 @@ def _check_checkpoint(model: pl.LightningModule, ckpt_path: str | None, weights_
 
 
 class SaveRunConfig(SaveConfigCallback):
-    """LightningCLI's config saving that never replaces a config of an earlier run unless ``--overwrite true``.
+    """LightningCLI's config saving, as one file, through the same checks and publishing as every output.
 
     ``unlearn`` runs save theirs beside the unlearned checkpoint (``<output>.config.yaml``), with its other
-    outputs; ``fit``, ``validate``, ``test`` and ``predict`` save ``config.yaml`` in the log folder.
+    outputs; ``fit``, ``validate``, ``test`` and ``predict`` save ``config.yaml`` in the log folder. The config
+    is written whole (sub-configs given as files are inlined, never written beside it), to a temporary
+    name, and published only if no file of that name exists (unless ``--overwrite true``).
     """
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if getattr(trainer, "unlearning", False):
+        if getattr(trainer, "unlearning", False) or self.already_saved:
             return  # UnlearningTrainer.unlearn writes it with the run's other outputs
-        if self.save_to_log_dir and not self.overwrite and not self.already_saved:
-            path = os.path.join(trainer.log_dir, self.config_filename)
-            exists = trainer.strategy.broadcast(os.path.isfile(path) if trainer.is_global_zero else False)
-            if exists:
-                raise FileExistsError(
-                    f"{path} exists, from an earlier run; sa-unlearn does not replace it. Delete it, write this run "
-                    "elsewhere (trainer.default_root_dir, or a logger that makes a folder per version), or pass "
-                    "--overwrite true."
-                )
-        super().setup(trainer, pl_module, stage)
+        if self.save_to_log_dir and "://" in str(trainer.log_dir):
+            return super().setup(trainer, pl_module, stage)  # a remote log folder: Lightning's own saving
+        if self.save_to_log_dir:
+            path = os.path.join(trainer.log_dir, self.config_filename)  # log_dir is broadcast from rank 0
+
+            def publish() -> None:
+                if trainer.is_global_zero:
+                    outputs = OutputFiles(self.overwrite)
+                    outputs.add("config", path, "the run's config")
+                    self.save_to(outputs.prepare("config"))
+                    outputs.commit()
+
+            Processes(trainer, pl_module.device).agree(publish)
+        if trainer.is_global_zero:
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
     def save_to(self, path: str) -> None:
-        self.parser.save(self.config, path, skip_none=False, overwrite=True)
+        """Write the whole config, as one YAML file, to ``path`` (a fresh temporary file)."""
+        text = self.parser.dump(self.config, skip_none=False)
+        with open(path, "w", encoding="utf-8") as file:
+            file.write(text)
 
 
 class SAUnlearnCLI(LightningCLI):
-    """LightningCLI plus the ``unlearn`` subcommand and ``--overwrite``."""
+    """LightningCLI plus the ``unlearn`` subcommand and ``--overwrite``; checkpoints are read as data only."""
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -242,14 +216,38 @@ class SAUnlearnCLI(LightningCLI):
         )
 
     def _parse_ckpt_path(self) -> None:
-        """Read the checkpoint with clear errors before LightningCLI applies its hyperparameters to the model."""
+        """Apply the checkpoint's hyperparameters to the config's model, reading the checkpoint as data only.
+
+        Replaces LightningCLI's version, which loads the class a checkpoint names (and so imports its module and
+        runs its ``__init__``). Here the config decides the class: a checkpoint naming another is refused
+        (:func:`~lightning_sa_unlearn.checkpoints.check_model_class`), and only plain-data hyperparameters are
+        applied, as the config's model's arguments.
+        """
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and os.path.isfile(ckpt_path):
-            checkpoint = read_checkpoint(ckpt_path, weights_only=True)
-            model = self.config[subcommand].get("model")
-            check_model_class(checkpoint, model.get("class_path") if hasattr(model, "get") else None, ckpt_path)
-        super()._parse_ckpt_path()
+        settings = self.config[subcommand] if subcommand else {}
+        ckpt_path = settings.get("ckpt_path")
+        if not (ckpt_path and os.path.isfile(ckpt_path)):
+            return
+        checkpoint = read_checkpoint(ckpt_path, settings.get("weights_only") is not False, trust_hint=TRUST_HINT)
+        model = settings.get("model")
+        class_path = model.get("class_path") if hasattr(model, "get") else None
+        check_model_class(checkpoint, _configured_class(class_path), class_path, ckpt_path)
+        arguments, skipped = model_arguments(checkpoint)
+        if skipped:
+            rank_zero_warn(
+                f"{ckpt_path}: hyperparameters {skipped} name classes; they are not imported from a checkpoint, and "
+                "the values of your config are used."
+            )
+        if not (arguments and class_path):
+            return
+        update = {subcommand: {"model": {"class_path": class_path, "dict_kwargs": arguments}}}
+        try:
+            self.config = self.parser.parse_object(update, self.config)
+        except (SystemExit, Exception) as error:
+            raise ValueError(
+                f"the hyperparameters stored in {ckpt_path} ({sorted(arguments)}) do not fit the model of your "
+                f"config, {class_path}: was the checkpoint saved from another model or version?"
+            ) from error
 
     def before_instantiate_classes(self) -> None:
         self.save_config_kwargs["overwrite"] = bool(self._get(self.config, "overwrite", False))

@@ -1,21 +1,29 @@
-"""The files a run writes: checked before any work, written under temporary names, put in place at the end.
+"""The files a run writes: checked before any work, written under temporary names, published at the end.
 
 * A path is compared with the run's inputs by what it points to (device and inode, so symbolic and
   hard links count), never by spelling; an output that names an input is refused.
 * Two outputs that name one file are refused (a path that does not exist yet is compared by its
-  resolved folder and name).
-* A file that exists already (from an earlier run) is replaced only when the user asks to overwrite.
-* Each file is written to a hidden temporary name in its own folder and renamed into place by
-  :meth:`OutputFiles.commit`, after the whole run succeeded; :meth:`OutputFiles.discard` removes the
-  temporary files (and the folders it created) of a failed run. A file the run did not write is never
-  deleted.
+  resolved folder and name). An output whose folder is a file, or cannot be written, is refused.
+* Each file is written to a hidden temporary name in its own folder
+  (``.<name>.partial-<host>-<pid>-<random><ext>``). :meth:`OutputFiles.commit` flushes every one to
+  disk, then publishes them. Without ``overwrite`` a name is claimed with a primitive that fails when it
+  exists (a hard link, else an ``O_EXCL`` create): if another run took one of the names since the check,
+  this run removes what it had published already (only files that are still its own, by inode) and
+  fails, so two runs never both "win". With ``overwrite`` the files are renamed over the old ones.
+* :meth:`OutputFiles.discard` removes the temporary files (and the folders the run created) of a failed
+  run. A file the run did not write is never deleted, except temporary files of this naming whose writer
+  is gone (same host, process id no longer running): a killed run's leftovers are removed when the next
+  run checks the same output.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import socket
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import lightning.pytorch as pl
 import torch
@@ -25,6 +33,7 @@ OVERWRITE_HINT = (
     "Delete it, choose another path, or ask to overwrite: unlearn(..., overwrite=True) on the callback or on "
     "UnlearningTrainer, callback.overwrite = True before trainer.fit, or `--overwrite true` on sa-unlearn."
 )
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:40] or "host"
 
 
 @dataclass
@@ -33,6 +42,8 @@ class _Output:
     path: str
     temporary: str
     identity: tuple
+    missing_folders: list[str] = field(default_factory=list)
+    """Folders above ``path`` that did not exist when it was checked (deepest last)."""
 
 
 def identity(path: str) -> tuple:
@@ -50,6 +61,75 @@ def same_file(a: str, b: str) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
+
+
+def temporary_name(path: str) -> str:
+    """The hidden temporary file ``path`` is written to: its folder, ``.<root>.partial-<host>-<pid>-<hex><ext>``.
+
+    The extension stays last (a plot's format comes from it); host and process id say whose it is.
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    root, extension = os.path.splitext(name)
+    return os.path.join(folder, f".{root}.partial-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:12]}{extension}")
+
+
+def remove_abandoned_temporaries(path: str) -> list[str]:
+    """Remove the temporary files of ``path`` (see :func:`temporary_name`) whose writer is gone; returns them.
+
+    Only files written on this host by a process that no longer runs are removed; a live run's files, files
+    of another host (a shared file system) and files of any other naming are left alone.
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    root, extension = os.path.splitext(name)
+    pattern = re.compile(
+        rf"\.{re.escape(root)}\.partial-{re.escape(_HOST)}-(\d+)-[0-9a-f]{{12}}{re.escape(extension)}"
+    )
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for candidate in names:
+        match = pattern.fullmatch(candidate)
+        if match and not _running(int(match.group(1))):
+            try:
+                os.remove(os.path.join(folder, candidate))
+                removed.append(os.path.join(folder, candidate))
+            except OSError:
+                pass
+    return removed
+
+
+def _running(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (a process we may not signal exists too)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _missing_folders(path: str) -> list[str]:
+    """The folders above ``path`` that do not exist yet (outermost first); refuses a file where a folder must be."""
+    folder = os.path.dirname(os.path.abspath(path))
+    missing: list[str] = []
+    while not os.path.isdir(folder):
+        if os.path.lexists(folder):
+            raise NotADirectoryError(
+                f"{path!r} cannot be written: {folder!r} is a file, not a folder. Choose a path in a folder."
+            )
+        missing.append(folder)
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{path!r} cannot be written: the folder {folder!r} is not writable. Choose another path.")
+    return missing[::-1]
 
 
 class OutputFiles:
@@ -77,6 +157,7 @@ class OutputFiles:
                 )
         if os.path.isdir(path):
             raise IsADirectoryError(f"{what} {path!r} is a folder; give the path of a file.")
+        missing = _missing_folders(path)
         key = identity(path)
         for other in self.files.values():
             if other.identity == key:
@@ -87,10 +168,9 @@ class OutputFiles:
             raise FileExistsError(
                 f"{what} {path!r} exists already (from an earlier run?); nothing was changed. {OVERWRITE_HINT}"
             )
-        folder, name = os.path.split(os.path.abspath(path))
-        root, extension = os.path.splitext(name)  # the extension stays last: a plot's format comes from it
-        temporary = os.path.join(folder, f".{root}.partial-{uuid.uuid4().hex[:12]}{extension}")
-        self.files[role] = _Output(what, path, temporary, key)
+        if not missing:
+            remove_abandoned_temporaries(path)
+        self.files[role] = _Output(what, path, temporary_name(path), key, missing)
 
     def __contains__(self, role: str) -> bool:
         return role in self.files
@@ -104,39 +184,98 @@ class OutputFiles:
     def prepare(self, role: str) -> str:
         """The temporary path to write ``role`` to, its folder created (and remembered for :meth:`discard`)."""
         temporary = self.files[role].temporary
-        folder = os.path.dirname(temporary)
-        missing = []
-        while not os.path.isdir(folder):
-            missing.append(folder)
-            parent = os.path.dirname(folder)
-            if parent == folder:
-                break
-            folder = parent
-        for created in reversed(missing):
-            os.mkdir(created)
-            self._created.append(created)
+        for folder in _missing_folders(temporary):
+            os.mkdir(folder)
+            self._created.append(folder)
         return temporary
 
     def commit(self) -> None:
-        """Rename every written temporary file into place (replacing an existing file only under ``overwrite``)."""
+        """Flush every written temporary file to disk, then publish them all, or none (see the module's rules)."""
         written = [output for output in self.files.values() if os.path.exists(output.temporary)]
         for output in written:
-            if not self.overwrite and os.path.lexists(output.path):  # appeared while the run worked
-                raise FileExistsError(f"{output.what} {output.path!r} appeared while the run worked. {OVERWRITE_HINT}")
-        for output in written:
-            os.replace(output.temporary, output.path)
+            _flush(output.temporary)
+        published: list[tuple[str, tuple[int, int]]] = []
+        try:
+            for output in written:
+                stat = os.stat(output.temporary)
+                if self.overwrite:
+                    os.replace(output.temporary, output.path)
+                else:
+                    _publish_exclusive(output)
+                published.append((output.path, (stat.st_dev, stat.st_ino)))
+        except BaseException:
+            for path, inode in published:  # undo, but only files that are still this run's own
+                try:
+                    stat = os.stat(path)
+                    if (stat.st_dev, stat.st_ino) == inode:
+                        os.remove(path)
+                except OSError:
+                    pass
+            self.discard()
+            raise
+        for folder in {os.path.dirname(os.path.abspath(output.path)) for output in written}:
+            _flush_folder(folder)
 
     def discard(self) -> None:
-        """Remove this run's temporary files and the folders it created (if empty); nothing else."""
+        """Remove this run's temporary files and the folders it created (if empty); nothing else.
+
+        Folders that were missing when the outputs were checked count as created by this run, also when
+        another process (a ``ddp_spawn`` worker) created them.
+        """
         for output in self.files.values():
             if os.path.exists(output.temporary):
                 os.remove(output.temporary)
-        for folder in reversed(self._created):
+        folders = list(self._created) + [f for output in self.files.values() for f in output.missing_folders]
+        for folder in sorted(set(folders), key=len, reverse=True):  # deepest first
             try:
                 os.rmdir(folder)
             except OSError:
                 pass
         self._created = []
+
+
+def _publish_exclusive(output: _Output) -> None:
+    """Give the temporary file its final name only if that name is free (atomically); else FileExistsError."""
+    taken = FileExistsError(
+        errno.EEXIST,
+        f"{output.what} {output.path!r} appeared while the run worked (another run?); this run published nothing. "
+        f"{OVERWRITE_HINT}",
+    )
+    try:
+        os.link(output.temporary, output.path)
+    except FileExistsError:
+        raise taken from None
+    except OSError:  # no hard links here (some network or FAT file systems): claim the name, then fill it
+        try:
+            os.close(os.open(output.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            raise taken from None
+        os.replace(output.temporary, output.path)
+        return
+    os.remove(output.temporary)
+
+
+def _flush(path: str) -> None:
+    """``fsync`` a written file, so that a published name never points to data still in memory."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _flush_folder(folder: str) -> None:
+    """``fsync`` a folder, so that its new names survive a power cut (not possible everywhere: then skipped)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def fitted_checkpoints(trainer: pl.Trainer) -> dict[str, str | None]:

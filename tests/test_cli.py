@@ -300,7 +300,7 @@ def test_an_unreadable_checkpoint_is_a_clear_error(fitted, tmp_path, content, me
 def test_a_checkpoint_of_another_model_class_is_not_swapped_in(fitted):
     _, cfg, ckpt = fitted
     other = "lightning_sa_unlearn.models.CifarResNet18"
-    with pytest.raises(ValueError, match=f"saved from lightning_sa_unlearn.models.PaperCNN, but the model is {other}"):
+    with pytest.raises(ValueError, match=f"names the class 'lightning_sa_unlearn.models.PaperCNN'.*your model is {other}"):
         main(["unlearn", "--config", str(cfg), "--ckpt_path", str(ckpt), "--model", other])
 
 
@@ -347,6 +347,6 @@ def test_fit_does_not_replace_the_config_of_an_earlier_run(fitted):
     before = digest(folder / "config.yaml"), digest(ckpt)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
-        with pytest.raises(FileExistsError, match="config.yaml exists, from an earlier run.*--overwrite true"):
+        with pytest.raises(FileExistsError, match="config.yaml' exists already.*--overwrite true"):
             main(["fit", "--config", str(cfg)])
     assert (digest(folder / "config.yaml"), digest(ckpt)) == before
