@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from conftest import TensorDataModule, TinyClassifier, quiet_trainer
-from test_cli import FAST, config, digest
+from test_cli import FAST, _in_a_temporary_folder, config, digest, fitted  # noqa: F401 (fixtures)
 
 from lightning_sa_unlearn import FirstOrder, PoisonedLabelDataModule, SharpnessAwareUnlearning
 from lightning_sa_unlearn.cli import UnlearningTrainer, main
@@ -26,21 +26,6 @@ STEP = dict(
     harm_guard=False,
     update={"class_path": "lightning_sa_unlearn.FirstOrder", "init_args": {"step_size": 0.0002}},
 )
-
-
-@pytest.fixture(autouse=True)
-def _in_a_temporary_folder(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-
-
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("trust")
-    cfg = config(folder)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)
-        main(["fit", "--config", str(cfg)])
-    return folder, folder / "fitted.ckpt"
 
 
 def configured(folder: pathlib.Path, **unlearning) -> pathlib.Path:
@@ -95,7 +80,7 @@ def hostile(ckpt: pathlib.Path, folder: pathlib.Path, **hyper_parameters) -> pat
 @pytest.mark.parametrize("key", ["_class_path", "class_path"])
 @pytest.mark.parametrize("subcommand", ["unlearn", "validate"])
 def test_a_class_named_by_a_checkpoint_is_never_imported(fitted, tmp_path, marker_module, key, subcommand):
-    _, ckpt = fitted
+    _, _, ckpt = fitted
     path, cfg = hostile(ckpt, tmp_path, **{key: f"{MARKER_MODULE}.Model"}), configured(tmp_path)
     before = files(tmp_path)
     with pytest.raises(ValueError, match=f"names the class '{MARKER_MODULE}.Model'.*was not imported") as error:
@@ -105,7 +90,7 @@ def test_a_class_named_by_a_checkpoint_is_never_imported(fitted, tmp_path, marke
 
 
 def test_a_checkpoint_cannot_swap_the_configured_model(fitted, tmp_path):
-    _, ckpt = fitted
+    _, _, ckpt = fitted
     path = hostile(ckpt, tmp_path, class_path="lightning_sa_unlearn.models.CifarResNet20")
     built = []
     with pytest.MonkeyPatch.context() as patch:
@@ -116,7 +101,7 @@ def test_a_checkpoint_cannot_swap_the_configured_model(fitted, tmp_path):
 
 
 def test_nested_class_paths_in_hyperparameters_are_not_applied(fitted, tmp_path, marker_module):
-    _, ckpt = fitted
+    _, _, ckpt = fitted
     path = hostile(ckpt, tmp_path, backbone={"class_path": f"{MARKER_MODULE}.Model", "init_args": {}})
     output = tmp_path / "out.ckpt"
     with pytest.warns(UserWarning, match=r"hyperparameters \['backbone'\] name classes"):
@@ -126,7 +111,7 @@ def test_nested_class_paths_in_hyperparameters_are_not_applied(fitted, tmp_path,
 
 
 def test_the_python_api_refuses_a_checkpoint_naming_another_class(fitted, tmp_path, marker_module):
-    _, ckpt = fitted
+    _, _, ckpt = fitted
     path = hostile(ckpt, tmp_path, _class_path=f"{MARKER_MODULE}.Model")
     callback = SharpnessAwareUnlearning(selection="last", update=FirstOrder(step_size=0.0))
     trainer = UnlearningTrainer(logger=False, callbacks=[callback], enable_progress_bar=False)
@@ -141,7 +126,7 @@ def synthetic() -> PoisonedLabelDataModule:
 
 # ---------------------------------------------------------------- 2. the run's config is one new file
 def test_saving_the_config_writes_one_file_and_no_other(fitted, tmp_path):
-    _, ckpt = fitted
+    _, _, ckpt = fitted
     values = yaml.safe_load(configured(tmp_path, **FAST).read_text())
     data = tmp_path / "data.yaml"
     data.write_text("# the user's comments\n" + yaml.safe_dump(values.pop("data")))
@@ -163,7 +148,7 @@ def test_saving_the_config_writes_one_file_and_no_other(fitted, tmp_path):
 
 # ---------------------------------------------------------------- 3. a stored report is never this run's
 def test_a_skipped_validation_loop_is_not_success_even_with_a_stored_report(fitted, tmp_path, capsys):
-    folder, ckpt = fitted
+    _, _, ckpt = fitted
     cfg = configured(tmp_path, **FAST)
     first = tmp_path / "first.ckpt"
     main(["unlearn", "--config", str(cfg), "--ckpt_path", str(ckpt), "--output_path", str(first)])
@@ -183,7 +168,7 @@ def test_a_skipped_validation_loop_is_not_success_even_with_a_stored_report(fitt
 
 # ---------------------------------------------------------------- 5. a late failure leaves the model as it came
 def test_a_failure_after_validation_restores_the_model(fitted, tmp_path, monkeypatch):
-    _, ckpt = fitted
+    _, _, ckpt = fitted
     model = PaperCNN()
     before = weights(model)
 
@@ -305,7 +290,7 @@ class FailsAfterWriting(SharpnessAwareUnlearning):
 
 
 def test_a_failed_ddp_spawn_run_leaves_no_folder_behind(fitted, tmp_path):
-    _, ckpt = fitted
+    _, _, ckpt = fitted
     callback = FailsAfterWriting(selection="last", update=FirstOrder(step_size=0.0), progress_bar=False)
     trainer = UnlearningTrainer(
         accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, callbacks=[callback],
@@ -318,7 +303,7 @@ def test_a_failed_ddp_spawn_run_leaves_no_folder_behind(fitted, tmp_path):
 
 # ---------------------------------------------------------------- 9. messages that blame the right thing
 def test_an_output_inside_a_file_is_refused_before_any_work(fitted, tmp_path):
-    _, ckpt = fitted
+    _, _, ckpt = fitted
     cfg = configured(tmp_path, **FAST)
     (tmp_path / "notes.txt").write_text("a file")
     before = files(tmp_path)
@@ -329,7 +314,7 @@ def test_an_output_inside_a_file_is_refused_before_any_work(fitted, tmp_path):
 
 
 def test_weights_only_false_works_in_the_cli_when_the_user_asks(fitted, tmp_path):
-    _, ckpt = fitted
+    _, _, ckpt = fitted
     checkpoint = torch.load(ckpt, weights_only=True)
     checkpoint["provenance"] = fractions.Fraction(1, 3)  # an object torch.load(weights_only=True) refuses
     trusted = tmp_path / "trusted.ckpt"
@@ -342,7 +327,7 @@ def test_weights_only_false_works_in_the_cli_when_the_user_asks(fitted, tmp_path
 
 
 def test_a_checkpoint_saved_through_the_python_api_works_in_the_cli(fitted, tmp_path):
-    _, ckpt = fitted
+    _, _, ckpt = fitted
     model = PaperCNN()  # as in the README's "Use it": built in Python, not by the CLI
     model.load_state_dict(torch.load(ckpt, weights_only=True)["state_dict"])
     api = tmp_path / "api.ckpt"
