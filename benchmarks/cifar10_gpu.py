@@ -1,4 +1,4 @@
-"""CIFAR-10 with ResNet-18 as in the paper, on one GPU, in under 10 minutes (status: see the README).
+"""CIFAR-10 with ResNet-18 as in the paper, on one GPU, in under 10 minutes (status: see benchmarks/README.md).
 
     mkdir -p cache/cifar10 && tar -xJf ../shared/datasets/cifar10-jpg.tar.xz -C cache/cifar10
     python benchmarks/cifar10_gpu.py            # writes benchmarks/results/cifar10_gpu.{md,json,_layers.png}

@@ -5,7 +5,7 @@
 ``forget_loss`` gets one pair of aligned batches on the model's device and returns the loss whose
 gradient drives the update. ``select_layers`` gets ``{module path: mean Hessian diagonal}`` in
 registration order and returns the module paths to update; overriding it replaces the callback's
-selection part (a rule of your own can also be a ``Selection`` part: see the README's "Extending").
+selection part (a rule of your own can also be a ``Selection`` part: see docs/parts.md).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ class UnlearningReport:
     """What the curvature estimate is not: e.g. ``ggn`` on a model with smooth nonlinearities is the
     Gauss-Newton part of the Hessian only (:meth:`~lightning_sa_unlearn.curvature.Curvature.notes`)."""
     tau_search: list[tuple[float, float]] = field(default_factory=list)
-    """``(τ, validation loss)`` for each τ tried when ``tau="auto"``."""
+    """``(τ, validation loss)`` for each τ the step-size search tried (:class:`ValidatedStep`)."""
     validation_source: str | None = None
     validation_samples: int | None = None
     """Validation samples the step-size search read (the golden search's final subset)."""
@@ -55,7 +55,7 @@ class UnlearningReport:
     solver: dict[str, Any] | None = None
     """``second_order``: the solver's name, iterations, final relative residual and status."""
     fallback: str | None = None
-    """Why ``fallback="first_order"`` replaced the second-order update, when it did."""
+    """Why the first-order step replaced the second-order update (``SecondOrder(fallback=True)``), when it did."""
     harm_guard: dict[str, Any] | None = None
     """The harm guard's check (:mod:`~lightning_sa_unlearn.guard`): the validation objective ``before`` and
     ``after``, the ``rise`` and its paired ``standard_error``, ``samples``, ``source``, and the ``warnings``

@@ -76,7 +76,7 @@ class ValidatedStep(StepSize):
     (:mod:`~lightning_sa_unlearn.updates.step_search`), with ``evaluations`` forward passes over a
     random validation subset of ``first_samples`` samples, which doubles while the chosen step's gain
     over τ = 0 is within ``z`` standard errors. ``search="grid"``: every τ of the grid on the whole
-    validation set, the least objective wins (the behaviour before version 0.2; 11 passes).
+    validation set, the least objective wins (the behaviour before version 0.2; one pass per grid value).
 
     Args:
         search: ``"golden"`` or ``"grid"``.

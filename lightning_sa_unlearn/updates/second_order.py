@@ -86,7 +86,8 @@ class SecondOrder(Update):
     curvature part's samples, rescaled to the whole training set; λ is the curvature part's damping.
 
     Args:
-        step_size: default τ chosen on validation among :data:`SECOND_ORDER_TAUS`.
+        step_size: default τ chosen on validation (:class:`ValidatedStep`), searched over the range of
+            :data:`SECOND_ORDER_TAUS` (τ = 0 always a candidate).
         solver: ``"cg"``, ``"lissa"`` or a :class:`Solver` (default :class:`CG`).
         fallback: when the solve fails, apply the first-order update instead (the report says so);
             False raises, after the weights are restored.
