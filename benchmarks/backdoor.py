@@ -39,6 +39,7 @@ from common import (  # noqa: E402
     recorded_run,
     stat,
     train,
+    unlearn_or_refusal,
     write_results,
 )
 
@@ -47,7 +48,6 @@ from lightning_sa_unlearn import (  # noqa: E402
     FineTune,
     FirstOrder,
     Flattest,
-    HarmfulUpdateError,
     LastLayer,
     ValidatedLayer,
     ValidatedStep,
@@ -156,12 +156,10 @@ def run(seed: int, cache: str, methods: list[str]) -> dict[str, Any]:
             data = make_datamodule(setting, seed)
             data.corrected_set = TensorDataset(data.forget_set.tensors[0], data.corrected_set.tensors[1])
         start = time.perf_counter()
-        try:
-            report = make_callback(setting, seed, **parts).unlearn(model, data)
-            results[method] = _row(model, datamodule, report, time.perf_counter() - start)
-        except HarmfulUpdateError as error:  # the weights were restored: the row is the poisoned model's
-            results[method] = {**_row(model, datamodule), "seconds": time.perf_counter() - start}
-            results[method].update(selected_layers=[], tau=None, refused=str(error))
+        report, refusal = unlearn_or_refusal(make_callback(setting, seed, **parts), model, data)
+        results[method] = _row(model, datamodule, report, time.perf_counter() - start)
+        if report is None:  # the weights were restored: the row is the poisoned model's
+            results[method].update(seconds=time.perf_counter() - start, selected_layers=[], tau=None, **refusal)
         r = results[method]
         print(
             f"  seed {seed} {method}: acc {r['accuracy']:.4f}, ASR {r['asr']:.4f}, {r['selected_layers']}",

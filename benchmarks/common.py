@@ -27,7 +27,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_sa_unlearn import HeldOutMetrics, SharpnessAwareUnlearning
+from lightning_sa_unlearn import HarmfulUpdateError, HeldOutMetrics, SharpnessAwareUnlearning, UnlearningReport
 from lightning_sa_unlearn.callback import quiet_trainer
 from lightning_sa_unlearn.curvature import CURVATURES, Curvature
 from lightning_sa_unlearn.datamodules import PoisonedLabelDataModule
@@ -223,6 +223,17 @@ def make_callback(setting: Setting, seed: int, **parts: Any) -> SharpnessAwareUn
     """The callback for one run of ``setting``: its curvature part unless ``parts`` gives one; quiet."""
     parts.setdefault("curvature", curvature_for(setting))
     return SharpnessAwareUnlearning(seed=seed, verbose=False, progress_bar=False, **parts)
+
+
+def unlearn_or_refusal(
+    callback: SharpnessAwareUnlearning, model: Any, data: Any
+) -> tuple[UnlearningReport | None, dict]:
+    """``callback.unlearn(model, data)``; a refusal by the harm guard is a result, not a crash: the weights were
+    restored, so the row measures the model as it was. Returns ``(report, {})`` or ``(None, {"refused": message})``."""
+    try:
+        return callback.unlearn(model, data), {}
+    except HarmfulUpdateError as error:
+        return None, {"refused": str(error)}
 
 
 @contextlib.contextmanager

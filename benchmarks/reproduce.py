@@ -44,6 +44,7 @@ from common import (  # noqa: E402
     stat,
     sweep_layers,
     train,
+    unlearn_or_refusal,
     write_results,
 )
 from sweep import RULES, plot_sweep, sweep_lines  # noqa: E402
@@ -143,12 +144,10 @@ def run_seed(
         model.load_state_dict(poisoned.state_dict())
         callback = make_callback(setting, seed, **parts)
         start = time.perf_counter()
-        report = callback.unlearn(model, datamodule)
-        results[key] = {
-            **measure(model, datamodule),
-            "seconds": time.perf_counter() - start,
-            "report": report.to_dict(),
-        }
+        report, refusal = unlearn_or_refusal(callback, model, datamodule)
+        seconds = time.perf_counter() - start
+        report_fields = report.to_dict() if report is not None else None
+        results[key] = {**measure(model, datamodule), "seconds": seconds, "report": report_fields, **refusal}
         save()
         print(
             f"  {key}: {results[key]['seconds']:.1f} s, held-out {results[key]['heldout']['accuracy']:.4f}", flush=True
@@ -156,16 +155,17 @@ def run_seed(
         return results[key]
 
     layers = sweep_layers(setting) if sweep else []
+    scores = None  # a sweep run's report: the per-layer scores are measured alike in each (a refused run has none)
     for layer in layers:  # the Figure 1 sweep
-        sweep = unlearn(f"layer {layer}", selection=SweepLayer([layer]))["report"]
+        scores = unlearn(f"layer {layer}", selection=SweepLayer([layer]))["report"] or scores
     for method, parts_for in METHODS.items():
         if methods and method not in methods:
             continue
         parts = parts_for(setting)
         rule = sweep_rule(parts)
-        if layers and rule is not None:
-            scores = sweep["newton_decrement"] if rule == "newton_decrement" else sweep["layer_sharpness"]
-            picked = f"layer {select_layers(scores, rule)[0]}"
+        if scores is not None and rule is not None:
+            by_layer = scores["newton_decrement"] if rule == "newton_decrement" else scores["layer_sharpness"]
+            picked = f"layer {select_layers(by_layer, rule)[0]}"
             if picked in results:  # the same run as the sweep's (a layer outside the sweep runs below)
                 results[method] = results[picked]
                 continue
@@ -252,6 +252,9 @@ def summarize(name: str, results: dict[str, Any], out: str, machine: dict[str, A
             else stat(column(row, lambda r, run: r["seconds"] / run["retrained"]["seconds"]), 100.0, 1) + "%",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    refused = [f"{row} (seed {s})" for s in seeds for row, run in runs[s].items() if "refused" in run]
+    if refused:
+        lines += ["", f"Refused by the harm guard (the row is the poisoned model): {', '.join(refused)}."]
     lines += sweep_lines(runs, seeds) + validated_lines(runs, seeds)
     text = "\n".join(lines) + "\n"
     write_results(out, name, text, results)
@@ -262,7 +265,7 @@ def summarize(name: str, results: dict[str, Any], out: str, machine: dict[str, A
 def _without_reports(run: dict) -> dict:
     """The raw numbers, with each report cut to what the tables use."""
     keep = ("layer_sharpness", "selected_layers", "tau", "newton_decrement", "solver", "seconds", "selection_trials")
-    return {k: {**v, "report": {r: v["report"].get(r) for r in keep}} if "report" in v else v for k, v in run.items()}
+    return {k: {**v, "report": {r: v["report"].get(r) for r in keep}} if v.get("report") else v for k, v in run.items()}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,6 +38,7 @@ from common import (  # noqa: E402
     recorded_run,
     stat,
     train,
+    unlearn_or_refusal,
     write_results,
 )
 
@@ -95,11 +96,13 @@ def run(scenario: str, seed: int, cache: str, rules: tuple[str, ...] = RULES) ->
             continue
         model = make_model(setting)
         model.load_state_dict(poisoned.state_dict())
-        report = make_callback(setting, seed, selection=rule, **options(scenario)).unlearn(model, datamodule)
+        callback = make_callback(setting, seed, selection=rule, **options(scenario))
+        report, refusal = unlearn_or_refusal(callback, model, datamodule)
         results[rule] = {
             **evaluate(model, datamodule, seed),
-            "selected_layers": report.selected_layers,
-            "tau": report.tau,
+            "selected_layers": report.selected_layers if report else [],
+            "tau": report.tau if report else None,
+            **refusal,
         }
         print(f"  {scenario} seed {seed} {rule}: {_headline(setting.poison, results[rule])}", flush=True)
         with open(path + ".tmp", "w") as f:

@@ -25,8 +25,15 @@ def layer_runs(run: dict) -> dict[str, dict]:
 
 
 def seeds_with_sweep(runs: dict[int, dict], seeds: list[int]) -> list[int]:
-    """The seeds whose runs include the sweep (``reproduce.py --skip-sweep`` leaves it out)."""
-    return [s for s in seeds if layer_runs(runs[s])]
+    """The seeds whose runs include the sweep (``reproduce.py --skip-sweep`` leaves it out), with a run the harm
+    guard kept (the per-layer scores come from its report)."""
+    return [s for s in seeds if any(run.get("report") for run in layer_runs(runs[s]).values())]
+
+
+def scores(swept: dict[str, dict]) -> dict:
+    """The report of a seed's first sweep run that has one: every run measures the per-layer scores alike, and
+    a run the harm guard refused has no report."""
+    return next(run["report"] for run in swept.values() if run.get("report"))
 
 
 def sweep_table(runs: dict[int, dict], seeds: list[int]) -> dict[str, tuple[list[float], list[float]]]:
@@ -38,7 +45,7 @@ def sweep_table(runs: dict[int, dict], seeds: list[int]) -> dict[str, tuple[list
     out = {}
     for layer in layers:
         sweeps = [layer_runs(runs[s])[layer] for s in seeds]
-        sharpness = [sweep["report"]["layer_sharpness"][layer] for sweep in sweeps]
+        sharpness = [scores(layer_runs(runs[s]))["layer_sharpness"][layer] for s in seeds]
         gains = [
             sweep["heldout"]["accuracy"] - runs[s]["poisoned"]["heldout"]["accuracy"] for sweep, s in zip(sweeps, seeds)
         ]
@@ -75,9 +82,9 @@ def sweep_lines(runs: dict[int, dict], seeds: list[int]) -> list[str]:
         hits, picks, shortfalls = 0, [], []
         for s in seeds:
             swept = layer_runs(runs[s])
-            first = next(iter(swept.values()))["report"]
-            scores = first["newton_decrement"] if rule == "newton_decrement" else first["layer_sharpness"]
-            pick = select_layers(scores, rule)[0]
+            first = scores(swept)
+            by_layer = first["newton_decrement"] if rule == "newton_decrement" else first["layer_sharpness"]
+            pick = select_layers(by_layer, rule)[0]
             accuracy = {layer: run["heldout"]["accuracy"] for layer, run in swept.items()}
             best = max(accuracy, key=accuracy.get)
             own = runs[s].get(RULE_METHODS[rule])  # a pick outside the sweep: the rule's own run

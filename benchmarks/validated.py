@@ -29,8 +29,9 @@ def _mean_std(values: list[float], scale: float = 100.0, digits: int = 2) -> str
 
 
 def validated_lines(runs: dict[int, dict], seeds: list[int]) -> list[str]:
-    """The rule's shortfall, picks, trials, paired differences and cost; empty without the rule's row."""
-    seeds = [s for s in seeds if all(key in runs[s] for key in (METHOD, FLATTEST, LAST))]
+    """The rule's shortfall, picks, trials, paired differences and cost; empty without the rule's row (seeds where
+    the harm guard refused one of the three runs are left out: they have no report)."""
+    seeds = [s for s in seeds if all(runs[s].get(key, {}).get("report") for key in (METHOD, FLATTEST, LAST))]
     layered = [s for s in seeds if any(key.startswith("layer ") for key in runs[s])]
     if not seeds:
         return []

@@ -28,6 +28,7 @@ from lightning_sa_unlearn.pipeline import run_unlearning
 from lightning_sa_unlearn.processes import Processes
 from lightning_sa_unlearn.report import UnlearningReport
 from lightning_sa_unlearn.selection import SELECTIONS, Layers, Measurements, Selected, Selection
+from lightning_sa_unlearn.snapshot import restore_snapshot, take_snapshot
 from lightning_sa_unlearn.updates import UPDATES, Update, default_forget_loss
 
 
@@ -47,7 +48,8 @@ class SharpnessAwareUnlearning(Callback):
             :class:`GGN` for a loss it cannot sample from) when a part needs curvature, read until the
             selection is confident; a configured estimator is always measured and reported.
         selection: a :class:`~lightning_sa_unlearn.selection.Selection`, ``"flattest"``,
-            ``"sharpest"``, ``"last"``, ``"all"``, ``"newton_decrement"``, or a list of module paths.
+            ``"sharpest"``, ``"last"``, ``"all"``, ``"newton_decrement"``, ``"validated_layer"``, or a
+            list of module paths.
         update: an :class:`~lightning_sa_unlearn.updates.Update` or ``"first_order"``,
             ``"second_order"``, ``"forget_loss"``, ``"fine_tune"``.
         evaluations: measured besides the held-out metrics (always measured): :class:`Evaluation`
@@ -223,7 +225,7 @@ class SharpnessAwareUnlearning(Callback):
         succeeded; if anything fails, the weights are restored and the temporary files removed.
         """
         self.report = None
-        snapshot = {name: t.detach().clone() for name, t in _tensors(pl_module)}
+        snapshot = take_snapshot(pl_module)
         flags = {name: p.requires_grad for name, p in pl_module.named_parameters()}
         staged = self._staged  # set by UnlearningTrainer.unlearn, which then puts the files in place itself
         outputs = staged
@@ -257,7 +259,7 @@ class SharpnessAwareUnlearning(Callback):
             run.processes.agree(lambda: self._write(trainer, pl_module, report, outputs))
             run.processes.agree(lambda: self._publish(trainer, report, commit=None if staged else outputs))
         except BaseException:
-            _restore(pl_module, snapshot)
+            restore_snapshot(pl_module, snapshot)
             if outputs is not None and staged is None and trainer.is_global_zero:
                 outputs.discard()
             raise
@@ -389,17 +391,6 @@ def _ready(datamodule: Any, *stages: str) -> Any:
         for stage in stages:
             datamodule.setup(stage)
     return datamodule
-
-
-def _tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
-    yield from model.named_parameters()
-    yield from model.named_buffers()
-
-
-@torch.no_grad()
-def _restore(model: nn.Module, snapshot: dict[str, Tensor]) -> None:
-    for name, t in _tensors(model):
-        t.copy_(snapshot[name])
 
 
 def _device(model: nn.Module) -> torch.device:

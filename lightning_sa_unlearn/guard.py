@@ -15,7 +15,17 @@ Rules (``rise`` = objective after − objective before, ``se`` = its paired stan
 * sample deletion (no ``corrected_dataloader()``): forgetting real training samples may
   legitimately cost some validation loss, so a rise beyond ``2·se`` only warns; the update is
   refused only when the rise is beyond ``4·se`` *and* beyond 10% of the objective before;
-* in both cases, a class whose validation accuracy falls by more than 5 points is named in a warning.
+* in both cases, damage on a few samples is refused too, although a rise that ``k`` samples carry is only about
+  ``√k`` standard errors: a mean validation loss that more than doubles (``after > 2·before``, by more than
+  0.01: a loss near 0 doubles by rounding), whatever its standard error; and a validation accuracy that falls
+  by more than 3 paired standard errors of the per-sample correctness *and* by at least 0.5 points
+  (correctness: 1 or 0 per sample; for per-position labels, the share of its positions predicted right).
+  Both read the validation data alone, not the relabelled forget inputs the objective may add;
+* in both cases, a class whose validation accuracy falls by more than 5 points is named in a warning only
+  (correcting a flipped class legitimately moves the class it was flipped to).
+
+A loss that is NaN or infinite before the update is the data's fault (the weights were checked finite at the
+start of the run): the guard says so before any update.
 
 A rise below ``1e-6`` of the objective (rounding) never counts. The objective is the one the update's
 step size reads (validation loss, plus the relabelled forget loss for ``objective="validation_and_forget"``);
@@ -32,12 +42,20 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_sa_unlearn.data import limit_samples
-from lightning_sa_unlearn.functional import LossFn, batches_for, eval_mode
+from lightning_sa_unlearn.guard_advice import advice
+from lightning_sa_unlearn.validation_losses import (  # noqa: F401 (re-exported: imports from guard keep working)
+    SampleLosses,
+    mean_change,
+    paired_moments,
+    paired_standard_error,
+    per_sample_loss,
+    sample_losses,
+    standard_error,
+)
 
 if TYPE_CHECKING:
     from lightning_sa_unlearn.pipeline import UnlearningRun
@@ -49,6 +67,14 @@ HARM_STANDARD_ERRORS = 2.0
 DELETION_STANDARD_ERRORS = 4.0
 DELETION_RELATIVE_RISE = 0.10
 """Sample deletion: refused only beyond 4 standard errors and beyond 10% of the objective before."""
+LOSS_RATIO = 2.0
+"""A mean validation loss that ends above this multiple of its value before is harm, whatever its standard error."""
+LOSS_RATIO_MIN_RISE = 0.01
+"""... unless it rose by less than this (a loss near 0 multiplies by rounding)."""
+ACCURACY_STANDARD_ERRORS = 3.0
+"""A fall of validation accuracy beyond this many paired standard errors of the per-sample correctness is harm ..."""
+ACCURACY_MIN_DROP = 0.005
+"""... when the fall is also at least this (0.5 points): with thousands of samples, 3 standard errors are a few."""
 CLASS_ACCURACY_DROP = 0.05
 """A class whose validation accuracy falls by more than this (5 points) is named in a warning."""
 ROUNDING = 1e-6
@@ -61,68 +87,7 @@ RETAIN_SAMPLES = 5000
 
 
 class HarmfulUpdateError(RuntimeError):
-    """The update made the validation objective worse beyond noise; the weights were restored."""
-
-
-def standard_error(count: float, total: float, squares: float) -> float:
-    """Standard error of a mean from ``(n, Σx, Σx²)`` (sums that add up across processes); NaN for n < 2."""
-    if count < 2:
-        return float("nan")
-    mean = total / count
-    variance = max(squares - count * mean * mean, 0.0) / (count - 1)
-    return math.sqrt(variance / count)
-
-
-def paired_standard_error(before: Tensor, after: Tensor) -> float:
-    """Standard error of ``mean(after − before)`` over samples measured twice, in the same order.
-
-    ``before`` and ``after`` hold one value per sample (e.g. per-sample losses before and after an
-    update). NaN with fewer than two samples.
-    """
-    if before.shape != after.shape:
-        raise ValueError(f"paired values need the same shape, got {tuple(before.shape)} and {tuple(after.shape)}.")
-    difference = after.double() - before.double()
-    return standard_error(difference.numel(), float(difference.sum()), float(difference.square().sum()))
-
-
-def per_sample_loss(loss_fn: LossFn, logits: Tensor, targets: Tensor) -> Tensor:
-    """``loss_fn`` on each sample of a batch (``loss_fn`` returns the mean over the batch); with positions
-    (pixels, tokens), cross-entropy gives one loss per position, which the caller averages per sample."""
-    if loss_fn is F.cross_entropy:
-        return F.cross_entropy(logits, targets, reduction="none")
-    try:
-        return torch.func.vmap(lambda z, t: loss_fn(z.unsqueeze(0), t.unsqueeze(0)))(logits, targets)
-    except Exception:  # a loss that vmap cannot trace: one call per sample (cheap: no forward pass)
-        return torch.stack([loss_fn(logits[i : i + 1], targets[i : i + 1]) for i in range(len(targets))])
-
-
-@dataclass
-class SampleLosses:
-    """Per-sample losses (float64), labels and predicted classes of this process's samples, in order."""
-
-    losses: Tensor
-    labels: Tensor
-    predicted: Tensor
-
-
-@torch.no_grad()
-def sample_losses(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn = F.cross_entropy) -> SampleLosses:
-    """:class:`SampleLosses` of ``model`` on every sample of ``batches``, in eval mode (on the CPU)."""
-    losses, labels, predicted = [], [], []
-    with eval_mode(model):
-        for x, y in batches_for(model, batches):
-            logits = model(x)
-            valid = (y >= 0).reshape(len(y), -1)  # negative labels are padding the loss ignores
-            per = per_sample_loss(loss_fn, logits, y).detach().double().reshape(len(y), -1)
-            if per.shape == valid.shape:  # one loss per position: the mean over the positions not ignored
-                per = (per * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1)
-            losses.append(per.mean(1).cpu())
-            labels.append(y.reshape(-1)[valid.reshape(-1)].cpu())
-            predicted.append(logits.argmax(dim=1).reshape(-1)[valid.reshape(-1)].cpu())
-    if not losses:
-        empty = torch.empty(0, dtype=torch.long)
-        return SampleLosses(torch.empty(0, dtype=torch.float64), empty, empty)
-    return SampleLosses(torch.cat(losses), torch.cat(labels), torch.cat(predicted))
+    """The update made the model worse on validation data beyond noise (see the rules); the weights were restored."""
 
 
 @dataclass
@@ -139,6 +104,17 @@ class GuardResult:
     warnings: list[str] = field(default_factory=list)
     stored_below: str | None = None
     """The last frozen module whose outputs were stored and reused after the update (None: whole model twice)."""
+    accuracy_before: float = math.nan
+    accuracy_after: float = math.nan
+    accuracy_standard_error: float = math.nan
+    """Validation accuracy (mean per-sample correctness) before and after, and the standard error of its change."""
+    validation_loss_before: float = math.nan
+    validation_loss_after: float = math.nan
+    """The mean loss of the validation data alone (the objective may add the relabelled forget inputs)."""
+    fired: list[str] = field(default_factory=list)
+    """The tests that fired on a kept update: ``"standard_errors"`` (a sample-deletion rise kept with a warning),
+    ``"class_accuracy"`` (a warning). A refusal raises instead, its message naming each test that fired
+    (``"standard_errors"``, ``"loss_doubled"``, ``"accuracy"``)."""
 
     @property
     def rise(self) -> float:
@@ -157,6 +133,12 @@ class GuardResult:
             "paired": self.paired,
             "warnings": list(self.warnings),
             "stored_below": self.stored_below,
+            "accuracy_before": self.accuracy_before,
+            "accuracy_after": self.accuracy_after,
+            "accuracy_standard_error": self.accuracy_standard_error,
+            "validation_loss_before": self.validation_loss_before,
+            "validation_loss_after": self.validation_loss_after,
+            "fired": list(self.fired),
         }
 
     @property
@@ -165,6 +147,48 @@ class GuardResult:
         if self.standard_error > 0:
             return self.rise / self.standard_error
         return math.inf if self.rise > 0 else 0.0
+
+    @property
+    def loss_doubled(self) -> bool:
+        """The validation loss ended above :data:`LOSS_RATIO` times its value before, by :data:`LOSS_RATIO_MIN_RISE`."""
+        before, after = self.validation_loss_before, self.validation_loss_after
+        return before >= 0 and after > LOSS_RATIO * before and after - before > LOSS_RATIO_MIN_RISE
+
+    @property
+    def accuracy_fell(self) -> bool:
+        """Validation accuracy fell by :data:`ACCURACY_MIN_DROP` and beyond :data:`ACCURACY_STANDARD_ERRORS`."""
+        fall = self.accuracy_before - self.accuracy_after
+        se = self.accuracy_standard_error if math.isfinite(self.accuracy_standard_error) else 0.0
+        return fall >= ACCURACY_MIN_DROP and fall > ACCURACY_STANDARD_ERRORS * se
+
+    def summary(self, update: str) -> str:
+        """The mean-loss test's numbers, for messages."""
+        return (
+            f"the {update} update raised the validation objective ({self.source}) from {self.before:.4g} to "
+            f"{self.after:.4g}: +{self.rise:.3g}, {self.standard_errors:.1f} standard errors of the "
+            f"{self.difference} difference over {self.samples} samples"
+        )
+
+    @property
+    def difference(self) -> str:
+        """What the standard errors are of, for messages."""
+        return "paired per-sample" if self.paired else "unpaired"
+
+    def concentrated(self) -> dict[str, str]:
+        """The tests that see damage on a few samples, by name, with their numbers (those that fired)."""
+        fired = {}
+        if self.loss_doubled:
+            before, after = _number(self.validation_loss_before), _number(self.validation_loss_after)
+            fired["loss_doubled"] = f"the mean validation loss more than doubled ({before} → {after})"
+        if self.accuracy_fell:
+            fall = self.accuracy_before - self.accuracy_after
+            spread = fall / self.accuracy_standard_error if self.accuracy_standard_error > 0 else math.inf
+            fired["accuracy"] = (
+                f"the validation accuracy fell from {100 * self.accuracy_before:.1f}% to "
+                f"{100 * self.accuracy_after:.1f}% (−{100 * fall:.1f} points, {spread:.1f} "
+                f"{'paired' if self.paired else 'unpaired'} standard errors of per-sample correctness)"
+            )
+        return fired
 
 
 class HarmGuard:
@@ -215,26 +239,32 @@ class HarmGuard:
         se = result.standard_error if math.isfinite(result.standard_error) else 0.0
         noise = HARM_STANDARD_ERRORS * se + tolerance
         refused = result.rise > noise
+        limit = f"beyond {HARM_STANDARD_ERRORS:g} standard errors"
         if deletion:
             refused = result.rise > max(DELETION_STANDARD_ERRORS * se, DELETION_RELATIVE_RISE * abs(result.before))
             refused = refused and result.rise > tolerance
-        summary = (
-            f"the {update.name} update raised the validation objective ({self.source}) from {result.before:.4g} to "
-            f"{result.after:.4g}: +{result.rise:.3g}, {result.standard_errors:.1f} standard errors of the "
-            f"{'paired per-sample' if result.paired else 'unpaired'} difference over {result.samples} samples"
-        )
-        if refused:
             limit = (
                 f"beyond {DELETION_STANDARD_ERRORS:g} standard errors and {DELETION_RELATIVE_RISE:.0%} of the "
                 "objective (the sample-deletion limit)"
-                if deletion
-                else f"beyond {HARM_STANDARD_ERRORS:g} standard errors"
             )
+        summary = result.summary(update.name)
+        reasons = {"standard_errors": f"{summary}, {limit}"} if refused else {}
+        reasons.update(result.concentrated())
+        if reasons:
+            lead, spread = "", ""
+            if not refused:  # the mean-loss test did not fire: say why it could not
+                lead = f"the {update.name} update was refused by the harm guard ({self.source}): "
+                spread = (
+                    f"; the objective changed by {result.rise:+.3g} ({result.standard_errors:+.1f} standard errors "
+                    f"of the {result.difference} difference over {result.samples} samples), which the mean-loss test "
+                    "alone would keep: damage on a few samples is only a few standard errors"
+                )
             raise HarmfulUpdateError(
-                f"{summary}, {limit}. The weights were restored. {advice(update, outcome or {})} "
-                "To keep such an update anyway, pass harm_guard=False."
+                f"{lead}{'; '.join(reasons.values())}{spread}. The weights were restored. "
+                f"{advice(update, outcome or {})} To keep such an update anyway, pass harm_guard=False."
             )
         if deletion and result.rise > noise:
+            result.fired.append("standard_errors")
             result.warnings.append(
                 f"{summary}. Kept: without a corrected set, forgetting may cost some validation loss; the guard "
                 f"refuses only a rise beyond {DELETION_STANDARD_ERRORS:g} standard errors and "
@@ -242,6 +272,7 @@ class HarmGuard:
             )
         fallen = {k: v for k, v in result.class_accuracy.items() if v[0] - v[1] > CLASS_ACCURACY_DROP}
         if fallen:
+            result.fired.append("class_accuracy")
             classes = ", ".join(f"class {k} {100 * b:.1f}% -> {100 * a:.1f}%" for k, (b, a) in sorted(fallen.items()))
             result.warnings.append(
                 f"the {update.name} update lowered the validation accuracy of some classes by more than "
@@ -259,33 +290,24 @@ class HarmGuard:
         def measure() -> list[SampleLosses]:
             parts = [part for _, part in self.parts]
             if self.features is None:
-                return [sample_losses(run.model, part, run.loss_fn) for part in parts]
-            if store:
-                self.stored = [self.features.store(part) for part in parts]
-            return self.features.losses(parts, self.stored, run.loss_fn)
+                measured = [sample_losses(run.model, part, run.loss_fn) for part in parts]
+            else:
+                if store:
+                    self.stored = [self.features.store(part) for part in parts]
+                measured = self.features.losses(parts, self.stored, run.loss_fn)
+            if store:  # before the update, with weights checked finite: a loss that is not is the data's
+                _require_finite(self.parts, measured, self.source)
+            return measured
 
         return run.processes.agree(measure)
 
     def _compare(self, run: UnlearningRun, after: list[SampleLosses]) -> GuardResult:
         classes = max(run.num_classes, 1)
-        rows = []  # per part: paired n, Σd, Σd², then n, Σ, Σ² before and after, and a mismatch flag
+        rows = []  # per part, the moments of the losses (9), a mismatch flag, the moments of the correctness (9)
         for b, a in zip(self.before, after):
             same = b.labels.shape == a.labels.shape and torch.equal(b.labels, a.labels)
-            d = a.losses - b.losses if same else torch.zeros(0, dtype=torch.float64)
-            rows.append(
-                [
-                    d.numel(),
-                    float(d.sum()),
-                    float(d.square().sum()),
-                    b.losses.numel(),
-                    float(b.losses.sum()),
-                    float(b.losses.square().sum()),
-                    a.losses.numel(),
-                    float(a.losses.sum()),
-                    float(a.losses.square().sum()),
-                    float(not same),
-                ]
-            )
+            flag = float(not same)
+            rows.append([*paired_moments(b.losses, a.losses, same), flag, *paired_moments(b.correct, a.correct, same)])
         counts = []  # validation part only: per class, correct before, correct after, support before, after
         first_before, first_after = self.before[0], after[0]
         for state in (first_before, first_after):
@@ -295,27 +317,52 @@ class HarmGuard:
             counts.append(torch.bincount(_classes(state.labels, classes), minlength=classes)[:classes])
         local = torch.cat([torch.tensor(rows, dtype=torch.float64).reshape(-1), torch.cat(counts).double()])
         total = run.processes.sum(local).cpu()
-        table = total[: 10 * len(rows)].reshape(len(rows), 10).tolist()
+        width = len(rows[0])
+        table = total[: width * len(rows)].reshape(len(rows), width).tolist()
         paired = all(row[9] == 0 for row in table)
-        before = after_value = 0.0
-        variance = 0.0
-        samples = 0
-        for n_d, s_d, q_d, n_b, s_b, q_b, n_a, s_a, q_a, _ in table:
-            before += s_b / max(n_b, 1)
-            after_value += s_a / max(n_a, 1)
-            if paired:
-                se = standard_error(n_d, s_d, q_d)
-            else:  # the passes served different samples: an unpaired comparison
-                se = math.sqrt(standard_error(n_b, s_b, q_b) ** 2 + standard_error(n_a, s_a, q_a) ** 2)
-            variance += se * se if math.isfinite(se) else 0.0
-            samples += int(n_b)
-        correct_b, correct_a, support_b, support_a = total[10 * len(rows) :].reshape(4, classes).tolist()
+        losses = [mean_change(row[:9], paired) for row in table]
+        before, after_value = sum(b for b, _, _ in losses), sum(a for _, a, _ in losses)
+        variance = sum(se * se for _, _, se in losses if math.isfinite(se))
+        samples = int(sum(row[3] for row in table))
+        correct_b, correct_a, support_b, support_a = total[width * len(rows) :].reshape(4, classes).tolist()
         accuracy = {
             k: (correct_b[k] / support_b[k], correct_a[k] / support_a[k])
             for k in range(classes)
             if support_b[k] > 0 and support_a[k] > 0
         }
-        return GuardResult(before, after_value, math.sqrt(variance), samples, paired, accuracy)
+        accuracy_before, accuracy_after, accuracy_se = mean_change(table[0][10:], paired)  # the validation part
+        return GuardResult(
+            before,
+            after_value,
+            math.sqrt(variance),
+            samples,
+            paired,
+            accuracy,
+            accuracy_before=accuracy_before,
+            accuracy_after=accuracy_after,
+            accuracy_standard_error=accuracy_se,
+            validation_loss_before=losses[0][0],
+            validation_loss_after=losses[0][1],
+        )
+
+
+def _require_finite(parts: list[tuple[str, Iterable[Any]]], measured: list[SampleLosses], source: str) -> None:
+    """Raise when a loss measured before the update is NaN or infinite: with finite weights, the data is at fault."""
+    for (what, _), losses in zip(parts, measured):
+        bad = int((~torch.isfinite(losses.losses)).sum())
+        if bad:
+            data = "the validation data" if what == "validation" else f"the {what}"
+            raise ValueError(
+                f"the loss on {bad} of {losses.losses.numel()} samples of {data} ({source}) is NaN or infinite "
+                "before any update, with finite weights: the data is at fault, not the update. Check those samples "
+                "for NaN or infinite values (e.g. a division by zero in a transform); the weights were left unchanged."
+            )
+
+
+def _number(value: float) -> str:
+    """A loss for messages, to 3 significant digits: 0.219, 21,800, 3.2e+11."""
+    rounded = float(f"{value:.3g}")
+    return f"{rounded:,.0f}" if 1e3 <= abs(rounded) < 1e9 else f"{value:.3g}"
 
 
 def _classes(labels: Tensor, classes: int) -> Tensor:
@@ -343,44 +390,3 @@ def _validation_parts(run: UnlearningRun) -> tuple[list[tuple[str, Iterable[Any]
         retain = run.shuffled(data.retain, "retain", RETAIN_SAMPLES)
         return [("validation", list(limit_samples(retain, share)))], "retain slice"
     return [], ""
-
-
-def advice(update: Update, outcome: dict[str, Any]) -> str:
-    """What to change, for the built-in updates (a generic hint for others)."""
-    from lightning_sa_unlearn.updates import (
-        FineTune,
-        FirstOrder,
-        FixedStep,
-        ForgetLossDescent,
-        SecondOrder,
-        ValidatedStep,
-    )
-
-    hints: list[str] = []
-    solver = outcome.get("solver") or {}
-    if solver.get("status") == "max_iterations":
-        hints.append(
-            f"The {solver.get('name')} solve stopped at max_iterations with relative residual "
-            f"{solver.get('relative_residual', float('nan')):.3g}: raise the solver's max_iterations or the "
-            "curvature's damping."
-        )
-    if isinstance(update, (FirstOrder, SecondOrder)):
-        step = update.step_size
-        if isinstance(step, FixedStep):
-            hints.append(
-                f"Lower the fixed step (tau={step.tau:g}), or let it be chosen on validation (step_size=None)."
-            )
-        elif isinstance(step, ValidatedStep) and step.grid is not None and 0.0 not in step.grid:
-            hints.append(f"Add 0 (no update) to the step-size grid {step.grid}, or use the default grid (grid=None).")
-        else:
-            hints.append("Use a smaller step size.")
-    elif isinstance(update, FineTune):
-        hints.append(f"Lower FineTune's lr ({update.lr:g}) or epochs ({update.epochs}).")
-    elif isinstance(update, ForgetLossDescent):
-        hints.append(
-            f"Lower ForgetLossDescent's lr ({update.lr:g}) or steps ({update.steps}); with val_dataloader() it "
-            "also stops at its best step."
-        )
-    else:
-        hints.append(f"Make {type(update).__name__}'s step smaller.")
-    return " ".join(hints)

@@ -81,9 +81,7 @@ def remove_abandoned_temporaries(path: str) -> list[str]:
     """
     folder, name = os.path.split(os.path.abspath(path))
     root, extension = os.path.splitext(name)
-    pattern = re.compile(
-        rf"\.{re.escape(root)}\.partial-{re.escape(_HOST)}-(\d+)-[0-9a-f]{{12}}{re.escape(extension)}"
-    )
+    pattern = re.compile(rf"\.{re.escape(root)}\.partial-{re.escape(_HOST)}-(\d+)-[0-9a-f]{{12}}{re.escape(extension)}")
     removed = []
     try:
         names = os.listdir(folder)
@@ -128,7 +126,9 @@ def _missing_folders(path: str) -> list[str]:
             break
         folder = parent
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"{path!r} cannot be written: the folder {folder!r} is not writable. Choose another path.")
+        raise PermissionError(
+            f"{path!r} cannot be written: the folder {folder!r} is not writable. Choose another path."
+        )
     return missing[::-1]
 
 

@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_sa_unlearn.adapters.checks import check_finite_weights, non_finite_samples
 from lightning_sa_unlearn.context import UnlearningRun
 from lightning_sa_unlearn.curvature import GGN, SharpnessStatistics, selection_margin
 from lightning_sa_unlearn.data import Relabelled, check_aligned, limit_samples, training_set_size
@@ -70,6 +71,7 @@ def _run_stages(
 ) -> UnlearningReport:
     total_start = time.perf_counter()
     require_trainable_parameters(run.model)
+    check_finite_weights(run.model)  # before any work: a broken checkpoint, not the loss or the data
     layers = trainable_layers(run.model)
     check_aligned(run.data.forget, run.data.corrected)
     update.check(run)
@@ -285,11 +287,20 @@ def _check_finite(run: UnlearningRun, update: Update, outcome: dict[str, Any]) -
     its own subset) has that value checked instead of a new pass.
     """
     after = outcome.get("objective_after")
+    sample = run.validation_sample if run.validation_sample is not None else run.forget
     if after is None:
-        sample = run.validation_sample if run.validation_sample is not None else run.forget
         after = run.mean_loss(run.model, list(limit_samples(sample, FINITE_CHECK_SAMPLES)))
     params = dict(run.model.named_parameters())
-    if not all(torch.isfinite(params[n]).all() for n in run.names) or not math.isfinite(after):
+    finite = all(torch.isfinite(params[n]).all() for n in run.names)
+    bad = non_finite_samples(sample) if finite and not math.isfinite(after) and sample is not None else 0
+    if bad:  # the harm guard (when on) finds such data before the update; without it, only on failure
+        data = f"validation data ({run.validation_source})" if sample is run.validation_sample else "forget set"
+        raise ValueError(
+            f"the loss on the {data} is not finite, and {bad} of its samples hold{'s' * (bad == 1)} NaN or infinite "
+            "values: the data is at fault, not the update (no step makes the loss on such inputs finite). Fix or drop "
+            "those samples; the weights were restored."
+        )
+    if not finite or not math.isfinite(after):
         raise RuntimeError(
             f"the update made the model non-finite (loss {after}); the weights were restored. "
             "Lower the step size, lr or steps, raise the curvature's damping, or check the forget loss."

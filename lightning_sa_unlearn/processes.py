@@ -5,7 +5,9 @@ With one process every method is the identity.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,6 +27,8 @@ class Processes:
                 f"the trainer has {self.world_size} processes but no process group is running. Under DDP, "
                 "attach the callback to trainer.fit, or use `sa-unlearn unlearn`, so that it runs in every process."
             )
+        if self.world_size > 1:
+            _destroy_process_group_at_exit()
 
     def sum(self, value: Tensor) -> Tensor:
         if self.world_size == 1:
@@ -74,6 +78,28 @@ class Processes:
         if failures.item() > 0:
             raise RuntimeError(PEER_FAILED)
         return result
+
+
+@functools.cache
+def _destroy_process_group_at_exit() -> None:
+    """Destroy the process group at interpreter exit, before finalization (once per process).
+
+    Without it a ``ddp_spawn`` worker sometimes aborted after its work ("terminate called without an active
+    exception", SIGABRT; about 1 run in 25 on a loaded machine). gloo's worker thread drops its reference to
+    a finished collective (here the last ``agree``) a little after ``wait()`` returns; the tensors in it have
+    Python objects, so the drop takes the GIL. When the process is already in ``Py_FinalizeEx`` by then,
+    taking the GIL ends the thread with ``pthread_exit``, whose unwinding through the work's ``noexcept``
+    destructor calls ``std::terminate``. Lightning never destroys a gloo group (only NCCL, at exit), and
+    spawned workers end with ``sys.exit``. ``atexit`` runs before finalization; ``destroy_process_group``
+    joins gloo's threads with the GIL released and needs no peer, so no barrier (which would hang at the
+    exit of a process whose peer failed).
+    """
+
+    def destroy() -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    atexit.register(destroy)
 
 
 PEER_FAILED = "another process failed while unlearning (its error is in its log); the weights were restored."

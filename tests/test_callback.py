@@ -391,7 +391,9 @@ class LateTestSetDataModule(TensorDataModule):
 
 def test_fit_sets_up_the_test_stage_and_can_save_the_unlearned_model(tmp_path):
     path = tmp_path / "unlearned.ckpt"
-    callback = SharpnessAwareUnlearning(checkpoint_path=str(path), verbose=False)
+    # after one epoch the chosen step lowers the validation loss but costs 21 points of validation accuracy, which
+    # the harm guard refuses; this test is about the late test set and the saved checkpoint
+    callback = SharpnessAwareUnlearning(checkpoint_path=str(path), verbose=False, harm_guard=False)
     model, _, _ = fit_tiny(epochs=1, callbacks=[callback], datamodule=LateTestSetDataModule())
     assert "accuracy" in callback.report.heldout_after
     loaded = TinyClassifier.load_from_checkpoint(path, weights_only=True)

@@ -6,7 +6,6 @@ import pathlib
 import pytest
 import torch
 import yaml
-from torch.multiprocessing.spawn import ProcessExitedException
 
 from lightning_sa_unlearn import PoisonedLabelDataModule
 from lightning_sa_unlearn.cli import main
@@ -108,15 +107,8 @@ def test_unlearn_under_ddp_spawn_writes_the_same_checkpoint(fitted, tmp_path):
     common = ["--config", str(cfg), "--ckpt_path", str(ckpt), *fixed]
     main(["unlearn", *common, "--output_path", str(single)])
     spawned = ["--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"]
-    try:
-        main(["unlearn", *common, "--output_path", str(double), *spawned])
-    except ProcessExitedException as error:
-        # Seen about once in 6 full runs: a spawned worker aborts in gloo's teardown ("terminate called without an
-        # active exception") after its work; not a wrong result. Retried once, into a new file, until it is fixed.
-        if "SIGABRT" not in str(error):
-            raise
-        double = tmp_path / "two_again.ckpt"
-        main(["unlearn", *common, "--output_path", str(double), *spawned])
+    # no retry: the SIGABRT at a worker's exit (gloo, issue #21 item 10) is fixed in processes.py
+    main(["unlearn", *common, "--output_path", str(double), *spawned])
     one, two = (torch.load(p, weights_only=True)["state_dict"] for p in (single, double))
     for name in one:
         torch.testing.assert_close(one[name], two[name], rtol=1e-5, atol=1e-6)
@@ -206,6 +198,7 @@ def test_parts_are_configured_by_class_path_inside_the_callback(fitted, tmp_path
         },
         "evaluations": ["mia", {"class_path": "lightning_sa_unlearn.RelearnAttack", "init_args": {"samples": 7}}],
         "batch_adapter": {"class_path": "lightning_sa_unlearn.BatchAdapter", "init_args": {"forward": "net"}},
+        "harm_guard": False,  # the unconverged CG step costs validation accuracy, which the guard refuses
     }
     main(
         [
@@ -300,7 +293,8 @@ def test_an_unreadable_checkpoint_is_a_clear_error(fitted, tmp_path, content, me
 def test_a_checkpoint_of_another_model_class_is_not_swapped_in(fitted):
     _, cfg, ckpt = fitted
     other = "lightning_sa_unlearn.models.CifarResNet18"
-    with pytest.raises(ValueError, match=f"names the class 'lightning_sa_unlearn.models.PaperCNN'.*your model is {other}"):
+    refusal = f"names the class 'lightning_sa_unlearn.models.PaperCNN'.*your model is {other}"
+    with pytest.raises(ValueError, match=refusal):
         main(["unlearn", "--config", str(cfg), "--ckpt_path", str(ckpt), "--model", other])
 
 

@@ -7,6 +7,7 @@ the two-process cases in test_distributed.py.
 import logging
 import math
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,7 +32,8 @@ from lightning_sa_unlearn import (
 )
 from lightning_sa_unlearn.callback import quiet_trainer as package_quiet_trainer
 from lightning_sa_unlearn.data import training_set_size
-from lightning_sa_unlearn.guard import HarmfulUpdateError, paired_standard_error
+from lightning_sa_unlearn.functional import eval_mode
+from lightning_sa_unlearn.guard import HarmfulUpdateError, HarmGuard, SampleLosses, paired_standard_error, sample_losses
 from lightning_sa_unlearn.pipeline import UnlearningRun
 from lightning_sa_unlearn.processes import Processes
 from lightning_sa_unlearn.report import UnlearningReport
@@ -43,11 +45,12 @@ def unlearn(model, datamodule, **kwargs):
 
 
 def refused(model, datamodule, error, message, **kwargs):
-    """Unlearning raises `error` matching `message`, and every parameter and buffer is as it was."""
+    """Unlearning raises `error` matching `message`, and every parameter and buffer is as it was; returns the error."""
     before = state(model)
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as raised:
         unlearn(model, datamodule, **kwargs)
     assert_same_state(model, before)
+    return raised.value
 
 
 # ---------------------------------------------------------------- the harm guard
@@ -104,15 +107,27 @@ def test_the_guard_can_be_turned_off(tiny_model):
 
 
 def test_sample_deletion_keeps_a_moderate_rise_with_warnings(tiny_model):
-    model, _ = tiny_model
+    model, datamodule = tiny_model
     before = state(model)
-    with pytest.warns(UserWarning) as caught:
-        report = unlearn(model, TensorDataModule(with_corrected=False), update=FirstOrder(0.01), selection="sharpest")
+    x, y = datamodule.val  # all 90: the guard's seeded subset holds up to 2048
+
+    def correct():
+        with torch.no_grad(), eval_mode(model):
+            return (model(x).argmax(1) == y).double()
+
+    right = correct()
+    with pytest.warns(UserWarning) as caught:  # loss 0.219 -> 0.262, 2.2 SE; accuracy -7.8 points, 2.7 SE
+        report = unlearn(model, TensorDataModule(with_corrected=False), update=FirstOrder(0.006), selection=["net.fc1"])
     messages = " ".join(str(w.message) for w in caught)
     assert "Kept: without a corrected set" in messages and "standard errors" in messages
     assert "lowered the validation accuracy of some classes by more than 5 points (class 2 100.0% ->" in messages
     guard = report.harm_guard  # the report carries the check and its warnings too
     assert 2 < guard["rise_in_standard_errors"] < 4 and guard["samples"] == 90 and len(guard["warnings"]) == 2
+    assert guard["fired"] == ["standard_errors", "class_accuracy"]
+    assert guard["accuracy_before"] == pytest.approx(float(right.mean()))
+    assert guard["accuracy_after"] == pytest.approx(float(correct().mean()))
+    assert guard["accuracy_standard_error"] == pytest.approx(paired_standard_error(right, correct()))
+    assert guard["accuracy_before"] - guard["accuracy_after"] > 0.05  # a fall the accuracy test keeps: 2.7 SE
     assert "harm guard: validation objective (val_dataloader)" in report.format_table()
     assert "warning: the first_order update lowered the validation accuracy" in report.format_table()
     assert any(not torch.equal(t, before[name]) for name, t in model.named_parameters())
@@ -125,6 +140,105 @@ def test_without_validation_data_the_guard_says_so_once(tiny_model):
         unlearn(model, TensorDataModule(with_val=False, with_retain=False), update=FirstOrder(0.001))
     skipped = [w for w in caught if "the harm guard is skipped: there is no validation data" in str(w.message)]
     assert len(skipped) == 1
+
+
+# ---------------------------------------------------------------- damage on a few samples
+# A rise of the mean loss carried by k samples is only about √k paired standard errors: the guard also refuses a
+# mean validation loss that more than doubles, and a significant fall of validation accuracy.
+SE_TEST = "raised the validation objective"  # the mean-loss test's wording
+
+
+@pytest.mark.parametrize("corrected", [True, False], ids=["corrected labels", "sample deletion"])
+def test_a_validation_loss_that_more_than_doubles_is_refused_whatever_its_standard_error(corrected, tiny_model):
+    model, _ = tiny_model  # 90 validation samples: 0.219 -> 0.575 (corrected) or 0.652, 1.3 or 1.6 standard errors
+    message = (
+        "the first_order update was refused by the harm guard.*the mean validation loss more than doubled "
+        "\\(0.219 → 0.[56]\\d+\\).*weights were restored.*Lower the fixed step.*harm_guard=False"
+    )
+    datamodule = TensorDataModule(with_corrected=corrected)
+    error = refused(model, datamodule, HarmfulUpdateError, message, update=FirstOrder(1.0), selection=["net.bn"])
+    assert SE_TEST not in str(error) and "validation accuracy fell" not in str(error)  # the doubling alone
+
+
+ACCURACY_FALLS = {  # validation accuracy falls by 10 to 16 points while the mean loss stays within noise
+    "fine-tune, flattest layer": (True, dict(update=FineTune(lr=3.0)), "100.0% to 84.4% \\(−15.6 points, 4.0 "),
+    "fixed step, sample deletion": (False, dict(update=FirstOrder(0.12), selection=["net.conv"]), "100.0% to 90.0%"),
+}
+
+
+@pytest.mark.parametrize("case", list(ACCURACY_FALLS))
+def test_a_significant_fall_of_validation_accuracy_is_refused(case, tiny_model):
+    model, _ = tiny_model  # the fine-tune lowers the mean loss (0.219 -> 0.174); the step raises it 1.1 SE
+    corrected, kwargs, numbers = ACCURACY_FALLS[case]
+    message = (
+        f"refused by the harm guard.*the validation accuracy fell from {numbers}.*paired standard errors of "
+        "per-sample correctness\\).*weights were restored.*harm_guard=False"
+    )
+    error = refused(model, TensorDataModule(with_corrected=corrected), HarmfulUpdateError, message, **kwargs)
+    assert SE_TEST not in str(error) and "more than doubled" not in str(error)  # the accuracy test alone
+
+
+def test_the_accuracy_fall_and_its_paired_standard_error_by_hand():
+    def measured(correct):  # per-sample correctness (0.5: half the tokens of a sequence right); one class
+        c = torch.tensor(correct, dtype=torch.float64)
+        losses, labels = torch.ones(len(c), dtype=torch.float64), torch.zeros(len(c), dtype=torch.long)
+        return SampleLosses(losses, labels, (c < 1).long(), c)  # predicted: class 1 (wrong) unless all right
+
+    before, after = [1, 1, 1, 0, 1, 0.5], [1, 0, 0, 1, 1, 0.25]
+    d = [a - b for a, b in zip(after, before)]
+    mean = sum(d) / 6
+    by_hand = math.sqrt(sum((v - mean) ** 2 for v in d) / 5 / 6)
+
+    def compare(rows, reduce=lambda t: t):
+        guard = HarmGuard([("validation", [])], "by hand")
+        guard.before = [measured([before[i] for i in rows])]
+        run = SimpleNamespace(num_classes=1, processes=SimpleNamespace(sum=reduce))
+        return guard._compare(run, [measured([after[i] for i in rows])])
+
+    whole = compare(range(6))
+    assert whole.accuracy_before == pytest.approx(4.5 / 6) and whole.accuracy_after == pytest.approx(3.25 / 6)
+    assert whole.accuracy_standard_error == pytest.approx(by_hand)
+    sums = []
+    compare(range(3, 6), reduce=lambda t: sums.append(t) or t)  # the other process's row of sums
+    two = compare(range(3), reduce=lambda t: t + sums[0])  # one all-reduce carries the correctness sums too
+    assert two.accuracy_standard_error == pytest.approx(by_hand) and two.accuracy_after == whole.accuracy_after
+    assert two.to_dict()["accuracy_standard_error"] == pytest.approx(by_hand)
+
+
+def test_per_sample_correctness_is_the_share_of_right_tokens_that_are_not_padding():
+    g = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(3, 5, 4, generator=g), torch.randint(0, 5, (3, 4), generator=g)
+    target[0, 2:] = -100
+
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            return logits[x] * self.weight
+
+    measured = sample_losses(Fixed(), [(torch.arange(3), target)])
+    right = logits.argmax(1) == target
+    by_hand = [float(right[i][target[i] != -100].double().mean()) for i in range(3)]
+    assert measured.correct.tolist() == pytest.approx(by_hand)
+
+
+def test_a_kept_update_reports_the_accuracy_the_guard_measured(tiny_model):
+    model, datamodule = tiny_model
+    x, y = datamodule.val  # all 90 of them: the guard's seeded subset holds up to 2048
+
+    def correct():
+        with torch.no_grad(), eval_mode(model):
+            return (model(x).argmax(1) == y).double()
+
+    before = correct()
+    report = unlearn(model, datamodule)
+    after, guard = correct(), report.harm_guard
+    assert guard["accuracy_before"] == pytest.approx(float(before.mean()))
+    assert guard["accuracy_after"] == pytest.approx(float(after.mean()))
+    assert guard["accuracy_standard_error"] == pytest.approx(paired_standard_error(before, after))
+    assert guard["fired"] == [] and guard["validation_loss_before"] == guard["before"]
 
 
 # ---------------------------------------------------------------- non-finite losses mid-update
@@ -304,6 +418,63 @@ def test_a_forget_loss_autograd_cannot_use_is_refused(cls, message, tiny_model):
     with pytest.raises(ValueError, match=message):
         cls(verbose=False).unlearn(model, datamodule)
     assert_same_state(model, before)
+
+
+# ---------------------------------------------------------------- blame where it belongs
+def same_bits(model, before):
+    """Every parameter and buffer holds the bytes it held (NaN included, which torch.equal calls unequal)."""
+    now = state(model)
+    assert now.keys() == before.keys()
+    for name, value in now.items():
+        assert torch.equal(value.reshape(-1).view(torch.uint8), before[name].reshape(-1).view(torch.uint8)), name
+
+
+def test_weights_that_are_not_finite_are_blamed_on_the_model(tiny_model):
+    model, datamodule = tiny_model
+    with torch.no_grad():
+        model.net.fc1.weight[0, :3] = float("nan")
+        model.net.fc2.bias[1] = float("inf")
+    before = state(model)
+    message = (
+        "the model's weights are not finite: net.fc1.weight holds 3 NaN or infinite entries \\(of 576\\), and 1 "
+        "other parameter too \\(net.fc2.bias\\).*checkpoint or model is broken"
+    )
+    with pytest.raises(ValueError, match=message) as raised:
+        unlearn(model, datamodule)
+    assert "loss_fn" not in str(raised.value)
+    same_bits(model, before)
+
+
+class InfiniteValidation(TensorDataModule):
+    def val_dataloader(self):
+        x = self.val[0].clone()
+        x[5] = float("inf")  # one image
+        return self._loader(x, self.val[1])
+
+
+@pytest.mark.parametrize("guard", [True, False], ids=["guard", "no guard"])
+def test_validation_data_that_is_not_finite_is_blamed_on_the_data(guard, tiny_model):
+    model, _ = tiny_model
+    message = "validation data \\(val_dataloader\\).*NaN or infinite.*the data is at fault, not the update"
+    error = refused(model, InfiniteValidation(), ValueError, message, harm_guard=guard)
+    assert ("before any update" in str(error)) is guard  # the guard measures it before; else found on failure
+
+
+class LazyBuffer(TinyClassifier):
+    """Registers a buffer on its first forward, as a model that caches a mask or counts its calls may."""
+
+    def forward(self, x):
+        if not hasattr(self, "seen"):
+            self.register_buffer("seen", torch.ones(()))
+        return super().forward(x)
+
+
+def test_a_buffer_created_during_the_run_does_not_hide_the_error(tiny_model):
+    fitted, datamodule = tiny_model
+    model = LazyBuffer()
+    model.load_state_dict(fitted.state_dict())
+    refused(model, datamodule, HarmfulUpdateError, "beyond 2 standard errors", update=FirstOrder(1e6))
+    assert not hasattr(model, "seen")  # removed: the model is as it was, its state_dict keys included
 
 
 # ---------------------------------------------------------------- files

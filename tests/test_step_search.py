@@ -40,9 +40,10 @@ def test_golden_search_is_within_noise_of_a_fine_grid_on_mnist():
     quiet_trainer(max_epochs=2, limit_val_batches=0).fit(model, datamodule)
     datamodule.setup("test")
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    report = SharpnessAwareUnlearning(selection=["net.fc1"], update=FirstOrder(ValidatedStep()), verbose=False).unlearn(
-        model, datamodule
-    )
+    # the search against a grid, not the guard (which refuses this τ: validation accuracy 78.0% -> 72.3%, 7 SE)
+    report = SharpnessAwareUnlearning(
+        selection=["net.fc1"], update=FirstOrder(ValidatedStep()), verbose=False, harm_guard=False
+    ).unlearn(model, datamodule)
     assert len(report.tau_search) <= 7 and report.validation_samples <= 4000  # τ = 0 and 6 points
 
     # the reference: a fine grid (41 values over the same range, and 0) on the whole validation set

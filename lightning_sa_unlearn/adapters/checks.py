@@ -14,7 +14,47 @@ from torch import Tensor, nn
 
 from lightning_sa_unlearn.curvature.losses import ignored_label, output_loss
 from lightning_sa_unlearn.data import checked_labels
-from lightning_sa_unlearn.functional import LossFn, batch_size, batches_for, eval_mode, take
+from lightning_sa_unlearn.functional import LossFn, batch_size, batches_for, eval_mode, split_batch, take
+
+
+@torch.no_grad()
+def check_finite_weights(model: nn.Module) -> None:
+    """Refuse, before any work, a model whose parameters hold NaN or inf: no loss on it is finite, and every
+    later message would blame the loss function, the data or the update instead."""
+    broken = [(name, int((~torch.isfinite(p)).sum()), p.numel()) for name, p in model.named_parameters()]
+    broken = [entry for entry in broken if entry[1]]
+    if not broken:
+        return
+    name, bad, size = broken[0]
+    others = [other for other, _, _ in broken[1:]]
+    also = f", and {len(others)} other parameter{'s' * (len(others) > 1)} too ({', '.join(others[:3])})"
+    raise ValueError(
+        f"the model's weights are not finite: {name} holds {bad} NaN or infinite entr{'y' if bad == 1 else 'ies'} "
+        f"(of {size}){also if others else ''}. The checkpoint or model is broken (its training diverged, or a "
+        "conversion or load failed); unlearning needs the fitted weights. Load a checkpoint from before the divergence."
+    )
+
+
+def non_finite_samples(batches: Iterable[Any]) -> int:
+    """How many samples of ``(inputs, targets)`` batches hold NaN or inf in a floating-point input tensor."""
+    count = 0
+    for batch in batches:
+        inputs, _ = split_batch(batch)
+        rows = [~torch.isfinite(t).reshape(len(t), -1).all(1) for t in _tensors(inputs) if t.is_floating_point()]
+        count += int(torch.stack(rows).any(0).sum()) if rows and len({len(r) for r in rows}) == 1 else 0
+    return count
+
+
+def _tensors(tree: Any) -> Iterator[Tensor]:
+    """The batched tensors inside a tensor, tuple, list or dict (nested)."""
+    if isinstance(tree, Tensor) and tree.ndim:
+        yield tree
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            yield from _tensors(value)
+    elif isinstance(tree, (tuple, list)):
+        for value in tree:
+            yield from _tensors(value)
 
 
 @torch.no_grad()
