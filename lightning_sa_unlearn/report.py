@@ -58,9 +58,11 @@ class UnlearningReport:
     """Why the first-order step replaced the second-order update (``SecondOrder(fallback=True)``), when it did."""
     harm_guard: dict[str, Any] | None = None
     """The harm guard's check (:mod:`~lightning_sa_unlearn.guard`): the validation objective ``before`` and
-    ``after``, the ``rise`` and its paired ``standard_error``, ``samples``, ``source``, and the ``warnings``
-    it gave (a kept rise under sample deletion, classes whose accuracy fell by more than 5 points).
-    None when the guard was off or had no validation data."""
+    ``after``, the ``rise`` and its paired ``standard_error``, ``samples``, ``source``, the validation
+    ``accuracy_before``/``accuracy_after`` with the ``accuracy_standard_error`` of their paired change, the mean
+    ``validation_loss_before``/``validation_loss_after`` of the validation data alone, the tests that ``fired``
+    on the kept update, and the ``warnings`` it gave (a kept rise under sample deletion, classes whose accuracy
+    fell by more than 5 points). None when the guard was off or had no validation data."""
     sharpness_standard_error: dict[str, float] = field(default_factory=dict)
     """Standard error of each layer's sharpness over curvature batches (:mod:`~lightning_sa_unlearn.curvature`)."""
     selection_trials: list[dict[str, Any]] | None = None
@@ -201,6 +203,11 @@ class UnlearningReport:
             f"({guard['rise']:+.3g}, {guard['rise_in_standard_errors']:+.1f} standard errors, "
             f"{guard['samples']} samples)"
         ]
+        if guard.get("accuracy_before") is not None and math.isfinite(guard["accuracy_before"]):
+            lines[0] += (
+                f"; validation accuracy {100 * guard['accuracy_before']:.2f}% -> "
+                f"{100 * guard['accuracy_after']:.2f}%"
+            )
         return lines + [f"warning: {warning}" for warning in guard.get("warnings", [])]
 
     def plot(self, path: str | os.PathLike) -> None:
