@@ -138,7 +138,15 @@ def new_cases(damping: float, samples: int | None, epochs: int, lr: float) -> di
 RENAMED = {"fine_tune_steps": "update_steps"}
 NOT_NEEDED = {"fine_tune": ["newton_decrement"], "fine_tune_adam_all": ["newton_decrement"]}
 # not in the old report
-ADDED = {"evaluations", "curvature_stop", "validation_samples", "curvature_notes", "update_details"}
+ADDED = {
+    "evaluations",
+    "curvature_stop",
+    "validation_samples",
+    "curvature_notes",
+    "update_details",
+    "update_fields",  # version 0.3: a custom part's own report fields
+    "selection_fields",
+}
 
 SETTING_CASES = {
     "synthetic": list(OLD_CASES),

@@ -46,6 +46,7 @@ from lightning_sa_unlearn.updates import (
     Solver,
     StepSize,
     Update,
+    UpdateResult,
     ValidatedStep,
     forget_gradient,
 )
@@ -87,6 +88,7 @@ __all__ = [
     "UnlearningReport",
     "UnlearningRun",
     "Update",
+    "UpdateResult",
     "ValidatedLayer",
     "ValidatedStep",
     "forget_gradient",

@@ -22,6 +22,7 @@ from lightning_sa_unlearn.data import Batches, Relabelled, ShuffledBatches, Unle
 from lightning_sa_unlearn.functional import LossFn
 from lightning_sa_unlearn.processes import Processes
 from lightning_sa_unlearn.selection import Measurements
+from lightning_sa_unlearn.trainers import quiet_trainer
 from lightning_sa_unlearn.updates import default_forget_loss, loss_sum
 
 FAST_DEV_RUN_SAMPLES = 64
@@ -73,8 +74,6 @@ class UnlearningRun:
         cls, model: nn.Module, datamodule: Any, *, loss_fn: LossFn, seed: int, adapter: BatchAdapter | None = None
     ) -> UnlearningRun:
         """A one-process run on ``model`` and the loaders of ``datamodule`` (for evaluations on their own)."""
-        from lightning_sa_unlearn.callback import quiet_trainer
-
         trainer = quiet_trainer(accelerator="cpu" if _device(model).type == "cpu" else "auto")
         adapter = adapter or BatchAdapter()
         data = UnlearningData.resolve(datamodule, model)

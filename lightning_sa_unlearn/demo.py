@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from lightning_sa_unlearn import GGN, PoisonedLabelDataModule, SharpnessAwareUnlearning
-from lightning_sa_unlearn.callback import quiet_trainer
 from lightning_sa_unlearn.curvature import default_curvature
 from lightning_sa_unlearn.models import PaperCNN
 from lightning_sa_unlearn.passes import unlearning_units
+from lightning_sa_unlearn.trainers import quiet_trainer
 
 
 def summary_table(report, target_class: int) -> str:

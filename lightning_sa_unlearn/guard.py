@@ -46,7 +46,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_sa_unlearn.data import limit_samples
-from lightning_sa_unlearn.guard_advice import advice
+from lightning_sa_unlearn.updates.base import Update, UpdateResult
 from lightning_sa_unlearn.validation_losses import (  # noqa: F401 (re-exported: imports from guard keep working)
     SampleLosses,
     mean_change,
@@ -58,8 +58,7 @@ from lightning_sa_unlearn.validation_losses import (  # noqa: F401 (re-exported:
 )
 
 if TYPE_CHECKING:
-    from lightning_sa_unlearn.pipeline import UnlearningRun
-    from lightning_sa_unlearn.updates import Update
+    from lightning_sa_unlearn.run_context import RunContext
     from lightning_sa_unlearn.updates.cached_features import StoredFeatures
 
 HARM_STANDARD_ERRORS = 2.0
@@ -206,7 +205,7 @@ class HarmGuard:
         self.stored: list[list[tuple[Tensor, Tensor]] | None] = [None] * len(parts)
 
     @classmethod
-    def start(cls, run: UnlearningRun, update: Update) -> HarmGuard | None:
+    def start(cls, run: RunContext, update: Update) -> HarmGuard | None:
         """The guard with the objective measured before the update; None when off or without validation data."""
         if not run.harm_guard:
             return None
@@ -227,7 +226,7 @@ class HarmGuard:
             guard.before = guard._measure(run, store=True)
         return guard
 
-    def check(self, run: UnlearningRun, update: Update, outcome: dict[str, Any] | None = None) -> GuardResult:
+    def check(self, run: RunContext, update: Update, outcome: UpdateResult | None = None) -> GuardResult:
         """Judge the update (see the module's rules): warn, or raise :class:`HarmfulUpdateError`."""
         with run.stage("harm_guard"):
             result = self._compare(run, self._measure(run))
@@ -261,7 +260,7 @@ class HarmGuard:
                 )
             raise HarmfulUpdateError(
                 f"{lead}{'; '.join(reasons.values())}{spread}. The weights were restored. "
-                f"{advice(update, outcome or {})} To keep such an update anyway, pass harm_guard=False."
+                f"{update.advice(outcome or UpdateResult())} To keep such an update anyway, pass harm_guard=False."
             )
         if deletion and result.rise > noise:
             result.fired.append("standard_errors")
@@ -284,7 +283,7 @@ class HarmGuard:
         return result
 
     # ------------------------------------------------------------------ internals
-    def _measure(self, run: UnlearningRun, store: bool = False) -> list[SampleLosses]:
+    def _measure(self, run: RunContext, store: bool = False) -> list[SampleLosses]:
         """Per-sample losses of every part; through the stored features while the layers below are unchanged."""
 
         def measure() -> list[SampleLosses]:
@@ -301,7 +300,7 @@ class HarmGuard:
 
         return run.processes.agree(measure)
 
-    def _compare(self, run: UnlearningRun, after: list[SampleLosses]) -> GuardResult:
+    def _compare(self, run: RunContext, after: list[SampleLosses]) -> GuardResult:
         classes = max(run.num_classes, 1)
         rows = []  # per part, the moments of the losses (9), a mismatch flag, the moments of the correctness (9)
         for b, a in zip(self.before, after):
@@ -370,7 +369,7 @@ def _classes(labels: Tensor, classes: int) -> Tensor:
     return labels.long().clamp(0, classes - 1)
 
 
-def _validation_parts(run: UnlearningRun) -> tuple[list[tuple[str, Iterable[Any]]], str]:
+def _validation_parts(run: RunContext) -> tuple[list[tuple[str, Iterable[Any]]], str]:
     """The data of the objective: the update's own validation data, or else val_dataloader or a retain slice."""
     share = math.ceil(GUARD_SAMPLES / run.processes.world_size)
     if run.validation_sample is not None:  # a random subset: the paired test needs few samples

@@ -26,31 +26,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._pytree import tree_leaves
-from torch.utils.hooks import RemovableHandle
 
+from lightning_sa_unlearn.counting import PASS_KINDS, UNLEARNING_STAGES, count_samples  # noqa: F401 (re-exported)
 from lightning_sa_unlearn.data import limit_samples
 
 PASS_UNITS = {"forward_backward": 1.0, "forward": 1 / 3}
 """Units per sample of the passes through the whole model."""
-PASS_KINDS = ("forward_backward", "forward", "forward_backward_above", "forward_above")
 CURVATURE_STAGES = ("curvature", "curvature_report")
-
-
-def count_samples(module: nn.Module, record: Callable[[str, int], None], suffix: str = "") -> RemovableHandle:
-    """A forward pre-hook calling ``record(kind + suffix, samples)`` for every batch ``module`` receives.
-
-    The kind is ``forward_backward`` with gradients on, ``forward`` otherwise. Calls inside ``vmap``
-    (per-example computations, whose batch dimension is hidden) are not counted.
-    """
-
-    def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
-        leaf = next((t for t in tree_leaves(args) if isinstance(t, torch.Tensor)), None)
-        if leaf is None or leaf.dim() == 0 or torch._C._functorch.is_batchedtensor(leaf):
-            return
-        record(("forward_backward" if torch.is_grad_enabled() else "forward") + suffix, leaf.shape[0])
-
-    return module.register_forward_pre_hook(hook)
 
 
 def stage_units(
@@ -132,7 +114,6 @@ def unlearning_units(
     trial rule's candidates had their own); under several processes, curvature units read in a round past
     the stopping one are counted in ``sample_passes`` but not priced here.
     """
-    from lightning_sa_unlearn.pipeline import UNLEARNING_STAGES
     from lightning_sa_unlearn.updates.cached_features import split_below
 
     chosen = list(limit_samples(batches, 2048))

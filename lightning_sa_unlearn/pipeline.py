@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -27,32 +27,27 @@ from torch import Tensor, nn
 
 from lightning_sa_unlearn.adapters.checks import check_finite_weights, non_finite_samples
 from lightning_sa_unlearn.context import UnlearningRun
-from lightning_sa_unlearn.curvature import GGN, SharpnessStatistics, selection_margin
+from lightning_sa_unlearn.counting import PASS_KINDS, UNLEARNING_STAGES, count_samples
+from lightning_sa_unlearn.curvature import GGN, selection_margin
 from lightning_sa_unlearn.data import Relabelled, check_aligned, limit_samples, training_set_size
 from lightning_sa_unlearn.evaluations import Evaluation
 from lightning_sa_unlearn.functional import require_trainable_parameters
 from lightning_sa_unlearn.guard import HarmGuard
-from lightning_sa_unlearn.passes import PASS_KINDS, count_samples
 from lightning_sa_unlearn.report import UnlearningReport
 from lightning_sa_unlearn.selection import (
-    Flattest,
     Measurements,
     Selected,
     Selection,
-    Sharpest,
     layer_sharpness,
     newton_decrement,
-    select_layers,
     trainable_layers,
 )
 from lightning_sa_unlearn.selection.trials import select_by_trial
-from lightning_sa_unlearn.updates import Update, ValidationSpec, forget_gradient
+from lightning_sa_unlearn.updates import Update, UpdateResult, ValidationSpec, forget_gradient
 
 REPORT_SAMPLES = 256
 """Curvature samples read for the report alone when no part chooses by curvature (``LastLayer``, ...)."""
 FINITE_CHECK_SAMPLES = 512
-UNLEARNING_STAGES = ("forget_gradient", "curvature", "selection", "update", "harm_guard")
-"""The unlearning itself; every other stage (evaluations, report-only curvature) is reporting."""
 
 
 def run_unlearning(
@@ -93,7 +88,7 @@ def _run_stages(
             run.gradient = _forget_gradient(run)
     if measure_curvature or selection.needs_curvature or update.needs_curvature:
         with run.stage("curvature"):
-            run.curvature_result = run.curvature.measure(run, _confident(selection, run.curvature.confidence))
+            run.curvature_result = run.curvature.measure(run, selection.stopping_rule(run.curvature.confidence))
         _warn_if_unsure(run, selection)
     else:  # nothing chooses by curvature: a small fixed sample, for the report's per-layer sharpness only
         with run.stage("curvature_report"):
@@ -106,18 +101,19 @@ def _run_stages(
         guard = HarmGuard.start(run, update)  # the validation objective per sample, before (None: guard off)
         with run.stage("selection"):
             selected, outcome, trials = select_by_trial(run, selection, update, layers, _measurements(run, layers))
-            margin = None
+            margin, selection_fields = None, {}
         with run.stage("update"), _frozen_except(run.model, run.names):
             _check_finite(run, update, outcome)
     else:
         with run.stage("selection"):
-            selected, margin = _select(run, selection, layers)
+            chosen, margin = _select(run, selection, layers)
+            selected, selection_fields = chosen.layers, chosen.report_fields
         guard = HarmGuard.start(run, update)  # before the update; the layers below the selection run once
         if update.needs_forget_gradient and run.gradient is None:  # back-propagated only as deep as the selection
             with run.stage("forget_gradient"), _frozen_except(run.model, run.names):
                 run.gradient = _forget_gradient(run)
         with run.stage("update"), _frozen_except(run.model, run.names):
-            outcome = update.apply(run)
+            outcome = UpdateResult.of(update.apply(run))
             _check_finite(run, update, outcome)
     guarded = guard.check(run, update, outcome) if guard is not None else None  # raises on a harmful update
     evaluate("after")
@@ -129,12 +125,12 @@ def _run_stages(
         for name, value in evaluation.report_fields(stages).items():
             fields[name] = {**fields.get(name, {}), **value} if name == "evaluations" else value
     measured = run.measurements
-    uses_validation = outcome.get("tau_search") or update.validation() is not None and "tau" not in outcome
+    uses_validation = outcome.tau_search or update.validation() is not None and outcome.tau is None
     return UnlearningReport(
         layer_sharpness=measured.sharpness or {},
         selected_layers=selected,
         num_updated_parameters=_count_updated(run.model, run.names, run.masks),
-        tau=outcome.get("tau"),
+        tau=outcome.tau,
         seconds=run.seconds,
         update=update.name,
         selection=selection.name,
@@ -142,17 +138,19 @@ def _run_stages(
         curvature_samples=run.curvature_result.samples if run.curvature_result else 0,
         curvature_stop=run.curvature_result.stop if run.curvature_result else None,
         curvature_notes=list(run.curvature_result.notes) if run.curvature_result else [],
-        tau_search=outcome.get("tau_search", []),
+        tau_search=outcome.tau_search,
         validation_source=run.validation_source if uses_validation else None,
-        validation_samples=outcome.get("validation_samples"),
-        update_steps=outcome.get("steps"),
-        update_details=outcome.get("details"),
+        validation_samples=outcome.validation_samples,
+        update_steps=outcome.steps,
+        update_details=outcome.details,
         granularity=selection.granularity,
         newton_decrement=run.decrement or {},
         sharpness_standard_error=measured.standard_errors or {},
         selection_margin=margin,
-        solver=outcome.get("solver"),
-        fallback=outcome.get("fallback"),
+        solver=outcome.solver,
+        fallback=outcome.fallback,
+        update_fields=outcome.report_fields,
+        selection_fields=selection_fields,
         selection_trials=trials,
         harm_guard=guarded.to_dict() if guarded is not None else None,
         sample_passes=_summed_passes(run),
@@ -201,7 +199,7 @@ def _measurements(run: UnlearningRun, layers: dict[str, list[str]]) -> Measureme
     return measured
 
 
-def _select(run: UnlearningRun, selection: Selection, layers: dict[str, list[str]]) -> tuple[list[str], Any]:
+def _select(run: UnlearningRun, selection: Selection, layers: dict[str, list[str]]) -> tuple[Selected, Any]:
     """Apply the rule to what was measured; set ``run.names`` and ``run.masks``; returns the layers and margin."""
     result, measured = run.curvature_result, _measurements(run, layers)
     chosen = run.processes.broadcast(run.processes.agree(lambda: selection.select(measured)))
@@ -230,32 +228,19 @@ def _select(run: UnlearningRun, selection: Selection, layers: dict[str, list[str
             f"curvature estimate ({run.curvature.name}, {result.samples} samples): another sample could "
             "select the other layer. Raise the curvature's samples (or num_probes / labels_per_example)."
         )
-    return chosen.layers, margin
-
-
-def _confident(selection: Selection, confidence: float) -> Callable[[SharpnessStatistics], bool] | None:
-    """For rules that rank the sharpness: whether the pick leads the runner-up by ``confidence`` standard errors."""
-    if not isinstance(selection, (Flattest, Sharpest)):
-        return None
-    rule = selection.name
-
-    def confident(statistics: SharpnessStatistics) -> bool:
-        means = statistics.means()
-        picked = select_layers(means, rule, selection.num_layers)
-        margin = selection_margin(means, statistics, picked, rule)
-        return margin is None or margin["lead_in_standard_errors"] >= confidence  # None: every layer picked
-
-    return confident
+    return chosen, margin
 
 
 def _warn_if_unsure(run: UnlearningRun, selection: Selection) -> None:
     result = run.curvature_result
-    if result.stop != "maximum reached" or _confident(selection, run.curvature.confidence) is None:
+    confident = selection.stopping_rule(run.curvature.confidence)
+    if result.stop != "maximum reached" or confident is None or confident(result.statistics):
         return
     means = result.statistics.means()
-    margin = selection_margin(
-        means, result.statistics, select_layers(means, selection.name, selection.num_layers), selection.name
-    )
+    picked = selection.select(Measurements(run.model, {}, sharpness=means)).layers
+    margin = selection_margin(means, result.statistics, picked, selection.name)
+    if margin is None:
+        return
     rank_zero_warn(
         f"curvature read its maximum of {result.samples} samples without the selected layer "
         f"{margin['selected']!r} leading the runner-up {margin['runner_up']!r} by {run.curvature.confidence:g} "
@@ -280,13 +265,13 @@ def _prepare_validation(run: UnlearningRun, update: Update, selection: Selection
         run.validation_source = f"{run.validation_source} + forget inputs with corrected labels"
 
 
-def _check_finite(run: UnlearningRun, update: Update, outcome: dict[str, Any]) -> None:
+def _check_finite(run: UnlearningRun, update: Update, outcome: UpdateResult) -> None:
     """Finite selected parameters, and a finite loss on a few hundred validation samples (or the forget set).
 
     A step-size search that measured the validation objective at the final weights (``objective_after``, on
     its own subset) has that value checked instead of a new pass.
     """
-    after = outcome.get("objective_after")
+    after = outcome.objective_after
     sample = run.validation_sample if run.validation_sample is not None else run.forget
     if after is None:
         after = run.mean_loss(run.model, list(limit_samples(sample, FINITE_CHECK_SAMPLES)))

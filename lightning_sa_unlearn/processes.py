@@ -5,9 +5,8 @@ With one process every method is the identity.
 
 from __future__ import annotations
 
-import atexit
+import collections
 import contextlib
-import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -27,20 +26,18 @@ class Processes:
                 f"the trainer has {self.world_size} processes but no process group is running. Under DDP, "
                 "attach the callback to trainer.fit, or use `sa-unlearn unlearn`, so that it runs in every process."
             )
-        if self.world_size > 1:
-            _destroy_process_group_at_exit()
 
     def sum(self, value: Tensor) -> Tensor:
         if self.world_size == 1:
             return value
         with _peer_failures():
-            return self.strategy.reduce(value.to(self.device), reduce_op="sum")
+            return _kept(self.strategy.reduce(value.to(self.device), reduce_op="sum"))
 
     def min(self, value: int) -> int:
         if self.world_size == 1:
             return value
         with _peer_failures():
-            return int(self.strategy.reduce(torch.tensor(value, device=self.device), reduce_op="min"))
+            return int(_kept(self.strategy.reduce(torch.tensor(value, device=self.device), reduce_op="min")))
 
     def sum_tree(self, tree: dict[str, Tensor]) -> dict[str, Tensor]:
         """All-reduce a dict of tensors with one collective (flattened into one buffer)."""
@@ -80,26 +77,23 @@ class Processes:
         return result
 
 
-@functools.cache
-def _destroy_process_group_at_exit() -> None:
-    """Destroy the process group at interpreter exit, before finalization (once per process).
+_RECENT_COLLECTIVES: collections.deque[Tensor] = collections.deque(maxlen=4)
 
-    Without it a ``ddp_spawn`` worker sometimes aborted after its work ("terminate called without an active
-    exception", SIGABRT; about 1 run in 25 on a loaded machine). gloo's worker thread drops its reference to
-    a finished collective (here the last ``agree``) a little after ``wait()`` returns; the tensors in it have
-    Python objects, so the drop takes the GIL. When the process is already in ``Py_FinalizeEx`` by then,
-    taking the GIL ends the thread with ``pthread_exit``, whose unwinding through the work's ``noexcept``
-    destructor calls ``std::terminate``. Lightning never destroys a gloo group (only NCCL, at exit), and
-    spawned workers end with ``sys.exit``. ``atexit`` runs before finalization; ``destroy_process_group``
-    joins gloo's threads with the GIL released and needs no peer, so no barrier (which would hang at the
-    exit of a process whose peer failed).
+
+def _kept(reduced: Tensor) -> Tensor:
+    """Hold the tensor of one of the last few collectives in Python until the next ones replace it.
+
+    Workaround for an abort at the exit of a ``ddp_spawn`` worker (``terminate called without an active
+    exception``, SIGABRT, about 1 run in 25 under load; issue #21). gloo's worker thread drops its reference
+    to a finished all-reduce a little after ``wait()`` returns. If Python has dropped its own reference to
+    the tensor by then, that drop frees the tensor's Python object, which needs the GIL; when the worker
+    process is already in ``Py_FinalizeEx``, taking the GIL ends the thread with ``pthread_exit``, whose
+    unwinding through a ``noexcept`` destructor calls ``std::terminate`` (seen in a core dump: the last
+    collective is the ``agree`` at the end of a run). With Python still holding the tensor, gloo's drop
+    frees nothing. (Destroying the process group at exit does not help: its threads outlive the call.)
     """
-
-    def destroy() -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-    atexit.register(destroy)
+    _RECENT_COLLECTIVES.append(reduced)
+    return reduced
 
 
 PEER_FAILED = "another process failed while unlearning (its error is in its log); the weights were restored."

@@ -49,6 +49,10 @@ class UnlearningReport:
     update_details: dict[str, Any] | None = None
     """What the update read: ``FineTune``'s ``retain_samples`` and ``cached_below``, the last frozen
     module whose outputs it stored (None: every epoch ran the whole model)."""
+    update_fields: dict[str, Any] = field(default_factory=dict)
+    """Fields a custom update reported under its own names (:attr:`UpdateResult.report_fields`)."""
+    selection_fields: dict[str, Any] = field(default_factory=dict)
+    """Fields a custom selection reported under its own names (:attr:`Selected.report_fields`)."""
     granularity: str = "layer"
     newton_decrement: dict[str, float] = field(default_factory=dict)
     """Per-layer predicted decrease of the forget loss, Σ g²/(H_ii + λ) / |layer| (the ``newton_decrement`` rule)."""
@@ -205,8 +209,7 @@ class UnlearningReport:
         ]
         if guard.get("accuracy_before") is not None and math.isfinite(guard["accuracy_before"]):
             lines[0] += (
-                f"; validation accuracy {100 * guard['accuracy_before']:.2f}% -> "
-                f"{100 * guard['accuracy_after']:.2f}%"
+                f"; validation accuracy {100 * guard['accuracy_before']:.2f}% -> {100 * guard['accuracy_after']:.2f}%"
             )
         return lines + [f"warning: {warning}" for warning in guard.get("warnings", [])]
 

@@ -107,7 +107,7 @@ def test_unlearn_under_ddp_spawn_writes_the_same_checkpoint(fitted, tmp_path):
     common = ["--config", str(cfg), "--ckpt_path", str(ckpt), *fixed]
     main(["unlearn", *common, "--output_path", str(single)])
     spawned = ["--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"]
-    # no retry: the SIGABRT at a worker's exit (gloo, issue #21 item 10) is fixed in processes.py
+    # no retry: the abort at a worker's exit (gloo, issue #21) is worked around in processes._kept
     main(["unlearn", *common, "--output_path", str(double), *spawned])
     one, two = (torch.load(p, weights_only=True)["state_dict"] for p in (single, double))
     for name in one:

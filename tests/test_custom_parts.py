@@ -10,9 +10,11 @@ from lightning_sa_unlearn import (
     GGN,
     Curvature,
     Evaluation,
+    Selected,
     Selection,
     SharpnessAwareUnlearning,
     Update,
+    UpdateResult,
 )
 from lightning_sa_unlearn.cli import SAUnlearnCLI, UnlearningTrainer
 
@@ -162,3 +164,56 @@ def test_custom_parts_from_a_yaml_config(tiny_model, tmp_path, monkeypatch):
     in_python = custom_callback().unlearn(reference, datamodule)
     assert_same_state(model, state(reference))
     assert from_yaml.evaluations == in_python.evaluations and from_yaml.layer_sharpness == in_python.layer_sharpness
+
+
+class StopAtSamples(Selection):
+    """The first layer; its own stopping rule ends the curvature pass once it has read ``samples`` samples."""
+
+    needs_curvature = True
+
+    def __init__(self, samples: int) -> None:
+        self.samples, self.seen = samples, []
+
+    def stopping_rule(self, confidence):
+        def enough(statistics):
+            read = int(statistics.state["sum_n"])
+            self.seen.append(read)
+            return read >= self.samples
+
+        return enough
+
+    def select(self, measured):
+        return Selected([next(iter(measured.layers))], report_fields={"first_layer": next(iter(measured.layers))})
+
+
+class NoisyStep(SignStep):
+    """A sign step that reports its own fields under its own names."""
+
+    def apply(self, run):
+        super().apply(run)
+        return UpdateResult(tau=self.eta, report_fields={"direction": "sign", "eta": self.eta})
+
+
+def test_a_custom_stopping_rule_and_custom_report_fields_reach_the_report(tiny_model):
+    model, datamodule = tiny_model
+    selection = StopAtSamples(samples=100)
+    curvature = GGN(max_samples=10_000, min_batches=1)
+    callback = SharpnessAwareUnlearning(curvature, selection, NoisyStep(0.001), harm_guard=False, verbose=False)
+    report = callback.unlearn(model, datamodule)
+    # the pass checks the rule after each unit of 64 samples and stopped at the first past 100, not at the maximum
+    assert selection.seen == [64, 128] and report.curvature_samples == 128 and report.curvature_stop == "confident"
+    assert report.selection_fields == {"first_layer": "net.conv"}
+    assert report.update_fields == {"direction": "sign", "eta": 0.001} and report.tau == 0.001
+    assert report.to_dict()["update_fields"] == {"direction": "sign", "eta": 0.001}
+
+
+def test_an_update_returning_a_dict_keeps_working_and_its_own_keys_are_reported(tiny_model):
+    class DictStep(SignStep):
+        def apply(self, run):
+            super().apply(run)
+            return {"tau": self.eta, "steps": 1, "kind": "dict"}
+
+    model, datamodule = tiny_model
+    report = SharpnessAwareUnlearning(selection="last", update=DictStep(0.001), harm_guard=False,
+                                      verbose=False).unlearn(model, datamodule)  # fmt: skip
+    assert report.tau == 0.001 and report.update_steps == 1 and report.update_fields == {"kind": "dict"}

@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_sa_unlearn.curvature.functional import hessian_diagonal_sum
-from lightning_sa_unlearn.selection.functional import select_layers, trainable_layers
+from lightning_sa_unlearn.selection.functional import (  # noqa: F401 (selection_margin: re-exported)
+    selection_margin,
+    trainable_layers,
+)
 
 
 class SharpnessStatistics:
@@ -105,37 +109,18 @@ def sharpness_with_standard_errors(
     return statistics.means(), statistics.standard_errors()
 
 
-def _in_standard_errors(lead: float, error: float) -> float:
-    """``lead / error``; NaN without an error estimate (one batch); 0 for an exact tie; inf for a sure lead."""
-    if math.isnan(error):
-        return math.nan
-    if error == 0:
-        return math.inf if lead > 0 else 0.0
-    return lead / error
+@dataclass
+class CurvatureResult:
+    """What a curvature pass measured: the diagonal, the samples it read (once each), batch statistics.
 
-
-def selection_margin(
-    sharpness: dict[str, float], statistics: SharpnessStatistics, selected: list[str], rule: Any
-) -> dict[str, Any] | None:
-    """How far the last selected layer leads the best unselected one, in standard errors.
-
-    For ``"flattest"`` and ``"sharpest"`` only (other rules do not rank the sharpness); None otherwise,
-    when every layer is selected, or when ``selected`` is not what the rule picks (an overridden
-    ``select_layers``).
+    ``stop`` says why reading stopped: ``"confident"`` (the selection's lead reached ``confidence``
+    standard errors), ``"maximum reached"``, ``"data exhausted"``, ``"fixed count"`` (``samples`` was
+    given) or ``"report only"`` (no part needed curvature; a small sample for the report).
     """
-    if rule not in ("flattest", "sharpest") or len(selected) >= len(sharpness):
-        return None
-    if sorted(selected) != sorted(select_layers(sharpness, rule, len(selected))):
-        return None
-    sign = 1.0 if rule == "flattest" else -1.0
-    last = max(selected, key=lambda layer: sign * sharpness[layer])
-    runner_up = min((layer for layer in sharpness if layer not in selected), key=lambda layer: sign * sharpness[layer])
-    lead = sign * (sharpness[runner_up] - sharpness[last])
-    error = statistics.difference_standard_error(runner_up, last)
-    return {
-        "selected": last,
-        "runner_up": runner_up,
-        "lead": lead,
-        "standard_error": error,
-        "lead_in_standard_errors": _in_standard_errors(lead, error),
-    }
+
+    diagonal: dict[str, Tensor]
+    samples: int
+    statistics: SharpnessStatistics
+    stop: str = "fixed count"
+    notes: list[str] = field(default_factory=list)
+    """What the estimate is not (:meth:`Curvature.notes`); the report's ``curvature_notes``."""

@@ -7,14 +7,13 @@ over at most ``samples`` training samples. The maths is in :mod:`~lightning_sa_u
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_sa_unlearn.curvature.confidence import SharpnessStatistics
+from lightning_sa_unlearn.curvature.confidence import CurvatureResult, SharpnessStatistics
 from lightning_sa_unlearn.curvature.functional import (
     EXACT_MAX_PARAMETERS,
     MAX_CLASSES,
@@ -29,24 +28,7 @@ from lightning_sa_unlearn.data import sample_units, sized
 from lightning_sa_unlearn.functional import LossFn, trainable_parameters
 
 if TYPE_CHECKING:
-    from lightning_sa_unlearn.pipeline import UnlearningRun
-
-
-@dataclass
-class CurvatureResult:
-    """What a curvature pass measured: the diagonal, the samples it read (once each), batch statistics.
-
-    ``stop`` says why reading stopped: ``"confident"`` (the selection's lead reached ``confidence``
-    standard errors), ``"maximum reached"``, ``"data exhausted"``, ``"fixed count"`` (``samples`` was
-    given) or ``"report only"`` (no part needed curvature; a small sample for the report).
-    """
-
-    diagonal: dict[str, Tensor]
-    samples: int
-    statistics: SharpnessStatistics
-    stop: str = "fixed count"
-    notes: list[str] = field(default_factory=list)
-    """What the estimate is not (:meth:`Curvature.notes`); the report's ``curvature_notes``."""
+    from lightning_sa_unlearn.run_context import RunContext
 
 
 class Curvature:
@@ -171,7 +153,7 @@ class Curvature:
         )
 
     def measure(
-        self, run: UnlearningRun, confident: Callable[[SharpnessStatistics], bool] | None = None
+        self, run: RunContext, confident: Callable[[SharpnessStatistics], bool] | None = None
     ) -> CurvatureResult:
         """Read the training set (see the class docstring); ``confident(statistics)`` decides when to stop."""
         self._path = _Choice()  # the first unit's checks choose the computation path for every later unit
@@ -187,7 +169,7 @@ class Curvature:
             self._path = None
 
     def _measure_sequentially(
-        self, run: UnlearningRun, units: list[Tensor], confident: Callable[[SharpnessStatistics], bool] | None
+        self, run: RunContext, units: list[Tensor], confident: Callable[[SharpnessStatistics], bool] | None
     ) -> CurvatureResult:
         """Units until the selection is confident (:mod:`~lightning_sa_unlearn.curvature.sequential`)."""
         total, count, statistics, stop = read_until_confident(self, run, units, confident)
@@ -195,7 +177,7 @@ class Curvature:
             run, total, count, run.processes.world_size if self.probe_parallel else 1, statistics, stop
         )
 
-    def _measure_fixed(self, run: UnlearningRun, samples: int | None) -> CurvatureResult:
+    def _measure_fixed(self, run: RunContext, samples: int | None) -> CurvatureResult:
         """Per-process sums on disjoint shards, all-reduced (probe-parallel: averaged copies)."""
         processes, model = run.processes, run.model
         shard = dict(rank=0, world_size=1) if self.probe_parallel else {}
@@ -229,7 +211,7 @@ class Curvature:
 
     def _reduced(
         self,
-        run: UnlearningRun,
+        run: RunContext,
         local: dict[str, Tensor] | None,
         count: int,
         copies: int,

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from lightning_sa_unlearn.curvature.losses import BatchLoss, OutputLoss, _describe, _require_scalar
+from lightning_sa_unlearn.curvature.loss_base import BatchLoss, OutputLoss, _describe, _require_scalar
 
 _ELEMENTS_PER_TANGENT_CHUNK = 2**22
 """The generic rule's Hessian columns are computed in chunks of tangents holding about this many numbers."""

@@ -30,14 +30,19 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
+from lightning_sa_unlearn.curvature.generic_loss import GenericLoss
+from lightning_sa_unlearn.curvature.loss_base import (  # noqa: F401 (re-exported)
+    BatchLoss,
+    LossFn,
+    OutputLoss,
+    _describe,
+    _require_scalar,
+)
 
 
 def output_loss(loss_fn: LossFn) -> OutputLoss:
@@ -89,57 +94,6 @@ def ignored_label(loss_fn: LossFn) -> int | None:
     """The label that ``loss_fn`` skips (cross-entropy's and nll_loss's ``ignore_index``), or None."""
     rule = output_loss(loss_fn)
     return rule.ignore_index if isinstance(rule, CrossEntropyLoss) else None
-
-
-class OutputLoss:
-    """How one loss curves in the model's outputs; :meth:`batch` gives the rows for one batch."""
-
-    name = "generic"
-    samples_labels = True
-    """False where ``mc_ggn`` has no distribution to sample from (the generic rule)."""
-
-    def __init__(self, loss_fn: LossFn) -> None:
-        self.loss_fn = loss_fn
-
-    def plain_cross_entropy(self, targets: Tensor) -> bool:
-        """True where the original per-example path serves: unweighted cross-entropy on ``[N, C]`` with labels."""
-        return False
-
-    def batch(self, logits: Tensor, targets: Tensor) -> BatchLoss:
-        raise NotImplementedError
-
-
-class BatchLoss:
-    """The rows of one batch: ``factor`` (exact), ``sampled`` (Monte-Carlo), ``gradient`` (empirical Fisher).
-
-    Each returns ``[n, rows, *output shape]`` for the examples in ``part``.
-    """
-
-    def __init__(self, loss: OutputLoss, logits: Tensor, targets: Tensor) -> None:
-        self.loss, self.logits, self.targets = loss, logits.detach(), targets
-        self._gradient: Tensor | None = None
-
-    @property
-    def outputs(self) -> int:
-        """Output entries per example."""
-        return self.logits[0].numel()
-
-    def factor(self, part: slice) -> Tensor:
-        raise NotImplementedError
-
-    def sampled(self, part: slice, num_samples: int, generator: torch.Generator | None) -> Tensor:
-        raise NotImplementedError
-
-    def gradient(self, part: slice) -> Tensor:
-        """``N_b ∇_{f_n} L_b``: the gradient of example n's term of the batch loss, one row."""
-        if self._gradient is None:
-            with torch.enable_grad():
-                logits = self.logits.clone().requires_grad_()
-                loss = self.loss.loss_fn(logits, self.targets)
-                _require_scalar(loss)
-                (gradient,) = torch.autograd.grad(loss * logits.shape[0], logits, allow_unused=True)
-            self._gradient = torch.zeros_like(logits) if gradient is None else gradient.detach()
-        return self._gradient[part].unsqueeze(1)
 
 
 class CrossEntropyLoss(OutputLoss):
@@ -311,18 +265,6 @@ class _DiagonalBatch(BatchLoss):
         return signs * root[:, None] / math.sqrt(num_samples)
 
 
-def _require_scalar(loss: Any) -> None:
-    if not isinstance(loss, Tensor) or loss.dim() != 0:
-        raise ValueError(
-            "loss_fn(logits, targets) must return the batch MEAN as a scalar tensor (reduction='mean'), got "
-            f"{type(loss).__name__}{'' if not isinstance(loss, Tensor) else f' of shape {tuple(loss.shape)}'}."
-        )
-
-
-def _describe(loss_fn: LossFn) -> str:
-    return getattr(loss_fn, "__name__", None) or type(loss_fn).__name__
-
-
 def _rademacher(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
     device = generator.device if generator is not None else like.device
     signs = torch.randint(0, 2, shape, generator=generator, device=device)
@@ -330,10 +272,7 @@ def _rademacher(shape: tuple[int, ...], like: Tensor, generator: torch.Generator
 
 
 def _generic(loss_fn: LossFn) -> OutputLoss:
-    """The generic rule (:class:`~lightning_sa_unlearn.curvature.generic_loss.GenericLoss`), which subclasses
-    :class:`OutputLoss` and so is imported here, on first use."""
-    from lightning_sa_unlearn.curvature.generic_loss import GenericLoss
-
+    """The generic rule (:class:`~lightning_sa_unlearn.curvature.generic_loss.GenericLoss`)."""
     return GenericLoss(loss_fn)
 
 

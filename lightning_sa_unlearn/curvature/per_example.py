@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, grad, vjp, vmap
 
-from lightning_sa_unlearn.curvature import ggn_fast
+import lightning_sa_unlearn.curvature.ggn_fast as ggn_fast
 from lightning_sa_unlearn.curvature.losses import BatchLoss, output_loss, require_finite_probabilities
 from lightning_sa_unlearn.curvature.second_derivatives import _batched_grad, _Choice
 from lightning_sa_unlearn.functional import LossFn, batch_size, chunks, stateless_logits, take, tree_add_

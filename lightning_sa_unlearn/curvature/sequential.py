@@ -12,7 +12,7 @@ past it are dropped. So one process and several keep the same units and stop at 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -22,13 +22,12 @@ from lightning_sa_unlearn.data import dataset_size, unit_batch
 from lightning_sa_unlearn.functional import tree_add_
 
 if TYPE_CHECKING:
-    from lightning_sa_unlearn.curvature.estimators import Curvature
-    from lightning_sa_unlearn.pipeline import UnlearningRun
+    from lightning_sa_unlearn.run_context import RunContext
 
 
 def read_until_confident(
-    estimator: Curvature,
-    run: UnlearningRun,
+    estimator: Any,
+    run: RunContext,
     units: list[Tensor],
     confident: Callable[[SharpnessStatistics], bool] | None,
 ) -> tuple[dict[str, Tensor] | None, int, SharpnessStatistics, str]:

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_sa_unlearn.functional import LossFn, eval_mode
+from lightning_sa_unlearn.functional import LossFn
 
 if TYPE_CHECKING:
     from lightning_sa_unlearn.adapters import BatchAdapter
-    from lightning_sa_unlearn.pipeline import UnlearningRun
+    from lightning_sa_unlearn.run_context import RunContext
 
 
 class Evaluation:
@@ -26,10 +25,10 @@ class Evaluation:
     """Its entry in the report's ``seconds`` (and in ``evaluations`` for a custom one)."""
     stages: ClassVar[tuple[str, ...]] = ("before", "after")
 
-    def check(self, run: UnlearningRun) -> None:
+    def check(self, run: RunContext) -> None:
         """Fail before any work when the data contract lacks what this evaluation reads."""
 
-    def measure(self, run: UnlearningRun) -> dict[str, Any]:
+    def measure(self, run: RunContext) -> dict[str, Any]:
         raise NotImplementedError(f"{type(self).__name__} must implement measure(run).")
 
     def report_fields(self, results: dict[str, Any]) -> dict[str, Any]:
@@ -45,17 +44,14 @@ class Evaluation:
         seed: int = 0,
         batch_adapter: BatchAdapter | None = None,
     ) -> dict[str, Any]:
-        """Measure ``model`` on the data of ``datamodule`` (then ``model``) in this process alone.
+        """Measure ``model`` on the data of ``datamodule`` (then ``model``) in this process alone: a shorthand for
+        :func:`lightning_sa_unlearn.standalone.evaluate`, which builds the one-process run the part reads.
 
         ``batch_adapter``: how batches and logits are read, as on the callback (default: ``(x, y)`` tuples).
         """
-        from lightning_sa_unlearn.pipeline import UnlearningRun
+        from lightning_sa_unlearn.standalone import evaluate  # orchestration: imported on use, never at import
 
-        run = UnlearningRun.standalone(model, datamodule, loss_fn=loss_fn, seed=seed, adapter=batch_adapter)
-        self.check(run)
-        with torch.inference_mode(False), torch.enable_grad(), run.seeded(), eval_mode(model):
-            run.build_batches()
-            return self.measure(run)
+        return evaluate(self, model, datamodule, loss_fn=loss_fn, seed=seed, batch_adapter=batch_adapter)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"

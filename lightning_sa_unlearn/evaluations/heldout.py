@@ -11,7 +11,7 @@ from lightning_sa_unlearn.evaluations.base import Evaluation
 from lightning_sa_unlearn.evaluations.metrics import ClassificationMetrics
 
 if TYPE_CHECKING:
-    from lightning_sa_unlearn.pipeline import UnlearningRun
+    from lightning_sa_unlearn.run_context import RunContext
 
 
 class HeldOutMetrics(Evaluation):
@@ -24,7 +24,7 @@ class HeldOutMetrics(Evaluation):
 
     key = "evaluation"
 
-    def check(self, run: UnlearningRun) -> None:
+    def check(self, run: RunContext) -> None:
         if run.data.triggered_test is not None and run.target_class is None:
             raise ValueError(
                 "triggered_test_dataloader() is defined but the datamodule has no target_class; set "
@@ -33,7 +33,7 @@ class HeldOutMetrics(Evaluation):
         if run.data.test is None:
             rank_zero_warn("no test_dataloader(): the report will have no held-out metrics.")
 
-    def measure(self, run: UnlearningRun) -> dict[str, Any]:
+    def measure(self, run: RunContext) -> dict[str, Any]:
         def metric(target_class: int | None = None) -> ClassificationMetrics:
             return ClassificationMetrics(run.num_classes, target_class, loss_fn=run.loss_fn)
 

@@ -24,7 +24,7 @@ from lightning_sa_unlearn.evaluations.base import Evaluation
 from lightning_sa_unlearn.functional import batches_for, eval_mode
 
 if TYPE_CHECKING:
-    from lightning_sa_unlearn.pipeline import UnlearningRun
+    from lightning_sa_unlearn.run_context import RunContext
 
 
 @torch.no_grad()
@@ -159,13 +159,13 @@ class MembershipInference(Evaluation):
             raise ValueError(f"samples must be >= 4 (the attacker needs two of each kind per half), got {samples}.")
         self.samples = samples
 
-    def check(self, run: UnlearningRun) -> None:
+    def check(self, run: RunContext) -> None:
         if run.data.retain is None or run.data.test is None:
             raise ValueError(
                 "MembershipInference needs retain_dataloader() (members) and test_dataloader() (non-members)."
             )
 
-    def measure(self, run: UnlearningRun) -> dict[str, float]:
+    def measure(self, run: RunContext) -> dict[str, float]:
         data = run.data
         retain, test, forget = (
             run.whole(data.retain, "retain"),

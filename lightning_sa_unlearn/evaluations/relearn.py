@@ -20,7 +20,7 @@ from lightning_sa_unlearn.evaluations.metrics import ClassificationMetrics
 from lightning_sa_unlearn.functional import LossFn, batches_for, concatenate, eval_mode, split_batch, take
 
 if TYPE_CHECKING:
-    from lightning_sa_unlearn.pipeline import UnlearningRun
+    from lightning_sa_unlearn.run_context import RunContext
 
 
 def first_samples(batches: Iterable[Any], num_samples: int) -> tuple[Any, Tensor]:
@@ -132,7 +132,7 @@ class RelearnAttack(Evaluation):
             raise ValueError(f"RelearnAttack needs samples >= 1, steps >= 1 and lr > 0; got {samples}, {steps}, {lr}.")
         self.samples, self.steps, self.lr = samples, steps, lr
 
-    def measure(self, run: UnlearningRun) -> dict[str, Any]:
+    def measure(self, run: RunContext) -> dict[str, Any]:
         data = run.data
         return run.processes.on_rank_zero(
             lambda: relearn_evaluation(

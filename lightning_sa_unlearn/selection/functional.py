@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -127,3 +128,42 @@ def top_fraction(scores: dict[str, Tensor], fraction: float, largest: bool) -> d
         if mask.any():
             masks[name] = mask
     return masks
+
+
+def selection_margin(
+    sharpness: dict[str, float], statistics: Any, selected: list[str], rule: Any
+) -> dict[str, Any] | None:
+    """How far the last selected layer leads the best unselected one, in standard errors.
+
+    ``statistics`` gives ``difference_standard_error(a, b)``, the standard error of ``sharpness[a] −
+    sharpness[b]`` (:class:`~lightning_sa_unlearn.curvature.SharpnessStatistics`).
+
+    For ``"flattest"`` and ``"sharpest"`` only (other rules do not rank the sharpness); None otherwise,
+    when every layer is selected, or when ``selected`` is not what the rule picks (an overridden
+    ``select_layers``).
+    """
+    if rule not in ("flattest", "sharpest") or len(selected) >= len(sharpness):
+        return None
+    if sorted(selected) != sorted(select_layers(sharpness, rule, len(selected))):
+        return None
+    sign = 1.0 if rule == "flattest" else -1.0
+    last = max(selected, key=lambda layer: sign * sharpness[layer])
+    runner_up = min((layer for layer in sharpness if layer not in selected), key=lambda layer: sign * sharpness[layer])
+    lead = sign * (sharpness[runner_up] - sharpness[last])
+    error = statistics.difference_standard_error(runner_up, last)
+    return {
+        "selected": last,
+        "runner_up": runner_up,
+        "lead": lead,
+        "standard_error": error,
+        "lead_in_standard_errors": _in_standard_errors(lead, error),
+    }
+
+
+def _in_standard_errors(lead: float, error: float) -> float:
+    """``lead / error``; NaN without an error estimate (one batch); 0 for an exact tie; inf for a sure lead."""
+    if math.isnan(error):
+        return math.nan
+    if error == 0:
+        return math.inf if lead > 0 else 0.0
+    return lead / error

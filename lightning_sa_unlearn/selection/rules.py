@@ -7,13 +7,23 @@ no curvature, and the run then measures none unless the user configured an estim
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import ClassVar
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from lightning_sa_unlearn.selection.functional import entry_decrement, newton_decrement, select_layers, top_fraction
+from lightning_sa_unlearn.selection.functional import (
+    entry_decrement,
+    newton_decrement,
+    select_layers,
+    selection_margin,
+    top_fraction,
+)
+
+StoppingRule = Callable[[Any], bool]
+"""When a sequential curvature pass may stop: a test on its running per-layer statistics
+(:class:`~lightning_sa_unlearn.curvature.SharpnessStatistics`: ``means()``, ``difference_standard_error(a, b)``)."""
 
 
 @dataclass
@@ -46,6 +56,8 @@ class Selected:
 
     layers: list[str]
     masks: dict[str, Tensor] | None = None
+    report_fields: dict[str, Any] = field(default_factory=dict)
+    """A custom rule's own fields, by their own names: the report's ``selection_fields``."""
 
 
 class Selection:
@@ -67,6 +79,12 @@ class Selection:
 
     def check(self, layers: Sequence[str]) -> None:
         """Fail before any work when the rule cannot apply to a model with these layers."""
+
+    def stopping_rule(self, confidence: float) -> StoppingRule | None:
+        """When the curvature pass has read enough for this rule, given the estimator's ``confidence`` (in
+        standard errors); None (default): the rule does not rank the curvature, and the estimator reads its
+        fixed count."""
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
@@ -108,14 +126,32 @@ class RankingRule(CountedRule):
         return Selected(select_layers(self.scores(measured), self.rule, self.num_layers))
 
 
-class Flattest(RankingRule):
+class SharpnessRanking(RankingRule):
+    """A rule that ranks the per-layer sharpness: the curvature pass may stop once the pick is sure."""
+
+    needs_curvature = True
+
+    def stopping_rule(self, confidence: float) -> StoppingRule:
+        """Stop when the last picked layer leads the runner-up by ``confidence`` standard errors of their
+        difference (always, when every layer is picked)."""
+
+        def confident(statistics: Any) -> bool:
+            means = statistics.means()
+            picked = select_layers(means, self.rule, self.num_layers)
+            margin = selection_margin(means, statistics, picked, self.rule)
+            return margin is None or margin["lead_in_standard_errors"] >= confidence
+
+        return confident
+
+
+class Flattest(SharpnessRanking):
     """The smallest mean Hessian diagonal ``s_l = (1/|θ_l|) Σ_{i∈θ_l} H_ii`` (section 4.1, Figure 1)."""
 
     rule = "flattest"
     needs_curvature = True
 
 
-class Sharpest(RankingRule):
+class Sharpest(SharpnessRanking):
     """The largest mean Hessian diagonal (the paper's abstract and section 5.1)."""
 
     rule = "sharpest"

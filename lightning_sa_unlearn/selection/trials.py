@@ -10,14 +10,14 @@ import torch
 from lightning_sa_unlearn.data import limit_samples
 from lightning_sa_unlearn.functional import batches_for
 from lightning_sa_unlearn.selection.rules import Measurements, ValidatedLayer
+from lightning_sa_unlearn.updates.base import Update, UpdateResult
 
 if TYPE_CHECKING:
-    from lightning_sa_unlearn.pipeline import UnlearningRun
-    from lightning_sa_unlearn.updates import Update
+    from lightning_sa_unlearn.run_context import RunContext
 
 
 def select_by_trial(
-    run: UnlearningRun, rule: ValidatedLayer, update: Update, layers: dict[str, list[str]], measured: Measurements
+    run: RunContext, rule: ValidatedLayer, update: Update, layers: dict[str, list[str]], measured: Measurements
 ) -> tuple[list[str], dict[str, Any], list[dict[str, Any]]]:
     """Update each candidate from the same weights, judge it on validation, keep the best one's weights.
 
@@ -40,7 +40,7 @@ def select_by_trial(
         try:
             for name, p in params.items():
                 p.requires_grad_(name in run.names)
-            outcome = update.apply(run)
+            outcome = UpdateResult.of(update.apply(run))
         finally:
             for name, p in params.items():
                 p.requires_grad_(flags[name])
@@ -55,8 +55,8 @@ def select_by_trial(
             {
                 "layers": candidate,
                 "validation_objective": loss,
-                "tau": outcome.get("tau"),
-                "update_steps": outcome.get("steps"),
+                "tau": outcome.tau,
+                "update_steps": outcome.steps,
                 "parameters": sum(params[n].numel() for n in run.names),
             }
         )

@@ -7,8 +7,8 @@ data) so that the run computes nothing else and fails before any work when data 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from torch import Tensor
@@ -17,7 +17,7 @@ from lightning_sa_unlearn.updates.functional import _reset, apply_first_order, c
 from lightning_sa_unlearn.updates.step_search import search_tau
 
 if TYPE_CHECKING:
-    from lightning_sa_unlearn.pipeline import UnlearningRun
+    from lightning_sa_unlearn.run_context import RunContext
 
 Objective = Literal["validation", "validation_and_forget"]
 OBJECTIVES = ("validation", "validation_and_forget")
@@ -41,6 +41,34 @@ class ValidationSpec:
             raise ValueError(f"validation_samples must be >= 1, got {self.samples}.")
 
 
+@dataclass
+class UpdateResult:
+    """What an update did: the report's update fields, and what the harm guard's advice reads."""
+
+    tau: float | None = None
+    """The step size τ of a step update (None: the update has no single step size)."""
+    tau_search: list[Any] = field(default_factory=list)
+    """``(τ, validation objective)`` for each τ the step-size search tried."""
+    validation_samples: int | None = None
+    objective_after: float | None = None
+    """The validation objective at the final weights, when the update measured it (the finite check reuses it)."""
+    steps: int | None = None
+    details: dict[str, Any] | None = None
+    solver: dict[str, Any] | None = None
+    fallback: str | None = None
+    report_fields: dict[str, Any] = field(default_factory=dict)
+    """A custom update's own fields, by their own names: the report's ``update_fields``."""
+
+    @classmethod
+    def of(cls, value: UpdateResult | Mapping[str, Any] | None) -> UpdateResult:
+        """A result from what ``apply`` returned: a result, or a dict whose unknown keys become ``report_fields``."""
+        if isinstance(value, UpdateResult):
+            return value
+        rest = dict(value or {})
+        known = {f.name for f in fields(cls)} - {"report_fields"}
+        return cls(**{key: rest.pop(key) for key in list(rest) if key in known}, report_fields=rest)
+
+
 class StepSize:
     """How far an update moves along its direction: ``θ_S ← θ_S − τ·d``."""
 
@@ -48,7 +76,11 @@ class StepSize:
         """The validation data this policy reads (None: none)."""
         return None
 
-    def apply(self, run: UnlearningRun, direction: dict[str, Tensor], default_grid: Sequence[float]) -> dict[str, Any]:
+    def advice(self) -> str:
+        """What to change when the harm guard refused a step of this size."""
+        return "Use a smaller step size."
+
+    def apply(self, run: RunContext, direction: dict[str, Tensor], default_grid: Sequence[float]) -> dict[str, Any]:
         """Move the model; return ``{"tau": ..., ...}`` for the report."""
         raise NotImplementedError
 
@@ -64,9 +96,12 @@ class FixedStep(StepSize):
             raise ValueError(f"tau must be a number >= 0, got {tau!r}.")
         self.tau = float(tau)
 
-    def apply(self, run: UnlearningRun, direction: dict[str, Tensor], default_grid: Sequence[float]) -> dict[str, Any]:
+    def apply(self, run: RunContext, direction: dict[str, Tensor], default_grid: Sequence[float]) -> dict[str, Any]:
         apply_first_order(run.model, direction, run.names, self.tau, run.masks)
         return {"tau": self.tau}
+
+    def advice(self) -> str:
+        return f"Lower the fixed step (tau={self.tau:g}), or let it be chosen on validation (step_size=None)."
 
 
 class ValidatedStep(StepSize):
@@ -110,10 +145,15 @@ class ValidatedStep(StepSize):
         self.spec = ValidationSpec(objective, validation_samples)
         self.first_samples, self.evaluations, self.z = first_samples, evaluations, z
 
+    def advice(self) -> str:
+        if self.grid is not None and 0.0 not in self.grid:
+            return f"Add 0 (no update) to the step-size grid {self.grid}, or use the default grid (grid=None)."
+        return super().advice()
+
     def validation(self) -> ValidationSpec:
         return self.spec
 
-    def apply(self, run: UnlearningRun, direction: dict[str, Tensor], default_grid: Sequence[float]) -> dict[str, Any]:
+    def apply(self, run: RunContext, direction: dict[str, Tensor], default_grid: Sequence[float]) -> dict[str, Any]:
         if run.validation is None:
             raise ValueError(
                 "ValidatedStep needs a validation set: define val_dataloader() or retain_dataloader(), "
@@ -133,7 +173,7 @@ class ValidatedStep(StepSize):
         )
         return {"tau": tau, "tau_search": sorted(losses.items()), "objective_after": losses.get(tau)}
 
-    def _golden(self, run: UnlearningRun, direction: dict[str, Tensor], grid: Sequence[float]) -> dict[str, Any]:
+    def _golden(self, run: RunContext, direction: dict[str, Tensor], grid: Sequence[float]) -> dict[str, Any]:
         params = dict(run.model.named_parameters())
         start = {n: params[n].detach().clone() for n in run.names}
 
@@ -185,7 +225,7 @@ class Update:
         """The validation data the update reads (None: none)."""
         return None
 
-    def check(self, run: UnlearningRun) -> None:
+    def check(self, run: RunContext) -> None:
         """Fail before any work when the data contract lacks what this update needs."""
         data = run.data
         if self.needs_retain and data.retain is None:
@@ -200,8 +240,14 @@ class Update:
                 "so it needs corrected_dataloader(); use objective='validation' for sample unlearning."
             )
 
-    def apply(self, run: UnlearningRun) -> dict[str, Any]:
+    def apply(self, run: RunContext) -> UpdateResult | dict[str, Any]:
+        """Move ``run.names`` (under ``run.masks``); return an :class:`UpdateResult` (or a dict of its fields,
+        where keys it does not know become ``report_fields``)."""
         raise NotImplementedError(f"{type(self).__name__} must implement apply(run).")
+
+    def advice(self, result: UpdateResult) -> str:
+        """What to change when the harm guard refused this update (``result``: what it reported)."""
+        return f"Make {type(self).__name__}'s step smaller."
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"

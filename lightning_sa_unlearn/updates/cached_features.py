@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_sa_unlearn.counting import count_samples
 from lightning_sa_unlearn.data import sized
 from lightning_sa_unlearn.functional import LossFn, batches_for, eval_mode
-from lightning_sa_unlearn.passes import count_samples
 from lightning_sa_unlearn.validation_losses import SampleLosses, sample_losses
 
 Recorder = Callable[[str, int], None]
@@ -135,7 +135,7 @@ class StoredFeatures:
         cls, model: nn.Module, names: Sequence[str], batches: Iterable[Any], record: Recorder | None = None
     ) -> StoredFeatures | None:
         """The split of :func:`split_below`, checked on the first :data:`PROBE_SAMPLES` samples of ``batches``; None
-        where there is none. ``record(kind, samples)`` (``UnlearningRun.count``) is told of every pass through the
+        where there is none. ``record(kind, samples)`` (``RunContext.count``) is told of every pass through the
         two parts."""
         probe = next((x for x, _ in batches_for(model, batches)), None)
         split = split_below(model, names, probe[:PROBE_SAMPLES] if isinstance(probe, Tensor) else probe)
@@ -174,7 +174,7 @@ class StoredFeatures:
 
 
 def count_split_passes(below: nn.Module, above: nn.Module, record: Recorder) -> None:
-    """Hooks that tell ``record`` (``UnlearningRun.count``, the report's ``sample_passes``) of every pass through
+    """Hooks that tell ``record`` (``RunContext.count``, the report's ``sample_passes``) of every pass through
     the two parts: ``below`` as whole-model passes, ``above`` as ``*_above``."""
     count_samples(below, record)
     count_samples(above, record, "_above")

@@ -4,7 +4,7 @@
   ``L_forget = Σ_{D̃_f} ℓ − Σ_{D_f} ℓ`` (sample unlearning: ``D̃_f = ∅``).
 * :func:`apply_first_order`: Warnecke et al.'s closed form ``θ_S ← θ_S − τ·G_S``.
 * :func:`choose_tau`: τ from a grid (τ = 0 included) by the loss on a validation set.
-* :func:`fine_tune`, :func:`forget_loss_descent` (in :mod:`.descent`, re-exported here): SGD on ``D_r ∪ D̃_f``
+* :func:`fine_tune`, :func:`forget_loss_descent` (in :mod:`.descent`): SGD on ``D_r ∪ D̃_f``
   over ``θ_S`` only (the paper's fine-tuning, restricted), and gradient steps on paper eq. 6.
 """
 
@@ -205,12 +205,3 @@ def choose_tau(
 def _reset(params: dict[str, nn.Parameter], values: dict[str, Tensor]) -> None:
     for name, value in values.items():
         params[name].copy_(value)
-
-
-# Re-exported; imported last because :mod:`.descent` builds on the functions above.
-from lightning_sa_unlearn.updates.descent import (  # noqa: E402, F401
-    OPTIMIZERS,
-    fine_tune,
-    forget_loss_descent,
-    interleave,
-)

@@ -9,12 +9,13 @@ from torch import Tensor
 
 from lightning_sa_unlearn.data import dataset_size, sized
 from lightning_sa_unlearn.functional import batches_for
-from lightning_sa_unlearn.updates.base import StepSize, Update, ValidationSpec, step_size_from
+from lightning_sa_unlearn.updates.base import StepSize, Update, UpdateResult, ValidationSpec, step_size_from
 from lightning_sa_unlearn.updates.cached_features import FeatureCache, count_split_passes, split_below
-from lightning_sa_unlearn.updates.functional import OPTIMIZERS, default_tau_grid, fine_tune, forget_loss_descent
+from lightning_sa_unlearn.updates.descent import OPTIMIZERS, fine_tune, forget_loss_descent
+from lightning_sa_unlearn.updates.functional import default_tau_grid
 
 if TYPE_CHECKING:
-    from lightning_sa_unlearn.pipeline import UnlearningRun
+    from lightning_sa_unlearn.run_context import RunContext
 
 
 class FirstOrder(Update):
@@ -33,8 +34,11 @@ class FirstOrder(Update):
     def validation(self) -> ValidationSpec | None:
         return self.step_size.validation()
 
-    def apply(self, run: UnlearningRun) -> dict[str, Any]:
+    def apply(self, run: RunContext) -> dict[str, Any]:
         return self.step_size.apply(run, run.gradient, default_tau_grid(run.model, run.gradient, run.names))
+
+    def advice(self, result: UpdateResult) -> str:
+        return self.step_size.advice()
 
 
 class ForgetLossDescent(Update):
@@ -68,7 +72,13 @@ class ForgetLossDescent(Update):
     def validation(self) -> ValidationSpec:
         return self.spec
 
-    def apply(self, run: UnlearningRun) -> dict[str, Any]:
+    def advice(self, result: UpdateResult) -> str:
+        return (
+            f"Lower ForgetLossDescent's lr ({self.lr:g}) or steps ({self.steps}); with val_dataloader() it also "
+            "stops at its best step."
+        )
+
+    def apply(self, run: RunContext) -> dict[str, Any]:
         data = run.data
         steps = forget_loss_descent(
             run.model,
@@ -134,7 +144,10 @@ class FineTune(Update):
         self.optimizer, self.include_corrected = optimizer, include_corrected
         self.retain_samples, self.cache_features = retain_samples, cache_features
 
-    def apply(self, run: UnlearningRun) -> dict[str, Any]:
+    def advice(self, result: UpdateResult) -> str:
+        return f"Lower FineTune's lr ({self.lr:g}) or epochs ({self.epochs})."
+
+    def apply(self, run: RunContext) -> dict[str, Any]:
         processes, data = run.processes, run.data
         sources = [run.batches(data.retain, "retain", self.retain_samples, shuffle=True)]
         if data.corrected is not None and self.include_corrected:
@@ -174,7 +187,7 @@ class FineTune(Update):
         retain = _samples(data.retain, run.capped(self.retain_samples))
         return {"steps": steps, "details": {"retain_samples": retain, "cached_below": below_path if used else None}}
 
-    def _cache(self, run: UnlearningRun, sources: Sequence[Any]) -> tuple[dict[str, Any], str | None]:
+    def _cache(self, run: RunContext, sources: Sequence[Any]) -> tuple[dict[str, Any], str | None]:
         """``fine_tune``'s ``cache`` and ``above`` where the model allows it, and the last cached module's path."""
         if not self.cache_features or self.epochs < 2:
             return {}, None

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_sa_unlearn.parts import resolve
-from lightning_sa_unlearn.updates.base import StepSize, Update, ValidationSpec, step_size_from
+from lightning_sa_unlearn.updates.base import StepSize, Update, UpdateResult, ValidationSpec, step_size_from
 from lightning_sa_unlearn.updates.functional import default_tau_grid
 from lightning_sa_unlearn.updates.solvers import (
     MatVec,
@@ -22,7 +22,7 @@ from lightning_sa_unlearn.updates.solvers import (
 )
 
 if TYPE_CHECKING:
-    from lightning_sa_unlearn.pipeline import UnlearningRun
+    from lightning_sa_unlearn.run_context import RunContext
 
 SECOND_ORDER_TAUS = [0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0]
 """Step sizes along the Newton direction that :class:`SecondOrder` searches by default (1 is eq. 12)."""
@@ -109,7 +109,18 @@ class SecondOrder(Update):
     def validation(self) -> ValidationSpec | None:
         return self.step_size.validation()
 
-    def apply(self, run: UnlearningRun) -> dict[str, Any]:
+    def advice(self, result: UpdateResult) -> str:
+        solver = result.solver or {}
+        hint = ""
+        if solver.get("status") == "max_iterations":
+            hint = (
+                f"The {solver.get('name')} solve stopped at max_iterations with relative residual "
+                f"{solver.get('relative_residual', float('nan')):.3g}: raise the solver's max_iterations or the "
+                "curvature's damping. "
+            )
+        return hint + self.step_size.advice()
+
+    def apply(self, run: RunContext) -> dict[str, Any]:
         product = hessian_vector_product(
             run.model,
             run.batches(run.data.train, "training", run.curvature_result.samples),  # the samples curvature read

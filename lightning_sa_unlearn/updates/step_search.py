@@ -19,16 +19,16 @@ from torch import Tensor
 
 from lightning_sa_unlearn.data import limit_samples
 from lightning_sa_unlearn.functional import batches_for
-from lightning_sa_unlearn.guard import sample_losses, standard_error
 from lightning_sa_unlearn.updates.cached_features import StoredFeatures
+from lightning_sa_unlearn.validation_losses import sample_losses, standard_error
 
 if TYPE_CHECKING:
-    from lightning_sa_unlearn.pipeline import UnlearningRun
+    from lightning_sa_unlearn.run_context import RunContext
 
 GOLDEN = (math.sqrt(5) - 1) / 2
 
 
-def paired_difference(run: UnlearningRun, after: list[Tensor], before: list[Tensor]) -> tuple[float, float]:
+def paired_difference(run: RunContext, after: list[Tensor], before: list[Tensor]) -> tuple[float, float]:
     """``(mean, standard error)`` of the objective's change, summed over its terms, across every process.
 
     Each term is a mean over its own samples, so ``SE² = Σ_t Var_t(D) / n_t``.
@@ -52,7 +52,7 @@ class SubsetObjective:
     held instead of the inputs, and each evaluation runs the layers above only.
     """
 
-    def __init__(self, run: UnlearningRun, sources: Sequence[Iterable[Any]]) -> None:
+    def __init__(self, run: RunContext, sources: Sequence[Iterable[Any]]) -> None:
         self.run, self.sources = run, list(sources)
         self.sizes = [0] * len(self.sources)
         self.batches: list[list[Any]] = [[] for _ in self.sources]
@@ -112,7 +112,7 @@ def golden_section(evaluate: Callable[[float], float], low: float, high: float, 
 
 
 def search_tau(
-    run: UnlearningRun,
+    run: RunContext,
     move: Callable[[float], None],
     grid: Sequence[float],
     *,
