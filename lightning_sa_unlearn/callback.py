@@ -19,7 +19,7 @@ from lightning_sa_unlearn.context import FAST_DEV_RUN_SAMPLES, UnlearningRun
 from lightning_sa_unlearn.curvature import CURVATURES, Curvature, default_curvature
 from lightning_sa_unlearn.data import NO_FORGET_SET, Batches, UnlearningData, find_dataloader, head_batch
 from lightning_sa_unlearn.evaluations import EVALUATIONS, Evaluation, HeldOutMetrics
-from lightning_sa_unlearn.functional import eval_mode
+from lightning_sa_unlearn.functional import eval_mode, trainable_only
 from lightning_sa_unlearn.outputs import OutputFiles, fitted_checkpoints, save_checkpoint
 from lightning_sa_unlearn.parts import resolve
 from lightning_sa_unlearn.pipeline import run_unlearning
@@ -225,7 +225,6 @@ class SharpnessAwareUnlearning(Callback):
         """
         self.report = None
         snapshot = take_snapshot(pl_module)
-        flags = {name: p.requires_grad for name, p in pl_module.named_parameters()}
         staged = self._staged  # set by UnlearningTrainer.unlearn, which then puts the files in place itself
         outputs = staged
         try:
@@ -248,12 +247,11 @@ class SharpnessAwareUnlearning(Callback):
                 adapter=self.batch_adapter,
             )
             selection = _SubclassRule(self) if self._overrides_select_layers() else self.selection
+            evaluations = [HeldOutMetrics(), *self.evaluations]
+            # trainable_only: the user's requires_grad flags come back as they were, whatever happens
             with torch.inference_mode(False), torch.enable_grad(), run.seeded(), eval_mode(pl_module):
-                report = run_unlearning(
-                    run, selection, self.update, [HeldOutMetrics(), *self.evaluations], self.curvature is not None
-                )
-            for name, p in pl_module.named_parameters():
-                p.requires_grad_(flags[name])
+                with trainable_only(pl_module):
+                    report = run_unlearning(run, selection, self.update, evaluations, self.curvature is not None)
             # rank 0 writes and publishes; its failures fail every process
             run.processes.agree(lambda: self._write(trainer, pl_module, report, outputs))
             run.processes.agree(lambda: self._publish(trainer, report, commit=None if staged else outputs))
@@ -262,9 +260,6 @@ class SharpnessAwareUnlearning(Callback):
             if outputs is not None and staged is None and trainer.is_global_zero:
                 outputs.discard()
             raise
-        finally:
-            for name, p in pl_module.named_parameters():
-                p.requires_grad_(flags[name])
         self.report = report
         return report
 

@@ -49,6 +49,23 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
+@contextlib.contextmanager
+def trainable_only(model: nn.Module, names: Iterable[str] | None = None) -> Iterator[nn.Module]:
+    """``requires_grad`` True on the parameters in ``names`` and False on every other for the block (``names``
+    None: the flags are left as they are), then every parameter's flag as it was before, whatever happens."""
+    params = dict(model.named_parameters())
+    flags = {name: p.requires_grad for name, p in params.items()}
+    if names is not None:
+        chosen = set(names)
+        for name, p in params.items():
+            p.requires_grad_(name in chosen)
+    try:
+        yield model
+    finally:
+        for name, p in params.items():
+            p.requires_grad_(flags[name])
+
+
 def model_device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     for p in model.parameters():
         return p.device, p.dtype

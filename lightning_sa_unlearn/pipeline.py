@@ -15,10 +15,8 @@ The context carries what earlier stages measured. The callback wraps a run in sn
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -31,7 +29,7 @@ from lightning_sa_unlearn.counting import PASS_KINDS, UNLEARNING_STAGES, count_s
 from lightning_sa_unlearn.curvature import GGN, selection_margin
 from lightning_sa_unlearn.data import Relabelled, check_aligned, limit_samples, training_set_size
 from lightning_sa_unlearn.evaluations import Evaluation
-from lightning_sa_unlearn.functional import require_trainable_parameters
+from lightning_sa_unlearn.functional import require_trainable_parameters, trainable_only
 from lightning_sa_unlearn.guard import HarmGuard
 from lightning_sa_unlearn.report import UnlearningReport
 from lightning_sa_unlearn.selection import (
@@ -102,7 +100,7 @@ def _run_stages(
         with run.stage("selection"):
             selected, outcome, trials = select_by_trial(run, selection, update, layers, _measurements(run, layers))
             margin, selection_fields = None, {}
-        with run.stage("update"), _frozen_except(run.model, run.names):
+        with run.stage("update"), trainable_only(run.model, run.names):
             _check_finite(run, update, outcome)
     else:
         with run.stage("selection"):
@@ -110,9 +108,9 @@ def _run_stages(
             selected, selection_fields = chosen.layers, chosen.report_fields
         guard = HarmGuard.start(run, update)  # before the update; the layers below the selection run once
         if update.needs_forget_gradient and run.gradient is None:  # back-propagated only as deep as the selection
-            with run.stage("forget_gradient"), _frozen_except(run.model, run.names):
+            with run.stage("forget_gradient"), trainable_only(run.model, run.names):
                 run.gradient = _forget_gradient(run)
-        with run.stage("update"), _frozen_except(run.model, run.names):
+        with run.stage("update"), trainable_only(run.model, run.names):
             outcome = UpdateResult.of(update.apply(run))
             _check_finite(run, update, outcome)
     guarded = guard.check(run, update, outcome) if guard is not None else None  # raises on a harmful update
@@ -301,17 +299,3 @@ def _decrement(measured: Measurements) -> dict[str, float] | None:
 def _count_updated(model: nn.Module, names: list[str], masks: dict[str, Tensor] | None) -> int:
     params = dict(model.named_parameters())
     return sum(int(masks[n].sum()) if masks and n in masks else params[n].numel() for n in names)
-
-
-@contextlib.contextmanager
-def _frozen_except(model: nn.Module, names: list[str]) -> Iterator[None]:
-    """``requires_grad`` False on every parameter outside ``names`` for the block, then the flags as they
-    were: the evaluations after the update (the relearning attack) see the parameters the user had trainable."""
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in names)
-    try:
-        yield
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(flags[name])

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lightning_sa_unlearn.data import limit_samples
-from lightning_sa_unlearn.functional import batches_for
+from lightning_sa_unlearn.functional import batches_for, trainable_only
 from lightning_sa_unlearn.selection.rules import Measurements, ValidatedLayer
 from lightning_sa_unlearn.updates.base import Update, UpdateResult
 
@@ -36,14 +36,8 @@ def select_by_trial(
     for candidate in candidates:
         run.names, run.masks = [n for layer in candidate for n in layers[layer]], None
         start = {n: params[n].detach().clone() for n in run.names}
-        flags = {n: p.requires_grad for n, p in params.items()}
-        try:
-            for name, p in params.items():
-                p.requires_grad_(name in run.names)
+        with trainable_only(model, run.names):
             outcome = UpdateResult.of(update.apply(run))
-        finally:
-            for name, p in params.items():
-                p.requires_grad_(flags[name])
         loss = run.mean_loss(model, judge)
         if run.relabelled is not None:
             loss += run.mean_loss(model, run.relabelled)

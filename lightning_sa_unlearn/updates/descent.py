@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_sa_unlearn.data import sized
-from lightning_sa_unlearn.functional import LossFn, batches_for, eval_mode
+from lightning_sa_unlearn.functional import LossFn, batches_for, eval_mode, trainable_only
 from lightning_sa_unlearn.updates.cached_features import FeatureCache, Tagged
 from lightning_sa_unlearn.updates.functional import (
     Batch,
@@ -87,7 +87,6 @@ def fine_tune(
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}.")
     params = dict(model.named_parameters())
     selected = [params[n] for n in names]
-    flags = {n: p.requires_grad for n, p in params.items()}
     frozen = {n: (~masks[n], params[n].detach()[~masks[n]].clone()) for n in names if masks and n in masks}
     if optimizer == "sgd":
         opt = torch.optim.SGD(selected, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -97,9 +96,7 @@ def fine_tune(
     steps = 0
     start = {n: params[n].detach().clone() for n in names}
     try:
-        for name, p in params.items():
-            p.requires_grad_(name in names)
-        with eval_mode(model), torch.enable_grad():
+        with eval_mode(model), torch.enable_grad(), trainable_only(model, names):
             for epoch in range(epochs):
                 cached = cache is not None and cache.usable
                 tagged = [Tagged(i, s) for i, s in enumerate(cache.epoch() if cached else sources)]
@@ -140,8 +137,6 @@ def fine_tune(
         _reset(params, start)
         raise
     finally:
-        for name, p in params.items():
-            p.requires_grad_(flags[name])
         for p in selected:
             p.grad = None
     return steps
