@@ -29,9 +29,9 @@ start of the run): the guard says so before any update.
 
 A rise below ``1e-6`` of the objective (rounding) never counts. The objective is the one the update's
 step size reads (validation loss, plus the relabelled forget loss for ``objective="validation_and_forget"``);
-updates that read no validation data are judged on the mean validation loss: ``val_dataloader()``, or else
-a slice of ``retain_dataloader()`` (as :class:`~lightning_sa_unlearn.updates.ValidatedStep` does). With
-neither, the guard warns and is skipped.
+updates that read no validation data are judged on the mean validation loss. The data is the one the pipeline
+chose for every reader: ``val_dataloader()``, or else 5,000 samples of ``retain_dataloader()``, in a seeded
+random order. With neither, the guard warns and is skipped.
 """
 
 from __future__ import annotations
@@ -81,8 +81,6 @@ ROUNDING = 1e-6
 GUARD_SAMPLES = 2048
 """Validation samples (a seeded random subset) the guard compares before and after: a paired test is sensitive
 with a few thousand, and the whole set would cost more than the unlearning it checks."""
-RETAIN_SAMPLES = 5000
-"""Retain samples that stand in for a missing ``val_dataloader()`` (as in :class:`ValidationSpec`)."""
 
 
 class HarmfulUpdateError(RuntimeError):
@@ -370,22 +368,13 @@ def _classes(labels: Tensor, classes: int) -> Tensor:
 
 
 def _validation_parts(run: RunContext) -> tuple[list[tuple[str, Iterable[Any]]], str]:
-    """The data of the objective: the update's own validation data, or else val_dataloader or a retain slice."""
+    """The data of the objective, as the pipeline chose it for every reader (none: ``[]``): a random subset of
+    the validation data (the paired test needs few samples), plus the relabelled forget inputs if the
+    objective has them."""
+    if run.validation_sample is None:
+        return [], ""
     share = math.ceil(GUARD_SAMPLES / run.processes.world_size)
-    if run.validation_sample is not None:  # a random subset: the paired test needs few samples
-        parts: list[tuple[str, Iterable[Any]]] = [("validation", list(limit_samples(run.validation_sample, share)))]
-        if run.relabelled is not None:
-            parts.append(("forget inputs with corrected labels", run.relabelled))
-        return parts, run.validation_source or "validation"
-    if run.validation is not None:
-        parts = [("validation", run.validation)]
-        if run.relabelled is not None:
-            parts.append(("forget inputs with corrected labels", run.relabelled))
-        return parts, run.validation_source or "validation"
-    data = run.data
-    if data.val is not None:
-        return [("validation", list(limit_samples(run.shuffled(data.val, "validation"), share)))], "val_dataloader"
-    if data.retain is not None:
-        retain = run.shuffled(data.retain, "retain", RETAIN_SAMPLES)
-        return [("validation", list(limit_samples(retain, share)))], "retain slice"
-    return [], ""
+    parts: list[tuple[str, Iterable[Any]]] = [("validation", list(limit_samples(run.validation_sample, share)))]
+    if run.relabelled is not None:
+        parts.append(("forget inputs with corrected labels", run.relabelled))
+    return parts, run.validation_source or "validation"

@@ -248,7 +248,12 @@ def _warn_if_unsure(run: UnlearningRun, selection: Selection) -> None:
 
 
 def _prepare_validation(run: UnlearningRun, update: Update, selection: Selection) -> None:
-    spec = update.validation() or (ValidationSpec() if selection.trials else None)
+    """Choose the validation data once, for every reader: the step-size search, trial selection, the harm guard.
+
+    ``val_dataloader()``, else a slice of the retain set; ``validation_sample`` is it in a seeded random order
+    (readers take a prefix: a random subset).
+    """
+    spec = update.validation() or (ValidationSpec() if selection.trials or run.harm_guard else None)
     if spec is None:
         return
     data = run.data
