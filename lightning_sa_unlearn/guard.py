@@ -46,6 +46,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_sa_unlearn.data import limit_samples
+from lightning_sa_unlearn.processes import SummedState
 from lightning_sa_unlearn.updates.base import Update, UpdateResult
 from lightning_sa_unlearn.validation_losses import (  # noqa: F401 (re-exported: imports from guard keep working)
     SampleLosses,
@@ -300,28 +301,30 @@ class HarmGuard:
 
     def _compare(self, run: RunContext, after: list[SampleLosses]) -> GuardResult:
         classes = max(run.num_classes, 1)
-        rows = []  # per part, the moments of the losses (9), a mismatch flag, the moments of the correctness (9)
-        for b, a in zip(self.before, after):
+        sums = SummedState()
+        # per part, the moments of the losses (9), a mismatch flag, the moments of the correctness (9)
+        moments = sums.add_state("moments", (len(after), 19))
+        for row, (b, a) in enumerate(zip(self.before, after)):
             same = b.labels.shape == a.labels.shape and torch.equal(b.labels, a.labels)
             flag = float(not same)
-            rows.append([*paired_moments(b.losses, a.losses, same), flag, *paired_moments(b.correct, a.correct, same)])
-        counts = []  # validation part only: per class, correct before, correct after, support before, after
-        first_before, first_after = self.before[0], after[0]
-        for state in (first_before, first_after):
+            moments[row] = torch.tensor(
+                [*paired_moments(b.losses, a.losses, same), flag, *paired_moments(b.correct, a.correct, same)],
+                dtype=torch.float64,
+            )
+        # the validation part alone: per class, correct before, correct after, support before, after
+        counts = sums.add_state("class_counts", (4, classes))
+        for row, state in enumerate((self.before[0], after[0])):
             correct = state.labels[state.predicted == state.labels]
-            counts.append(torch.bincount(_classes(correct, classes), minlength=classes)[:classes])
-        for state in (first_before, first_after):
-            counts.append(torch.bincount(_classes(state.labels, classes), minlength=classes)[:classes])
-        local = torch.cat([torch.tensor(rows, dtype=torch.float64).reshape(-1), torch.cat(counts).double()])
-        total = run.processes.sum(local).cpu()
-        width = len(rows[0])
-        table = total[: width * len(rows)].reshape(len(rows), width).tolist()
+            counts[row] = torch.bincount(_classes(correct, classes), minlength=classes)[:classes]
+            counts[row + 2] = torch.bincount(_classes(state.labels, classes), minlength=classes)[:classes]
+        sums.sync(run.processes)
+        table = sums.state["moments"].tolist()
         paired = all(row[9] == 0 for row in table)
         losses = [mean_change(row[:9], paired) for row in table]
         before, after_value = sum(b for b, _, _ in losses), sum(a for _, a, _ in losses)
         variance = sum(se * se for _, _, se in losses if math.isfinite(se))
         samples = int(sum(row[3] for row in table))
-        correct_b, correct_a, support_b, support_a = total[width * len(rows) :].reshape(4, classes).tolist()
+        correct_b, correct_a, support_b, support_a = sums.state["class_counts"].tolist()
         accuracy = {
             k: (correct_b[k] / support_b[k], correct_a[k] / support_a[k])
             for k in range(classes)

@@ -31,6 +31,7 @@ from lightning_sa_unlearn.data import Relabelled, check_aligned, limit_samples, 
 from lightning_sa_unlearn.evaluations import Evaluation
 from lightning_sa_unlearn.functional import require_trainable_parameters, trainable_only
 from lightning_sa_unlearn.guard import HarmGuard
+from lightning_sa_unlearn.processes import SummedState
 from lightning_sa_unlearn.report import UnlearningReport
 from lightning_sa_unlearn.selection import (
     Measurements,
@@ -101,7 +102,7 @@ def _run_stages(
             selected, outcome, trials = select_by_trial(run, selection, update, layers, _measurements(run, layers))
             margin, selection_fields = None, {}
         with run.stage("update"), trainable_only(run.model, run.names):
-            _check_finite(run, update, outcome)
+            _check_finite(run, outcome, read_validation=True)
     else:
         with run.stage("selection"):
             chosen, margin = _select(run, selection, layers)
@@ -112,7 +113,7 @@ def _run_stages(
                 run.gradient = _forget_gradient(run)
         with run.stage("update"), trainable_only(run.model, run.names):
             outcome = UpdateResult.of(update.apply(run))
-            _check_finite(run, update, outcome)
+            _check_finite(run, outcome, read_validation=update.validation() is not None)
     guarded = guard.check(run, update, outcome) if guard is not None else None  # raises on a harmful update
     evaluate("after")
     run.seconds["total"] = time.perf_counter() - total_start
@@ -159,10 +160,12 @@ def _run_stages(
 def _summed_passes(run: UnlearningRun) -> dict[str, dict[str, float]]:
     """``run.passes`` summed over the processes (every process ran the same stages, so the keys agree)."""
     stages = sorted(set(run.seconds) | {"outside"})
-    counts = torch.tensor(
-        [[run.passes.get(s, {}).get(k, 0.0) for k in PASS_KINDS] for s in stages], dtype=torch.float64
-    )
-    counts = run.processes.sum(counts).cpu().tolist()
+    sums = SummedState()
+    table = sums.add_state("passes", (len(stages), len(PASS_KINDS)))
+    for row, stage in enumerate(stages):
+        table[row] = torch.tensor([run.passes.get(stage, {}).get(k, 0.0) for k in PASS_KINDS], dtype=torch.float64)
+    sums.sync(run.processes)
+    counts = sums.state["passes"].tolist()
     summed = {s: {k: n for k, n in zip(PASS_KINDS, row) if n} for s, row in zip(stages, counts)}
     return {s: kinds for s, kinds in summed.items() if kinds}
 
@@ -268,14 +271,15 @@ def _prepare_validation(run: UnlearningRun, update: Update, selection: Selection
         run.validation_source = f"{run.validation_source} + forget inputs with corrected labels"
 
 
-def _check_finite(run: UnlearningRun, update: Update, outcome: UpdateResult) -> None:
-    """Finite selected parameters, and a finite loss on a few hundred validation samples (or the forget set).
+def _check_finite(run: UnlearningRun, outcome: UpdateResult, read_validation: bool) -> None:
+    """Finite selected parameters, and a finite loss on a few hundred validation samples if the update or the
+    selection read validation data (else on the forget set, which the update read anyway).
 
     A step-size search that measured the validation objective at the final weights (``objective_after``, on
     its own subset) has that value checked instead of a new pass.
     """
     after = outcome.objective_after
-    sample = run.validation_sample if run.validation_sample is not None else run.forget
+    sample = run.validation_sample if read_validation and run.validation_sample is not None else run.forget
     if after is None:
         after = run.mean_loss(run.model, list(limit_samples(sample, FINITE_CHECK_SAMPLES)))
     params = dict(run.model.named_parameters())

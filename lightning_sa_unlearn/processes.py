@@ -77,6 +77,24 @@ class Processes:
         return result
 
 
+class SummedState:
+    """Named float64 tensors that add up across processes, their reduction declared once (as torchmetrics'
+    ``add_state(..., dist_reduce_fx="sum")``): add to them locally, then :meth:`sync` sums each over every
+    process, all in one collective."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, Tensor] = {}
+
+    def add_state(self, name: str, shape: tuple[int, ...] = (1,)) -> Tensor:
+        """Declare ``name``, zeros of ``shape``, summed across processes; returns it (to fill in place)."""
+        self.state[name] = torch.zeros(shape, dtype=torch.float64)
+        return self.state[name]
+
+    def sync(self, processes: Processes) -> None:
+        """Replace every state by its sum over the processes (on the CPU); with one process nothing changes."""
+        self.state = {name: total.cpu() for name, total in processes.sum_tree(self.state).items()}
+
+
 _RECENT_COLLECTIVES: collections.deque[Tensor] = collections.deque(maxlen=4)
 
 

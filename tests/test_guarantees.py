@@ -189,18 +189,19 @@ def test_the_accuracy_fall_and_its_paired_standard_error_by_hand():
     mean = sum(d) / 6
     by_hand = math.sqrt(sum((v - mean) ** 2 for v in d) / 5 / 6)
 
-    def compare(rows, reduce=lambda t: t):
+    def compare(rows, reduce=lambda tree: tree):
         guard = HarmGuard([("validation", [])], "by hand")
         guard.before = [measured([before[i] for i in rows])]
-        run = SimpleNamespace(num_classes=1, processes=SimpleNamespace(sum=reduce))
+        run = SimpleNamespace(num_classes=1, processes=SimpleNamespace(sum_tree=reduce))
         return guard._compare(run, [measured([after[i] for i in rows])])
 
     whole = compare(range(6))
     assert whole.accuracy_before == pytest.approx(4.5 / 6) and whole.accuracy_after == pytest.approx(3.25 / 6)
     assert whole.accuracy_standard_error == pytest.approx(by_hand)
     sums = []
-    compare(range(3, 6), reduce=lambda t: sums.append(t) or t)  # the other process's row of sums
-    two = compare(range(3), reduce=lambda t: t + sums[0])  # one all-reduce carries the correctness sums too
+    compare(range(3, 6), reduce=lambda tree: sums.append(tree) or tree)  # the other process's sums
+    # one all-reduce carries the correctness sums too
+    two = compare(range(3), reduce=lambda tree: {name: total + sums[0][name] for name, total in tree.items()})
     assert two.accuracy_standard_error == pytest.approx(by_hand) and two.accuracy_after == whole.accuracy_after
     assert two.to_dict()["accuracy_standard_error"] == pytest.approx(by_hand)
 

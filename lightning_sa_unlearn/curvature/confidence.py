@@ -25,16 +25,19 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sa_unlearn.curvature.functional import hessian_diagonal_sum
+from lightning_sa_unlearn.processes import SummedState
 from lightning_sa_unlearn.selection.functional import (  # noqa: F401 (selection_margin: re-exported)
     selection_margin,
     trainable_layers,
 )
 
 
-class SharpnessStatistics:
-    """Accumulates per-batch layer sums of a diagonal estimate (``on_batch`` of :func:`hessian_diagonal_sum`)."""
+class SharpnessStatistics(SummedState):
+    """Accumulates per-batch layer sums of a diagonal estimate (``on_batch`` of :func:`hessian_diagonal_sum`);
+    every sum adds up across processes (:meth:`sync`)."""
 
     def __init__(self, model: nn.Module) -> None:
+        super().__init__()
         self.layers = trainable_layers(model)
         self.names = list(self.layers)
         sizes = dict(model.named_parameters())
@@ -42,14 +45,10 @@ class SharpnessStatistics:
             [sum(sizes[n].numel() for n in ps) for ps in self.layers.values()], dtype=torch.float64
         )
         size = len(self.names)
-        self.state: dict[str, Tensor] = {
-            "sum_y": torch.zeros(size, dtype=torch.float64),
-            "sum_yy": torch.zeros(size, size, dtype=torch.float64),
-            "sum_yn": torch.zeros(size, dtype=torch.float64),
-            "sum_n": torch.zeros(1, dtype=torch.float64),
-            "sum_nn": torch.zeros(1, dtype=torch.float64),
-            "batches": torch.zeros(1, dtype=torch.float64),
-        }
+        for name, shape in (("sum_y", (size,)), ("sum_yy", (size, size)), ("sum_yn", (size,))):
+            self.add_state(name, shape)
+        for name in ("sum_n", "sum_nn", "batches"):
+            self.add_state(name)
 
     def update(self, part: dict[str, Tensor], size: int) -> None:
         """Record one batch: ``part`` is its summed diagonal ``{name: Σ_n diag_n}``, ``size`` its samples."""

@@ -205,7 +205,7 @@ class Curvature:
             for y, (_, size) in zip(averaged, per_batch):
                 statistics.record(y, size)
         else:
-            statistics.state = {k: v.cpu() for k, v in processes.sum_tree(statistics.state).items()}
+            statistics.sync(processes)
         copies = processes.world_size if self.probe_parallel else 1
         return self._reduced(run, local, count, copies, statistics, "fixed count")
 
