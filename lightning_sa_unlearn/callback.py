@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -115,8 +116,7 @@ class SharpnessAwareUnlearning(Callback):
         """A report read back from a checkpoint (:meth:`load_state_dict`): an earlier run's, for reference only."""
         self.overwrite = False
         """Replace a report, plot or checkpoint that an earlier run left (``sa-unlearn --overwrite true`` sets it)."""
-        self.unlearn_on_validation_end = False  # set by `sa-unlearn unlearn`
-        self._staged: OutputFiles | None = None  # set by `sa-unlearn unlearn`
+        self._staged: OutputFiles | None = None  # inside in_validation(): the caller's outputs
         if self._overrides_select_layers() and self.selection.granularity != "layer":
             raise ValueError(
                 f"{type(self).__name__} overrides select_layers, which picks whole layers, but selection="
@@ -188,10 +188,22 @@ class SharpnessAwareUnlearning(Callback):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The ``sa-unlearn unlearn`` path: unlearn inside ``trainer.validate``, in every process."""
-        if self.unlearn_on_validation_end and not trainer.sanity_checking and not trainer.training:
+        if self._staged is not None and not trainer.sanity_checking and not trainer.training:
             self.run(trainer, pl_module, _ready(trainer.datamodule, "fit", "test"))
 
     # ------------------------------------------------------------------ entry points
+    @contextlib.contextmanager
+    def in_validation(self, outputs: OutputFiles) -> Iterator[None]:
+        """Inside: unlearn at the end of Lightning's validation loop, in every process, quietly, writing the
+        files to ``outputs``' temporary names; the caller publishes or discards them (``sa-unlearn unlearn``,
+        :meth:`~lightning_sa_unlearn.cli.UnlearningTrainer.unlearn`). Settings come back as they were."""
+        saved = self.verbose, self._staged
+        self.verbose, self._staged, self.report = False, outputs, None
+        try:
+            yield
+        finally:
+            self.verbose, self._staged = saved
+
     def unlearn(
         self,
         model: pl.LightningModule,

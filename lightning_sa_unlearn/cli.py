@@ -79,15 +79,16 @@ class UnlearningTrainer(pl.Trainer):
         config = next((c for c in self.callbacks if isinstance(c, SaveRunConfig)), None)
         if config is not None:
             outputs.add("config", stem + ".config.yaml", "the run's config")
-        saved = callback.verbose, callback._staged
-        callback.verbose, callback._staged, callback.unlearn_on_validation_end = False, outputs, True
-        callback.report, self.unlearning = None, True
+        self.unlearning = True
         snapshot = copy.deepcopy(model.state_dict())  # the model as it came, restored if anything fails
         try:
-            self.validate(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False, weights_only=weights_only)
-            # only this run's: a report restored from the checkpoint is kept apart (restored_report); under
-            # ddp_spawn the parent reads the temporary file rank 0 wrote for this run (a fresh name)
-            report = callback.report
+            with callback.in_validation(outputs):
+                self.validate(
+                    model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False, weights_only=weights_only
+                )
+                # only this run's: a report restored from the checkpoint is kept apart (restored_report); under
+                # ddp_spawn the parent reads the temporary file rank 0 wrote for this run (a fresh name)
+                report = callback.report
             if report is None and os.path.exists(outputs.temporary("report")):
                 report = UnlearningReport.from_json(outputs.temporary("report"))
             if report is None:
@@ -109,7 +110,6 @@ class UnlearningTrainer(pl.Trainer):
                 outputs.discard()
             raise
         finally:
-            (callback.verbose, callback._staged), callback.unlearn_on_validation_end = saved, False
             self.unlearning = False
         if self.is_global_zero:
             print(report.format_table())
