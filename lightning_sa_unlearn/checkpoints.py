@@ -9,8 +9,11 @@ in a checkpoint are compared with it as strings, and a checkpoint that names ano
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
+import types
+import typing
 import zipfile
 from typing import Any
 
@@ -98,6 +101,52 @@ def check_model_class(checkpoint: dict[str, Any], cls: type | None, config_path:
             "checkpoint never chooses the class, and the one it names was not imported: pass a checkpoint of "
             f"{model}, or set your config's model to the class the checkpoint was fitted with."
         )
+
+
+PLAIN_TYPES = (bool, int, float, str, type(None))
+"""The annotations whose values are data: a checkpoint's value is applied only to a parameter of these types
+(or ``Optional``, ``Union``, ``Literal``, ``list``, ``tuple``, ``dict`` of them)."""
+
+
+def is_plain(annotation: Any) -> bool:
+    """Whether a parameter annotated so takes only data: no class, callable, module or ``Any`` (which the
+    argument parser may resolve from a dotted string by importing it)."""
+    if annotation in PLAIN_TYPES:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return all(isinstance(value, PLAIN_TYPES) for value in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType, list, tuple, dict, set, frozenset):
+        return all(arg is Ellipsis or is_plain(arg) for arg in typing.get_args(annotation))
+    return False
+
+
+def _is_data(value: Any) -> bool:
+    if isinstance(value, PLAIN_TYPES):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_data(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_data(v) for k, v in value.items())
+    return False
+
+
+def applicable_arguments(cls: type, values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The hyperparameters that may be applied to ``cls(...)`` as they are: keys that are ``__init__`` parameters
+    annotated with plain types (:func:`is_plain`) and whose values are plain data; and the keys left out."""
+    try:
+        signature = inspect.signature(cls.__init__)
+        hints = typing.get_type_hints(cls.__init__)
+    except (TypeError, ValueError, NameError):
+        return {}, sorted(values)
+    kept = {}
+    for key, value in values.items():
+        parameter = signature.parameters.get(key)
+        if parameter is None or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        if key in hints and is_plain(hints[key]) and _is_data(value):
+            kept[key] = value
+    return kept, sorted(set(values) - set(kept))
 
 
 def _names_a_class(value: Any) -> bool:

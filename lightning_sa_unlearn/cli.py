@@ -24,7 +24,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_sa_unlearn.callback import SharpnessAwareUnlearning
-from lightning_sa_unlearn.checkpoints import check_model_class, model_arguments, read_checkpoint
+from lightning_sa_unlearn.checkpoints import applicable_arguments, check_model_class, model_arguments, read_checkpoint
 from lightning_sa_unlearn.outputs import OutputFiles
 from lightning_sa_unlearn.processes import Processes
 from lightning_sa_unlearn.report import UnlearningReport
@@ -232,14 +232,17 @@ class SAUnlearnCLI(LightningCLI):
         class_path = model.get("class_path") if hasattr(model, "get") else None
         check_model_class(checkpoint, _configured_class(class_path), class_path, ckpt_path)
         arguments, skipped = model_arguments(checkpoint)
-        if skipped:
+        cls = _configured_class(class_path)
+        arguments, left_out = applicable_arguments(cls, arguments) if cls is not None else ({}, sorted(arguments))
+        if skipped or left_out:
             rank_zero_warn(
-                f"{ckpt_path}: hyperparameters {skipped} name classes; they are not imported from a checkpoint, and "
+                f"{ckpt_path}: hyperparameters {sorted(skipped + left_out)} are not applied (a value that names a "
+                f"class, or not a plain-typed argument of {class_path}: nothing a checkpoint names is imported); "
                 "the values of your config are used."
             )
         if not (arguments and class_path):
             return
-        update = {subcommand: {"model": {"class_path": class_path, "dict_kwargs": arguments}}}
+        update = {subcommand: {"model": {"class_path": class_path, "init_args": arguments}}}
         try:
             self.config = self.parser.parse_object(update, self.config)
         except (SystemExit, Exception) as error:

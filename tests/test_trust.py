@@ -9,14 +9,18 @@ import os
 import pathlib
 import socket
 import sys
+import typing
+from collections.abc import Callable
 
 import pytest
 import torch
 import yaml
 from conftest import TensorDataModule, TinyClassifier, quiet_trainer
 from test_cli import FAST, _in_a_temporary_folder, config, digest, fitted  # noqa: F401 (fixtures)
+from torch import nn
 
 from lightning_sa_unlearn import FirstOrder, PoisonedLabelDataModule, SharpnessAwareUnlearning
+from lightning_sa_unlearn.checkpoints import is_plain
 from lightning_sa_unlearn.cli import UnlearningTrainer, main
 from lightning_sa_unlearn.models import PaperCNN
 from lightning_sa_unlearn.outputs import OutputFiles, remove_abandoned_temporaries, temporary_name
@@ -104,10 +108,47 @@ def test_nested_class_paths_in_hyperparameters_are_not_applied(fitted, tmp_path,
     _, _, ckpt = fitted
     path = hostile(ckpt, tmp_path, backbone={"class_path": f"{MARKER_MODULE}.Model", "init_args": {}})
     output = tmp_path / "out.ckpt"
-    with pytest.warns(UserWarning, match=r"hyperparameters \['backbone'\] name classes"):
+    with pytest.warns(UserWarning, match=r"hyperparameters \['backbone'\] are not applied"):
         main(["unlearn", "--config", str(configured(tmp_path, **FAST)), "--ckpt_path", str(path),
               "--output_path", str(output)])  # fmt: skip
     assert output.exists() and not marker_module.exists()
+
+
+class PaperCNNWithParts(PaperCNN):
+    """PaperCNN with arguments a parser would resolve from a dotted string (a callable, a module, a class)."""
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        activation: Callable | None = None,
+        block: nn.Module | None = None,
+        kind: type | None = None,
+    ) -> None:
+        super().__init__(num_classes, lr, weight_decay)
+
+
+def test_a_string_for_a_class_typed_argument_is_not_applied(fitted, tmp_path, marker_module):
+    _, _, ckpt = fitted
+    named = f"{MARKER_MODULE}.Model"
+    path = hostile(ckpt, tmp_path, _class_path=f"{__name__}.PaperCNNWithParts", lr=0.5, activation=named,
+                   block=named, kind=named)  # fmt: skip
+    cfg = configured(tmp_path, **FAST)
+    with pytest.warns(UserWarning, match=r"\['activation', 'block', 'kind'\] are not applied"):
+        main(["unlearn", "--config", str(cfg), "--model", f"{__name__}.PaperCNNWithParts", "--ckpt_path", str(path)])
+    assert not marker_module.exists()  # and the fixture checks the module was never imported
+    saved = torch.load(tmp_path / "downloaded.unlearned.ckpt", weights_only=True)["hyper_parameters"]
+    assert saved["lr"] == 0.5 and saved["activation"] is None and saved["block"] is None  # plain data applied
+
+
+@pytest.mark.parametrize(
+    "annotation, plain",
+    [(int, True), (float | None, True), (list[str], True), (dict[str, int], True), (typing.Literal["a", 1], True),
+     (typing.Any, False), (Callable, False), (type, False), (nn.Module | None, False), (list[type], False)],
+)  # fmt: skip
+def test_plain_annotations(annotation, plain):
+    assert is_plain(annotation) is plain
 
 
 def test_the_python_api_refuses_a_checkpoint_naming_another_class(fitted, tmp_path, marker_module):
