@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_sa_unlearn.adapters import BATCH_ADAPTERS, BatchAdapter
@@ -298,7 +298,11 @@ class SharpnessAwareUnlearning(Callback):
         did not happen look finished.
         """
         report = state_dict.get("report")
-        self.restored_report = None if report is None else UnlearningReport.from_dict(report)
+        try:
+            self.restored_report = None if report is None else UnlearningReport.from_dict(report)
+        except (TypeError, ValueError) as error:  # history from another version: never a reason to fail
+            rank_zero_warn(f"the report stored in the checkpoint cannot be read ({error}); it is ignored.")
+            self.restored_report = None
 
     # ------------------------------------------------------------------ internals
     def _overrides_select_layers(self) -> bool:

@@ -19,9 +19,11 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -33,7 +35,14 @@ OVERWRITE_HINT = (
     "Delete it, choose another path, or ask to overwrite: unlearn(..., overwrite=True) on the callback or on "
     "UnlearningTrainer, callback.overwrite = True before trainer.fit, or `--overwrite true` on sa-unlearn."
 )
-_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:40] or "host"
+_HOST = (
+    re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:24]
+    + "-"
+    + hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+)
+"""This host in temporary names: the start of its name, and a hash of all of it (long names that share a start)."""
+ABANDONED_AFTER = 15 * 60
+"""Seconds since its last change after which a temporary file whose writer is gone may be removed."""
 
 
 @dataclass
@@ -63,14 +72,15 @@ def same_file(a: str, b: str) -> bool:
         return False
 
 
-def temporary_name(path: str) -> str:
+def temporary_name(path: str, kind: str = "partial") -> str:
     """The hidden temporary file ``path`` is written to: its folder, ``.<root>.partial-<host>-<pid>-<hex><ext>``.
 
-    The extension stays last (a plot's format comes from it); host and process id say whose it is.
+    The extension stays last (a plot's format comes from it); host and process id say whose it is. ``kind``
+    ``"earlier"`` names where an earlier file waits while ``overwrite`` publishes (never cleaned up).
     """
     folder, name = os.path.split(os.path.abspath(path))
     root, extension = os.path.splitext(name)
-    return os.path.join(folder, f".{root}.partial-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:12]}{extension}")
+    return os.path.join(folder, f".{root}.{kind}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:12]}{extension}")
 
 
 def remove_abandoned_temporaries(path: str) -> list[str]:
@@ -89,13 +99,24 @@ def remove_abandoned_temporaries(path: str) -> list[str]:
         return removed
     for candidate in names:
         match = pattern.fullmatch(candidate)
-        if match and not _running(int(match.group(1))):
+        if (
+            match
+            and not _running(int(match.group(1)))
+            and _older_than(os.path.join(folder, candidate), ABANDONED_AFTER)
+        ):
             try:
                 os.remove(os.path.join(folder, candidate))
                 removed.append(os.path.join(folder, candidate))
             except OSError:
                 pass
     return removed
+
+
+def _older_than(path: str, seconds: float) -> bool:
+    try:
+        return time.time() - os.stat(path).st_mtime > seconds
+    except OSError:
+        return False
 
 
 def _running(pid: int) -> bool:
@@ -190,30 +211,48 @@ class OutputFiles:
         return temporary
 
     def commit(self) -> None:
-        """Flush every written temporary file to disk, then publish them all, or none (see the module's rules)."""
-        written = [output for output in self.files.values() if os.path.exists(output.temporary)]
-        for output in written:
+        """Flush every temporary file to disk, then publish them all, or none (see the module's rules).
+
+        Every registered output must have been written: one that was not fails the commit, which publishes
+        nothing. Under ``overwrite`` an earlier file is moved aside first and put back if the commit fails.
+        """
+        missing = [output.what for output in self.files.values() if not os.path.exists(output.temporary)]
+        if missing:
+            self.discard()
+            raise RuntimeError(f"{missing} were not written (their temporary files are gone); nothing was published.")
+        for output in self.files.values():
             _flush(output.temporary)
-        published: list[tuple[str, tuple[int, int]]] = []
+        published: list[tuple[str, tuple[int, int], str | None]] = []  # path, this run's inode, the earlier file
         try:
-            for output in written:
+            for output in self.files.values():
                 stat = os.stat(output.temporary)
+                earlier = None
+                if self.overwrite and os.path.lexists(output.path):
+                    earlier = temporary_name(output.path, "earlier")
+                    os.replace(output.path, earlier)
+                published.append((output.path, (stat.st_dev, stat.st_ino), earlier))
                 if self.overwrite:
                     os.replace(output.temporary, output.path)
                 else:
                     _publish_exclusive(output)
-                published.append((output.path, (stat.st_dev, stat.st_ino)))
         except BaseException:
-            for path, inode in published:  # undo, but only files that are still this run's own
+            for path, inode, earlier in reversed(published):  # undo: only files that are still this run's own
                 try:
                     stat = os.stat(path)
                     if (stat.st_dev, stat.st_ino) == inode:
                         os.remove(path)
                 except OSError:
                     pass
+                if earlier is not None and os.path.lexists(earlier):
+                    os.replace(earlier, path)
             self.discard()
             raise
-        for folder in {os.path.dirname(os.path.abspath(output.path)) for output in written}:
+        for _, _, earlier in published:
+            if earlier is not None:
+                os.remove(earlier)
+        folders = {os.path.dirname(os.path.abspath(output.path)) for output in self.files.values()}
+        folders |= {os.path.dirname(folder) for folder in self._created}  # new folders' entries in their parents
+        for folder in folders:
             _flush_folder(folder)
 
     def discard(self) -> None:
@@ -247,10 +286,17 @@ def _publish_exclusive(output: _Output) -> None:
         raise taken from None
     except OSError:  # no hard links here (some network or FAT file systems): claim the name, then fill it
         try:
-            os.close(os.open(output.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            descriptor = os.open(output.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             raise taken from None
-        os.replace(output.temporary, output.path)
+        claim = os.fstat(descriptor)
+        os.close(descriptor)
+        try:
+            os.replace(output.temporary, output.path)
+        except BaseException:  # remove the empty claim, if it is still ours
+            if os.path.exists(output.path) and os.stat(output.path).st_ino == claim.st_ino:
+                os.remove(output.path)
+            raise
         return
     os.remove(output.temporary)
 

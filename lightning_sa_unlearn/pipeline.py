@@ -39,6 +39,7 @@ from lightning_sa_unlearn.selection import (
     Selection,
     layer_sharpness,
     newton_decrement,
+    select_layers,
     trainable_layers,
 )
 from lightning_sa_unlearn.selection.trials import select_by_trial
@@ -237,16 +238,20 @@ def _warn_if_unsure(run: UnlearningRun, selection: Selection) -> None:
     confident = selection.stopping_rule(run.curvature.confidence)
     if result.stop != "maximum reached" or confident is None or confident(result.statistics):
         return
-    means = result.statistics.means()
-    picked = selection.select(Measurements(run.model, {}, sharpness=means)).layers
-    margin = selection_margin(means, result.statistics, picked, selection.name)
-    if margin is None:
-        return
+    means, rule = result.statistics.means(), selection.name
+    detail = ""
+    if rule in ("flattest", "sharpest"):  # rules that rank the sharpness: say by how much the pick leads
+        picked = select_layers(means, rule, getattr(selection, "num_layers", 1))
+        margin = selection_margin(means, result.statistics, picked, rule)
+        if margin is not None:
+            detail = (
+                f" (the selected layer {margin['selected']!r} leads the runner-up {margin['runner_up']!r} by "
+                f"{margin['lead_in_standard_errors']:.2f} standard errors, short of {run.curvature.confidence:g})"
+            )
     rank_zero_warn(
-        f"curvature read its maximum of {result.samples} samples without the selected layer "
-        f"{margin['selected']!r} leading the runner-up {margin['runner_up']!r} by {run.curvature.confidence:g} "
-        f"standard errors (lead: {margin['lead_in_standard_errors']:.2f}). Another sample could select the other "
-        "layer; raise the curvature's max_samples, or accept the choice."
+        f"curvature read its maximum of {result.samples} samples before the selection's stopping rule was met"
+        f"{detail}. Another sample could select another layer; raise the curvature's max_samples, or accept the "
+        "choice."
     )
 
 

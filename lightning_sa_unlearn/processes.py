@@ -96,6 +96,7 @@ class SummedState:
 
 
 _RECENT_COLLECTIVES: collections.deque[Tensor] = collections.deque(maxlen=4)
+KEPT_MAX_ELEMENTS = 4096
 
 
 def _kept(reduced: Tensor) -> Tensor:
@@ -108,9 +109,12 @@ def _kept(reduced: Tensor) -> Tensor:
     process is already in ``Py_FinalizeEx``, taking the GIL ends the thread with ``pthread_exit``, whose
     unwinding through a ``noexcept`` destructor calls ``std::terminate`` (seen in a core dump: the last
     collective is the ``agree`` at the end of a run). With Python still holding the tensor, gloo's drop
-    frees nothing. (Destroying the process group at exit does not help: its threads outlive the call.)
+    frees nothing. (Destroying the process group at exit does not help: its threads outlive the call.) Only
+    small tensors (the agreements and sums that end a run), and only under gloo, so that no gradient-sized
+    buffer is held.
     """
-    _RECENT_COLLECTIVES.append(reduced)
+    if reduced.numel() <= KEPT_MAX_ELEMENTS and torch.distributed.get_backend() == "gloo":
+        _RECENT_COLLECTIVES.append(reduced)
     return reduced
 
 

@@ -459,3 +459,10 @@ def test_the_report_travels_in_the_callback_state(tiny_model):
     assert history.selected_layers == report.selected_layers and history.tau == report.tau
     assert history.format_table() == report.format_table()
     assert restored.report is None  # a stored report is history, never this run's result
+
+
+def test_a_stored_report_from_another_version_is_ignored_with_a_warning():
+    callback = SharpnessAwareUnlearning()
+    with pytest.warns(UserWarning, match="the report stored in the checkpoint cannot be read"):
+        callback.load_state_dict({"report": {"selected_layers": ["fc"], "a_field_from_the_future": 1}})
+    assert callback.restored_report is None and callback.report is None

@@ -217,3 +217,13 @@ def test_an_update_returning_a_dict_keeps_working_and_its_own_keys_are_reported(
     report = SharpnessAwareUnlearning(selection="last", update=DictStep(0.001), harm_guard=False,
                                       verbose=False).unlearn(model, datamodule)  # fmt: skip
     assert report.tau == 0.001 and report.update_steps == 1 and report.update_fields == {"kind": "dict"}
+
+
+def test_a_custom_stopping_rule_never_met_warns_and_the_run_goes_on(tiny_model):
+    model, datamodule = tiny_model
+    selection = StopAtSamples(samples=10_000)  # more than the estimator may read
+    callback = SharpnessAwareUnlearning(GGN(max_samples=128, min_batches=1), selection, NoisyStep(0.001),
+                                        harm_guard=False, verbose=False)  # fmt: skip
+    with pytest.warns(UserWarning, match="read its maximum of 128 samples before the selection's stopping rule"):
+        report = callback.unlearn(model, datamodule)
+    assert report.curvature_stop == "maximum reached" and report.selection_fields == {"first_layer": "net.conv"}

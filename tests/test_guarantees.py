@@ -520,6 +520,28 @@ def test_a_buffer_created_during_the_run_does_not_hide_the_error(tiny_model):
     assert not hasattr(model, "seen")  # removed: the model is as it was, its state_dict keys included
 
 
+class LazyNoneBuffer(TinyClassifier):
+    """Registers a buffer as None and fills it on its first forward (a lazily computed constant)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", None)
+
+    def forward(self, x):
+        if self.scale is None:
+            self.scale = torch.ones(())
+        return super().forward(x) * self.scale
+
+
+def test_a_buffer_registered_as_none_comes_back_as_none(tiny_model):
+    fitted, datamodule = tiny_model
+    model = LazyNoneBuffer()
+    model.load_state_dict(fitted.state_dict())
+    refused(model, datamodule, HarmfulUpdateError, "beyond 2 standard errors", update=FirstOrder(1e6))
+    assert "scale" in model._buffers and model.scale is None  # still registered: the next forward works
+    model(datamodule.x[:2])
+
+
 # ---------------------------------------------------------------- files
 @pytest.fixture
 def files(tmp_path):

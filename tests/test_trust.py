@@ -7,8 +7,8 @@ bytes of every file the user had.
 import fractions
 import os
 import pathlib
-import socket
 import sys
+import time
 import typing
 from collections.abc import Callable
 
@@ -19,7 +19,7 @@ from conftest import TensorDataModule, TinyClassifier, quiet_trainer
 from test_cli import FAST, _in_a_temporary_folder, config, digest, fitted  # noqa: F401 (fixtures)
 from torch import nn
 
-from lightning_sa_unlearn import FirstOrder, PoisonedLabelDataModule, SharpnessAwareUnlearning
+from lightning_sa_unlearn import FirstOrder, PoisonedLabelDataModule, SharpnessAwareUnlearning, outputs
 from lightning_sa_unlearn.checkpoints import is_plain
 from lightning_sa_unlearn.cli import UnlearningTrainer, main
 from lightning_sa_unlearn.models import PaperCNN
@@ -294,15 +294,47 @@ def test_only_abandoned_temporary_files_are_cleaned_up(tmp_path):
             dead += 1
     live = temporary_name(str(target))  # this process's own
     own_host = temporary_name(str(target)).replace(f"-{os.getpid()}-", f"-{dead}-")
-    other_host = own_host.replace(f".partial-{socket.gethostname()}", ".partial-elsewhere")
+    recent = temporary_name(str(target)).replace(f"-{os.getpid()}-", f"-{dead}-")  # its writer may be on its way
+    other_host = own_host.replace(f".partial-{outputs._HOST}", ".partial-elsewhere-00000000")
+    earlier = temporary_name(str(target), "earlier").replace(f"-{os.getpid()}-", f"-{dead}-")  # a user's file
     unrelated = tmp_path / ".model.unlearned.partial-0123456789ab.ckpt"  # an older naming: nobody's to judge
-    for path in (live, own_host, other_host, unrelated):
+    hour_ago = time.time() - 3600
+    for path in (live, own_host, recent, other_host, earlier, unrelated):
         pathlib.Path(path).write_text("partial")
+        if path != recent:
+            os.utime(path, (hour_ago, hour_ago))
     assert remove_abandoned_temporaries(str(target)) == [own_host]
     OutputFiles().add("checkpoint", target, "output_path")  # the check does the same
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        os.path.basename(p) for p in (live, other_host, unrelated)
+        os.path.basename(p) for p in (live, recent, other_host, earlier, unrelated)
     )
+
+
+def test_a_failed_overwrite_puts_the_earlier_files_back(tmp_path, monkeypatch):
+    staged(tmp_path, "earlier").commit()
+    second = staged(tmp_path, "second", overwrite=True)
+    replace = os.replace
+
+    def fails_on_the_report(source, target):
+        if target.endswith("out.report") and ".partial-" in source:
+            raise OSError("disk full (injected)")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", fails_on_the_report)
+    with pytest.raises(OSError, match="injected"):
+        second.commit()
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {
+        "out.checkpoint": "earlier checkpoint",
+        "out.report": "earlier report",
+    }
+
+
+def test_an_output_that_was_not_written_fails_the_commit(tmp_path):
+    outputs = staged(tmp_path, "mine")
+    os.remove(outputs.temporary("report"))
+    with pytest.raises(RuntimeError, match="\\['report'\\] were not written"):
+        outputs.commit()
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------- 7. the fit path checks its outputs before training
