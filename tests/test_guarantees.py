@@ -1,4 +1,4 @@
-"""README "Guarantees": each misuse gets one clear message, and the model (and every file) survives it.
+"""docs/guarantees.md: each misuse gets one clear message, and the model (and every file) survives it.
 
 CLI cases (links to the input checkpoint, unreadable checkpoints, --overwrite) are in test_cli.py,
 the two-process cases in test_distributed.py.

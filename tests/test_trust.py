@@ -401,7 +401,7 @@ def test_weights_only_false_works_in_the_cli_when_the_user_asks(fitted, tmp_path
 
 def test_a_checkpoint_saved_through_the_python_api_works_in_the_cli(fitted, tmp_path):
     _, _, ckpt = fitted
-    model = PaperCNN()  # as in the README's "Use it": built in Python, not by the CLI
+    model = PaperCNN()  # as in the README's quick start: built in Python, not by the CLI
     model.load_state_dict(torch.load(ckpt, weights_only=True)["state_dict"])
     api = tmp_path / "api.ckpt"
     SharpnessAwareUnlearning(selection="last", update=FirstOrder(step_size=0.0), checkpoint_path=str(api),
