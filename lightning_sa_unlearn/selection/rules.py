@@ -67,7 +67,9 @@ class Selection:
     needs_forget_gradient: ClassVar[bool] = False
     granularity: ClassVar[str] = "layer"
     trials: ClassVar[bool] = False
-    """True for a rule that picks among ``candidates(measurements)`` by trial updates (:class:`ValidatedLayer`)."""
+    """A declared capability: True for a rule that chooses by trial updates. The pipeline then calls
+    :meth:`candidates`, not :meth:`select`, runs the update on each from the same weights and keeps the one
+    with the least validation objective (:class:`ValidatedLayer`)."""
 
     @property
     def name(self) -> str | list[str]:
@@ -75,7 +77,12 @@ class Selection:
         return type(self).__name__
 
     def select(self, measured: Measurements) -> Selected | list[str]:
+        """The layers to update (a rule with ``trials = True`` implements :meth:`candidates` instead)."""
         raise NotImplementedError(f"{type(self).__name__} must implement select(measurements).")
+
+    def candidates(self, measured: Measurements) -> list[list[str]]:
+        """The layer sets a trial rule tries (``trials = True``)."""
+        raise NotImplementedError(f"{type(self).__name__} declares trials = True but does not give candidates().")
 
     def check(self, layers: Sequence[str]) -> None:
         """Fail before any work when the rule cannot apply to a model with these layers."""
@@ -299,9 +306,6 @@ class ValidatedLayer(Selection):
         flattest = sorted(eligible, key=measured.sharpness.__getitem__)[: self.k]
         chosen = flattest + ([eligible[-1]] if self.include_last and eligible[-1] not in flattest else [])
         return [[layer] for layer in chosen]
-
-    def select(self, measured: Measurements) -> Selected:
-        raise RuntimeError("ValidatedLayer chooses by trial updates; the run calls candidates(), not select().")
 
 
 SELECTIONS = {
