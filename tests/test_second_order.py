@@ -102,6 +102,7 @@ def float64_tiny():
     return model
 
 
+@pytest.mark.parametrize("on_update", [False, True], ids=["damping on the curvature part", "damping on SecondOrder"])
 @pytest.mark.parametrize(
     "solver, damping, options",
     [
@@ -109,7 +110,7 @@ def float64_tiny():
         (LiSSA(max_iterations=20_000, tolerance=1e-8), 20.0, {}),  # more damping: LiSSA needs ~κ iterations
     ],
 )
-def test_second_order_update_through_the_callback(solver, damping, options):
+def test_second_order_update_through_the_callback(solver, damping, options, on_update):
     model, datamodule = float64_tiny(), TensorDataModule()
     names = ["net.fc2.weight", "net.fc2.bias"]
     before = state(model)
@@ -123,9 +124,14 @@ def test_second_order_update_through_the_callback(solver, damping, options):
     g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, params)])
     step = torch.linalg.solve(hessian + damping * torch.eye(len(g), dtype=g.dtype), g)
 
-    report = SharpnessAwareUnlearning(
-        curvature=GGN(damping=damping), update=SecondOrder(1.0, solver=solver), selection=["net.fc2"], verbose=False
-    ).unlearn(model, datamodule)
+    if on_update:  # the update's own damping wins over the curvature part's
+        curvature, update = GGN(damping=123.0), SecondOrder(1.0, solver=solver, damping=damping)
+    else:
+        curvature, update = GGN(damping=damping), SecondOrder(1.0, solver=solver)
+    report = SharpnessAwareUnlearning(curvature=curvature, update=update, selection=["net.fc2"], verbose=False).unlearn(
+        model, datamodule
+    )
+    assert report.solver["damping"] == damping
     expected = torch.cat([before[name].reshape(-1) for name in names]) - step
     updated = torch.cat([dict(model.named_parameters())[name].detach().reshape(-1) for name in names])
     assert float((updated - expected).norm() / step.norm()) < 1e-4
@@ -276,6 +282,8 @@ def test_newton_decrement_on_a_hand_built_example():
     measured = Measurements(net, trainable_layers(net), gradient=gradient, diagonal_sum=diag, damping=1.0)
     assert NewtonDecrement().select(measured).layers == ["1"]
     assert NewtonDecrement(num_layers=2).select(measured).layers == ["1", "0"]
+    far = Measurements(net, trainable_layers(net), gradient=gradient, diagonal_sum=diag, damping=99.0)
+    assert NewtonDecrement(damping=1.0).scores(far) == pytest.approx({"0": 0.5, "1": 0.75})  # its own λ wins
 
 
 def test_newton_decrement_through_the_callback(tiny_model):

@@ -52,8 +52,9 @@ class Curvature:
             (:mod:`~lightning_sa_unlearn.curvature.sequential`).
         batch_size: samples per batch of a sequential pass (None: the training loader's); 8 batches of
             64 give the standard errors 7 degrees of freedom from 512 samples.
-        damping: λ of ``H + λI`` wherever the curvature is inverted: the second-order solve (eq. 12)
-            and the Newton decrement.
+        damping: λ of ``H + λI`` wherever the curvature is inverted (the second-order solve, eq. 12,
+            and the Newton decrement), unless ``SecondOrder(damping=...)`` or ``NewtonDecrement(damping=...)``
+            sets it where it is read: prefer those; this one stays for existing configs.
         chunk_size: examples (or probes, or basis vectors) vectorised at once; bounds memory.
     """
 

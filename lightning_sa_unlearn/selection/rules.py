@@ -169,7 +169,8 @@ class Sharpest(SharpnessRanking):
 class NewtonDecrement(RankingRule):
     """The largest predicted decrease of the forget loss, ``(1/|θ_l|) Σ_i g_i² / (H_ii + λ)``.
 
-    ``g = ∇L_forget`` (eq. 7), ``H`` the diagonal of the SUM training loss (eq. 2), λ the curvature's damping.
+    ``g = ∇L_forget`` (eq. 7), ``H`` the diagonal of the SUM training loss (eq. 2), λ = ``damping`` (None:
+    the curvature part's ``damping``, where it was set before this argument existed).
     """
 
     rule = "newton_decrement"
@@ -177,15 +178,24 @@ class NewtonDecrement(RankingRule):
     needs_curvature = True
     needs_forget_gradient = True
 
+    def __init__(self, num_layers: int = 1, damping: float | None = None) -> None:
+        super().__init__(num_layers)
+        if damping is not None and not damping >= 0:
+            raise ValueError(f"damping must be >= 0, got {damping}; it is the λ of (H + λI).")
+        self.damping = damping
+
+    def _damping(self, measured: Measurements) -> float:
+        return measured.damping if self.damping is None else self.damping
+
     def scores(self, measured: Measurements) -> dict[str, float]:
         measured.require("gradient", self)
         measured.require("diagonal_sum", self)
-        return newton_decrement(measured.model, measured.gradient, measured.diagonal_sum, measured.damping)
+        return newton_decrement(measured.model, measured.gradient, measured.diagonal_sum, self._damping(measured))
 
     def entry_scores(self, measured: Measurements) -> dict[str, Tensor]:
         measured.require("gradient", self)
         measured.require("diagonal_sum", self)
-        return entry_decrement(measured.gradient, measured.diagonal_sum, measured.damping)
+        return entry_decrement(measured.gradient, measured.diagonal_sum, self._damping(measured))
 
 
 class LastLayer(CountedRule):

@@ -83,7 +83,7 @@ class SecondOrder(Update):
     """Paper eq. 12 on S: ``θ_S ← θ_S − τ·(H_SS + λI)⁻¹ ∇_S L_forget``; τ = 1 is eq. 12 exactly.
 
     ``H`` is the Hessian of the SUM training loss (eq. 2), from Hessian-vector products on the
-    curvature part's samples, rescaled to the whole training set; λ is the curvature part's damping.
+    curvature part's samples, rescaled to the whole training set; λ is ``damping``.
 
     Args:
         step_size: default τ chosen on validation (:class:`ValidatedStep`), searched over the range of
@@ -91,6 +91,8 @@ class SecondOrder(Update):
         solver: ``"cg"``, ``"lissa"`` or a :class:`Solver` (default :class:`CG`).
         fallback: when the solve fails, apply the first-order update instead (the report says so);
             False raises, after the weights are restored.
+        damping: λ of ``H + λI``. None: the curvature part's ``damping`` (where it was set before this
+            argument existed; set it here).
 
     A solve that stops at the solver's ``max_iterations`` (closer to the solution than x = 0, not within
     ``tolerance``) is applied with a warning that names its residual, and only if the harm guard passes.
@@ -100,11 +102,17 @@ class SecondOrder(Update):
     needs_curvature = True
 
     def __init__(
-        self, step_size: StepSize | float | None = None, solver: Solver | str | None = None, fallback: bool = False
+        self,
+        step_size: StepSize | float | None = None,
+        solver: Solver | str | None = None,
+        fallback: bool = False,
+        damping: float | None = None,
     ) -> None:
+        if damping is not None and not damping >= 0:
+            raise ValueError(f"damping must be >= 0, got {damping}; it is the λ of (H + λI).")
         self.step_size = step_size_from(step_size)
         self.solver = resolve(solver or "cg", Solver, SOLVERS, "solver")
-        self.fallback = fallback
+        self.fallback, self.damping = fallback, damping
 
     def validation(self) -> ValidationSpec | None:
         return self.step_size.validation()
@@ -115,8 +123,8 @@ class SecondOrder(Update):
         if solver.get("status") == "max_iterations":
             hint = (
                 f"The {solver.get('name')} solve stopped at max_iterations with relative residual "
-                f"{solver.get('relative_residual', float('nan')):.3g}: raise the solver's max_iterations or the "
-                "curvature's damping. "
+                f"{solver.get('relative_residual', float('nan')):.3g}: raise the solver's max_iterations or "
+                "SecondOrder's damping. "
             )
         return hint + self.step_size.advice()
 
@@ -130,7 +138,8 @@ class SecondOrder(Update):
             masks=run.masks,
             all_reduce=run.processes.sum_tree,
         )
-        matvec = damped(product, run.curvature.damping)
+        damping = run.curvature.damping if self.damping is None else self.damping
+        matvec = damped(product, damping)
         b = project({name: run.gradient[name] for name in run.names}, run.masks)
         solver = self.solver
         iterations = iter(run.progress(range(solver.max_iterations), f"second order ({solver.name})", None))
@@ -145,7 +154,7 @@ class SecondOrder(Update):
             "iterations": result.iterations,
             "relative_residual": result.residual,
             "status": result.reason,
-            "damping": run.curvature.damping,
+            "damping": damping,
             "hvp_scale": run.hvp_scale,
             **extra,
         }
