@@ -42,7 +42,7 @@ from lightning_sa_unlearn.selection import (
     select_layers,
     trainable_layers,
 )
-from lightning_sa_unlearn.selection.trials import select_by_trial
+from lightning_sa_unlearn.trials import select_by_trial
 from lightning_sa_unlearn.updates import Update, UpdateResult, ValidationSpec, forget_gradient
 
 REPORT_SAMPLES = 256

@@ -1,4 +1,6 @@
-"""Selection by trial updates (:class:`~lightning_sa_unlearn.selection.ValidatedLayer`): run, judge, restore."""
+"""Selection by trial updates, for a rule with ``trials = True`` (:class:`~lightning_sa_unlearn.ValidatedLayer`):
+run the update on each candidate, judge it, restore. Orchestration, called by the pipeline alone: it runs an
+update part and sets the run's selection, which no part does."""
 
 from __future__ import annotations
 
