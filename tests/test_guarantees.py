@@ -495,6 +495,19 @@ class InfiniteValidation(TensorDataModule):
         return self._loader(x, self.val[1])
 
 
+class NaNForget(TensorDataModule):
+    def forget_dataloader(self):
+        x = self.x[: self.num_forget].clone()
+        x[0, 0, 3, 3] = float("nan")  # one pixel of the first image
+        return self._loader(x, self.poisoned[: self.num_forget])
+
+
+def test_forget_inputs_that_are_not_finite_are_blamed_on_the_data_not_the_loss(tiny_model):
+    model, _ = tiny_model
+    error = refused(model, NaNForget(), ValueError, "outputs on the first forget samples are NaN or infinite")
+    assert "loss_fn is not at fault" in str(error) and "loss_fn returned" not in str(error)
+
+
 @pytest.mark.parametrize("guard", [True, False], ids=["guard", "no guard"])
 def test_validation_data_that_is_not_finite_is_blamed_on_the_data(guard, tiny_model):
     model, _ = tiny_model

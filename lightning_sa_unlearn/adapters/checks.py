@@ -150,7 +150,13 @@ def _check_loss(loss_fn: LossFn, logits: Tensor, targets: Tensor, adapter: Any) 
             f"{adapter!r} produced: {error}. Give the loss the model was trained with, on these shapes."
         ) from error
     padding_only = not bool((targets >= 0).any())  # the loss of positions that are all ignored is NaN
-    if not isinstance(loss, Tensor) or loss.numel() != 1 or not (padding_only or math.isfinite(float(loss))):
+    scalar = isinstance(loss, Tensor) and loss.numel() == 1
+    if scalar and not padding_only and not math.isfinite(float(loss)) and not bool(torch.isfinite(logits).all()):
+        raise ValueError(
+            "the model's outputs on the first forget samples are NaN or infinite, so the loss is too: the forget "
+            "inputs (or the weights) hold NaN or infinite values. Fix or drop those samples; loss_fn is not at fault."
+        )
+    if not scalar or not (padding_only or math.isfinite(float(loss))):
         raise ValueError(
             f"loss_fn returned {loss!r} on one forget batch; it must be a finite scalar (reduction='mean')."
         )
