@@ -122,22 +122,34 @@ def is_plain(annotation: Any) -> bool:
 
 
 def _is_data(value: Any) -> bool:
+    """Plain values, and lists and dicts of them; a dict that names a class (:data:`CLASS_KEYS`) is not data."""
     if isinstance(value, PLAIN_TYPES):
         return True
     if isinstance(value, (list, tuple)):
         return all(_is_data(v) for v in value)
     if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_data(v) for k, v in value.items())
+        keys_are_data = all(isinstance(k, str) and k not in CLASS_KEYS for k in value)
+        return keys_are_data and all(_is_data(v) for v in value.values())
     return False
 
 
-def applicable_arguments(cls: type, values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """The hyperparameters that may be applied to ``cls(...)`` as they are: keys that are ``__init__`` parameters
-    annotated with plain types (:func:`is_plain`) and whose values are plain data; and the keys left out."""
+def model_arguments(checkpoint: dict[str, Any], cls: type | None) -> tuple[dict[str, Any], list[str]]:
+    """The checkpoint's hyperparameters that may be applied to ``cls(...)`` as they are, and the keys left out.
+
+    Applied: keys that are ``__init__`` parameters of ``cls`` annotated with plain types (:func:`is_plain`) and
+    whose values are plain data (no ``class_path`` at any depth). The keys that name a class
+    (:data:`CLASS_KEYS`) and Lightning's own (:data:`LIGHTNING_KEYS`) are dropped silently; every other key
+    is left out (building from it could import what the file names).
+    """
+    values = {
+        k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k not in CLASS_KEYS + LIGHTNING_KEYS
+    }
     try:
-        signature = inspect.signature(cls.__init__)
-        hints = typing.get_type_hints(cls.__init__)
+        signature = inspect.signature(cls.__init__) if cls is not None else None
+        hints = typing.get_type_hints(cls.__init__) if cls is not None else {}
     except (TypeError, ValueError, NameError):
+        signature = None
+    if signature is None:
         return {}, sorted(values)
     kept = {}
     for key, value in values.items():
@@ -147,24 +159,3 @@ def applicable_arguments(cls: type, values: dict[str, Any]) -> tuple[dict[str, A
         if key in hints and is_plain(hints[key]) and _is_data(value):
             kept[key] = value
     return kept, sorted(set(values) - set(kept))
-
-
-def _names_a_class(value: Any) -> bool:
-    if isinstance(value, dict):
-        return any(key in CLASS_KEYS for key in value) or any(_names_a_class(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(_names_a_class(v) for v in value)
-    return False
-
-
-def model_arguments(checkpoint: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """The checkpoint's hyperparameters that are plain data (the model's init arguments), and the keys left out.
-
-    Left out: the keys that name a class (:data:`CLASS_KEYS`), Lightning's own (:data:`LIGHTNING_KEYS`), and
-    every value that holds a ``class_path`` at any depth (building it would import what the file names).
-    """
-    hyper_parameters = dict(checkpoint.get("hyper_parameters") or {})
-    for key in CLASS_KEYS + LIGHTNING_KEYS:
-        hyper_parameters.pop(key, None)
-    skipped = sorted(key for key, value in hyper_parameters.items() if _names_a_class(value))
-    return {k: v for k, v in hyper_parameters.items() if k not in skipped}, skipped

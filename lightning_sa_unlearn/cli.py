@@ -24,7 +24,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_sa_unlearn.callback import SharpnessAwareUnlearning
-from lightning_sa_unlearn.checkpoints import applicable_arguments, check_model_class, model_arguments, read_checkpoint
+from lightning_sa_unlearn.checkpoints import check_model_class, model_arguments, read_checkpoint
 from lightning_sa_unlearn.outputs import OutputFiles
 from lightning_sa_unlearn.processes import Processes
 from lightning_sa_unlearn.report import UnlearningReport
@@ -230,13 +230,12 @@ class SAUnlearnCLI(LightningCLI):
         checkpoint = read_checkpoint(ckpt_path, settings.get("weights_only") is not False, trust_hint=TRUST_HINT)
         model = settings.get("model")
         class_path = model.get("class_path") if hasattr(model, "get") else None
-        check_model_class(checkpoint, _configured_class(class_path), class_path, ckpt_path)
-        arguments, skipped = model_arguments(checkpoint)
         cls = _configured_class(class_path)
-        arguments, left_out = applicable_arguments(cls, arguments) if cls is not None else ({}, sorted(arguments))
-        if skipped or left_out:
+        check_model_class(checkpoint, cls, class_path, ckpt_path)
+        arguments, left_out = model_arguments(checkpoint, cls)
+        if left_out:
             rank_zero_warn(
-                f"{ckpt_path}: hyperparameters {sorted(skipped + left_out)} are not applied (a value that names a "
+                f"{ckpt_path}: hyperparameters {left_out} are not applied (a value that names a "
                 f"class, or not a plain-typed argument of {class_path}: nothing a checkpoint names is imported); "
                 "the values of your config are used."
             )

@@ -9,11 +9,12 @@
   disk, then publishes them. Without ``overwrite`` a name is claimed with a primitive that fails when it
   exists (a hard link, else an ``O_EXCL`` create): if another run took one of the names since the check,
   this run removes what it had published already (only files that are still its own, by inode) and
-  fails, so two runs never both "win". With ``overwrite`` the files are renamed over the old ones.
+  fails, so two runs never both "win". With ``overwrite`` an earlier file is moved aside, the new one
+  renamed into place, and the earlier one put back if publishing fails.
 * :meth:`OutputFiles.discard` removes the temporary files (and the folders the run created) of a failed
   run. A file the run did not write is never deleted, except temporary files of this naming whose writer
-  is gone (same host, process id no longer running): a killed run's leftovers are removed when the next
-  run checks the same output.
+  is gone (same host, process id no longer running, untouched for :data:`ABANDONED_AFTER` seconds): a
+  killed run's leftovers are removed when the next run checks the same output.
 """
 
 from __future__ import annotations
@@ -86,8 +87,9 @@ def temporary_name(path: str, kind: str = "partial") -> str:
 def remove_abandoned_temporaries(path: str) -> list[str]:
     """Remove the temporary files of ``path`` (see :func:`temporary_name`) whose writer is gone; returns them.
 
-    Only files written on this host by a process that no longer runs are removed; a live run's files, files
-    of another host (a shared file system) and files of any other naming are left alone.
+    Only files written on this host by a process that no longer runs, untouched for :data:`ABANDONED_AFTER`
+    seconds, are removed; a live run's files, files of another host (a shared file system) and files of any
+    other naming are left alone.
     """
     folder, name = os.path.split(os.path.abspath(path))
     root, extension = os.path.splitext(name)
@@ -121,8 +123,6 @@ def _older_than(path: str, seconds: float) -> bool:
 
 def _running(pid: int) -> bool:
     """Whether a process ``pid`` exists on this host (a process we may not signal exists too)."""
-    if pid == os.getpid():
-        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -221,7 +221,7 @@ class OutputFiles:
             self.discard()
             raise RuntimeError(f"{missing} were not written (their temporary files are gone); nothing was published.")
         for output in self.files.values():
-            _flush(output.temporary)
+            _fsync(output.temporary, required=True)
         published: list[tuple[str, tuple[int, int], str | None]] = []  # path, this run's inode, the earlier file
         try:
             for output in self.files.values():
@@ -253,7 +253,7 @@ class OutputFiles:
         folders = {os.path.dirname(os.path.abspath(output.path)) for output in self.files.values()}
         folders |= {os.path.dirname(folder) for folder in self._created}  # new folders' entries in their parents
         for folder in folders:
-            _flush_folder(folder)
+            _fsync(folder, required=False)
 
     def discard(self) -> None:
         """Remove this run's temporary files and the folders it created (if empty); nothing else.
@@ -301,27 +301,18 @@ def _publish_exclusive(output: _Output) -> None:
     os.remove(output.temporary)
 
 
-def _flush(path: str) -> None:
-    """``fsync`` a written file, so that a published name never points to data still in memory."""
-    descriptor = os.open(path, os.O_RDONLY)
+def _fsync(path: str, required: bool) -> None:
+    """``fsync`` a written file (``required``: a published name never points to data still in memory), or a
+    folder, so that its new names survive a power cut (not possible on every file system: then skipped)."""
     try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _flush_folder(folder: str) -> None:
-    """``fsync`` a folder, so that its new names survive a power cut (not possible everywhere: then skipped)."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
     except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
+        if required:
+            raise
 
 
 def fitted_checkpoints(trainer: pl.Trainer) -> dict[str, str | None]:

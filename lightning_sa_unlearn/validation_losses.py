@@ -32,8 +32,7 @@ def paired_standard_error(before: Tensor, after: Tensor) -> float:
     """
     if before.shape != after.shape:
         raise ValueError(f"paired values need the same shape, got {tuple(before.shape)} and {tuple(after.shape)}.")
-    difference = after.double() - before.double()
-    return standard_error(difference.numel(), float(difference.sum()), float(difference.square().sum()))
+    return standard_error(*moments(after.double() - before.double()))
 
 
 def per_sample_loss(loss_fn: LossFn, logits: Tensor, targets: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
 from lightning_sa_unlearn.curvature.losses import ignored_label, output_loss
 from lightning_sa_unlearn.data import checked_labels
@@ -40,21 +41,10 @@ def non_finite_samples(batches: Iterable[Any]) -> int:
     count = 0
     for batch in batches:
         inputs, _ = split_batch(batch)
-        rows = [~torch.isfinite(t).reshape(len(t), -1).all(1) for t in _tensors(inputs) if t.is_floating_point()]
+        tensors = [t for t in tree_leaves(inputs) if isinstance(t, Tensor) and t.ndim and t.is_floating_point()]
+        rows = [~torch.isfinite(t).reshape(len(t), -1).all(1) for t in tensors]
         count += int(torch.stack(rows).any(0).sum()) if rows and len({len(r) for r in rows}) == 1 else 0
     return count
-
-
-def _tensors(tree: Any) -> Iterator[Tensor]:
-    """The batched tensors inside a tensor, tuple, list or dict (nested)."""
-    if isinstance(tree, Tensor) and tree.ndim:
-        yield tree
-    elif isinstance(tree, dict):
-        for value in tree.values():
-            yield from _tensors(value)
-    elif isinstance(tree, (tuple, list)):
-        for value in tree:
-            yield from _tensors(value)
 
 
 @torch.no_grad()
