@@ -97,4 +97,4 @@ __all__ = [
     "paired_standard_error",
     "select_layers",
 ]
-__version__ = "0.2.0"
+__version__ = "0.3.0.dev0"

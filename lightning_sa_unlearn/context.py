@@ -16,12 +16,11 @@ from tqdm.auto import tqdm
 
 from lightning_sa_unlearn.adapters import BatchAdapter
 from lightning_sa_unlearn.adapters.checks import check_first_batch
-from lightning_sa_unlearn.curvature import Curvature, CurvatureResult
+from lightning_sa_unlearn.curvature import Curvature
 from lightning_sa_unlearn.curvature.losses import ignored_label
-from lightning_sa_unlearn.data import Batches, Relabelled, ShuffledBatches, UnlearningData, is_map_style
+from lightning_sa_unlearn.data import Batches, ShuffledBatches, UnlearningData, is_map_style
 from lightning_sa_unlearn.functional import LossFn
 from lightning_sa_unlearn.processes import Processes
-from lightning_sa_unlearn.selection import Measurements
 from lightning_sa_unlearn.trainers import quiet_trainer
 from lightning_sa_unlearn.updates import default_forget_loss, loss_sum
 
@@ -30,7 +29,9 @@ FAST_DEV_RUN_SAMPLES = 64
 
 @dataclass
 class UnlearningRun:
-    """The context every stage reads and extends; parts receive it as ``run``."""
+    """The run's data, settings and services (timing, pass counts, progress), the same from the first stage to
+    the last; parts receive it as ``run`` (:class:`~lightning_sa_unlearn.run_context.RunContext`). What the
+    stages measure is passed between them by the pipeline as arguments, never stored here."""
 
     trainer: pl.Trainer | None
     processes: Processes
@@ -51,18 +52,6 @@ class UnlearningRun:
     corrected: Batches | None = None
     test: Batches | None = None
     triggered: Batches | None = None
-    gradient: dict[str, Tensor] | None = None
-    curvature_result: CurvatureResult | None = None
-    training_size: int = 0
-    measurements: Measurements | None = None
-    decrement: dict[str, float] | None = None
-    names: list[str] = field(default_factory=list)
-    masks: dict[str, Tensor] | None = None
-    validation: Iterable[Any] | None = None
-    validation_source: str | None = None
-    validation_sample: Iterable[Any] | None = None
-    """The validation set in a seeded random order (for searches that read a growing prefix of it)."""
-    relabelled: Relabelled | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     passes: dict[str, dict[str, float]] = field(default_factory=dict)
     """Samples through the model per stage and kind of pass (:mod:`~lightning_sa_unlearn.passes`)."""
@@ -144,18 +133,6 @@ class UnlearningRun:
         total, count = self.processes.agree(lambda: loss_sum(model, batches, self.loss_fn))
         total, count = self.processes.sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
         return total / count if count else float("nan")
-
-    def validation_loss(self, model: nn.Module, batches: Iterable[Any] | None = None) -> float:
-        """The validation objective: mean validation loss (plus the relabelled forget loss, if asked)."""
-        loss = self.mean_loss(model, self.validation if batches is None else batches)
-        if self.relabelled is not None and batches is None:
-            loss += self.mean_loss(model, self.relabelled)
-        return loss
-
-    @property
-    def hvp_scale(self) -> float:
-        """``N / n``: Hessian-vector products on ``n`` curvature samples, rescaled to the SUM loss over N."""
-        return self.training_size / max(self.curvature_result.samples, 1)
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:

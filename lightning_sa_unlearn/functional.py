@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
@@ -171,3 +172,22 @@ def tree_add_(total: dict[str, Tensor] | None, part: dict[str, Tensor]) -> dict[
 def chunks(n: int, size: int) -> Iterator[slice]:
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
+
+
+@torch.no_grad()
+def loss_sum(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn = F.cross_entropy) -> tuple[float, int]:
+    """``(Σ ℓ, N)`` over every sample of ``batches``, in eval mode (sums from shards add up)."""
+    total, count = 0.0, 0
+    with eval_mode(model):
+        for x, y in batches_for(model, batches):
+            total += float(loss_fn(model(x), y)) * batch_size(x)
+            count += batch_size(x)
+    return total, count
+
+
+def mean_loss(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn = F.cross_entropy) -> float:
+    """Mean of ``loss_fn`` over every sample of ``batches``, in eval mode."""
+    total, count = loss_sum(model, batches, loss_fn)
+    if count == 0:
+        raise ValueError("cannot evaluate a loss on an empty set of batches.")
+    return total / count

@@ -3,7 +3,7 @@
 After the update the guard measures the validation objective again, on the same samples, and
 compares it with its value before. When the layers are selected before it starts, the outputs of the
 frozen layers below the selection are stored by the first pass and the second runs the layers above
-only (:class:`~lightning_sa_unlearn.updates.cached_features.StoredFeatures`; the whole model again if
+only (:class:`~lightning_sa_unlearn.objective.stored_features.StoredFeatures`; the whole model again if
 anything below changed). Noise is :func:`paired_standard_error`: the standard error of
 the mean of the per-sample loss differences (after − before). Pairing cancels what the samples
 have in common, so the test sees a small systematic rise that an unpaired comparison would miss.
@@ -45,11 +45,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_sa_unlearn.data import limit_samples
-from lightning_sa_unlearn.processes import SummedState
-from lightning_sa_unlearn.updates.base import Update, UpdateResult
-from lightning_sa_unlearn.validation_losses import (  # noqa: F401 (re-exported: imports from guard keep working)
+from lightning_sa_unlearn.objective import (  # noqa: F401 (re-exported: imports from guard keep working)
     SampleLosses,
+    StoredFeatures,
+    ValidationObjective,
     mean_change,
     paired_moments,
     paired_standard_error,
@@ -57,10 +56,11 @@ from lightning_sa_unlearn.validation_losses import (  # noqa: F401 (re-exported:
     sample_losses,
     standard_error,
 )
+from lightning_sa_unlearn.processes import SummedState
+from lightning_sa_unlearn.updates.base import Update, UpdateResult
 
 if TYPE_CHECKING:
     from lightning_sa_unlearn.run_context import RunContext
-    from lightning_sa_unlearn.updates.cached_features import StoredFeatures
 
 HARM_STANDARD_ERRORS = 2.0
 """A rise of the validation objective beyond this many paired standard errors is harm."""
@@ -192,7 +192,7 @@ class GuardResult:
 class HarmGuard:
     """Measures the validation objective per sample before an update, and judges the update after it.
 
-    Use :meth:`start` before ``update.apply(run)`` and :meth:`check` after it; the caller restores
+    Use :meth:`start` before ``update.apply(inputs)`` and :meth:`check` after it; the caller restores
     the weights when :meth:`check` raises.
     """
 
@@ -204,11 +204,12 @@ class HarmGuard:
         self.stored: list[list[tuple[Tensor, Tensor]] | None] = [None] * len(parts)
 
     @classmethod
-    def start(cls, run: RunContext, update: Update) -> HarmGuard | None:
-        """The guard with the objective measured before the update; None when off or without validation data."""
+    def start(cls, run: RunContext, objective: ValidationObjective | None, names: list[str]) -> HarmGuard | None:
+        """The guard with the objective measured before the update of ``names`` (``[]``: not selected yet); None
+        when off or without validation data."""
         if not run.harm_guard:
             return None
-        parts, source = _validation_parts(run)
+        parts, source = _validation_parts(objective)
         if not parts:
             rank_zero_warn(
                 "the harm guard is skipped: there is no validation data (neither val_dataloader() nor "
@@ -218,10 +219,8 @@ class HarmGuard:
             return None
         guard = cls(parts, source)
         with run.stage("harm_guard"):
-            if run.names:  # selected already: the layers below the selection need to run only once
-                from lightning_sa_unlearn.updates.cached_features import StoredFeatures
-
-                guard.features = StoredFeatures.find(run.model, run.names, parts[0][1], run.count)
+            if names:  # selected already: the layers below the selection need to run only once
+                guard.features = StoredFeatures.find(run.model, names, parts[0][1], run.count)
             guard.before = guard._measure(run, store=True)
         return guard
 
@@ -370,14 +369,13 @@ def _classes(labels: Tensor, classes: int) -> Tensor:
     return labels.long().clamp(0, classes - 1)
 
 
-def _validation_parts(run: RunContext) -> tuple[list[tuple[str, Iterable[Any]]], str]:
+def _validation_parts(objective: ValidationObjective | None) -> tuple[list[tuple[str, Iterable[Any]]], str]:
     """The data of the objective, as the pipeline chose it for every reader (none: ``[]``): a random subset of
     the validation data (the paired test needs few samples), plus the relabelled forget inputs if the
     objective has them."""
-    if run.validation_sample is None:
+    if objective is None:
         return [], ""
-    share = math.ceil(GUARD_SAMPLES / run.processes.world_size)
-    parts: list[tuple[str, Iterable[Any]]] = [("validation", list(limit_samples(run.validation_sample, share)))]
-    if run.relabelled is not None:
-        parts.append(("forget inputs with corrected labels", run.relabelled))
-    return parts, run.validation_source or "validation"
+    parts: list[tuple[str, Iterable[Any]]] = [("validation", objective.subset(GUARD_SAMPLES))]
+    if objective.relabelled is not None:
+        parts.append(("forget inputs with corrected labels", objective.relabelled))
+    return parts, objective.source

@@ -9,7 +9,7 @@ for E epochs on N samples is ``E·N``. A run counts the samples through its mode
 * ``forward``: the whole model without gradients (``1/3``); also the frozen layers below a
   selection when their outputs are stored, counted as a whole forward;
 * ``forward_above`` / ``forward_backward_above``: only the layers above the stored outputs
-  (:class:`~lightning_sa_unlearn.updates.cached_features.StoredFeatures`), priced at the measured
+  (:class:`~lightning_sa_unlearn.objective.stored_features.StoredFeatures`), priced at the measured
   share ``s`` of a pass those layers take: ``s/3`` and ``s``.
 
 Curvature passes are not plain ones (per-example squares, several backward passes, probes): their
@@ -114,7 +114,7 @@ def unlearning_units(
     trial rule's candidates had their own); under several processes, curvature units read in a round past
     the stopping one are counted in ``sample_passes`` but not priced here.
     """
-    from lightning_sa_unlearn.updates.cached_features import split_below
+    from lightning_sa_unlearn.objective.stored_features import split_below
 
     chosen = list(limit_samples(batches, 2048))
     share = None

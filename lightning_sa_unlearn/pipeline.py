@@ -10,7 +10,8 @@ Stages, in order (each computes only what the configured parts declared they nee
 6. ``update``: the validation set if the update reads one, then the update on the selected parameters;
 7. ``evaluate("after")``, then the report.
 
-The context carries what earlier stages measured. The callback wraps a run in snapshot and rollback.
+The context (:class:`UnlearningRun`) holds the data, settings and services; what a stage measures is a local
+here, passed to the later stages as arguments. The callback wraps a run in snapshot and rollback.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from torch import Tensor, nn
 from lightning_sa_unlearn.adapters.checks import check_finite_weights, non_finite_samples
 from lightning_sa_unlearn.context import UnlearningRun
 from lightning_sa_unlearn.counting import PASS_KINDS, UNLEARNING_STAGES, count_samples
-from lightning_sa_unlearn.curvature import GGN, selection_margin
-from lightning_sa_unlearn.data import Relabelled, check_aligned, limit_samples, training_set_size
+from lightning_sa_unlearn.curvature import GGN, CurvatureResult, selection_margin
+from lightning_sa_unlearn.data import check_aligned, limit_samples, training_set_size
 from lightning_sa_unlearn.evaluations import Evaluation
 from lightning_sa_unlearn.functional import require_trainable_parameters, trainable_only
 from lightning_sa_unlearn.guard import HarmGuard
+from lightning_sa_unlearn.objective import ValidationObjective, choose_validation
 from lightning_sa_unlearn.processes import SummedState
 from lightning_sa_unlearn.report import UnlearningReport
 from lightning_sa_unlearn.selection import (
@@ -43,7 +45,7 @@ from lightning_sa_unlearn.selection import (
     trainable_layers,
 )
 from lightning_sa_unlearn.trials import select_by_trial
-from lightning_sa_unlearn.updates import Update, UpdateResult, ValidationSpec, forget_gradient
+from lightning_sa_unlearn.updates import Update, UpdateInputs, UpdateResult, ValidationSpec, forget_gradient
 
 REPORT_SAMPLES = 256
 """Curvature samples read for the report alone when no part chooses by curvature (``LastLayer``, ...)."""
@@ -83,38 +85,56 @@ def _run_stages(
                     results[evaluation][stage] = evaluation.measure(run)
 
     evaluate("before")
+    gradient = None
     if selection.needs_forget_gradient:  # the rule reads the whole gradient
         with run.stage("forget_gradient"):
-            run.gradient = _forget_gradient(run)
+            gradient = _forget_gradient(run)
     if measure_curvature or selection.needs_curvature or update.needs_curvature:
         with run.stage("curvature"):
-            run.curvature_result = run.curvature.measure(run, selection.stopping_rule(run.curvature.confidence))
-        _warn_if_unsure(run, selection)
+            curvature = run.curvature.measure(run, selection.stopping_rule(run.curvature.confidence))
+        _warn_if_unsure(run, curvature, selection)
     else:  # nothing chooses by curvature: a small fixed sample, for the report's per-layer sharpness only
         with run.stage("curvature_report"):
-            run.curvature_result = GGN(samples=REPORT_SAMPLES).measure(run)
-            run.curvature_result.stop = "report only"
-    run.training_size = training_set_size(run.data.train, run.adapter.split)
-    _prepare_validation(run, update, selection)
-    trials = None
+            curvature = GGN(samples=REPORT_SAMPLES).measure(run)
+            curvature.stop = "report only"
+    training_size = training_set_size(run.data.train, run.adapter.split)
+    measured = _measurements(run, layers, curvature, gradient, training_size)
+    objective = _validation_objective(run, update, selection)
+
+    def inputs_for(names: list[str], masks: dict[str, Tensor] | None = None) -> UpdateInputs:
+        return UpdateInputs(
+            run.model,
+            names,
+            masks,
+            gradient,
+            objective,
+            curvature,
+            hvp_scale=training_size / max(curvature.samples, 1),
+            damping=run.curvature.damping,
+            run=run,
+        )
+
+    trials, margin, selection_fields, masks = None, None, {}, None
     if selection.trials:  # the rule runs the update on each candidate and keeps the best
-        guard = HarmGuard.start(run, update)  # the validation objective per sample, before (None: guard off)
+        guard = HarmGuard.start(run, objective, [])  # the validation objective per sample, before (None: guard off)
         with run.stage("selection"):
-            selected, outcome, trials = select_by_trial(run, selection, update, layers, _measurements(run, layers))
-            margin, selection_fields = None, {}
-        with run.stage("update"), trainable_only(run.model, run.names):
-            _check_finite(run, outcome, read_validation=True)
+            selected, names, outcome, trials = select_by_trial(
+                selection, update, layers, measured, objective, inputs_for, run.processes
+            )
+        with run.stage("update"), trainable_only(run.model, names):
+            _check_finite(run, outcome, names, objective, read_validation=True)
     else:
         with run.stage("selection"):
-            chosen, margin = _select(run, selection, layers)
-            selected, selection_fields = chosen.layers, chosen.report_fields
-        guard = HarmGuard.start(run, update)  # before the update; the layers below the selection run once
-        if update.needs_forget_gradient and run.gradient is None:  # back-propagated only as deep as the selection
-            with run.stage("forget_gradient"), trainable_only(run.model, run.names):
-                run.gradient = _forget_gradient(run)
-        with run.stage("update"), trainable_only(run.model, run.names):
-            outcome = UpdateResult.of(update.apply(run))
-            _check_finite(run, outcome, read_validation=update.validation() is not None)
+            chosen, margin = _select(run, selection, layers, measured, curvature)
+            selected, selection_fields, masks = chosen.layers, chosen.report_fields, chosen.masks
+            names = [n for layer in selected for n in layers[layer] if masks is None or n in masks]
+        guard = HarmGuard.start(run, objective, names)  # before the update; the layers below the selection run once
+        if update.needs_forget_gradient and gradient is None:  # back-propagated only as deep as the selection
+            with run.stage("forget_gradient"), trainable_only(run.model, names):
+                gradient = _forget_gradient(run)
+        with run.stage("update"), trainable_only(run.model, names):
+            outcome = UpdateResult.of(update.apply(inputs_for(names, masks)))
+            _check_finite(run, outcome, names, objective, read_validation=update.validation() is not None)
     guarded = guard.check(run, update, outcome) if guard is not None else None  # raises on a harmful update
     evaluate("after")
     run.seconds["total"] = time.perf_counter() - total_start
@@ -124,27 +144,26 @@ def _run_stages(
     for evaluation, stages in results.items():
         for name, value in evaluation.report_fields(stages).items():
             fields[name] = {**fields.get(name, {}), **value} if name == "evaluations" else value
-    measured = run.measurements
     uses_validation = outcome.tau_search or update.validation() is not None and outcome.tau is None
     return UnlearningReport(
         layer_sharpness=measured.sharpness or {},
         selected_layers=selected,
-        num_updated_parameters=_count_updated(run.model, run.names, run.masks),
+        num_updated_parameters=_count_updated(run.model, names, masks),
         tau=outcome.tau,
         seconds=run.seconds,
         update=update.name,
         selection=selection.name,
-        curvature=run.curvature.name if run.curvature_result else None,
-        curvature_samples=run.curvature_result.samples if run.curvature_result else 0,
-        curvature_stop=run.curvature_result.stop if run.curvature_result else None,
-        curvature_notes=list(run.curvature_result.notes) if run.curvature_result else [],
+        curvature=run.curvature.name,
+        curvature_samples=curvature.samples,
+        curvature_stop=curvature.stop,
+        curvature_notes=list(curvature.notes),
         tau_search=outcome.tau_search,
-        validation_source=run.validation_source if uses_validation else None,
+        validation_source=objective.source if uses_validation and objective is not None else None,
         validation_samples=outcome.validation_samples,
         update_steps=outcome.steps,
         update_details=outcome.details,
         granularity=selection.granularity,
-        newton_decrement=run.decrement or {},
+        newton_decrement=_decrement(measured) or {},
         sharpness_standard_error=measured.standard_errors or {},
         selection_margin=margin,
         solver=outcome.solver,
@@ -185,25 +204,33 @@ def _forget_gradient(run: UnlearningRun) -> dict[str, Tensor]:
     return gradient
 
 
-def _measurements(run: UnlearningRun, layers: dict[str, list[str]]) -> Measurements:
-    """What the run measured before selecting, also kept on the context (``run.measurements``)."""
-    result = run.curvature_result
-    measured = Measurements(run.model, layers, gradient=run.gradient)
-    if result is not None:
-        measured.sharpness = layer_sharpness(run.model, result.diagonal)
-        measured.standard_errors = result.statistics.standard_errors()
-        measured.diagonal = result.diagonal
-        # H of the SUM loss (eq. 2), estimated from the curvature samples
-        measured.diagonal_sum = {name: d * run.training_size for name, d in result.diagonal.items()}
-        measured.damping = run.curvature.damping
-    run.measurements = measured
-    run.decrement = _decrement(measured)
+def _measurements(
+    run: UnlearningRun,
+    layers: dict[str, list[str]],
+    result: CurvatureResult,
+    gradient: dict[str, Tensor] | None,
+    training_size: int,
+) -> Measurements:
+    """What the run measured before selecting: what a selection rule reads."""
+    measured = Measurements(run.model, layers, gradient=gradient)
+    measured.sharpness = layer_sharpness(run.model, result.diagonal)
+    measured.standard_errors = result.statistics.standard_errors()
+    measured.diagonal = result.diagonal
+    measured.diagonal_sum = {
+        name: d * training_size for name, d in result.diagonal.items()
+    }  # H of the SUM loss (eq. 2)
+    measured.damping = run.curvature.damping
     return measured
 
 
-def _select(run: UnlearningRun, selection: Selection, layers: dict[str, list[str]]) -> tuple[Selected, Any]:
-    """Apply the rule to what was measured; set ``run.names`` and ``run.masks``; returns the layers and margin."""
-    result, measured = run.curvature_result, _measurements(run, layers)
+def _select(
+    run: UnlearningRun,
+    selection: Selection,
+    layers: dict[str, list[str]],
+    measured: Measurements,
+    result: CurvatureResult,
+) -> tuple[Selected, dict[str, Any] | None]:
+    """Apply the rule to what was measured, the same in every process; returns the choice and its margin."""
     chosen = run.processes.broadcast(run.processes.agree(lambda: selection.select(measured)))
     if not isinstance(chosen, Selected):
         chosen = Selected(list(chosen))
@@ -216,11 +243,8 @@ def _select(run: UnlearningRun, selection: Selection, layers: dict[str, list[str
         raise ValueError(
             f"the selection returned {chosen.layers}, which must be a non-empty list of distinct names from {names}."
         )
-    masks = chosen.masks
-    run.names = [n for layer in chosen.layers for n in layers[layer] if masks is None or n in masks]
-    run.masks = masks
     margin = None
-    if masks is None and result is not None:
+    if chosen.masks is None:
         margin = selection_margin(measured.sharpness, result.statistics, chosen.layers, selection.name)
     unsure = margin is not None and margin["lead_in_standard_errors"] < 2  # NaN (one batch): no estimate
     if unsure and result.stop in ("fixed count", "data exhausted"):  # a sequential pass has warned already
@@ -233,8 +257,7 @@ def _select(run: UnlearningRun, selection: Selection, layers: dict[str, list[str
     return chosen, margin
 
 
-def _warn_if_unsure(run: UnlearningRun, selection: Selection) -> None:
-    result = run.curvature_result
+def _warn_if_unsure(run: UnlearningRun, result: CurvatureResult, selection: Selection) -> None:
     confident = selection.stopping_rule(run.curvature.confidence)
     if result.stop != "maximum reached" or confident is None or confident(result.statistics):
         return
@@ -255,28 +278,22 @@ def _warn_if_unsure(run: UnlearningRun, selection: Selection) -> None:
     )
 
 
-def _prepare_validation(run: UnlearningRun, update: Update, selection: Selection) -> None:
-    """Choose the validation data once, for every reader: the step-size search, trial selection, the harm guard.
-
-    ``val_dataloader()``, else a slice of the retain set; ``validation_sample`` is it in a seeded random order
-    (readers take a prefix: a random subset).
-    """
+def _validation_objective(run: UnlearningRun, update: Update, selection: Selection) -> ValidationObjective | None:
+    """The validation objective, chosen once for every reader: the step-size search, trial selection, the guard
+    (None when none of them reads one, or the data has no validation set)."""
     spec = update.validation() or (ValidationSpec() if selection.trials or run.harm_guard else None)
     if spec is None:
-        return
-    data = run.data
-    if data.val is not None:
-        run.validation, run.validation_source = run.batches(data.val, "validation"), "val_dataloader"
-        run.validation_sample = run.shuffled(data.val, "validation")
-    elif data.retain is not None:
-        run.validation, run.validation_source = run.batches(data.retain, "retain", spec.samples), "retain slice"
-        run.validation_sample = run.shuffled(data.retain, "retain", spec.samples)
-    if spec.objective == "validation_and_forget" and run.validation is not None:
-        run.relabelled = Relabelled(run.forget, run.corrected)
-        run.validation_source = f"{run.validation_source} + forget inputs with corrected labels"
+        return None
+    return choose_validation(run, spec.samples, with_relabelled_forget=spec.objective == "validation_and_forget")
 
 
-def _check_finite(run: UnlearningRun, outcome: UpdateResult, read_validation: bool) -> None:
+def _check_finite(
+    run: UnlearningRun,
+    outcome: UpdateResult,
+    names: list[str],
+    objective: ValidationObjective | None,
+    read_validation: bool,
+) -> None:
     """Finite selected parameters, and a finite loss on a few hundred validation samples if the update or the
     selection read validation data (else on the forget set, which the update read anyway).
 
@@ -284,14 +301,15 @@ def _check_finite(run: UnlearningRun, outcome: UpdateResult, read_validation: bo
     its own subset) has that value checked instead of a new pass.
     """
     after = outcome.objective_after
-    sample = run.validation_sample if read_validation and run.validation_sample is not None else run.forget
+    validation = read_validation and objective is not None
+    sample = objective.sample if validation else run.forget
     if after is None:
         after = run.mean_loss(run.model, list(limit_samples(sample, FINITE_CHECK_SAMPLES)))
     params = dict(run.model.named_parameters())
-    finite = all(torch.isfinite(params[n]).all() for n in run.names)
+    finite = all(torch.isfinite(params[n]).all() for n in names)
     bad = non_finite_samples(sample) if finite and not math.isfinite(after) and sample is not None else 0
     if bad:  # the harm guard (when on) finds such data before the update; without it, only on failure
-        data = f"validation data ({run.validation_source})" if sample is run.validation_sample else "forget set"
+        data = f"validation data ({objective.source})" if validation else "forget set"
         raise ValueError(
             f"the loss on the {data} is not finite, and {bad} of its samples hold{'s' * (bad == 1)} NaN or infinite "
             "values: the data is at fault, not the update (no step makes the loss on such inputs finite). Fix or drop "

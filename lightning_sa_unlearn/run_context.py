@@ -2,20 +2,13 @@
 
 Parts (curvature estimators, selection rules, updates, evaluations) and the harm guard annotate their
 ``run`` argument with this protocol and import nothing of the orchestration (``pipeline``, ``context``,
-``callback``, ``cli``). :class:`~lightning_sa_unlearn.context.UnlearningRun` implements it. Only the
-pipeline knows the order of the stages, and so which fields are filled when a part is called:
+``callback``, ``cli``). :class:`~lightning_sa_unlearn.context.UnlearningRun` implements it.
 
-========================  ===========================================================================
-filled before             fields
-========================  ===========================================================================
-every stage               ``model``, ``processes``, ``data``, ``loss_fn``, ``seed``, ``forget_loss``,
-                          ``harm_guard``, ``target_class``, ``num_classes``, ``forget``, ``corrected``,
-                          ``test``, ``triggered``
-``curvature``             ``curvature`` (the estimator part)
-``select``                ``curvature_result``, ``gradient`` (when the rule needs it)
-``update``                ``names``, ``masks`` (the selection), ``gradient``, ``validation``,
-                          ``validation_sample``, ``validation_source``, ``relabelled``
-========================  ===========================================================================
+It holds what is fixed before the first stage: the model, the data of the contract and the run's settings,
+and the services every stage uses (batches of a loader for this process, progress, timing, pass counts).
+What a stage measures (the forget gradient, the curvature, the selection, the validation objective) is
+never on it: the pipeline passes it to the next stage as an argument (e.g.
+:class:`~lightning_sa_unlearn.updates.UpdateInputs`).
 """
 
 from __future__ import annotations
@@ -29,14 +22,13 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     import torch
 
-    from lightning_sa_unlearn.curvature.confidence import CurvatureResult
-    from lightning_sa_unlearn.data import Batches, Relabelled, UnlearningData
+    from lightning_sa_unlearn.data import Batches, UnlearningData
     from lightning_sa_unlearn.functional import LossFn
     from lightning_sa_unlearn.processes import Processes
 
 
 class RunContext(Protocol):
-    """The run as a part reads it: data, settings, what earlier stages measured, and helpers."""
+    """The run as a part reads it: the model, the data, the settings, and helpers."""
 
     model: nn.Module
     """The model (as the batch adapter views it): ``model(inputs)`` gives the logits."""
@@ -54,27 +46,9 @@ class RunContext(Protocol):
     corrected: Batches | None
     test: Batches | None
     triggered: Batches | None
-    curvature: Any
-    """The curvature part (:class:`~lightning_sa_unlearn.curvature.Curvature`)."""
-    curvature_result: CurvatureResult | None
-    gradient: dict[str, Tensor] | None
-    """``∇L_forget`` (eq. 7), summed over processes, of the parameters that were trainable when it was taken."""
-    names: list[str]
-    """The selected parameters' names (the update moves these alone)."""
-    masks: dict[str, Tensor] | None
-    """Entry masks of entry-level selections (None: whole parameters)."""
-    validation: Iterable[Any] | None
-    validation_sample: Iterable[Any] | None
-    validation_source: str | None
-    relabelled: Relabelled | None
 
     @property
     def device(self) -> torch.device: ...
-
-    @property
-    def hvp_scale(self) -> float:
-        """``N / n``: Hessian-vector products on ``n`` curvature samples rescaled to the SUM loss over N."""
-        ...
 
     def capped(self, max_samples: int | None) -> int | None: ...
 
@@ -96,8 +70,6 @@ class RunContext(Protocol):
         """The mean loss over every process's batches."""
         ...
 
-    def validation_loss(self, model: nn.Module, batches: Iterable[Any] | None = None) -> float: ...
-
     def stage(self, name: str) -> AbstractContextManager[None]:
         """Time the work inside under ``name`` and count its passes there."""
         ...
@@ -105,8 +77,6 @@ class RunContext(Protocol):
     def count(self, kind: str, samples: int) -> None: ...
 
     def seeded(self) -> AbstractContextManager[None]: ...
-
-    def build_batches(self) -> None: ...
 
 
 __all__ = ["RunContext"]

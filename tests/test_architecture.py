@@ -11,7 +11,7 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "lightning_sa_unlearn"
 NAME = "lightning_sa_unlearn"
-PARTS = ("curvature", "selection", "updates", "evaluations", "adapters")
+PARTS = ("curvature", "selection", "updates", "evaluations", "adapters", "objective")
 ORCHESTRATION = ("pipeline", "context", "callback", "cli", "trials")
 # standalone.py is left out on purpose: Evaluation.__call__, a shorthand kept for users, imports it on use
 

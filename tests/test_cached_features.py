@@ -5,8 +5,8 @@ import torch
 from conftest import TinyClassifier
 
 from lightning_sa_unlearn import FineTune, Layers, SharpnessAwareUnlearning
+from lightning_sa_unlearn.objective.stored_features import FeatureCache, split_below
 from lightning_sa_unlearn.updates import fine_tune
-from lightning_sa_unlearn.updates.cached_features import FeatureCache, split_below
 
 
 def copies(tiny_model):
@@ -74,7 +74,7 @@ def test_the_callback_reports_the_retain_subsample_and_the_cache(tiny_model):
 
 
 def test_a_cache_over_its_byte_limit_is_dropped(monkeypatch, tiny_model):
-    from lightning_sa_unlearn.updates import cached_features
+    from lightning_sa_unlearn.objective import stored_features as cached_features
 
     model, twin, datamodule = copies(tiny_model)
     monkeypatch.setattr(cached_features, "MAX_CACHE_BYTES", 1000)
@@ -106,7 +106,7 @@ def test_a_first_epoch_cut_short_leaves_no_cache_and_the_uncached_weights(tiny_m
 
 
 def test_the_report_names_no_cache_when_it_was_dropped(monkeypatch, tiny_model):
-    from lightning_sa_unlearn.updates import cached_features
+    from lightning_sa_unlearn.objective import stored_features as cached_features
 
     model, datamodule = tiny_model
     monkeypatch.setattr(cached_features, "MAX_CACHE_BYTES", 1000)

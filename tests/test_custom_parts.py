@@ -48,11 +48,11 @@ class SignStep(Update):
     def __init__(self, eta: float = 0.01) -> None:
         self.eta = eta
 
-    def apply(self, run):
-        params = dict(run.model.named_parameters())
+    def apply(self, inputs):
+        params = dict(inputs.model.named_parameters())
         with torch.no_grad():
-            for name in run.names:
-                params[name].sub_(self.eta * run.gradient[name].sign())
+            for name in inputs.names:
+                params[name].sub_(self.eta * inputs.gradient[name].sign())
         return {}
 
 
@@ -189,8 +189,8 @@ class StopAtSamples(Selection):
 class NoisyStep(SignStep):
     """A sign step that reports its own fields under its own names."""
 
-    def apply(self, run):
-        super().apply(run)
+    def apply(self, inputs):
+        super().apply(inputs)
         return UpdateResult(tau=self.eta, report_fields={"direction": "sign", "eta": self.eta})
 
 
@@ -209,8 +209,8 @@ def test_a_custom_stopping_rule_and_custom_report_fields_reach_the_report(tiny_m
 
 def test_an_update_returning_a_dict_keeps_working_and_its_own_keys_are_reported(tiny_model):
     class DictStep(SignStep):
-        def apply(self, run):
-            super().apply(run)
+        def apply(self, inputs):
+            super().apply(inputs)
             return {"tau": self.eta, "steps": 1, "kind": "dict"}
 
     model, datamodule = tiny_model
@@ -227,3 +227,58 @@ def test_a_custom_stopping_rule_never_met_warns_and_the_run_goes_on(tiny_model):
     with pytest.warns(UserWarning, match="read its maximum of 128 samples before the selection's stopping rule"):
         report = callback.unlearn(model, datamodule)
     assert report.curvature_stop == "maximum reached" and report.selection_fields == {"first_layer": "net.conv"}
+
+
+def test_an_update_gets_what_the_stages_measured_as_its_inputs(tiny_model):
+    """The selection, the forget gradient, the curvature and the validation objective reach ``apply`` filled in;
+    the objective is the mean validation loss that a hand computation over the validation set gives."""
+    seen = {}
+
+    class Probe(Update):
+        needs_curvature = True
+
+        def validation(self):
+            from lightning_sa_unlearn.updates import ValidationSpec
+
+            return ValidationSpec()
+
+        def apply(self, inputs):
+            seen.update(
+                names=sorted(inputs.names),
+                gradient=sorted(inputs.gradient),
+                samples=inputs.curvature.samples,
+                source=inputs.objective.source,
+                objective=inputs.objective(inputs.model),
+                by_hand=F.cross_entropy(inputs.model(datamodule.val[0]), datamodule.val[1]).item(),
+            )
+            return {}
+
+    model, datamodule = tiny_model
+    unlearn = SharpnessAwareUnlearning(GGN(samples=100), selection="last", update=Probe(), verbose=False)
+    report = unlearn.unlearn(model, datamodule)
+    assert seen["names"] == ["net.fc2.bias", "net.fc2.weight"] == seen["gradient"]  # back-propagated to the selection
+    assert seen["samples"] == 100 and seen["source"] == "val_dataloader" == report.harm_guard["source"]
+    assert seen["objective"] == pytest.approx(seen["by_hand"], rel=1e-6)
+
+
+def test_an_update_written_for_apply_run_still_runs_with_a_deprecation_warning(tiny_model):
+    class Legacy(Update):
+        needs_forget_gradient = False
+
+        def apply(self, run):
+            self.size = run.data.forget is not None  # the data is on inputs.run now
+            return {}
+
+    class Stale(Update):
+        def apply(self, run):
+            return {"tau": run.curvature_result.samples}
+
+    model, datamodule = tiny_model
+    legacy = Legacy()
+    with pytest.warns(DeprecationWarning, match=r"read inputs\.run\.data"):
+        SharpnessAwareUnlearning(selection="last", update=legacy, verbose=False).unlearn(model, datamodule)
+    assert legacy.size
+    before = state(model)
+    with pytest.raises(AttributeError, match=r"read inputs\.curvature"):
+        SharpnessAwareUnlearning(selection="last", update=Stale(), verbose=False).unlearn(model, datamodule)
+    assert_same_state(model, before)

@@ -205,10 +205,10 @@ def test_fine_tuning_at_lr_1e6_is_refused_on_90_validation_samples(tiny_model):
 class SwapLastTwoClasses(Update):
     """Swaps the last layer's rows of two classes: every sample of those classes turns wrong."""
 
-    def apply(self, run):
-        params = dict(run.model.named_parameters())
+    def apply(self, inputs):
+        params = dict(inputs.model.named_parameters())
         with torch.no_grad():
-            for name in run.names:
+            for name in inputs.names:
                 params[name][[1, 2]] = params[name][[2, 1]].clone()
         return {}
 
@@ -401,12 +401,12 @@ def test_an_iterable_training_set_is_counted_not_guessed(tiny_model):
     class Probe(Update):
         needs_curvature = True
 
-        def apply(self, run):
-            seen.append((run.training_size, run.curvature_result.samples, run.hvp_scale))
+        def apply(self, inputs):
+            seen.append((inputs.curvature.samples, inputs.hvp_scale))
             return {}
 
     unlearn(model, datamodule, curvature=GGN(samples=100), update=Probe(), selection="last")
-    assert seen == [(240, 100, 2.4)]  # before: N fell back to the 100 curvature samples
+    assert seen == [(100, 2.4)]  # N = 240 training samples; before: N fell back to the 100 curvature samples
 
 
 class FloatLabels(TensorDataModule):

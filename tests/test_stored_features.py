@@ -6,8 +6,8 @@ from conftest import TinyClassifier, assert_same_state, state
 
 from lightning_sa_unlearn import Layers, SharpnessAwareUnlearning
 from lightning_sa_unlearn.guard import HarmfulUpdateError
+from lightning_sa_unlearn.objective.stored_features import StoredFeatures
 from lightning_sa_unlearn.updates import Update
-from lightning_sa_unlearn.updates.cached_features import StoredFeatures
 
 
 def samples_through(module):
@@ -48,9 +48,9 @@ class MovesALayerBelow(Update):
     name = "moves_below"
     needs_forget_gradient = False
 
-    def apply(self, run):
+    def apply(self, inputs):
         with torch.no_grad():
-            run.model.net.conv.weight.mul_(-3.0)
+            inputs.model.net.conv.weight.mul_(-3.0)
         return {}
 
 
@@ -153,7 +153,7 @@ def test_stored_features_notice_a_change_through_data_and_count_released_bytes()
 
 
 def test_stores_over_their_byte_limit_leave_the_whole_model(monkeypatch, tiny_model):
-    from lightning_sa_unlearn.updates import cached_features
+    from lightning_sa_unlearn.objective import stored_features as cached_features
 
     model, datamodule = tiny_model
     monkeypatch.setattr(cached_features, "MAX_STORED_BYTES", 1000)  # less than one batch of features

@@ -1,9 +1,11 @@
 """Updates: how the selected parameters move (Warnecke et al.'s closed forms, forget-loss descent, fine-tuning)."""
 
+from lightning_sa_unlearn.functional import loss_sum, mean_loss
 from lightning_sa_unlearn.updates.base import (
     FixedStep,
     StepSize,
     Update,
+    UpdateInputs,
     UpdateResult,
     ValidatedStep,
     ValidationSpec,
@@ -16,8 +18,6 @@ from lightning_sa_unlearn.updates.functional import (
     default_forget_loss,
     default_tau_grid,
     forget_gradient,
-    loss_sum,
-    mean_loss,
     sum_loss,
 )
 from lightning_sa_unlearn.updates.gradient_steps import FineTune, FirstOrder, ForgetLossDescent
@@ -45,6 +45,7 @@ __all__ = [
     "Solver",
     "StepSize",
     "Update",
+    "UpdateInputs",
     "UpdateResult",
     "ValidatedStep",
     "ValidationSpec",

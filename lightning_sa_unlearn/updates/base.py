@@ -7,16 +7,19 @@ data) so that the run computes nothing else and fails before any work when data 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_sa_unlearn.updates.functional import _reset, apply_first_order, choose_tau
 from lightning_sa_unlearn.updates.step_search import search_tau
 
 if TYPE_CHECKING:
+    from lightning_sa_unlearn.curvature.confidence import CurvatureResult
+    from lightning_sa_unlearn.objective import ValidationObjective
     from lightning_sa_unlearn.run_context import RunContext
 
 Objective = Literal["validation", "validation_and_forget"]
@@ -69,6 +72,47 @@ class UpdateResult:
         return cls(**{key: rest.pop(key) for key in list(rest) if key in known}, report_fields=rest)
 
 
+@dataclass(frozen=True)
+class UpdateInputs:
+    """What an update reads. The pipeline fills every field before :meth:`Update.apply`; nothing here changes
+    while the update runs, and the update writes nothing back but the weights of ``names``.
+
+    ``gradient`` is ``∇L_forget`` (eq. 7, SUM reduction, summed over processes) when the update declares
+    ``needs_forget_gradient``; ``curvature`` (with ``hvp_scale = N / n`` and the curvature part's ``damping``)
+    when it declares ``needs_curvature``; ``objective`` when :meth:`Update.validation` asks for one (None also
+    when the data offers no validation set). ``run`` gives the data and settings (:class:`RunContext`).
+    """
+
+    model: nn.Module
+    names: list[str]
+    """The selected parameters' names: the update moves these alone (under ``masks``)."""
+    masks: dict[str, Tensor] | None
+    """Entry masks of entry-level selections (None: whole parameters)."""
+    gradient: dict[str, Tensor] | None
+    objective: ValidationObjective | None
+    curvature: CurvatureResult | None
+    hvp_scale: float
+    """``N / n``: Hessian-vector products on the ``n`` curvature samples, rescaled to the SUM loss over ``N``."""
+    damping: float
+    """The curvature part's λ: the fallback of an update's own ``damping``."""
+    run: RunContext
+
+    def __getattr__(self, name: str) -> Any:
+        """Parts written for ``apply(run)`` (before 0.3) reach the run's data and settings here, with a warning."""
+        if name.startswith("__") or name == "run":
+            raise AttributeError(name)
+        moved = {"curvature_result": "curvature", "validation_loss": "objective", "validation": "objective"}
+        if name in moved:
+            raise AttributeError(f"UpdateInputs has no {name!r}: read inputs.{moved[name]} (see CHANGELOG 0.3.0).")
+        value = getattr(self.run, name)
+        warnings.warn(
+            f"Update.apply receives UpdateInputs, not the run: read inputs.run.{name} (see CHANGELOG 0.3.0).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return value
+
+
 class StepSize:
     """How far an update moves along its direction: ``θ_S ← θ_S − τ·d``."""
 
@@ -80,8 +124,10 @@ class StepSize:
         """What to change when the harm guard refused a step of this size."""
         return "Use a smaller step size."
 
-    def apply(self, run: RunContext, direction: dict[str, Tensor], default_grid: Sequence[float]) -> dict[str, Any]:
-        """Move the model; return ``{"tau": ..., ...}`` for the report."""
+    def apply(
+        self, inputs: UpdateInputs, direction: dict[str, Tensor], default_grid: Sequence[float]
+    ) -> dict[str, Any]:
+        """Move ``inputs.names`` to ``θ_S − τ·direction``; return ``{"tau": ..., ...}`` for the report."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -96,8 +142,10 @@ class FixedStep(StepSize):
             raise ValueError(f"tau must be a number >= 0, got {tau!r}.")
         self.tau = float(tau)
 
-    def apply(self, run: RunContext, direction: dict[str, Tensor], default_grid: Sequence[float]) -> dict[str, Any]:
-        apply_first_order(run.model, direction, run.names, self.tau, run.masks)
+    def apply(
+        self, inputs: UpdateInputs, direction: dict[str, Tensor], default_grid: Sequence[float]
+    ) -> dict[str, Any]:
+        apply_first_order(inputs.model, direction, inputs.names, self.tau, inputs.masks)
         return {"tau": self.tau}
 
     def advice(self) -> str:
@@ -153,43 +201,48 @@ class ValidatedStep(StepSize):
     def validation(self) -> ValidationSpec:
         return self.spec
 
-    def apply(self, run: RunContext, direction: dict[str, Tensor], default_grid: Sequence[float]) -> dict[str, Any]:
-        if run.validation is None:
+    def apply(
+        self, inputs: UpdateInputs, direction: dict[str, Tensor], default_grid: Sequence[float]
+    ) -> dict[str, Any]:
+        objective = inputs.objective
+        if objective is None:
             raise ValueError(
                 "ValidatedStep needs a validation set: define val_dataloader() or retain_dataloader(), "
                 "or use FixedStep(tau)."
             )
         grid = self.grid or list(default_grid)
         if self.search == "golden":
-            return self._golden(run, direction, grid)
+            return self._golden(inputs, objective, direction, grid)
         tau, losses = choose_tau(
-            run.model,
+            inputs.model,
             direction,
-            run.names,
+            inputs.names,
             grid,
-            run.validation_loss,
-            progress=lambda it: run.progress(it, "choosing tau", len(grid)),
-            masks=run.masks,
+            objective,
+            progress=lambda it: inputs.run.progress(it, "choosing tau", len(grid)),
+            masks=inputs.masks,
         )
         return {"tau": tau, "tau_search": sorted(losses.items()), "objective_after": losses.get(tau)}
 
-    def _golden(self, run: RunContext, direction: dict[str, Tensor], grid: Sequence[float]) -> dict[str, Any]:
-        params = dict(run.model.named_parameters())
-        start = {n: params[n].detach().clone() for n in run.names}
+    def _golden(
+        self, inputs: UpdateInputs, objective: ValidationObjective, direction: dict[str, Tensor], grid: Sequence[float]
+    ) -> dict[str, Any]:
+        params = dict(inputs.model.named_parameters())
+        start = {n: params[n].detach().clone() for n in inputs.names}
 
         def move(tau: float) -> None:
             _reset(params, start)
-            apply_first_order(run.model, direction, run.names, tau, run.masks)
+            apply_first_order(inputs.model, direction, inputs.names, tau, inputs.masks)
 
-        sources = [run.validation_sample] + ([run.relabelled] if run.relabelled is not None else [])
-        cap = self.spec.samples if run.data.val is None else 10**12
         tau, losses, used = search_tau(
-            run,
+            inputs.model,
+            inputs.names,
+            objective,
             move,
             grid,
-            sources=sources,
+            record=inputs.run.count,
             first_samples=self.first_samples,
-            max_samples=cap,
+            max_samples=objective.max_samples or 10**12,
             evaluations=self.evaluations,
             z=self.z,
         )
@@ -214,7 +267,7 @@ def step_size_from(value: StepSize | float | None) -> StepSize:
 
 
 class Update:
-    """Base class: ``apply(run)`` moves ``run.names`` (under ``run.masks``) and returns report fields."""
+    """Base class: ``apply(inputs)`` moves ``inputs.names`` (under ``inputs.masks``) and returns a result."""
 
     name: ClassVar[str] = "custom"
     needs_curvature: ClassVar[bool] = False
@@ -240,10 +293,10 @@ class Update:
                 "so it needs corrected_dataloader(); use objective='validation' for sample unlearning."
             )
 
-    def apply(self, run: RunContext) -> UpdateResult | dict[str, Any]:
-        """Move ``run.names`` (under ``run.masks``); return an :class:`UpdateResult` (or a dict of its fields,
+    def apply(self, inputs: UpdateInputs) -> UpdateResult | dict[str, Any]:
+        """Move ``inputs.names`` (under ``inputs.masks``); return an :class:`UpdateResult` (or a dict of its fields,
         where keys it does not know become ``report_fields``)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement apply(run).")
+        raise NotImplementedError(f"{type(self).__name__} must implement apply(inputs).")
 
     def advice(self, result: UpdateResult) -> str:
         """What to change when the harm guard refused this update (``result``: what it reported)."""

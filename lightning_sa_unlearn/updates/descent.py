@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from lightning_sa_unlearn.data import sized
 from lightning_sa_unlearn.functional import LossFn, batches_for, eval_mode, trainable_only
-from lightning_sa_unlearn.updates.cached_features import FeatureCache, Tagged
+from lightning_sa_unlearn.objective.stored_features import FeatureCache, Tagged
 from lightning_sa_unlearn.updates.functional import (
     Batch,
     ForgetLoss,
@@ -78,8 +78,8 @@ def fine_tune(
     process takes the same number); ``average_gradients(params)`` runs between backward and
     step (an all-reduce under data parallelism). Returns the number of optimizer steps taken.
     With a ``cache`` of the frozen layers below the selection and the layers ``above`` them
-    (:func:`~lightning_sa_unlearn.updates.cached_features.split_below`), epochs after the first
-    train ``above`` on the stored features (:mod:`~lightning_sa_unlearn.updates.cached_features`).
+    (:func:`~lightning_sa_unlearn.objective.stored_features.split_below`), epochs after the first
+    train ``above`` on the stored features (:mod:`~lightning_sa_unlearn.objective.stored_features`).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1 for update='fine_tune', got {epochs}.")

@@ -136,25 +136,6 @@ def apply_first_order(
             params[name].sub_(gradient[name], alpha=tau)
 
 
-@torch.no_grad()
-def loss_sum(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn = F.cross_entropy) -> tuple[float, int]:
-    """``(Σ ℓ, N)`` over every sample of ``batches``, in eval mode (sums from shards add up)."""
-    total, count = 0.0, 0
-    with eval_mode(model):
-        for x, y in batches_for(model, batches):
-            total += float(loss_fn(model(x), y)) * batch_size(x)
-            count += batch_size(x)
-    return total, count
-
-
-def mean_loss(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn = F.cross_entropy) -> float:
-    """Mean of ``loss_fn`` over every sample of ``batches``, in eval mode."""
-    total, count = loss_sum(model, batches, loss_fn)
-    if count == 0:
-        raise ValueError("cannot evaluate a loss on an empty set of batches.")
-    return total / count
-
-
 def default_tau_grid(model: nn.Module, gradient: dict[str, Tensor], names: Sequence[str]) -> list[float]:
     """``{0} ∪ {r·10^k : k = -4, -3.5, ..., 0}`` with ``r = ‖θ_S‖ / ‖G_S‖``.
 

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from torch import Tensor
 
 from lightning_sa_unlearn.data import dataset_size, sized
 from lightning_sa_unlearn.functional import batches_for
-from lightning_sa_unlearn.updates.base import StepSize, Update, UpdateResult, ValidationSpec, step_size_from
-from lightning_sa_unlearn.updates.cached_features import FeatureCache, count_split_passes, split_below
+from lightning_sa_unlearn.objective.stored_features import FeatureCache, count_split_passes, split_below
+from lightning_sa_unlearn.updates.base import (
+    StepSize,
+    Update,
+    UpdateInputs,
+    UpdateResult,
+    ValidationSpec,
+    step_size_from,
+)
 from lightning_sa_unlearn.updates.descent import OPTIMIZERS, fine_tune, forget_loss_descent
 from lightning_sa_unlearn.updates.functional import default_tau_grid
-
-if TYPE_CHECKING:
-    from lightning_sa_unlearn.run_context import RunContext
 
 
 class FirstOrder(Update):
@@ -34,8 +38,9 @@ class FirstOrder(Update):
     def validation(self) -> ValidationSpec | None:
         return self.step_size.validation()
 
-    def apply(self, run: RunContext) -> dict[str, Any]:
-        return self.step_size.apply(run, run.gradient, default_tau_grid(run.model, run.gradient, run.names))
+    def apply(self, inputs: UpdateInputs) -> dict[str, Any]:
+        grid = default_tau_grid(inputs.model, inputs.gradient, inputs.names)
+        return self.step_size.apply(inputs, inputs.gradient, grid)
 
     def advice(self, result: UpdateResult) -> str:
         return self.step_size.advice()
@@ -78,11 +83,11 @@ class ForgetLossDescent(Update):
             "stops at its best step."
         )
 
-    def apply(self, run: RunContext) -> dict[str, Any]:
-        data = run.data
+    def apply(self, inputs: UpdateInputs) -> dict[str, Any]:
+        run, data = inputs.run, inputs.run.data
         steps = forget_loss_descent(
-            run.model,
-            run.names,
+            inputs.model,
+            inputs.names,
             run.batches(data.forget, "forget"),
             run.batches(data.corrected, "corrected"),
             run.batches(data.retain, "retain", self.retain_samples),
@@ -91,9 +96,9 @@ class ForgetLossDescent(Update):
             retain_weight=self.retain_weight,
             forget_loss=run.forget_loss,
             loss_fn=run.loss_fn,
-            masks=run.masks,
+            masks=inputs.masks,
             all_reduce=run.processes.sum_tree,
-            validation_loss=run.validation_loss if run.validation is not None else None,
+            validation_loss=inputs.objective,
             progress=lambda it: run.progress(it, "forget-loss descent", self.steps),
         )
         return {"steps": steps}
@@ -111,7 +116,7 @@ class FineTune(Update):
             ``update_details`` gives the count (None for loaders whose size is unknown).
         cache_features: where the model is a plain chain of modules up to the selection, run the
             frozen layers below it once per sample and train later epochs on their stored outputs
-            (:mod:`~lightning_sa_unlearn.updates.cached_features`; up to 2 GiB of features). The same
+            (:mod:`~lightning_sa_unlearn.objective.stored_features`; up to 2 GiB of features). The same
             weights as without it for loaders that serve the same batches in every pass; the report's
             ``update_details["cached_below"]`` names the last cached module when the cache was used.
     """
@@ -147,7 +152,8 @@ class FineTune(Update):
     def advice(self, result: UpdateResult) -> str:
         return f"Lower FineTune's lr ({self.lr:g}) or epochs ({self.epochs})."
 
-    def apply(self, run: RunContext) -> dict[str, Any]:
+    def apply(self, inputs: UpdateInputs) -> dict[str, Any]:
+        run = inputs.run
         processes, data = run.processes, run.data
         sources = [run.batches(data.retain, "retain", self.retain_samples, shuffle=True)]
         if data.corrected is not None and self.include_corrected:
@@ -159,7 +165,7 @@ class FineTune(Update):
                 raise ValueError("FineTune under several processes needs sized dataloaders (map-style datasets).")
             steps_per_epoch = processes.min(sum(lengths))
 
-        cached, below_path = self._cache(run, sources)
+        cached, below_path = self._cache(inputs, sources)
 
         def average_gradients(params: Sequence[Tensor]) -> None:  # one all-reduce for all selected tensors
             summed = processes.sum_tree({str(i): p.grad for i, p in enumerate(params)})
@@ -167,15 +173,15 @@ class FineTune(Update):
                 p.grad = summed[str(i)] / processes.world_size
 
         steps = fine_tune(
-            run.model,
-            run.names,
+            inputs.model,
+            inputs.names,
             sources,
             epochs=self.epochs,
             lr=self.lr,
             momentum=self.momentum,
             weight_decay=self.weight_decay,
             optimizer=self.optimizer,
-            masks=run.masks,
+            masks=inputs.masks,
             loss_fn=run.loss_fn,
             seed=run.seed + processes.rank,
             steps_per_epoch=steps_per_epoch,
@@ -187,16 +193,16 @@ class FineTune(Update):
         retain = _samples(data.retain, run.capped(self.retain_samples))
         return {"steps": steps, "details": {"retain_samples": retain, "cached_below": below_path if used else None}}
 
-    def _cache(self, run: RunContext, sources: Sequence[Any]) -> tuple[dict[str, Any], str | None]:
+    def _cache(self, inputs: UpdateInputs, sources: Sequence[Any]) -> tuple[dict[str, Any], str | None]:
         """``fine_tune``'s ``cache`` and ``above`` where the model allows it, and the last cached module's path."""
         if not self.cache_features or self.epochs < 2:
             return {}, None
-        probe = next((x for x, _ in batches_for(run.model, sources[0])), None)
-        split = split_below(run.model, run.names, probe)
+        probe = next((x for x, _ in batches_for(inputs.model, sources[0])), None)
+        split = split_below(inputs.model, inputs.names, probe)
         if split is None:
             return {}, None
         below, above, path = split
-        count_split_passes(below, above, run.count)
+        count_split_passes(below, above, inputs.run.count)
         return {"cache": FeatureCache(below, sources), "above": above}, path
 
 

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_sa_unlearn.parts import resolve
-from lightning_sa_unlearn.updates.base import StepSize, Update, UpdateResult, ValidationSpec, step_size_from
+from lightning_sa_unlearn.updates.base import (
+    StepSize,
+    Update,
+    UpdateInputs,
+    UpdateResult,
+    ValidationSpec,
+    step_size_from,
+)
 from lightning_sa_unlearn.updates.functional import default_tau_grid
 from lightning_sa_unlearn.updates.solvers import (
     MatVec,
@@ -20,9 +27,6 @@ from lightning_sa_unlearn.updates.solvers import (
     lissa,
     project,
 )
-
-if TYPE_CHECKING:
-    from lightning_sa_unlearn.run_context import RunContext
 
 SECOND_ORDER_TAUS = [0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0]
 """Step sizes along the Newton direction that :class:`SecondOrder` searches by default (1 is eq. 12)."""
@@ -128,19 +132,20 @@ class SecondOrder(Update):
             )
         return hint + self.step_size.advice()
 
-    def apply(self, run: RunContext) -> dict[str, Any]:
+    def apply(self, inputs: UpdateInputs) -> dict[str, Any]:
+        run = inputs.run
         product = hessian_vector_product(
-            run.model,
-            run.batches(run.data.train, "training", run.curvature_result.samples),  # the samples curvature read
-            list(run.names),
+            inputs.model,
+            run.batches(run.data.train, "training", inputs.curvature.samples),  # the samples curvature read
+            list(inputs.names),
             loss_fn=run.loss_fn,
-            scale=run.hvp_scale,
-            masks=run.masks,
+            scale=inputs.hvp_scale,
+            masks=inputs.masks,
             all_reduce=run.processes.sum_tree,
         )
-        damping = run.curvature.damping if self.damping is None else self.damping
+        damping = inputs.damping if self.damping is None else self.damping
         matvec = damped(product, damping)
-        b = project({name: run.gradient[name] for name in run.names}, run.masks)
+        b = project({name: inputs.gradient[name] for name in inputs.names}, inputs.masks)
         solver = self.solver
         iterations = iter(run.progress(range(solver.max_iterations), f"second order ({solver.name})", None))
 
@@ -155,7 +160,7 @@ class SecondOrder(Update):
             "relative_residual": result.residual,
             "status": result.reason,
             "damping": damping,
-            "hvp_scale": run.hvp_scale,
+            "hvp_scale": inputs.hvp_scale,
             **extra,
         }
         if result.ok:
@@ -166,7 +171,7 @@ class SecondOrder(Update):
                     f"residual {result.residual:.3g} (tolerance {solver.tolerance:g}): the step solves (H + λI)x = g "
                     f"only approximately; it is {guarded}. Raise max_iterations or the curvature's damping."
                 )
-            return {**self.step_size.apply(run, result.x, SECOND_ORDER_TAUS), "solver": report}
+            return {**self.step_size.apply(inputs, result.x, SECOND_ORDER_TAUS), "solver": report}
         message = (
             f"the {solver.name} solve failed ({result.reason}, relative residual {result.residual:.3g} "
             f"after {result.iterations} iterations)"
@@ -177,5 +182,6 @@ class SecondOrder(Update):
                 "solver='cg', or pass fallback=True."
             )
         rank_zero_warn(f"{message}; applying the first-order update instead (fallback=True).")
-        first_order = self.step_size.apply(run, run.gradient, default_tau_grid(run.model, run.gradient, run.names))
+        grid = default_tau_grid(inputs.model, inputs.gradient, inputs.names)
+        first_order = self.step_size.apply(inputs, inputs.gradient, grid)
         return {**first_order, "solver": report, "fallback": f"{message}; applied first_order instead"}

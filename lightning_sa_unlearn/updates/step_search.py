@@ -11,24 +11,25 @@ or the whole subset says it is better on average.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_sa_unlearn.data import limit_samples
 from lightning_sa_unlearn.functional import batches_for
-from lightning_sa_unlearn.updates.cached_features import StoredFeatures
-from lightning_sa_unlearn.validation_losses import sample_losses, standard_error
+from lightning_sa_unlearn.objective.losses import sample_losses, standard_error
+from lightning_sa_unlearn.objective.stored_features import Recorder, StoredFeatures
 
 if TYPE_CHECKING:
-    from lightning_sa_unlearn.run_context import RunContext
+    from lightning_sa_unlearn.objective.validation import ValidationObjective
+    from lightning_sa_unlearn.processes import Processes
 
 GOLDEN = (math.sqrt(5) - 1) / 2
 
 
-def paired_difference(run: RunContext, after: list[Tensor], before: list[Tensor]) -> tuple[float, float]:
+def paired_difference(processes: Processes, after: list[Tensor], before: list[Tensor]) -> tuple[float, float]:
     """``(mean, standard error)`` of the objective's change, summed over its terms, across every process.
 
     Each term is a mean over its own samples, so ``SE² = Σ_t Var_t(D) / n_t``.
@@ -36,7 +37,7 @@ def paired_difference(run: RunContext, after: list[Tensor], before: list[Tensor]
     mean, variance = 0.0, 0.0
     for a, b in zip(after, before):
         d = a - b
-        sums = run.processes.sum(torch.tensor([d.sum(), (d * d).sum(), float(len(d))], dtype=torch.float64))
+        sums = processes.sum(torch.tensor([d.sum(), (d * d).sum(), float(len(d))], dtype=torch.float64))
         total, squares, n = sums.tolist()
         if n == 0:
             continue
@@ -52,8 +53,11 @@ class SubsetObjective:
     held instead of the inputs, and each evaluation runs the layers above only.
     """
 
-    def __init__(self, run: RunContext, sources: Sequence[Iterable[Any]]) -> None:
-        self.run, self.sources = run, list(sources)
+    def __init__(
+        self, model: nn.Module, names: Sequence[str], objective: ValidationObjective, record: Recorder
+    ) -> None:
+        self.model, self.names, self.record = model, list(names), record
+        self.loss_fn, self.processes, self.sources = objective.loss_fn, objective.processes, objective.terms
         self.sizes = [0] * len(self.sources)
         self.batches: list[list[Any]] = [[] for _ in self.sources]
         self.features: StoredFeatures | None = None
@@ -62,14 +66,14 @@ class SubsetObjective:
 
     def grow(self, samples: int) -> bool:
         """Use the first ``samples`` samples of each term (per process: a share); False if nothing was added."""
-        local = math.ceil(samples / self.run.processes.world_size)
+        local = math.ceil(samples / self.processes.world_size)
         grew = False
         for t, source in enumerate(self.sources):
-            batches = list(batches_for(self.run.model, limit_samples(source, local)))
+            batches = list(batches_for(self.model, limit_samples(source, local)))
             size = sum(len(y) for _, y in batches)
-            if t == 0 and not self.looked and self.run.names and batches:  # once: does the model split?
+            if t == 0 and not self.looked and self.names and batches:  # once: does the model split?
                 self.looked = True
-                self.features = StoredFeatures.find(self.run.model, self.run.names, batches, self.run.count)
+                self.features = StoredFeatures.find(self.model, self.names, batches, self.record)
             if size > self.sizes[t]:
                 grew = True
                 self.batches[t], self.sizes[t] = batches, size
@@ -81,16 +85,16 @@ class SubsetObjective:
     def losses(self) -> list[Tensor]:
         def measure() -> list[Tensor]:
             if self.features is None:
-                return [sample_losses(self.run.model, b, self.run.loss_fn).losses for b in self.batches]
-            return [each.losses for each in self.features.losses(self.batches, self.stored, self.run.loss_fn)]
+                return [sample_losses(self.model, b, self.loss_fn).losses for b in self.batches]
+            return [each.losses for each in self.features.losses(self.batches, self.stored, self.loss_fn)]
 
-        return self.run.processes.agree(measure)
+        return self.processes.agree(measure)
 
     def value(self, losses: list[Tensor]) -> float:
         """``Σ_t mean_i ℓ_i`` across every process."""
         total = 0.0
         for values in losses:
-            sums = self.run.processes.sum(torch.tensor([values.sum(), float(len(values))], dtype=torch.float64))
+            sums = self.processes.sum(torch.tensor([values.sum(), float(len(values))], dtype=torch.float64))
             total += float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
         return total
 
@@ -112,11 +116,13 @@ def golden_section(evaluate: Callable[[float], float], low: float, high: float, 
 
 
 def search_tau(
-    run: RunContext,
+    model: nn.Module,
+    names: Sequence[str],
+    validation: ValidationObjective,
     move: Callable[[float], None],
     grid: Sequence[float],
     *,
-    sources: Sequence[Iterable[Any]],
+    record: Recorder,
     first_samples: int,
     max_samples: int,
     evaluations: int,
@@ -124,7 +130,7 @@ def search_tau(
 ) -> tuple[float, dict[float, float], int]:
     """``(τ, {τ: objective on the search subset}, validation samples used)``; ``move(τ)`` sets ``θ − τ·d``."""
     positive = sorted(t for t in grid if t > 0)
-    objective = SubsetObjective(run, sources)
+    objective = SubsetObjective(model, names, validation, record)
     objective.grow(min(first_samples, max_samples))
     move(0.0)
     at_zero = objective.losses()
@@ -150,7 +156,7 @@ def search_tau(
         return 0.0, tried, sum(objective.sizes)
     best = min(finite, key=finite.get)
     after = per_sample[best]
-    mean, error = paired_difference(run, after, at_zero)
+    mean, error = paired_difference(validation.processes, after, at_zero)
     samples = min(first_samples, max_samples)
     while abs(mean) <= z * error and samples < max_samples:  # within noise: look at more samples
         samples = min(2 * samples, max_samples)
@@ -160,5 +166,5 @@ def search_tau(
         at_zero = objective.losses()
         move(best)
         after = objective.losses()
-        mean, error = paired_difference(run, after, at_zero)
+        mean, error = paired_difference(validation.processes, after, at_zero)
     return (best if mean < 0 else 0.0), tried, sum(objective.sizes)

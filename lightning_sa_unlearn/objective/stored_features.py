@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from lightning_sa_unlearn.counting import count_samples
 from lightning_sa_unlearn.data import sized
 from lightning_sa_unlearn.functional import LossFn, batches_for, eval_mode
-from lightning_sa_unlearn.validation_losses import SampleLosses, sample_losses
+from lightning_sa_unlearn.objective.losses import SampleLosses, sample_losses
 
 Recorder = Callable[[str, int], None]
 

@@ -1,0 +1,100 @@
+"""The validation objective: one set of validation data, chosen once, that every validated choice reads.
+
+``J(θ) = mean_{(x,y) ∈ V} ℓ(h(x, θ), y)`` (+ ``mean_{D_f} ℓ(h(x, θ), ỹ)`` with ``D̃_f``'s labels for
+``objective="validation_and_forget"``, which clean validation data cannot see a backdoor with). ``V`` is
+``val_dataloader()``, else a slice of ``retain_dataloader()``; never the test set. The step-size search,
+trial selection and the harm guard read it; each takes a prefix of :attr:`ValidationObjective.sample` (a seeded
+random order), so any prefix is a random subset.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from lightning_sa_unlearn.data import Relabelled, limit_samples
+from lightning_sa_unlearn.functional import LossFn, loss_sum
+
+if TYPE_CHECKING:
+    from lightning_sa_unlearn.processes import Processes
+    from lightning_sa_unlearn.run_context import RunContext
+
+RETAIN_SLICE = "retain slice"
+"""The source name of validation data cut from ``retain_dataloader()`` when there is no ``val_dataloader()``."""
+
+
+@dataclass(frozen=True)
+class ValidationObjective:
+    """The validation data of the run and the objective on it, summed across processes.
+
+    Args:
+        batches: this process's share of the validation data, in the loader's order.
+        sample: the same in a seeded random order (readers take a prefix: a random subset).
+        source: where it came from, for reports and messages.
+        relabelled: ``D_f``'s inputs with ``D̃_f``'s labels (a second term), or None.
+        max_samples: the most samples a reader may take (the size of a retain slice; None: all of
+            ``val_dataloader()``).
+    """
+
+    batches: Iterable[Any]
+    sample: Iterable[Any]
+    source: str
+    relabelled: Relabelled | None
+    max_samples: int | None
+    loss_fn: LossFn
+    processes: Processes
+
+    @property
+    def terms(self) -> list[Iterable[Any]]:
+        """The data of each term, in random order: the validation sample, then the relabelled forget inputs."""
+        return [self.sample] + ([self.relabelled] if self.relabelled is not None else [])
+
+    def mean_loss(self, model: nn.Module, batches: Iterable[Any] | None) -> float:
+        """``Σ ℓ / N`` over every process's ``batches`` (NaN for none)."""
+        total, count = self.processes.agree(lambda: loss_sum(model, batches or [], self.loss_fn))
+        total, count = self.processes.sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
+        return total / count if count else float("nan")
+
+    def __call__(self, model: nn.Module, samples: int | None = None) -> float:
+        """``J(θ)`` on all the validation data, or on the first ``samples`` of the random order (in all processes)."""
+        if samples is None:
+            value = self.mean_loss(model, self.batches)
+        else:
+            share = math.ceil(samples / self.processes.world_size)
+            value = self.mean_loss(model, list(limit_samples(self.sample, share)))
+        if self.relabelled is not None:
+            value += self.mean_loss(model, self.relabelled)
+        return value
+
+    def subset(self, samples: int) -> list[Any]:
+        """This process's share of the first ``samples`` validation samples of the random order (as a list)."""
+        return list(limit_samples(self.sample, math.ceil(samples / self.processes.world_size)))
+
+
+def choose_validation(
+    run: RunContext, samples: int, with_relabelled_forget: bool, loss_fn: LossFn | None = None
+) -> ValidationObjective | None:
+    """The run's validation objective: ``val_dataloader()``, else the first ``samples`` of ``retain_dataloader()``;
+    None with neither. ``with_relabelled_forget`` adds ``D_f``'s inputs with ``D̃_f``'s labels as a second term."""
+    data = run.data
+    if data.val is not None:
+        batches, sample = run.batches(data.val, "validation"), run.shuffled(data.val, "validation")
+        source, cap = "val_dataloader", None
+    elif data.retain is not None:
+        batches = run.batches(data.retain, "retain", samples)
+        sample, source, cap = run.shuffled(data.retain, "retain", samples), RETAIN_SLICE, samples
+    else:
+        return None
+    relabelled = None
+    if with_relabelled_forget and run.corrected is not None:
+        relabelled = Relabelled(run.forget, run.corrected)
+        source = f"{source} + forget inputs with corrected labels"
+    return ValidationObjective(batches, sample, source, relabelled, cap, loss_fn or run.loss_fn, run.processes)
+
+
+__all__ = ["RETAIN_SLICE", "ValidationObjective", "choose_validation"]
