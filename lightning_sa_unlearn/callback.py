@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_sa_unlearn.adapters import BATCH_ADAPTERS, BatchAdapter
@@ -117,10 +117,16 @@ class SharpnessAwareUnlearning(Callback):
         self.overwrite = False
         """Replace a report, plot or checkpoint that an earlier run left (``sa-unlearn --overwrite true`` sets it)."""
         self._staged: OutputFiles | None = None  # inside in_validation(): the caller's outputs
-        if self._overrides_select_layers() and self.selection.granularity != "layer":
-            raise ValueError(
-                f"{type(self).__name__} overrides select_layers, which picks whole layers, but selection="
-                f"{self.selection!r} picks single entries. Use a layer rule, or write a Selection part instead."
+        if self._overrides_select_layers():
+            if self.selection.granularity != "layer":
+                raise ValueError(
+                    f"{type(self).__name__} overrides select_layers, which picks whole layers, but selection="
+                    f"{self.selection!r} picks single entries. Use a layer rule, or write a Selection part instead."
+                )
+            rank_zero_deprecation(
+                f"{type(self).__name__} overrides select_layers(sharpness), which is deprecated since 0.3 and will "
+                "be removed: write the rule as a Selection part (select(measured) reads measured.sharpness) and pass "
+                "selection=YourRule(); see docs/parts.md. The override is still used for now."
             )
 
     # ------------------------------------------------------------------ override points
@@ -138,7 +144,9 @@ class SharpnessAwareUnlearning(Callback):
         return default_forget_loss(pl_module, forget_batch, corrected_batch, self.loss_fn)
 
     def select_layers(self, sharpness: dict[str, float]) -> list[str]:
-        """A bridge for subclasses: module paths to update, given ``{module path: mean Hessian diagonal}``.
+        """Deprecated (0.3): write a :class:`~lightning_sa_unlearn.selection.Selection` part instead.
+
+        Module paths to update, given ``{module path: mean Hessian diagonal}``.
 
         The run applies the ``selection`` part itself; it calls this method only when a subclass
         overrides it, and the override then replaces the selection part. The default applies the

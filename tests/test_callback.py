@@ -170,7 +170,10 @@ def test_subclass_overrides_forget_loss_and_selection(tiny_model):
         return -F.cross_entropy(logits, wrong).clamp(max=1.0)
 
     gradient = independent_forget_gradient(model, datamodule, clamped_ascent)
-    callback = load_example().FlattestConvAscent(margin=1.0, update=FirstOrder(0.01), verbose=False)
+    example = load_example()
+    callback = example.MarginAscent(
+        margin=1.0, selection=example.FlattestConvolution(), update=FirstOrder(0.01), verbose=False
+    )
     report = callback.unlearn(model, datamodule)
     convolutions = [name for name in report.layer_sharpness if "conv" in name]
     assert report.selected_layers == convolutions == ["net.conv"]
@@ -180,6 +183,17 @@ def test_subclass_overrides_forget_loss_and_selection(tiny_model):
         rtol=1e-5,
         atol=1e-7,
     )
+
+
+def test_a_deprecated_select_layers_override_still_selects(tiny_model):
+    class ConvOnly(SharpnessAwareUnlearning):
+        def select_layers(self, sharpness):
+            return [name for name in sharpness if "conv" in name]
+
+    model, datamodule = tiny_model
+    with pytest.warns(DeprecationWarning, match="select_layers"):
+        callback = ConvOnly(update=FirstOrder(0.01), verbose=False)
+    assert callback.unlearn(model, datamodule).selected_layers == ["net.conv"]
 
 
 # ---------------------------------------------------------------- bad input: clear error, model untouched

@@ -310,13 +310,15 @@ def test_bad_part_settings_fail_at_construction(make, message):
         make()
 
 
-def test_an_override_of_select_layers_cannot_pick_entries():
+def test_an_override_of_select_layers_cannot_pick_entries_and_is_deprecated():
     class ConvOnly(SharpnessAwareUnlearning):
         def select_layers(self, sharpness):
             return ["net.conv"]
 
     with pytest.raises(ValueError, match="overrides select_layers.*single entries"):
         ConvOnly(selection=TopFraction(Flattest(), fraction=0.1))
+    with pytest.warns(DeprecationWarning, match=r"select_layers\(sharpness\), which is deprecated.*Selection part"):
+        ConvOnly()
 
 
 def test_hessian_vector_products_through_weight_norm_match_plain_operations():

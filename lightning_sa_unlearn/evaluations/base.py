@@ -44,14 +44,14 @@ class Evaluation:
         seed: int = 0,
         batch_adapter: BatchAdapter | None = None,
     ) -> dict[str, Any]:
-        """Measure ``model`` on the data of ``datamodule`` (then ``model``) in this process alone: a shorthand for
-        :func:`lightning_sa_unlearn.standalone.evaluate`, which builds the one-process run the part reads.
+        """Measure ``model`` on the data of ``datamodule`` (then ``model``) in this process alone, with no trainer:
+        a one-process run is built for the part to read.
 
         ``batch_adapter``: how batches and logits are read, as on the callback (default: ``(x, y)`` tuples).
         """
         from lightning_sa_unlearn.standalone import evaluate  # orchestration: imported on use, never at import
 
-        return evaluate(self, model, datamodule, loss_fn=loss_fn, seed=seed, batch_adapter=batch_adapter)
+        return evaluate(self, model, datamodule, loss_fn, seed, batch_adapter)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
