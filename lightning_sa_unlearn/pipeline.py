@@ -41,7 +41,6 @@ from lightning_sa_unlearn.selection import (
     Selection,
     layer_sharpness,
     newton_decrement,
-    select_layers,
     trainable_layers,
 )
 from lightning_sa_unlearn.trials import select_by_trial
@@ -261,16 +260,12 @@ def _warn_if_unsure(run: UnlearningRun, result: CurvatureResult, selection: Sele
     confident = selection.stopping_rule(run.curvature.confidence)
     if result.stop != "maximum reached" or confident is None or confident(result.statistics):
         return
-    means, rule = result.statistics.means(), selection.name
-    detail = ""
-    if rule in ("flattest", "sharpest"):  # rules that rank the sharpness: say by how much the pick leads
-        picked = select_layers(means, rule, getattr(selection, "num_layers", 1))
-        margin = selection_margin(means, result.statistics, picked, rule)
-        if margin is not None:
-            detail = (
-                f" (the selected layer {margin['selected']!r} leads the runner-up {margin['runner_up']!r} by "
-                f"{margin['lead_in_standard_errors']:.2f} standard errors, short of {run.curvature.confidence:g})"
-            )
+    margin, detail = selection.lead(result.statistics), ""
+    if margin is not None:  # a rule that ranks the sharpness: say by how much the pick leads
+        detail = (
+            f" (the selected layer {margin['selected']!r} leads the runner-up {margin['runner_up']!r} by "
+            f"{margin['lead_in_standard_errors']:.2f} standard errors, short of {run.curvature.confidence:g})"
+        )
     rank_zero_warn(
         f"curvature read its maximum of {result.samples} samples before the selection's stopping rule was met"
         f"{detail}. Another sample could select another layer; raise the curvature's max_samples, or accept the "

@@ -93,6 +93,11 @@ class Selection:
         fixed count."""
         return None
 
+    def lead(self, statistics: Any) -> dict[str, Any] | None:
+        """By how much this rule's pick on the curvature ``statistics`` leads the runner-up
+        (:func:`~lightning_sa_unlearn.selection.selection_margin`); None: the rule does not rank the curvature."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
@@ -143,12 +148,14 @@ class SharpnessRanking(RankingRule):
         difference (always, when every layer is picked)."""
 
         def confident(statistics: Any) -> bool:
-            means = statistics.means()
-            picked = select_layers(means, self.rule, self.num_layers)
-            margin = selection_margin(means, statistics, picked, self.rule)
+            margin = self.lead(statistics)
             return margin is None or margin["lead_in_standard_errors"] >= confidence
 
         return confident
+
+    def lead(self, statistics: Any) -> dict[str, Any] | None:
+        means = statistics.means()
+        return selection_margin(means, statistics, select_layers(means, self.rule, self.num_layers), self.rule)
 
 
 class Flattest(SharpnessRanking):
