@@ -15,20 +15,37 @@ from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_info, r
 from torch import Tensor, nn
 
 from lightning_sa_unlearn.adapters import BATCH_ADAPTERS, BatchAdapter
-from lightning_sa_unlearn.adapters.checks import check_first_batch, random_states_kept
+from lightning_sa_unlearn.adapters.checks import check_forget_set
 from lightning_sa_unlearn.context import FAST_DEV_RUN_SAMPLES, UnlearningRun
 from lightning_sa_unlearn.curvature import CURVATURES, Curvature, default_curvature
-from lightning_sa_unlearn.data import NO_FORGET_SET, Batches, UnlearningData, find_dataloader, head_batch
+from lightning_sa_unlearn.data import UnlearningData
 from lightning_sa_unlearn.evaluations import EVALUATIONS, Evaluation, HeldOutMetrics
 from lightning_sa_unlearn.functional import eval_mode, trainable_only
-from lightning_sa_unlearn.outputs import OutputFiles, fitted_checkpoints, save_checkpoint
-from lightning_sa_unlearn.parts import resolve
+from lightning_sa_unlearn.logging_figures import log_report_figures
+from lightning_sa_unlearn.notices import kind_of_unlearning
+from lightning_sa_unlearn.outputs import OutputFiles, planned_outputs, write_files
+from lightning_sa_unlearn.parts import check_loss_fn, resolve, resolve_list
 from lightning_sa_unlearn.pipeline import run_unlearning
 from lightning_sa_unlearn.processes import Processes
 from lightning_sa_unlearn.report import UnlearningReport
-from lightning_sa_unlearn.selection import SELECTIONS, Layers, Measurements, Selected, Selection
+from lightning_sa_unlearn.selection import (
+    SELECTIONS,
+    Layers,
+    Measurements,
+    Selected,
+    Selection,
+    SharpnessFunction,
+    trainable_layers,
+)
 from lightning_sa_unlearn.snapshot import restore_snapshot, take_snapshot
 from lightning_sa_unlearn.trainers import quiet_trainer
+from lightning_sa_unlearn.unlearned_checkpoints import (
+    beside_model_checkpoint,
+    drop_optimizer_moments,
+    mark,
+    not_unlearned_notice,
+    refuse_resume,
+)
 from lightning_sa_unlearn.updates import UPDATES, Update, default_forget_loss
 
 
@@ -100,12 +117,8 @@ class SharpnessAwareUnlearning(Callback):
             selection = Layers(selection)
         self.selection = resolve(selection, Selection, SELECTIONS, "selection")
         self.update = resolve(update, Update, UPDATES, "update")
-        if isinstance(evaluations, (str, Evaluation)):
-            raise ValueError(f"evaluations takes a list, e.g. ['mia', 'relearn'], got {evaluations!r}.")
-        self.evaluations = [resolve(e, Evaluation, EVALUATIONS, "evaluations") for e in evaluations or []]
-        if len({type(e) for e in self.evaluations}) != len(self.evaluations):
-            raise ValueError(f"evaluations lists a kind more than once: {self.evaluations}.")
-        self.loss_fn, self.seed = loss_fn, seed
+        self.evaluations = resolve_list(evaluations, Evaluation, EVALUATIONS, "evaluations")
+        self.loss_fn, self.seed = check_loss_fn(loss_fn), seed
         self.report_path, self.plot_path, self.checkpoint_path = report_path, plot_path, checkpoint_path
         self.unlearn_on_train_end, self.progress_bar, self.verbose = unlearn_on_train_end, progress_bar, verbose
         self.harm_guard = harm_guard
@@ -117,6 +130,7 @@ class SharpnessAwareUnlearning(Callback):
         self.overwrite = False
         """Replace a report, plot or checkpoint that an earlier run left (``sa-unlearn --overwrite true`` sets it)."""
         self._staged: OutputFiles | None = None  # inside in_validation(): the caller's outputs
+        self._unlearned_in_fit, self._saving_unlearned = False, False
         if self._overrides_select_layers():
             if self.selection.granularity != "layer":
                 raise ValueError(
@@ -144,16 +158,8 @@ class SharpnessAwareUnlearning(Callback):
         return default_forget_loss(pl_module, forget_batch, corrected_batch, self.loss_fn)
 
     def select_layers(self, sharpness: dict[str, float]) -> list[str]:
-        """Deprecated (0.3): write a :class:`~lightning_sa_unlearn.selection.Selection` part instead.
-
-        Module paths to update, given ``{module path: mean Hessian diagonal}``.
-
-        The run applies the ``selection`` part itself; it calls this method only when a subclass
-        overrides it, and the override then replaces the selection part. The default applies the
-        selection part to the sharpness alone (so a rule that also needs the forget gradient, such as
-        :class:`NewtonDecrement`, cannot be called this way). A new rule is better written as a
-        :class:`~lightning_sa_unlearn.selection.Selection` part.
-        """
+        """Deprecated (0.3; write a :class:`~lightning_sa_unlearn.selection.Selection` part): module paths to update,
+        given ``{module path: mean Hessian diagonal}``. Called only when a subclass overrides it."""
         chosen = self.selection.select(Measurements(None, dict.fromkeys(sharpness, []), sharpness=sharpness))
         return chosen.layers if isinstance(chosen, Selected) else list(chosen)
 
@@ -166,33 +172,38 @@ class SharpnessAwareUnlearning(Callback):
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Check the output files, the data contract, the batch adapter and the model on two forget samples,
-        before training.
-
-        The outputs (``checkpoint_path``, ``report_path``, ``plot_path``) are checked as at the start of
-        unlearning (none replaces an earlier file unasked, none is an input, each can be written), and again
-        then: ``ModelCheckpoint``'s files are known only after training. A forget set that cannot be built
-        yet (a datamodule that builds it in ``setup("test")``) is checked when unlearning starts instead.
-        """
+        """Before training: the selection's layer names, the output files (checked again when unlearning starts:
+        ``ModelCheckpoint``'s files are known only then), the forget set, the batch adapter and the model on two
+        forget samples."""
+        self._unlearned_in_fit = False
         if not self.unlearn_on_train_end:
             return
+        if not self._overrides_select_layers():  # a wrong layer name fails now, not after training
+            self.selection.check(list(trainable_layers(self.batch_adapter.view(pl_module))))
         if not trainer.fast_dev_run:
-            Processes(trainer, _device(pl_module)).agree(lambda: self._outputs(trainer, None))
-        with random_states_kept():
-            try:
-                loader = find_dataloader("forget_dataloader", trainer.datamodule, pl_module)
-            except Exception as error:  # built later: the run checks it
-                rank_zero_info(f"the forget set is not available before training ({error!r}); it is checked later.")
-                return
-            if loader is None:
-                raise ValueError(NO_FORGET_SET)
-            first = head_batch(loader, 2)
-        forget = Batches(loader if first is None else [first], 0, "forget", split=self.batch_adapter.split)
-        check_first_batch(self.batch_adapter.view(pl_module), forget.source(), self.loss_fn, self.batch_adapter)
+            processes = Processes(trainer, _device(pl_module))
+            beside = processes.broadcast(self._beside(trainer))
+            processes.agree(lambda: self._outputs(trainer, None, beside))
+        check_forget_set(trainer.datamodule, pl_module, self.loss_fn, self.batch_adapter)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.unlearn_on_train_end:
+            self._unlearned_in_fit = True
             self.run(trainer, pl_module, _ready(trainer.datamodule, "test"))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A fit that skipped Lightning's ``on_train_end`` (a finished checkpoint resumed) says why it did not
+        unlearn."""
+        if self.unlearn_on_train_end and not self._unlearned_in_fit and not trainer.interrupted:
+            rank_zero_warn(not_unlearned_notice(trainer))
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        refuse_resume(checkpoint, fitting=trainer.state.fn == "fit")
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if self._saving_unlearned:  # the unlearned model's checkpoint: no moments gathered on the poisoned data
+            drop_optimizer_moments(checkpoint)
+            mark(checkpoint)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The ``sa-unlearn unlearn`` path: unlearn inside ``trainer.validate``, in every process."""
@@ -250,12 +261,16 @@ class SharpnessAwareUnlearning(Callback):
         try:
             processes = Processes(trainer, _device(pl_module))
             if outputs is None:  # refused before any work, on every process alike
-                outputs = processes.agree(lambda: self._outputs(trainer, overwrite))
+                beside = processes.broadcast(self._beside(trainer))
+                outputs = processes.agree(lambda: self._outputs(trainer, overwrite, beside))
+            data = UnlearningData.resolve(datamodule, pl_module)
+            notice, warn = kind_of_unlearning(data, datamodule, pl_module)
+            (rank_zero_warn if warn else rank_zero_info)(notice)
             run = UnlearningRun(
                 trainer,
                 processes,
                 self.batch_adapter.view(pl_module),
-                UnlearningData.resolve(datamodule, pl_module),
+                data,
                 loss_fn=self.loss_fn,
                 seed=self.seed,
                 forget_loss=self.forget_loss,
@@ -266,16 +281,21 @@ class SharpnessAwareUnlearning(Callback):
                 harm_guard=self.harm_guard,
                 adapter=self.batch_adapter,
             )
-            selection = _SubclassRule(self) if self._overrides_select_layers() else self.selection
+            selection = self.selection
+            if self._overrides_select_layers():  # deprecated: the override as a selection part
+                selection = SharpnessFunction(self.select_layers, self.selection.name)
             evaluations = [HeldOutMetrics(), *self.evaluations]
             # trainable_only: the user's requires_grad flags come back as they were, whatever happens
             with torch.inference_mode(False), torch.enable_grad(), run.seeded(), eval_mode(pl_module):
                 with trainable_only(pl_module):
                     report = run_unlearning(run, selection, self.update, evaluations, self.curvature is not None)
             # rank 0 writes and publishes; its failures fail every process
+            report.unlearned_checkpoint = outputs.path("checkpoint") if "checkpoint" in outputs else None
+            self.report = report  # the checkpoint carries it (state_dict)
             run.processes.agree(lambda: self._write(trainer, pl_module, report, outputs))
             run.processes.agree(lambda: self._publish(trainer, report, commit=None if staged else outputs))
         except BaseException:
+            self.report = None
             restore_snapshot(pl_module, snapshot)
             if outputs is not None and staged is None and trainer.is_global_zero:
                 outputs.discard()
@@ -316,58 +336,46 @@ class SharpnessAwareUnlearning(Callback):
     def _overrides_select_layers(self) -> bool:
         return type(self).select_layers is not SharpnessAwareUnlearning.select_layers
 
-    def _outputs(self, trainer: pl.Trainer, overwrite: bool | None) -> OutputFiles:
+    def _beside(self, trainer: pl.Trainer) -> str | None:
+        """At the end of ``fit`` without ``checkpoint_path``: the unlearned checkpoint beside ``ModelCheckpoint``'s."""
+        return beside_model_checkpoint(trainer) if trainer.training and not self.checkpoint_path else None
+
+    def _outputs(self, trainer: pl.Trainer, overwrite: bool | None, beside: str | None = None) -> OutputFiles:
         """The files this run will write, checked now: none is an input, none replaces an earlier file unasked."""
-        outputs = OutputFiles(self.overwrite if overwrite is None else overwrite, fitted_checkpoints(trainer))
-        paths = {"checkpoint": self.checkpoint_path, "report": self.report_path, "plot": self.plot_path}
-        if trainer.fast_dev_run:
-            if any(paths.values()):
-                rank_zero_info("fast_dev_run: the report, plot and unlearned checkpoint are not written.")
-            return outputs
-        for role, path in paths.items():
-            if path:
-                outputs.add(role, path, f"{role}_path")
-        return outputs
+        paths = {"checkpoint": self.checkpoint_path or beside, "report": self.report_path, "plot": self.plot_path}
+        return planned_outputs(trainer, paths, self.overwrite if overwrite is None else overwrite)
 
     def _write(self, trainer: pl.Trainer, pl_module: nn.Module, report: UnlearningReport, outputs: OutputFiles) -> None:
-        """Rank 0 writes the checkpoint, report and plot to their temporary names (no barrier inside)."""
-        if not trainer.is_global_zero:
-            return
-        if "checkpoint" in outputs:
-            save_checkpoint(pl_module, outputs.prepare("checkpoint"))
-        if "report" in outputs:
-            report.to_json(outputs.prepare("report"))
-        if "plot" in outputs:
-            report.plot(outputs.prepare("plot"))
+        """Rank 0 writes the checkpoint, report and plot to their temporary names; in ``fit``, every process joins
+        ``trainer.save_checkpoint`` (the trainer's full state, resumable; rank 0 writes it)."""
+        full = "checkpoint" in outputs and trainer.training
+        if full:
+            self._saving_unlearned = True
+            try:
+                path = outputs.prepare("checkpoint") if trainer.is_global_zero else outputs.temporary("checkpoint")
+                trainer.save_checkpoint(path)
+            finally:
+                self._saving_unlearned = False
+        if trainer.is_global_zero:
+            write_files(outputs, report, None if full else (pl_module, {self.state_key: self.state_dict()}))
 
     def _publish(self, trainer: pl.Trainer, report: UnlearningReport, commit: OutputFiles | None) -> None:
         metrics = report.scalar_metrics()
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+        if trainer.is_global_zero:  # figures and the table: TensorBoard, W&B and MLflow loggers only
+            log_report_figures(trainer.loggers, report, step=trainer.global_step)
+        for logger in trainer.loggers:
             logger.save()  # e.g. CSVLogger writes metrics.csv only on save
         if not trainer.is_global_zero:
             return
         if commit is not None:
             commit.commit()
+            if report.unlearned_checkpoint:
+                rank_zero_info(f"the unlearned model: {report.unlearned_checkpoint}")
         if self.verbose:
             rank_zero_info("\nSharpness-aware unlearning\n" + report.format_table())
-
-
-class _SubclassRule(Selection):
-    """A subclass's ``select_layers(sharpness)`` override as a selection part."""
-
-    needs_curvature = True
-
-    def __init__(self, callback: SharpnessAwareUnlearning) -> None:
-        self.callback = callback
-
-    @property
-    def name(self) -> str | list[str]:
-        return self.callback.selection.name
-
-    def select(self, measured: Measurements) -> list[str]:
-        return list(self.callback.select_layers(measured.sharpness))
 
 
 # ---------------------------------------------------------------------- helpers

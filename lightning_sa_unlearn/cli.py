@@ -20,14 +20,17 @@ import sys
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_sa_unlearn.callback import SharpnessAwareUnlearning
 from lightning_sa_unlearn.checkpoints import check_model_class, model_arguments, read_checkpoint
+from lightning_sa_unlearn.guard import HarmfulUpdateError
 from lightning_sa_unlearn.outputs import OutputFiles
 from lightning_sa_unlearn.processes import Processes
 from lightning_sa_unlearn.report import UnlearningReport
+from lightning_sa_unlearn.unlearned_checkpoints import with_training_state
 
 
 class UnlearningTrainer(pl.Trainer):
@@ -103,6 +106,7 @@ class UnlearningTrainer(pl.Trainer):
                 else:
                     if config is not None:
                         config.save_to(outputs.prepare("config"))
+                    _resumable(outputs.temporary("checkpoint"), ckpt_path, weights_only)
                     outputs.commit()
         except BaseException:
             model.load_state_dict(snapshot, strict=False)  # a buffer the run added stays; the rest as it came
@@ -129,6 +133,15 @@ class UnlearningTrainer(pl.Trainer):
 
 
 TRUST_HINT = "--weights_only false (sa-unlearn) or weights_only=False (Python)"
+
+
+def _resumable(written: str, ckpt_path: str, weights_only: bool) -> None:
+    """Give the unlearned checkpoint the training state of the one it came from (when that has one), so that
+    ``fit --ckpt_path`` resumes from it (:func:`~lightning_sa_unlearn.unlearned_checkpoints.with_training_state`)."""
+    unlearned = torch.load(written, weights_only=False)  # written by this run, moments ago
+    merged = with_training_state(unlearned, read_checkpoint(ckpt_path, weights_only, trust_hint=TRUST_HINT))
+    if merged is not unlearned:
+        torch.save(merged, written)
 
 
 def _configured_class(class_path: str | None) -> type | None:
@@ -277,5 +290,21 @@ def main(args: Any = None) -> None:
     SAUnlearnCLI(trainer_class=UnlearningTrainer, args=args, save_config_callback=SaveRunConfig)
 
 
+REFUSALS = (ValueError, OSError, HarmfulUpdateError)
+"""What a run refuses with a message that says what to do: the console prints that line, not a traceback."""
+
+
+def console(args: Any = None) -> None:
+    """The ``sa-unlearn`` command: :func:`main`, with a refusal printed as one line (``SA_UNLEARN_TRACEBACK=1``
+    shows the traceback too) and exit status 1."""
+    try:
+        main(args)
+    except REFUSALS as error:
+        if os.environ.get("SA_UNLEARN_TRACEBACK"):
+            raise
+        print(f"sa-unlearn: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 if __name__ == "__main__":
-    main()
+    console()

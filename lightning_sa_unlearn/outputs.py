@@ -27,10 +27,14 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+
+from lightning_sa_unlearn.unlearned_checkpoints import mark
 
 OVERWRITE_HINT = (
     "Delete it, choose another path, or ask to overwrite: unlearn(..., overwrite=True) on the callback or on "
@@ -324,9 +328,40 @@ def fitted_checkpoints(trainer: pl.Trainer) -> dict[str, str | None]:
     return found
 
 
-def save_checkpoint(pl_module: nn.Module, path: str) -> None:
-    """Save the unlearned model (weights and hyperparameters) so that ``load_from_checkpoint`` reads it."""
+def planned_outputs(trainer: pl.Trainer, paths: dict[str, str | None], overwrite: bool) -> OutputFiles:
+    """``{role: path}`` checked as a run's outputs (none with ``fast_dev_run``, which writes nothing)."""
+    outputs = OutputFiles(overwrite, fitted_checkpoints(trainer))
+    if trainer.fast_dev_run:
+        if any(paths.values()):
+            rank_zero_info("fast_dev_run: the report, plot and unlearned checkpoint are not written.")
+        return outputs
+    for role, path in paths.items():
+        if path:
+            outputs.add(role, path, f"{role}_path")
+    return outputs
+
+
+def write_files(outputs: OutputFiles, report: Any, weights: tuple[nn.Module, dict[str, Any]] | None) -> None:
+    """Write the report, the plot and, with ``weights`` (the module and its callbacks' states), the weights-only
+    checkpoint to their temporary names."""
+    if "checkpoint" in outputs and weights is not None:
+        save_checkpoint(weights[0], outputs.prepare("checkpoint"), callbacks=weights[1])
+    if "report" in outputs:
+        report.to_json(outputs.prepare("report"))
+    if "plot" in outputs:
+        report.plot(outputs.prepare("plot"))
+
+
+def save_checkpoint(pl_module: nn.Module, path: str, callbacks: dict[str, Any] | None = None) -> None:
+    """Save the unlearned model (weights and hyperparameters) so that ``load_from_checkpoint`` reads it.
+
+    ``callbacks``: ``{state_key: state}`` of callbacks, as Lightning stores them; with the unlearning callback's,
+    ``fit(ckpt_path=...)`` on this file reaches its ``on_load_checkpoint``, which says why it cannot resume.
+    """
     checkpoint = {"state_dict": pl_module.state_dict(), "pytorch-lightning_version": pl.__version__}
     if isinstance(pl_module, pl.LightningModule):
         checkpoint[pl.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY] = dict(pl_module.hparams)
+    if callbacks:
+        checkpoint["callbacks"] = callbacks
+    mark(checkpoint)  # weights only: fit(ckpt_path=...) on it is refused with a message that says why
     torch.save(checkpoint, path)

@@ -32,6 +32,7 @@ from lightning_sa_unlearn.data import check_aligned, limit_samples, training_set
 from lightning_sa_unlearn.evaluations import Evaluation
 from lightning_sa_unlearn.functional import require_trainable_parameters, trainable_only
 from lightning_sa_unlearn.guard import HarmGuard
+from lightning_sa_unlearn.notices import unchanged_model
 from lightning_sa_unlearn.objective import ValidationObjective, choose_validation
 from lightning_sa_unlearn.processes import SummedState
 from lightning_sa_unlearn.report import UnlearningReport
@@ -135,6 +136,9 @@ def _run_stages(
             outcome = UpdateResult.of(update.apply(inputs_for(names, masks)))
             _check_finite(run, outcome, names, objective, read_validation=update.validation() is not None)
     guarded = guard.check(run, update, outcome) if guard is not None else None  # raises on a harmful update
+    unchanged = unchanged_model(outcome.tau, searched=bool(outcome.tau_search))
+    if unchanged is not None:
+        rank_zero_warn(unchanged)
     evaluate("after")
     run.seconds["total"] = time.perf_counter() - total_start
     run.seconds["unlearning"] = sum(run.seconds.get(stage, 0.0) for stage in UNLEARNING_STAGES)
@@ -258,10 +262,10 @@ def _select(
 
 def _warn_if_unsure(run: UnlearningRun, result: CurvatureResult, selection: Selection) -> None:
     confident = selection.stopping_rule(run.curvature.confidence)
-    if result.stop != "maximum reached" or confident is None or confident(result.statistics):
-        return
+    if result.stop != "maximum reached" or confident is None or confident(result.statistics) or run.max_samples:
+        return  # (fast_dev_run caps the samples: a short pass is what was asked for)
     margin, detail = selection.lead(result.statistics), ""
-    if margin is not None:  # a rule that ranks the sharpness: say by how much the pick leads
+    if margin is not None and math.isfinite(margin["lead_in_standard_errors"]):  # say by how much the pick leads
         detail = (
             f" (the selected layer {margin['selected']!r} leads the runner-up {margin['runner_up']!r} by "
             f"{margin['lead_in_standard_errors']:.2f} standard errors, short of {run.curvature.confidence:g})"

@@ -6,7 +6,18 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+TABLE_LAYERS = 10
+"""Layers :meth:`UnlearningReport.format_table` lists at most (besides the selected ones); the JSON has all."""
+PLOT_CLASSES = 40
+"""Classes the per-class accuracy panel shows at most (those whose accuracy changed most)."""
+_FIGURE_WIDTH, _CLASS_HEIGHT = 7.0, 3.0  # inches
+_CLASS = "accuracy_class_"
 
 
 @dataclass
@@ -83,6 +94,9 @@ class UnlearningReport:
     """Samples through the model per stage and kind of pass, over all processes (:mod:`~lightning_sa_unlearn.passes`):
     ``forward_backward``, ``forward``, and ``forward_above``/``forward_backward_above`` through the layers above
     stored outputs only. Curvature stages count their model calls; their cost per sample is higher (timed)."""
+    unlearned_checkpoint: str | None = None
+    """Where the unlearned model was saved (``checkpoint_path``, the checkpoint beside ``ModelCheckpoint``'s at the
+    end of ``fit``, or ``sa-unlearn unlearn``'s output); None when it was not saved."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,7 +143,7 @@ class UnlearningReport:
         return metrics
 
     def format_table(self) -> str:
-        """A plain-text before/after table, the per-layer sharpness, and the seconds per stage."""
+        """A plain-text before/after table, the sharpness of :meth:`table_layers`, and the seconds per stage."""
         rows = [("held-out accuracy", "accuracy")]
         rows += [
             (f"  class {k[len('accuracy_class_') :]}", k)
@@ -174,11 +188,17 @@ class UnlearningReport:
             ]
         for note in self.curvature_notes:
             lines.append(f"  note: {note}")
-        for layer, value in self.layer_sharpness.items():
+        shown = self.table_layers()
+        width = max([30, *(len(layer or "<root>") + 2 for layer in shown)])
+        for layer in shown:
             mark = "  <- selected" if layer in self.selected_layers else ""
             error = self.sharpness_standard_error.get(layer)
             spread = f" ± {error:.1e}" if error is not None and math.isfinite(error) else ""
-            lines.append(f"  {layer or '<root>':<30}{value:>12.4e}{spread:<10}{mark}")
+            lines.append(f"  {layer or '<root>':<{width}}{self.layer_sharpness[layer]:>12.4e}{spread:<10}{mark}")
+        if len(shown) < len(self.layer_sharpness):
+            lines.append(
+                f"  … {len(self.layer_sharpness) - len(shown)} more layers: see the JSON report (layer_sharpness)"
+            )
         if self.selection_margin is not None:
             margin = self.selection_margin
             lead = margin["lead_in_standard_errors"]
@@ -198,6 +218,24 @@ class UnlearningReport:
         ]
         return "\n".join(lines)
 
+    def table_layers(self, limit: int = TABLE_LAYERS) -> list[str]:
+        """The layers :meth:`format_table` lists, in model order: all of them up to ``limit``; beyond, the
+        selected layers and those ranked nearest to them in sharpness (the runner-up first)."""
+        layers = list(self.layer_sharpness)
+        if len(layers) <= limit:
+            return layers
+        ranked = sorted(layers, key=lambda layer: _nan_last(self.layer_sharpness[layer]))
+        rank = {layer: i for i, layer in enumerate(ranked)}
+        anchors = [rank[layer] for layer in self.selected_layers if layer in rank] or [0]  # none: the flattest
+        runner_up = (self.selection_margin or {}).get("runner_up")
+
+        def distance(layer: str) -> tuple[float, int]:
+            nearest = min(abs(rank[layer] - anchor) for anchor in anchors)
+            return (min(nearest, 0.5) if layer == runner_up else nearest, rank[layer])
+
+        kept = set(sorted(layers, key=distance)[: max(limit, len(anchors))])
+        return [layer for layer in layers if layer in kept]
+
     def _guard_lines(self) -> list[str]:
         guard = self.harm_guard
         if not guard:
@@ -213,25 +251,115 @@ class UnlearningReport:
             )
         return lines + [f"warning: {warning}" for warning in guard.get("warnings", [])]
 
+    def figures(self) -> dict[str, Figure]:
+        """``{"sharpness": ..., "class_accuracy": ...}``: the panels of :meth:`plot` as separate figures, for
+        loggers; ``class_accuracy`` only when the report has per-class held-out accuracy."""
+        sharpness = _figure(_FIGURE_WIDTH, _sharpness_height(len(self.layer_sharpness)))
+        figures = {"sharpness": sharpness}
+        self._draw_sharpness(sharpness.subplots())
+        if self._class_accuracy():
+            figures["class_accuracy"] = _figure(_FIGURE_WIDTH, _CLASS_HEIGHT)
+            self._draw_class_accuracy(figures["class_accuracy"].subplots())
+        for fig in figures.values():
+            fig.tight_layout()
+        return figures
+
     def plot(self, path: str | os.PathLike) -> None:
-        """Bar chart of per-layer sharpness with the selected layers highlighted (paper Figure 1, left)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        layers = list(self.layer_sharpness)
-        colors = ["tab:red" if layer in self.selected_layers else "tab:blue" for layer in layers]
-        fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(layers) + 2), 3.2))
-        ax.bar(range(len(layers)), [self.layer_sharpness[layer] for layer in layers], color=colors)
-        ax.set_xticks(range(len(layers)), [layer or "<root>" for layer in layers], rotation=45, ha="right")
-        ax.set_yscale("log")
-        ax.set_ylabel("mean Hessian diagonal")
-        ax.set_title(f"layer sharpness ({self.curvature}); red: selected ({self.selection})")
+        """One image at ``path``: per-layer sharpness with the selected layers highlighted (paper Figure 1,
+        left) and, when measured, the per-class held-out accuracy before and after."""
+        heights = [_sharpness_height(len(self.layer_sharpness))]
+        if self._class_accuracy():
+            heights.append(_CLASS_HEIGHT)
+        fig = _figure(_FIGURE_WIDTH, sum(heights))
+        axes = fig.subplots(len(heights), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
+        self._draw_sharpness(axes[0])
+        if len(axes) > 1:
+            self._draw_class_accuracy(axes[1])
         fig.tight_layout()
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         fig.savefig(path, dpi=120)
-        plt.close(fig)
+
+    def _draw_sharpness(self, ax: Axes) -> None:
+        """Horizontal bars in model order, top to bottom, with standard errors; log scale when all are positive."""
+        from matplotlib.patches import Patch
+        from matplotlib.ticker import LogFormatterSciNotation, LogLocator, NullFormatter
+
+        layers = list(self.layer_sharpness)
+        values = [float(self.layer_sharpness[layer]) for layer in layers]
+        errors = [self.sharpness_standard_error.get(layer, math.nan) for layer in layers]
+        errors = [e if e is not None and math.isfinite(e) and e >= 0 else math.nan for e in errors]
+        selected = [layer for layer in layers if layer in self.selected_layers]
+        errors_drawn = any(math.isfinite(e) for e in errors)
+        ax.barh(
+            range(len(layers)),
+            values,
+            xerr=errors if errors_drawn else None,
+            color=["tab:red" if layer in selected else "tab:blue" for layer in layers],
+            error_kw={"ecolor": "black", "capsize": 2, "elinewidth": 0.8},
+        )
+        ax.set_yticks(range(len(layers)), [layer or "<root>" for layer in layers], fontsize=8)
+        ax.set_ylim(len(layers) - 0.5, -0.5)  # the model's first layer on top
+        positive = [v for v in values if v > 0]
+        if positive and len(positive) == sum(not math.isnan(v) for v in values):
+            ax.set_xscale("log")  # labels at 1, 2, 5 × 10^k when the values span under two decades
+            subs = (1.0,) if max(positive) > 100 * min(positive) else (1.0, 2.0, 5.0)
+            ax.xaxis.set_major_locator(LogLocator(subs=subs))
+            ax.xaxis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        estimator = self.curvature or "no curvature estimator"
+        ax.set_title(f"layer sharpness ({estimator}, {self.curvature_samples} samples); selection: {self.selection}")
+        ax.set_xlabel(f"mean Hessian diagonal ({estimator})" + (" ± standard error" if errors_drawn else ""))
+        if not layers:
+            ax.text(0.5, 0.5, "no per-layer sharpness in this report", ha="center", transform=ax.transAxes)
+            return
+        names = ", ".join(layer or "<root>" for layer in selected[:3]) + (", …" if len(selected) > 3 else "")
+        handles = [Patch(color="tab:red", label=f"selected: {names}"), Patch(color="tab:blue", label="other layers")]
+        ax.legend(handles=handles if selected else handles[1:], fontsize=8, loc="best")
+
+    def _class_accuracy(self) -> list[str]:
+        """The ``accuracy_class_<k>`` keys of both ``heldout_before`` and ``heldout_after``, in the table's order."""
+        return [k for k in self.heldout_before if k.startswith(_CLASS) and k in self.heldout_after]
+
+    def _draw_class_accuracy(self, ax: Axes) -> None:
+        """Grouped bars, before and after, per class; beyond :data:`PLOT_CLASSES`, the classes that moved most."""
+        keys = self._class_accuracy()
+        total = len(keys)
+        if total > PLOT_CLASSES:
+            moved = sorted(keys, key=lambda k: -abs(self.heldout_after[k] - self.heldout_before[k]))
+            keys = [k for k in keys if k in set(moved[:PLOT_CLASSES])]
+        for offset, (label, metrics, color) in enumerate(
+            (("before", self.heldout_before, "tab:gray"), ("after", self.heldout_after, "tab:green"))
+        ):
+            positions = [i - 0.2 + 0.4 * offset for i in range(len(keys))]
+            ax.bar(positions, [100 * metrics[k] for k in keys], width=0.4, color=color, label=label)
+        ax.set_xticks(range(len(keys)), [k[len(_CLASS) :] for k in keys], fontsize=8)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("held-out accuracy (%)")
+        shown = f"{len(keys)} of {total} classes that changed most" if len(keys) < total else "class"
+        ax.set_xlabel(shown)
+        ax.set_title(
+            f"held-out accuracy per class: {_pct(self.heldout_before, 'accuracy')} -> "
+            f"{_pct(self.heldout_after, 'accuracy')} overall"
+        )
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: never over a bar
+
+
+def _figure(width: float, height: float) -> Figure:
+    """A figure on the Agg canvas, outside pyplot: no global backend change, nothing left open to close."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _sharpness_height(layers: int) -> float:
+    return max(3.0, 0.25 * layers + 1.2)  # inches: about 0.25 per label, plus title and axis
+
+
+def _nan_last(value: float) -> tuple[bool, float]:
+    return (math.isnan(value), value)
 
 
 def _pct(metrics: dict[str, float], key: str) -> str:

@@ -234,8 +234,8 @@ BAD_INPUTS = {
         lambda: CustomDataModule(corrected=(torch.randn(30, 1, 8, 8), torch.full((30,), 7))),
         "labels in \\[7, 7\\].*3 outputs",
     ),
-    "unknown module": (dict(selection=["net.nope"]), TensorDataModule, "not modules that own trainable parameters"),
-    "module without parameters": (dict(selection=["net.relu"]), TensorDataModule, "not modules that own trainable"),
+    "unknown module": (dict(selection=["net.nope"]), TensorDataModule, "not a module that owns trainable parameters"),
+    "module without parameters": (dict(selection=["net.relu"]), TensorDataModule, "not a module that owns trainable"),
     "too many layers": (
         dict(selection=lightning_sa_unlearn.Flattest(num_layers=9)),
         TensorDataModule,
@@ -315,11 +315,13 @@ def test_exact_curvature_on_a_large_model_is_refused():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(update="newton"), "update='newton' is not a Update: pass one of 'first_order'"),
+        (dict(update="newton"), "update='newton' is not an Update: pass one of 'first_order'"),
         (dict(selection="random"), "selection='random' is not a Selection"),
         (dict(selection=[]), "non-empty list"),
         (dict(curvature="kfac"), "curvature='kfac' is not a Curvature"),
         (dict(evaluations="mia"), "evaluations takes a list"),
+        (dict(update=FirstOrder), r"update=FirstOrder is a class: pass an instance, FirstOrder\(\)"),
+        (dict(loss_fn=torch.nn.CrossEntropyLoss), r"'CrossEntropyLoss' must be a callable .* not the class"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, message):

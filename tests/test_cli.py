@@ -3,12 +3,13 @@
 import hashlib
 import pathlib
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
 
 from lightning_sa_unlearn import PoisonedLabelDataModule
-from lightning_sa_unlearn.cli import main
+from lightning_sa_unlearn.cli import console, main
 from lightning_sa_unlearn.models import PaperCNN
 from lightning_sa_unlearn.report import UnlearningReport
 
@@ -97,6 +98,23 @@ def test_fit_then_unlearn_then_load_back(fitted, capsys):
     with torch.no_grad():
         accuracy = (model(x).argmax(-1) == y).double().mean().item()
     assert accuracy == pytest.approx(report["heldout_after"]["accuracy"])
+
+    # the output carries the input's training state (moments dropped), so training resumes from it
+    saved = torch.load(result, weights_only=True)
+    assert saved["lightning_sa_unlearn"] == {"unlearned": True, "resumable": True}
+    assert saved["epoch"] == torch.load(ckpt, weights_only=True)["epoch"]
+    assert saved["optimizer_states"][0]["state"] == {} and saved["optimizer_states"][0]["param_groups"]
+    first = {}
+
+    class FirstWeights(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            first.update({n: t.detach().clone() for n, t in pl_module.state_dict().items()})
+
+    resumed = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, callbacks=[FirstWeights()])  # fmt: skip
+    resumed.fit(PaperCNN(), datamodule, ckpt_path=result)
+    assert resumed.current_epoch == 3
+    assert all(torch.equal(first[n], t) for n, t in model.state_dict().items())
 
 
 def test_unlearn_under_ddp_spawn_writes_the_same_checkpoint(fitted, tmp_path):
@@ -298,7 +316,7 @@ def test_a_checkpoint_of_another_model_class_is_not_swapped_in(fitted):
         main(["unlearn", "--config", str(cfg), "--ckpt_path", str(ckpt), "--model", other])
 
 
-def test_outputs_of_an_earlier_run_are_replaced_only_when_asked(fitted, tmp_path):
+def test_outputs_of_an_earlier_run_are_replaced_only_when_asked(fitted, tmp_path, capsys):
     _, _, ckpt = fitted
     output = tmp_path / "out" / "unlearned.ckpt"
     args = [
@@ -318,6 +336,12 @@ def test_outputs_of_an_earlier_run_are_replaced_only_when_asked(fitted, tmp_path
     with pytest.raises(FileExistsError, match="output_path .* exists already.*--overwrite true"):
         main(args)
     assert {name: digest(output.parent / name) for name in written} == before
+    with pytest.raises(SystemExit) as exit_info:  # the console command: one line, no traceback
+        console(args)
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        exit_info.value.code == 1 and error.startswith("sa-unlearn: error: output_path") and "--overwrite true" in error
+    )
     main([*args, "--overwrite", "true"])
     assert sorted(p.name for p in output.parent.iterdir()) == written
 

@@ -217,7 +217,7 @@ def test_evaluations_are_reported_and_change_nothing(tiny_model):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(evaluations=["bogus"]), "evaluations='bogus' is not a Evaluation"),
+        (dict(evaluations=["bogus"]), "evaluations='bogus' is not an Evaluation"),
         (dict(evaluations="mia"), "evaluations takes a list"),
         (dict(evaluations=["mia", MembershipInference()]), "more than once"),
     ],

@@ -52,8 +52,10 @@ def test_rules(rule, num_layers, expected):
 
 
 def test_bad_selections_say_what_to_do():
-    with pytest.raises(ValueError, match="not modules that own trainable parameters.*Choose among"):
+    with pytest.raises(ValueError, match=r"not a module that owns trainable parameters \(did you mean 'conv2' or"):
         select_layers(SHARPNESS, ["conv3"])
+    with pytest.raises(ValueError, match=r"\['fc', 'head'\], which are not modules .* \(did you mean 'model.fc'\?\)"):
+        select_layers({"model.conv1": 1.0, "model.fc": 2.0}, ["fc", "head"])
     with pytest.raises(ValueError, match="num_layers=5.*4 trainable layers"):
         select_layers(SHARPNESS, "flattest", 5)
     with pytest.raises(ValueError, match="unknown selection rule"):

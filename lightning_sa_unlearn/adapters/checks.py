@@ -10,11 +10,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
 from lightning_sa_unlearn.curvature.losses import ignored_label, output_loss
-from lightning_sa_unlearn.data import checked_labels
+from lightning_sa_unlearn.data import NO_FORGET_SET, Batches, checked_labels, find_dataloader, head_batch
 from lightning_sa_unlearn.functional import LossFn, batch_size, batches_for, eval_mode, split_batch, take
 
 
@@ -48,6 +49,23 @@ def non_finite_samples(batches: Iterable[Any]) -> int:
 
 
 @torch.no_grad()
+def check_forget_set(datamodule: Any, module: nn.Module, loss_fn: LossFn, adapter: Any) -> None:
+    """Before training: the forget set exists, and two of its samples pass :func:`check_first_batch` through the
+    adapter's view of ``module``. A forget set that cannot be built yet (a datamodule that builds it in
+    ``setup("test")``) is left for the run to check."""
+    with random_states_kept():
+        try:
+            loader = find_dataloader("forget_dataloader", datamodule, module)
+        except Exception as error:  # built later: the run checks it
+            rank_zero_info(f"the forget set is not available before training ({error!r}); it is checked later.")
+            return
+        if loader is None:
+            raise ValueError(NO_FORGET_SET)
+        first = head_batch(loader, 2)
+    forget = Batches(loader if first is None else [first], 0, "forget", split=adapter.split)
+    check_first_batch(adapter.view(module), forget.source(), loss_fn, adapter)
+
+
 def check_first_batch(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, adapter: Any) -> int:
     """Two examples of the first non-empty batch through ``model`` (a batch adapter's view); returns the classes.
 

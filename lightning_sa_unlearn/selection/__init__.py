@@ -21,6 +21,7 @@ from lightning_sa_unlearn.selection.rules import (
     Selected,
     Selection,
     Sharpest,
+    SharpnessFunction,
     TopFraction,
     ValidatedLayer,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "Selected",
     "Selection",
     "Sharpest",
+    "SharpnessFunction",
     "TopFraction",
     "ValidatedLayer",
     "entry_decrement",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -48,6 +49,15 @@ def layer_sharpness(model: nn.Module, diag: dict[str, Tensor]) -> dict[str, floa
     return sharpness
 
 
+def did_you_mean(unknown: Sequence[str], layers: Sequence[str]) -> str:
+    """`` (did you mean 'model.fc'?)`` for names that end a layer's path or are close to one; ``""`` for none."""
+    guesses = []
+    for name in unknown:
+        ends = [layer for layer in layers if layer.endswith("." + name)]
+        guesses += ends[:3] or difflib.get_close_matches(name, layers, n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(g) for g in dict.fromkeys(guesses))}?)" if guesses else ""
+
+
 def select_layers(sharpness: dict[str, float], rule: str | Sequence[str], num_layers: int = 1) -> list[str]:
     """Apply a selection rule to per-layer sharpness (in registration order).
 
@@ -67,9 +77,11 @@ def select_layers(sharpness: dict[str, float], rule: str | Sequence[str], num_la
             raise ValueError(f"selection {chosen} names a module more than once; name each module once.")
         unknown = [name for name in chosen if name not in sharpness]
         if unknown or not chosen:
+            shown = layers if len(layers) <= 12 else [*layers[:12], f"... {len(layers) - 12} more"]
             raise ValueError(
-                f"selection names {unknown or 'no layers'}, which are not modules that own trainable "
-                f"parameters. Choose among: {layers}."
+                f"selection names {unknown or 'no layers'}, which {'is' if len(unknown) == 1 else 'are'} not "
+                f"{'a module' if len(unknown) == 1 else 'modules'} that own{'s' * (len(unknown) == 1)} trainable "
+                f"parameters{did_you_mean(unknown, layers)}. The model's {len(layers)} such modules: {shown}."
             )
         return chosen
     if rule not in SELECTION_RULES:

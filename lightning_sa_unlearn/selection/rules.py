@@ -333,3 +333,20 @@ SELECTIONS = {
     "newton_decrement": NewtonDecrement,
     "validated_layer": ValidatedLayer,
 }
+
+
+class SharpnessFunction(Selection):
+    """A rule from a function of the per-layer sharpness, ``function({module path: s_l}) -> [module paths]`` (what a
+    callback subclass's deprecated ``select_layers`` override becomes)."""
+
+    needs_curvature = True
+
+    def __init__(self, function: Callable[[dict[str, float]], Sequence[str]], name: str | list[str] = "custom") -> None:
+        self.function, self._name = function, name
+
+    @property
+    def name(self) -> str | list[str]:
+        return self._name
+
+    def select(self, measured: Measurements) -> list[str]:
+        return list(self.function(measured.sharpness))
