@@ -93,6 +93,8 @@ class SharpnessAwareUnlearning(Callback):
             ``forward``, several forward arguments, sequence outputs) or ``"tuple"`` (default:
             ``(x, y)`` batches and ``pl_module(x)``). It is checked on one forget batch in
             ``on_fit_start``, before training.
+        report_sharpness: when no part needs curvature (``selection="last"``, a list of layers), measure the
+            per-layer sharpness for the report on 256 samples of ``GGN`` (timed as reporting); False skips it.
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class SharpnessAwareUnlearning(Callback):
         verbose: bool = True,
         harm_guard: bool = True,
         batch_adapter: BatchAdapter | str = "tuple",
+        report_sharpness: bool = True,
     ) -> None:
         self.curvature = None if curvature is None else resolve(curvature, Curvature, CURVATURES, "curvature")
         if isinstance(selection, (list, tuple)):
@@ -121,7 +124,7 @@ class SharpnessAwareUnlearning(Callback):
         self.loss_fn, self.seed = check_loss_fn(loss_fn), seed
         self.report_path, self.plot_path, self.checkpoint_path = report_path, plot_path, checkpoint_path
         self.unlearn_on_train_end, self.progress_bar, self.verbose = unlearn_on_train_end, progress_bar, verbose
-        self.harm_guard = harm_guard
+        self.harm_guard, self.report_sharpness = harm_guard, report_sharpness
         self.batch_adapter = resolve(batch_adapter, BatchAdapter, BATCH_ADAPTERS, "batch_adapter")
         self.report: UnlearningReport | None = None
         """This process's last run (None until one finished)."""
@@ -288,7 +291,9 @@ class SharpnessAwareUnlearning(Callback):
             # trainable_only: the user's requires_grad flags come back as they were, whatever happens
             with torch.inference_mode(False), torch.enable_grad(), run.seeded(), eval_mode(pl_module):
                 with trainable_only(pl_module):
-                    report = run_unlearning(run, selection, self.update, evaluations, self.curvature is not None)
+                    report = run_unlearning(
+                        run, selection, self.update, evaluations, self.curvature is not None, self.report_sharpness
+                    )
             # rank 0 writes and publishes; its failures fail every process
             report.unlearned_checkpoint = outputs.path("checkpoint") if "checkpoint" in outputs else None
             self.report = report  # the checkpoint carries it (state_dict)

@@ -122,11 +122,17 @@ class UnlearningRun:
         return self.batches(loader, what, rank=0, world_size=1)
 
     def progress(self, iterable: Iterable[Any], description: str, total: int | None) -> Iterable[Any]:
-        """A progress bar on rank 0 for steps that take more than two seconds, if enabled."""
+        """A progress bar on rank 0 for steps that take more than two seconds, if enabled and writing to a terminal."""
         trainer = self.trainer
         enabled = self.progress_bar and (trainer is None or trainer.is_global_zero and _shows_progress(trainer))
         return tqdm(
-            iterable, desc=description, total=total, leave=False, delay=2.0, disable=not enabled, dynamic_ncols=True
+            iterable,
+            desc=description,
+            total=total,
+            leave=False,
+            delay=2.0,
+            disable=None if enabled else True,  # None: off when the output is not a terminal (a redirected log)
+            dynamic_ncols=True,
         )
 
     def mean_loss(self, model: nn.Module, batches: Iterable[Any] | None) -> float:

@@ -53,18 +53,32 @@ FINITE_CHECK_SAMPLES = 512
 
 
 def run_unlearning(
-    run: UnlearningRun, selection: Selection, update: Update, evaluations: list[Evaluation], measure_curvature: bool
+    run: UnlearningRun,
+    selection: Selection,
+    update: Update,
+    evaluations: list[Evaluation],
+    measure_curvature: bool,
+    report_sharpness: bool = True,
 ) -> UnlearningReport:
-    """Every stage on ``run.model``; raises (leaving restoration to the caller) on any failure."""
+    """Every stage on ``run.model``; raises (leaving restoration to the caller) on any failure.
+
+    ``measure_curvature``: measure the configured estimator even if no part needs it. ``report_sharpness``: when
+    no part needs curvature, measure :data:`REPORT_SAMPLES` samples of ``GGN`` for the report's per-layer sharpness.
+    """
     counting = count_samples(run.model, run.count)  # the report's sample_passes
     try:
-        return _run_stages(run, selection, update, evaluations, measure_curvature)
+        return _run_stages(run, selection, update, evaluations, measure_curvature, report_sharpness)
     finally:
         counting.remove()
 
 
 def _run_stages(
-    run: UnlearningRun, selection: Selection, update: Update, evaluations: list[Evaluation], measure_curvature: bool
+    run: UnlearningRun,
+    selection: Selection,
+    update: Update,
+    evaluations: list[Evaluation],
+    measure_curvature: bool,
+    report_sharpness: bool,
 ) -> UnlearningReport:
     total_start = time.perf_counter()
     require_trainable_parameters(run.model)
@@ -89,13 +103,15 @@ def _run_stages(
     if selection.needs_forget_gradient:  # the rule reads the whole gradient
         with run.stage("forget_gradient"):
             gradient = _forget_gradient(run)
+    estimator, curvature = run.curvature, None
     if measure_curvature or selection.needs_curvature or update.needs_curvature:
         with run.stage("curvature"):
-            curvature = run.curvature.measure(run, selection.stopping_rule(run.curvature.confidence))
+            curvature = estimator.measure(run, selection.stopping_rule(estimator.confidence))
         _warn_if_unsure(run, curvature, selection)
-    else:  # nothing chooses by curvature: a small fixed sample, for the report's per-layer sharpness only
+    elif report_sharpness:  # nothing chooses by curvature: a small fixed sample, for the report's sharpness only
+        estimator = GGN(samples=REPORT_SAMPLES)
         with run.stage("curvature_report"):
-            curvature = GGN(samples=REPORT_SAMPLES).measure(run)
+            curvature = estimator.measure(run)
             curvature.stop = "report only"
     training_size = training_set_size(run.data.train, run.adapter.split)
     measured = _measurements(run, layers, curvature, gradient, training_size)
@@ -109,7 +125,7 @@ def _run_stages(
             gradient,
             objective,
             curvature,
-            hvp_scale=training_size / max(curvature.samples, 1),
+            hvp_scale=training_size / max(curvature.samples, 1) if curvature is not None else math.nan,
             damping=run.curvature.damping,
             run=run,
         )
@@ -156,10 +172,10 @@ def _run_stages(
         seconds=run.seconds,
         update=update.name,
         selection=selection.name,
-        curvature=run.curvature.name,
-        curvature_samples=curvature.samples,
-        curvature_stop=curvature.stop,
-        curvature_notes=list(curvature.notes),
+        curvature=estimator.name if curvature is not None else None,
+        curvature_samples=curvature.samples if curvature is not None else 0,
+        curvature_stop=curvature.stop if curvature is not None else None,
+        curvature_notes=list(curvature.notes) if curvature is not None else [],
         tau_search=outcome.tau_search,
         validation_source=objective.source if uses_validation and objective is not None else None,
         validation_samples=outcome.validation_samples,
@@ -210,12 +226,14 @@ def _forget_gradient(run: UnlearningRun) -> dict[str, Tensor]:
 def _measurements(
     run: UnlearningRun,
     layers: dict[str, list[str]],
-    result: CurvatureResult,
+    result: CurvatureResult | None,
     gradient: dict[str, Tensor] | None,
     training_size: int,
 ) -> Measurements:
     """What the run measured before selecting: what a selection rule reads."""
     measured = Measurements(run.model, layers, gradient=gradient)
+    if result is None:
+        return measured
     measured.sharpness = layer_sharpness(run.model, result.diagonal)
     measured.standard_errors = result.statistics.standard_errors()
     measured.diagonal = result.diagonal
@@ -231,7 +249,7 @@ def _select(
     selection: Selection,
     layers: dict[str, list[str]],
     measured: Measurements,
-    result: CurvatureResult,
+    result: CurvatureResult | None,
 ) -> tuple[Selected, dict[str, Any] | None]:
     """Apply the rule to what was measured, the same in every process; returns the choice and its margin."""
     chosen = run.processes.broadcast(run.processes.agree(lambda: selection.select(measured)))
@@ -247,7 +265,7 @@ def _select(
             f"the selection returned {chosen.layers}, which must be a non-empty list of distinct names from {names}."
         )
     margin = None
-    if chosen.masks is None:
+    if chosen.masks is None and result is not None:
         margin = selection_margin(measured.sharpness, result.statistics, chosen.layers, selection.name)
     unsure = margin is not None and margin["lead_in_standard_errors"] < 2  # NaN (one batch): no estimate
     if unsure and result.stop in ("fixed count", "data exhausted"):  # a sequential pass has warned already

@@ -135,3 +135,18 @@ def test_the_kind_of_unlearning_and_the_loaders_read_are_named(tiny_model, caplo
     assert "unlearning by sample deletion (no corrected_dataloader() was found" in caplog.text
     with pytest.warns(UserWarning, match=r"\['correct_dataloader'\] look like a corrected set: name the method"):
         unlearning.unlearn(model, MisnamedCorrected())
+
+
+def test_the_report_only_curvature_is_named_as_it_ran_and_can_be_skipped(tiny_model, tmp_path):
+    model, datamodule = tiny_model
+    report = SharpnessAwareUnlearning(selection="last", update=FirstOrder(0.001), verbose=False).unlearn(
+        model, datamodule
+    )
+    assert (report.curvature, report.curvature_samples, report.curvature_stop) == ("ggn", 240, "report only")
+    assert "curvature_report" in report.seconds and len(report.layer_sharpness) == 4
+    skipped = SharpnessAwareUnlearning(
+        selection="last", update=FirstOrder(0.001), report_sharpness=False, plot_path=str(tmp_path / "plot.png")
+    ).unlearn(model, datamodule)
+    assert skipped.curvature is None and skipped.layer_sharpness == {} and "curvature_report" not in skipped.seconds
+    assert skipped.selected_layers == ["net.fc2"] and (tmp_path / "plot.png").is_file()
+    assert "update: first_order" in skipped.format_table()

@@ -159,7 +159,12 @@ def _check_loss(loss_fn: LossFn, logits: Tensor, targets: Tensor, adapter: Any) 
         ) from error
     padding_only = not bool((targets >= 0).any())  # the loss of positions that are all ignored is NaN
     scalar = isinstance(loss, Tensor) and loss.numel() == 1
-    if scalar and not padding_only and not math.isfinite(float(loss)) and not bool(torch.isfinite(logits).all()):
+    if (
+        scalar
+        and not padding_only
+        and not math.isfinite(float(loss.detach()))
+        and not bool(torch.isfinite(logits).all())
+    ):
         raise ValueError(
             "the model's outputs on the first forget samples are NaN or infinite, so the loss is too: the forget "
             "inputs (or the weights) hold NaN or infinite values. Fix or drop those samples; loss_fn is not at fault."
