@@ -5,8 +5,10 @@ the two-process cases in test_distributed.py.
 """
 
 import contextlib
+import io
 import logging
 import math
+import sys
 import warnings
 from types import SimpleNamespace
 
@@ -616,12 +618,18 @@ def test_a_csv_logger_is_saved(tiny_model, tmp_path):
     assert "unlearn/heldout_after/accuracy" in next(tmp_path.rglob("metrics.csv")).read_text()
 
 
-@pytest.mark.parametrize("enabled", [False, True])
-def test_progress_bars_follow_the_trainer(enabled, tiny_model):
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("enabled, terminal", [(False, True), (True, True), (True, False)])
+def test_progress_bars_follow_the_trainer_and_stay_out_of_redirected_logs(enabled, terminal, tiny_model, monkeypatch):
     model, datamodule = tiny_model
+    monkeypatch.setattr(sys, "stderr", Terminal() if terminal else io.StringIO())
     trainer = quiet_trainer(enable_progress_bar=enabled)
     run = UnlearningRun(trainer, Processes(trainer, torch.device("cpu")), model, None, progress_bar=True)
-    assert run.progress([1], "a step", 1).disable is not enabled
+    assert run.progress([1], "a step", 1).disable is not (enabled and terminal)
 
 
 def test_the_quiet_trainer_prints_no_banner(capsys, caplog):
