@@ -36,12 +36,25 @@ def test_split_below_finds_the_frozen_layers_of_a_chain(tiny_model):
     assert split_below(model, ["net.conv.weight"], x) is None  # nothing below the first layer
 
 
-def test_a_model_that_is_not_its_chain_is_not_cut():
+def test_a_model_that_is_not_its_chain_is_cut_through_its_traced_graph_unless_it_cannot_be_traced():
     class Scaled(TinyClassifier):
         def forward(self, x):
             return 2 * self.net(x)
 
-    assert split_below(Scaled(), ["net.fc2.weight"], torch.randn(2, 1, 8, 8)) is None
+    class Branching(TinyClassifier):
+        def forward(self, x):
+            return self.net(x) if x.sum() > 1e9 else -self.net(x)  # data-dependent: fx cannot trace it
+
+    x = torch.randn(2, 1, 8, 8)
+    model = Scaled().eval()
+    below, above, path = split_below(model, ["net.fc2.weight"], x)
+    assert path == "net.relu2" and torch.equal(above(below(x)), model(x))
+    assert [name for name, _ in above.named_parameters()] == [
+        "graph_module.net.fc2.weight",
+        "graph_module.net.fc2.bias",
+    ]
+    assert "net.fc2.weight" not in dict(below.named_parameters())  # the frozen part holds no selected parameter
+    assert split_below(Branching(), ["net.fc2.weight"], x) is None
 
 
 @pytest.mark.parametrize("names", [["net.fc2.weight", "net.fc2.bias"], ["net.fc1.weight", "net.fc2.bias"]])
@@ -115,3 +128,22 @@ def test_the_report_names_no_cache_when_it_was_dropped(monkeypatch, tiny_model):
         model, datamodule
     )
     assert report.update_details == {"retain_samples": 100, "cached_below": None}
+
+
+def test_fine_tuning_on_a_traced_split_equals_the_whole_model(tiny_model):
+    """A skip connection across the selection: the traced graph's frontier is cached and the weights agree."""
+    from test_stored_features import Residual
+
+    _, datamodule = tiny_model
+    torch.manual_seed(0)
+    model, twin = Residual(), Residual()
+    twin.load_state_dict(model.state_dict())
+    names = ["block.weight", "block.bias", "net.fc2.weight"]
+    sources = batches(datamodule)
+    below, above, path = split_below(model, names, sources[0][0][0])
+    assert path == "net.relu2"
+    options = dict(epochs=3, lr=0.05, momentum=0.9, seed=3)
+    fine_tune(model, names, sources, cache=FeatureCache(below, sources), above=above, **options)
+    fine_tune(twin, names, sources, **options)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)

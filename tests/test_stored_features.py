@@ -118,9 +118,26 @@ class SubclassedChain(FlattenFirst):
         return self.net(x)
 
 
+class Residual(TinyClassifier):
+    """A skip connection across the selected layer: no chain holds it, its traced graph splits at ``h``."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.net.relu2(self.net.fc1(self.net.flatten(self.net.pool(self.net.relu(self.net.bn(self.net.conv(x)))))))
+        return self.net.fc2(h + self.block(h))
+
+
 @pytest.mark.parametrize(
     "make, layer, stored_below",
-    [(FlattenFirst, "net.2", None), (TemperedClassifier, "net.3", None), (SubclassedChain, "net.3", "net.2")],
+    [
+        (FlattenFirst, "net.2", "net.1"),  # these three through the traced graph, the fourth through its chain
+        (TemperedClassifier, "net.3", "net.2"),
+        (Residual, "block", "net.relu2"),
+        (SubclassedChain, "net.3", "net.2"),
+    ],
 )
 def test_models_beyond_a_plain_chain_get_the_whole_models_numbers(monkeypatch, tiny_model, make, layer, stored_below):
     _, datamodule = tiny_model

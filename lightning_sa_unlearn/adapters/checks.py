@@ -169,7 +169,7 @@ def _check_loss(loss_fn: LossFn, logits: Tensor, targets: Tensor, adapter: Any) 
             "the model's outputs on the first forget samples are NaN or infinite, so the loss is too: the forget "
             "inputs (or the weights) hold NaN or infinite values. Fix or drop those samples; loss_fn is not at fault."
         )
-    if not scalar or not (padding_only or math.isfinite(float(loss))):
+    if not scalar or not (padding_only or math.isfinite(float(loss.detach()))):
         raise ValueError(
             f"loss_fn returned {loss!r} on one forget batch; it must be a finite scalar (reduction='mean')."
         )

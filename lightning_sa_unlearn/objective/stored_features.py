@@ -17,11 +17,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
 from lightning_sa_unlearn.counting import count_samples
 from lightning_sa_unlearn.data import sized
 from lightning_sa_unlearn.functional import LossFn, batches_for, eval_mode
 from lightning_sa_unlearn.objective.losses import SampleLosses, sample_losses
+from lightning_sa_unlearn.objective.traced_split import traced_split
 
 Recorder = Callable[[str, int], None]
 
@@ -36,6 +38,15 @@ beyond it, evaluations run the whole model."""
 
 def split_below(model: nn.Module, names: Sequence[str], probe: Any) -> tuple[nn.Module, nn.Module, str] | None:
     """``(below, above, path)``: ``model(x) == above(below(x))`` with every parameter in ``names`` inside ``above``.
+
+    An ``nn.Sequential`` chain first (:func:`_chain_split`); else the split of the traced graph
+    (:func:`~lightning_sa_unlearn.objective.traced_split.traced_split`). None when neither applies.
+    """
+    return _chain_split(model, names, probe) or traced_split(model, names, probe)
+
+
+def _chain_split(model: nn.Module, names: Sequence[str], probe: Any) -> tuple[nn.Module, nn.Module, str] | None:
+    """The split at an ``nn.Sequential`` chain.
 
     Searches the ``nn.Sequential`` submodules of ``model`` (the model itself included) whose ``forward`` is
     ``nn.Sequential``'s own; a chain qualifies when the selection starts after its first child and its output
@@ -57,7 +68,7 @@ def split_below(model: nn.Module, names: Sequence[str], probe: Any) -> tuple[nn.
             continue
         first = min([name for name, _ in children].index(head) for head in heads)
         if first == 0:
-            return None
+            return None  # the selection starts at the chain's first child: nothing below it to store
         try:
             with torch.no_grad(), eval_mode(model):
                 if not torch.equal(model(probe), chain(probe)):
@@ -83,7 +94,7 @@ class FeatureCache:
         with torch.no_grad():
             features = self.below(x)
         if not self.dropped:
-            self.bytes += features.numel() * features.element_size()
+            self.bytes += _bytes([(features, y)])
             if self.bytes > MAX_CACHE_BYTES:
                 self.dropped, self.stored = True, [[] for _ in self.sources]
             else:
@@ -180,8 +191,9 @@ def count_split_passes(below: nn.Module, above: nn.Module, record: Recorder) -> 
     count_samples(above, record, "_above")
 
 
-def _bytes(stored: list[tuple[Tensor, Tensor]]) -> int:
-    return sum(features.numel() * features.element_size() for features, _ in stored)
+def _bytes(stored: list[tuple[Any, Tensor]]) -> int:
+    """Bytes of stored features (a tensor, or a tuple of them where a traced split stores several)."""
+    return sum(t.numel() * t.element_size() for features, _ in stored for t in tree_leaves(features))
 
 
 _FINGERPRINT_CHUNK = 2**22
