@@ -219,8 +219,9 @@ class HarmGuard:
             return None
         guard = cls(parts, source)
         with run.stage("harm_guard"):
-            if names:  # selected already: the layers below the selection need to run only once
-                guard.features = StoredFeatures.find(run.model, names, parts[0][1], run.count)
+            if names:  # selected already: the layers below the selection run once (their outputs are shared)
+                batches, guard.features, guard.stored[0] = objective.stored(run.model, names, GUARD_SAMPLES, run.count)
+                guard.parts[0] = ("validation", batches)
             guard.before = guard._measure(run, store=True)
         return guard
 
@@ -289,8 +290,8 @@ class HarmGuard:
             if self.features is None:
                 measured = [sample_losses(run.model, part, run.loss_fn) for part in parts]
             else:
-                if store:
-                    self.stored = [self.features.store(part) for part in parts]
+                if store:  # the validation part's store may come from the objective already
+                    self.stored = [s if s is not None else self.features.store(p) for p, s in zip(parts, self.stored)]
                 measured = self.features.losses(parts, self.stored, run.loss_fn)
             if store:  # before the update, with weights checked finite: a loss that is not is the data's
                 _require_finite(self.parts, measured, self.source)

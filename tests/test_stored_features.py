@@ -40,6 +40,10 @@ def test_search_and_guard_on_stored_features_equal_the_whole_model(monkeypatch, 
     # the search's points and the guard's second pass ran the layers above only: the convolution saw far fewer samples
     validation = cached.validation_samples + cached.harm_guard["samples"]
     assert conv_samples[1] - conv_samples[0] >= 2 * validation
+    # one store for both: the guard's pass through the layers below (90 validation samples and a 32-sample probe)
+    # is the only one; the search read the guard's stored outputs
+    assert cached.sample_passes["harm_guard"]["forward"] == 90 + 32 and "forward" not in cached.sample_passes["update"]
+    assert whole.sample_passes["update"]["forward"] > 0
 
 
 class MovesALayerBelow(Update):

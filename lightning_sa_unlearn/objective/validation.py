@@ -10,15 +10,16 @@ random order), so any prefix is a random subset.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from lightning_sa_unlearn.data import Relabelled, limit_samples
-from lightning_sa_unlearn.functional import LossFn, loss_sum
+from lightning_sa_unlearn.functional import LossFn, batches_for, loss_sum
+from lightning_sa_unlearn.objective.stored_features import Recorder, StoredFeatures
 
 if TYPE_CHECKING:
     from lightning_sa_unlearn.processes import Processes
@@ -48,6 +49,7 @@ class ValidationObjective:
     max_samples: int | None
     loss_fn: LossFn
     processes: Processes
+    _stores: dict[tuple[str, ...], _Store] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def terms(self) -> list[Iterable[Any]]:
@@ -74,6 +76,42 @@ class ValidationObjective:
     def subset(self, samples: int) -> list[Any]:
         """This process's share of the first ``samples`` validation samples of the random order (as a list)."""
         return list(limit_samples(self.sample, math.ceil(samples / self.processes.world_size)))
+
+    def stored(
+        self, model: nn.Module, names: Sequence[str], samples: int, record: Recorder
+    ) -> tuple[list[Any], StoredFeatures | None, list[Any] | None]:
+        """This process's share of the first ``samples`` validation samples (on the model's device), the split of
+        ``model`` below the selected ``names`` (None: none), and the samples' outputs of the part below it.
+
+        One split and one store serve every reader (the harm guard, then the step search): a prefix shorter
+        than the longest stored so far is a slice of it, so the layers below run once per sample.
+        """
+        local = math.ceil(samples / self.processes.world_size)
+        key = tuple(names)
+        store = self._stores.get(key)
+        if store is None or store.size < local and not store.whole:
+            batches = list(batches_for(model, limit_samples(self.sample, local)))
+            features = store.features if store else StoredFeatures.find(model, names, batches, record)
+            if store is not None and features is not None:
+                features.release(store.stored)
+            stored = features.store(batches) if features is not None else None
+            size = sum(len(y) for _, y in batches)
+            store = self._stores[key] = _Store(features, batches, stored, size, whole=size < local)
+        if local >= store.size:
+            return store.batches, store.features, store.stored
+        stored = None if store.stored is None else list(limit_samples(store.stored, local))
+        return list(limit_samples(store.batches, local)), store.features, stored
+
+
+@dataclass
+class _Store:
+    """The longest validation prefix stored so far for one selection (``whole``: all the validation data)."""
+
+    features: StoredFeatures | None
+    batches: list[Any]
+    stored: list[Any] | None
+    size: int
+    whole: bool
 
 
 def choose_validation(

@@ -56,30 +56,30 @@ class SubsetObjective:
     def __init__(
         self, model: nn.Module, names: Sequence[str], objective: ValidationObjective, record: Recorder
     ) -> None:
-        self.model, self.names, self.record = model, list(names), record
+        self.model, self.names, self.record, self.objective = model, list(names), record, objective
         self.loss_fn, self.processes, self.sources = objective.loss_fn, objective.processes, objective.terms
         self.sizes = [0] * len(self.sources)
         self.batches: list[list[Any]] = [[] for _ in self.sources]
         self.features: StoredFeatures | None = None
         self.stored: list[list[Any] | None] = [None] * len(self.sources)
-        self.looked = False
 
     def grow(self, samples: int) -> bool:
         """Use the first ``samples`` samples of each term (per process: a share); False if nothing was added."""
         local = math.ceil(samples / self.processes.world_size)
         grew = False
         for t, source in enumerate(self.sources):
-            batches = list(batches_for(self.model, limit_samples(source, local)))
+            if t == 0 and self.names:  # the validation term: the objective's shared split and store
+                batches, self.features, stored = self.objective.stored(self.model, self.names, samples, self.record)
+            else:
+                batches, stored = list(batches_for(self.model, limit_samples(source, local))), None
             size = sum(len(y) for _, y in batches)
-            if t == 0 and not self.looked and self.names and batches:  # once: does the model split?
-                self.looked = True
-                self.features = StoredFeatures.find(self.model, self.names, batches, self.record)
             if size > self.sizes[t]:
                 grew = True
                 self.batches[t], self.sizes[t] = batches, size
-                if self.features is not None:
+                if t > 0 and self.features is not None:  # the relabelled forget term's own store
                     self.features.release(self.stored[t])
-                    self.stored[t] = self.features.store(batches)
+                    stored = self.features.store(batches)
+                self.stored[t] = stored
         return grew
 
     def losses(self) -> list[Tensor]:
