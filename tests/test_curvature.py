@@ -255,3 +255,14 @@ def test_monte_carlo_labels_drawn_from_the_hooks_forward_match_a_separate_pass(m
     monkeypatch.setattr(ggn_fast, "supports", lambda model: False)
     separate = hessian_diagonal(model, batches, generator=torch.Generator().manual_seed(1), **options)
     torch.testing.assert_close(flat(hooks), flat(separate), rtol=1e-10, atol=0)
+
+
+def test_a_sequential_pass_scales_its_samples_to_a_small_training_set():
+    from lightning_sa_unlearn.curvature import MonteCarloGGN
+
+    default = MonteCarloGGN()
+    assert default.scaled(47_500) == (64, 10_000)  # MNIST-sized: as before
+    assert default.scaled(5_000) == (16, 1_250)  # 8 batches of 16 at least, a quarter at most
+    assert default.scaled(240) == (16, 128)
+    assert default.scaled(None) == (64, 10_000)  # a loader without a size: the defaults
+    assert MonteCarloGGN(max_samples=3_000).scaled(5_000) == (64, 3_000)  # set by the user: read as told

@@ -14,11 +14,12 @@ def test_the_report_counts_each_stage_by_hand(tiny_model):
     assert report.validation_samples == report.harm_guard["samples"] == validation
     # forget and corrected inputs are equal: one forward and backward gives both losses
     assert passes["forget_gradient"] == {"forward_backward": 30}
-    # the step search: the frozen layers once (plus the split's check on one batch), then τ = 0 and 6 golden points
-    # through the layers above; the finite check reads the search's value instead of a pass of its own
-    assert passes["update"] == {"forward": validation + probe, "forward_above": 7 * validation}
-    # the guard: one whole pass before (stored below), the layers above before and after
+    # the guard: the frozen layers once (plus the split's check on one batch), stored; the layers above before and
+    # after
     assert passes["harm_guard"] == {"forward": validation + probe, "forward_above": 2 * validation}
+    # the step search reads the guard's store: τ = 0 and 6 golden points through the layers above only; the finite
+    # check reads the search's value instead of a pass of its own
+    assert passes["update"] == {"forward_above": 7 * validation}
     assert passes["evaluation"] == {"forward": 2 * (90 + 30 + 30)}  # test, forget, corrected; before and after
     assert passes["curvature_report"]["forward_backward"] >= report.curvature_samples
 

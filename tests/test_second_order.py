@@ -125,9 +125,9 @@ def test_second_order_update_through_the_callback(solver, damping, options, on_u
     step = torch.linalg.solve(hessian + damping * torch.eye(len(g), dtype=g.dtype), g)
 
     if on_update:  # the update's own damping wins over the curvature part's
-        curvature, update = GGN(damping=123.0), SecondOrder(1.0, solver=solver, damping=damping)
+        curvature, update = GGN(samples="all", damping=123.0), SecondOrder(1.0, solver=solver, damping=damping)
     else:
-        curvature, update = GGN(damping=damping), SecondOrder(1.0, solver=solver)
+        curvature, update = GGN(samples="all", damping=damping), SecondOrder(1.0, solver=solver)
     report = SharpnessAwareUnlearning(curvature=curvature, update=update, selection=["net.fc2"], verbose=False).unlearn(
         model, datamodule
     )

@@ -24,11 +24,20 @@ from lightning_sa_unlearn.curvature.losses import output_loss
 from lightning_sa_unlearn.curvature.second_derivatives import _Choice
 from lightning_sa_unlearn.curvature.sequential import read_until_confident
 from lightning_sa_unlearn.curvature.smooth import SMOOTH_MODULES, smooth_modules  # noqa: F401 (re-exported)
-from lightning_sa_unlearn.data import sample_units, sized
+from lightning_sa_unlearn.data import dataset_size, sample_units, sized
 from lightning_sa_unlearn.functional import LossFn, trainable_parameters
 
 if TYPE_CHECKING:
     from lightning_sa_unlearn.run_context import RunContext
+
+
+DEFAULT_MAX_SAMPLES = 10_000
+"""The most a sequential pass reads by default: 10,000 picked the same layer as all 50,000 MNIST images in 5 of 5
+seeds (``benchmarks/results/curvature_seeds.md``)."""
+SMALL_DATA_SHARE = 40
+"""A sequential pass's fewest samples (``min_batches`` batches) are at most 1/40 of a small training set."""
+MAX_SHARE = 4
+"""By default a sequential pass reads at most a quarter of the training set."""
 
 
 class Curvature:
@@ -40,13 +49,15 @@ class Curvature:
     By default it reads batches in a seeded random order until the selection rule's pick leads the
     runner-up by ``confidence`` standard errors (:mod:`~lightning_sa_unlearn.curvature.confidence`),
     after at least ``min_batches`` batches and at most ``max_samples`` samples. Rules without such a
-    margin read ``max_samples``. Under several processes every batch is read by one process and the
-    decision is taken on the all-reduced statistics, so one process and several read the same samples.
+    margin read ``max_samples``. On a small training set of N samples the batches shrink to N/320
+    (at least 16) and the pass reads at most N/4, so that its cost scales with the data (:meth:`scaled`).
+    Under several processes every batch is read by one process and the decision is taken on the
+    all-reduced statistics, so one process and several read the same samples.
 
     Args:
         samples: a fixed number of samples instead (``"all"``: every sample), read in one pass.
-        max_samples: the most a sequential pass reads; 10,000 picked the same layer as all 50,000
-            MNIST images in 5 of 5 seeds (``benchmarks/results/curvature_seeds.md``).
+        max_samples: the most a sequential pass reads (None: :data:`DEFAULT_MAX_SAMPLES`, or a quarter of a
+            smaller training set, with batches scaled down too: :meth:`scaled`).
         confidence: the lead, in standard errors, at which a sequential pass stops.
         min_batches: the fewest batches a sequential pass reads; from then on it checks after every batch
             (:mod:`~lightning_sa_unlearn.curvature.sequential`).
@@ -69,7 +80,7 @@ class Curvature:
     def __init__(
         self,
         samples: int | Literal["all"] | None = None,
-        max_samples: int = 10_000,
+        max_samples: int | None = None,
         confidence: float = 3.0,
         min_batches: int = 8,
         batch_size: int | None = 64,
@@ -78,7 +89,7 @@ class Curvature:
     ) -> None:
         if samples is not None and samples != "all" and not (isinstance(samples, int) and samples >= 1):
             raise ValueError(f"samples must be >= 1, 'all' or None (read until confident), got {samples!r}.")
-        if max_samples < 1 or min_batches < 1 or not confidence > 0:
+        if max_samples is not None and max_samples < 1 or min_batches < 1 or not confidence > 0:
             raise ValueError(
                 "max_samples and min_batches must be >= 1 and confidence > 0; got "
                 f"{max_samples}, {min_batches}, {confidence}."
@@ -153,6 +164,20 @@ class Curvature:
             model, batches, lambda x, y, *_: self.batch_sum(model, x, y, loss_fn=loss_fn, generator=generator), on_batch
         )
 
+    def scaled(self, size: int | None) -> tuple[int | None, int]:
+        """``(batch size, max samples)`` of a sequential pass on a training set of ``size`` samples. Unless
+        ``max_samples`` is set: on a small set its first ``min_batches`` batches are at most
+        1/:data:`SMALL_DATA_SHARE` of it (batches of at least 16) and it reads at most 1/:data:`MAX_SHARE` of it, so
+        that the cost scales with the data."""
+        if self.max_samples is not None:  # set by the user: read as told
+            return self.batch_size, self.max_samples
+        if size is None:
+            return self.batch_size, DEFAULT_MAX_SAMPLES
+        unit = self.batch_size
+        if unit is not None:
+            unit = min(unit, max(16, size // (SMALL_DATA_SHARE * self.min_batches)))
+        return unit, min(DEFAULT_MAX_SAMPLES, max((unit or 1) * self.min_batches, size // MAX_SHARE))
+
     def measure(
         self, run: RunContext, confident: Callable[[SharpnessStatistics], bool] | None = None
     ) -> CurvatureResult:
@@ -160,11 +185,12 @@ class Curvature:
         self._path = _Choice()  # the first unit's checks choose the computation path for every later unit
         try:
             if self.samples is None:
-                limit = run.capped(self.max_samples)
-                units = sample_units(run.data.train, seed=run.seed, max_samples=limit, unit_size=self.batch_size)
+                unit, limit = self.scaled(dataset_size(run.data.train))
+                limit = run.capped(limit)
+                units = sample_units(run.data.train, seed=run.seed, max_samples=limit, unit_size=unit)
                 if units is not None:
                     return self._measure_sequentially(run, units, confident)
-            samples = None if self.samples == "all" else self.samples or self.max_samples
+            samples = None if self.samples == "all" else self.samples or self.max_samples or DEFAULT_MAX_SAMPLES
             return self._measure_fixed(run, samples)
         finally:
             self._path = None
