@@ -31,7 +31,7 @@ from lightning_sa_unlearn import HarmfulUpdateError, HeldOutMetrics, SharpnessAw
 from lightning_sa_unlearn.callback import quiet_trainer
 from lightning_sa_unlearn.curvature import CURVATURES, Curvature
 from lightning_sa_unlearn.datamodules import PoisonedLabelDataModule
-from lightning_sa_unlearn.models import CifarResNet18, CifarResNet20, PaperCNN
+from lightning_sa_unlearn.models import CifarResNet18, CifarResNet20, ImageClassifier, PaperCNN
 from lightning_sa_unlearn.selection import trainable_layers
 
 
@@ -111,6 +111,19 @@ SETTINGS = {
     # Sample unlearning (benchmarks/robustness.py): 2,500 random correctly labelled images to delete;
     # the gold standard is retrained on D_r alone.
     "mnist_deletion": Setting("mnist", "deletion", 2500),
+    # Issue #23: the cost of the defaults on a user-sized run (5,000 images, 500 random flips, 4 epochs, ResNet-18).
+    "cifar10_user": Setting(
+        "imagefolder",
+        "untargeted",
+        500,
+        model="torchvision_resnet18",
+        epochs=4,
+        lr=1e-3,  # Adam (ImageClassifier's optimizer)
+        num_train=5000,
+        root="cache/cifar10",
+        curvature_samples=None,
+        damping=10.0,
+    ),
     # Seconds on a CPU: the CI test of this pipeline.
     "synthetic": Setting(
         "synthetic", "targeted", 40, epochs=3, curvature_samples=None, extra={"synthetic_size": (600, 200)}
@@ -118,7 +131,24 @@ SETTINGS = {
 }
 
 
-MODELS = {"paper_cnn": PaperCNN, "cifar_resnet20": CifarResNet20, "cifar_resnet18": CifarResNet18}
+class TorchvisionResNet18(ImageClassifier):
+    """``torchvision.models.resnet18(num_classes=10)`` as it comes (7×7 stride-2 stem and max-pool, no pretrained
+    weights), trained with ImageClassifier's Adam: the model a user would take off the shelf."""
+
+    def __init__(self, num_classes: int = 10, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
+        super().__init__(num_classes=num_classes, lr=lr, weight_decay=weight_decay)
+        self.save_hyperparameters()
+        from torchvision.models import resnet18
+
+        self.net = resnet18(num_classes=num_classes)
+
+
+MODELS = {
+    "paper_cnn": PaperCNN,
+    "cifar_resnet20": CifarResNet20,
+    "cifar_resnet18": CifarResNet18,
+    "torchvision_resnet18": TorchvisionResNet18,
+}
 
 
 def command_line(script: str, argv: list[str] | None = None) -> str:
