@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -152,9 +151,8 @@ def run(seed: int, cache: str, methods: list[str]) -> dict[str, Any]:
         model.load_state_dict(poisoned.state_dict())
         parts = METHODS[method](setting)
         data = datamodule
-        if parts.pop("correction", None) == "labels":
-            data = make_datamodule(setting, seed)
-            data.corrected_set = TensorDataset(data.forget_set.tensors[0], data.corrected_set.tensors[1])
+        if parts.pop("correction", None) == "labels":  # D̃_f = the triggered inputs with their true labels
+            data = make_datamodule(setting, seed, corrected_inputs="triggered")
         start = time.perf_counter()
         report, refusal = unlearn_or_refusal(make_callback(setting, seed, **parts), model, data)
         results[method] = _row(model, datamodule, report, time.perf_counter() - start)

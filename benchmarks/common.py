@@ -192,7 +192,10 @@ def make_model(setting: Setting) -> pl.LightningModule:
     return MODELS[setting.model](lr=setting.lr)
 
 
-def make_datamodule(setting: Setting, seed: int, train_labels: str = "poisoned") -> PoisonedLabelDataModule:
+def make_datamodule(
+    setting: Setting, seed: int, train_labels: str = "poisoned", **options: Any
+) -> PoisonedLabelDataModule:
+    """The setting's data module (``options``: further arguments, e.g. ``corrected_inputs="triggered"``)."""
     datamodule = PoisonedLabelDataModule(
         dataset=setting.dataset,
         root=setting.root,
@@ -205,7 +208,7 @@ def make_datamodule(setting: Setting, seed: int, train_labels: str = "poisoned")
         train_labels=train_labels,
         device=setting.device,
         flip_to=setting.flip_to,
-        **setting.extra,
+        **{**setting.extra, **options},
     )
     datamodule.setup("fit")
     return datamodule

@@ -27,9 +27,11 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
       other classes.
     * ``poison="backdoor"``: ``num_poisoned`` training samples not of ``target_class`` get a white
       ``trigger_size``×``trigger_size`` square in their ``trigger_corner`` and the label
-      ``target_class``. ``D̃_f`` is the same samples without the trigger, with their true labels
-      (feature and label unlearning together). :meth:`triggered_test_dataloader` stamps the trigger
-      on the test images not of ``target_class``, for the attack success rate.
+      ``target_class``. ``D̃_f`` is, with ``corrected_inputs="clean"`` (default), the same samples without
+      the trigger, with their true labels (feature and label unlearning together); with
+      ``corrected_inputs="triggered"``, the triggered inputs themselves with their true labels (what
+      teaches the model that the trigger means nothing). :meth:`triggered_test_dataloader` stamps the
+      trigger on the test images not of ``target_class``, for the attack success rate.
     * ``poison="deletion"``: nothing is poisoned; ``num_poisoned`` random training samples, with
       their true labels, are a deletion request (sample unlearning). There is no ``D̃_f``:
       :meth:`corrected_dataloader` returns None, and ``train_labels="corrected"`` trains on ``D_r``.
@@ -70,6 +72,7 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
         flip_to: int | None = None,
         trigger_size: int = 3,
         trigger_corner: Literal["bottom_right", "top_left"] = "bottom_right",
+        corrected_inputs: Literal["clean", "triggered"] = "clean",
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -82,6 +85,12 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
             raise ValueError(f"flip_to applies to label flips only, not to poison={poison!r}.")
         if trigger_corner not in ("bottom_right", "top_left"):
             raise ValueError(f"trigger_corner must be 'bottom_right' or 'top_left', got {trigger_corner!r}.")
+        if corrected_inputs not in ("clean", "triggered"):
+            raise ValueError(f"corrected_inputs must be 'clean' or 'triggered', got {corrected_inputs!r}.")
+        if corrected_inputs == "triggered" and poison != "backdoor":
+            raise ValueError(
+                "corrected_inputs='triggered' applies to poison='backdoor' only (other poisons have no trigger)."
+            )
         if trigger_size < 1:
             raise ValueError(f"trigger_size must be >= 1, got {trigger_size}.")
         if num_poisoned < 0:
@@ -94,7 +103,7 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.seed, self.synthetic_size, self.train_labels = seed, synthetic_size, train_labels
         self.device, self.flip_to = device, flip_to
-        self.trigger_size, self.trigger_corner = trigger_size, trigger_corner
+        self.trigger_size, self.trigger_corner, self.corrected_inputs = trigger_size, trigger_corner, corrected_inputs
         self._ready = False
 
     # ----------------------------------------------------------------------------- loading
@@ -141,7 +150,8 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
         # indices into the original training split
         self.train_indices, self.val_indices, self.poisoned_indices = train_index, val_index, train_index[positions]
         self.forget_set = TensorDataset(trained_x[positions], poisoned_labels[positions])
-        self.corrected_set = TensorDataset(x[positions], true_labels[positions])
+        corrected_x = trained_x if self.corrected_inputs == "triggered" else x
+        self.corrected_set = TensorDataset(corrected_x[positions], true_labels[positions])
         self.retain_set = TensorDataset(x[~is_forget], true_labels[~is_forget])
         if self.train_labels == "poisoned":
             self.train_set = TensorDataset(trained_x, poisoned_labels)

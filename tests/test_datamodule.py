@@ -78,6 +78,8 @@ def test_contract_loaders_align():
         (dict(target_class=12), "target_class=12"),
         (dict(flip_to=10), "flip_to=10 is outside"),
         (dict(target_class=9, flip_to=9), "equals target_class"),
+        (dict(corrected_inputs="triggered"), "applies to poison='backdoor' only"),
+        (dict(poison="backdoor", corrected_inputs="both"), "corrected_inputs must be 'clean' or 'triggered'"),
     ],
 )
 def test_bad_poison_settings(kwargs, message):
@@ -112,3 +114,17 @@ def test_device_resident_sets_are_batched_in_place():
     model = PaperCNN()
     report = SharpnessAwareUnlearning(curvature=GGN(samples=200), verbose=False, progress_bar=False).unlearn(model, dm)
     assert report.curvature_samples == 200
+
+
+def test_a_backdoor_offers_both_corrected_sets():
+    """D̃_f: the trigger removed (default), or the triggered inputs themselves; true labels in both."""
+    clean = synthetic(poison="backdoor", target_class=9, trigger_corner="top_left")
+    triggered = synthetic(poison="backdoor", target_class=9, trigger_corner="top_left", corrected_inputs="triggered")
+    forget_x, forget_y = triggered.forget_set.tensors
+    assert (forget_y == 9).all()
+    true_labels = clean.corrected_set.tensors[1]
+    assert torch.equal(triggered.corrected_set.tensors[1], true_labels) and (true_labels != 9).all()
+    assert torch.equal(triggered.corrected_set.tensors[0], forget_x)  # the inputs as trained: trigger included
+    assert torch.equal(clean.stamp_trigger(clean.corrected_set.tensors[0]), forget_x)  # clean: the trigger removed
+    assert not torch.equal(clean.corrected_set.tensors[0], forget_x)
+    assert torch.equal(clean.retain_set.tensors[0], triggered.retain_set.tensors[0])  # nothing else changes
