@@ -56,6 +56,7 @@ from lightning_sa_unlearn import (  # noqa: E402
     FineTune,
     FirstOrder,
     Flattest,
+    IteratedFirstOrder,
     LastLayer,
     Layers,
     NewtonDecrement,
@@ -86,6 +87,9 @@ METHODS: dict[str, Callable[[Setting], dict[str, Any]]] = {
     "first-order, newton_decrement": lambda s: dict(selection=NewtonDecrement()),
     "SA second-order, flattest": lambda s: dict(update=SecondOrder(solver=CG(max_iterations=30)), selection=Flattest()),
     "fine-tune flattest layer on D_r ∪ D̃_f": lambda s: dict(update=_fine_tune(s), selection=Flattest()),
+    # issue 24: the closed form repeated while validation says it helps (each τ chosen anew)
+    "SA iterated first-order, flattest": lambda s: dict(update=IteratedFirstOrder(), selection=Flattest()),
+    "iterated first-order, last layer": lambda s: dict(update=IteratedFirstOrder(), selection=LastLayer()),
 }
 
 

@@ -20,7 +20,7 @@ from lightning_sa_unlearn.updates.functional import (
     forget_gradient,
     sum_loss,
 )
-from lightning_sa_unlearn.updates.gradient_steps import FineTune, FirstOrder, ForgetLossDescent
+from lightning_sa_unlearn.updates.gradient_steps import FineTune, FirstOrder, ForgetLossDescent, IteratedFirstOrder
 from lightning_sa_unlearn.updates.second_order import CG, SECOND_ORDER_TAUS, SOLVERS, LiSSA, SecondOrder, Solver
 
 UPDATES = {
@@ -28,6 +28,7 @@ UPDATES = {
     "second_order": SecondOrder,
     "forget_loss": ForgetLossDescent,
     "fine_tune": FineTune,
+    "iterated_first_order": IteratedFirstOrder,
 }
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "FirstOrder",
     "FixedStep",
     "ForgetLossDescent",
+    "IteratedFirstOrder",
     "LiSSA",
     "SecondOrder",
     "Solver",

@@ -19,7 +19,7 @@ from lightning_sa_unlearn.updates.base import (
     step_size_from,
 )
 from lightning_sa_unlearn.updates.descent import OPTIMIZERS, fine_tune, forget_loss_descent
-from lightning_sa_unlearn.updates.functional import default_tau_grid
+from lightning_sa_unlearn.updates.functional import default_tau_grid, forget_gradient
 
 
 class FirstOrder(Update):
@@ -44,6 +44,60 @@ class FirstOrder(Update):
 
     def advice(self, result: UpdateResult) -> str:
         return self.step_size.advice()
+
+
+class IteratedFirstOrder(Update):
+    """Warnecke et al.'s closed form, repeated where one step stops short:
+    ``θ_S^{k+1} = θ_S^k − τ_k·∇_S L_forget(θ^k)`` (eq. 7 in sum reduction, taken again at the new weights).
+
+    Each τ_k is chosen on validation data by ``step_size`` (τ = 0 included), so the first step is
+    :class:`FirstOrder`'s. The update stops at the first step whose search keeps τ = 0 (no step lowers the
+    validation objective beyond noise) or after ``max_steps`` steps; never on the test set. The τ range of
+    every search is the first gradient's (:func:`default_tau_grid`).
+
+    Args:
+        max_steps: the most steps (1: :class:`FirstOrder`).
+        step_size: as :class:`FirstOrder`'s; a fixed τ takes ``max_steps`` steps of that size.
+    """
+
+    name = "iterated_first_order"
+
+    def __init__(self, max_steps: int = 10, step_size: StepSize | float | None = None) -> None:
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {max_steps}.")
+        self.max_steps, self.step_size = max_steps, step_size_from(step_size)
+
+    def validation(self) -> ValidationSpec | None:
+        return self.step_size.validation()
+
+    def advice(self, result: UpdateResult) -> str:
+        return f"Lower max_steps ({self.max_steps}), or: {self.step_size.advice()}"
+
+    def apply(self, inputs: UpdateInputs) -> UpdateResult:
+        run, gradient = inputs.run, inputs.gradient
+        grid = default_tau_grid(inputs.model, gradient, inputs.names)
+        steps: list[dict[str, Any]] = []
+        for step in range(self.max_steps):
+            if step:  # ∇L_forget at the new weights, through the selected parameters only
+                local = run.processes.agree(
+                    lambda: forget_gradient(
+                        inputs.model, run.forget, run.corrected, forget_loss=run.forget_loss, allow_empty=True
+                    )
+                )
+                gradient = run.processes.sum_tree(local)
+            steps.append(self.step_size.apply(inputs, gradient, grid))
+            if steps[-1]["tau"] == 0:
+                break
+        first, last = steps[0], steps[-1]
+        taken = [s["tau"] for s in steps if s["tau"] > 0]
+        return UpdateResult(
+            tau=first["tau"],
+            tau_search=first.get("tau_search", []),
+            validation_samples=max((s.get("validation_samples") or 0 for s in steps), default=None) or None,
+            objective_after=last.get("objective_after"),
+            steps=len(taken),
+            details={"taus": [s["tau"] for s in steps]},
+        )
 
 
 class ForgetLossDescent(Update):

@@ -1,0 +1,90 @@
+"""IteratedFirstOrder against hand loops: the closed form taken again at the new weights, stopped by validation."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TensorDataModule, TinyClassifier, assert_same_state, state
+
+from lightning_sa_unlearn import FirstOrder, FixedStep, IteratedFirstOrder, SharpnessAwareUnlearning, ValidatedStep
+
+NAMES = ["net.fc2.weight", "net.fc2.bias"]
+
+
+def float64_model():
+    torch.manual_seed(1)
+    model = TinyClassifier().double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def forget_gradient_by_hand(model, datamodule):
+    """∇ of Σ_{D̃_f} ℓ(x, y_true) − Σ_{D_f} ℓ(x, y_poisoned) (paper eq. 7, sum reduction) for the last layer."""
+    n = datamodule.num_forget
+    x = datamodule.x[:n].double()
+    loss = F.cross_entropy(model(x), datamodule.y[:n], reduction="sum") - F.cross_entropy(
+        model(x), datamodule.poisoned[:n], reduction="sum"
+    )
+    params = dict(model.named_parameters())
+    return dict(zip(NAMES, torch.autograd.grad(loss, [params[n] for n in NAMES])))
+
+
+def unlearn(model, datamodule, update):
+    return SharpnessAwareUnlearning(selection=["net.fc2"], update=update, harm_guard=False, verbose=False).unlearn(
+        model, datamodule
+    )
+
+
+def test_the_first_step_is_the_closed_form_and_fixed_steps_follow_a_hand_loop():
+    datamodule, tau = TensorDataModule(), 0.003
+    one, first_order = float64_model(), float64_model()
+    unlearn(one, datamodule, IteratedFirstOrder(max_steps=1, step_size=FixedStep(tau)))
+    unlearn(first_order, datamodule, FirstOrder(FixedStep(tau)))
+    assert_same_state(one, state(first_order))
+
+    model, by_hand = float64_model(), float64_model()
+    before = state(model)
+    report = unlearn(model, datamodule, IteratedFirstOrder(max_steps=3, step_size=FixedStep(tau)))
+    params = dict(by_hand.named_parameters())
+    for _ in range(3):
+        gradient = forget_gradient_by_hand(by_hand, datamodule)
+        with torch.no_grad():
+            for name in NAMES:
+                params[name].sub_(tau * gradient[name])
+    for name in NAMES:
+        torch.testing.assert_close(dict(model.named_parameters())[name], params[name], rtol=1e-10, atol=1e-12)
+    assert_same_state(model, before, except_names=set(NAMES))
+    assert report.update_steps == 3 and report.update_details == {"taus": [tau, tau, tau]}
+
+
+def test_it_stops_where_a_hand_loop_over_the_same_validation_values_keeps_tau_zero():
+    datamodule, grid, max_steps = TensorDataModule(), [0.0, 0.0003, 0.003, 0.03], 6
+    model, by_hand = float64_model(), float64_model()
+    report = unlearn(model, datamodule, IteratedFirstOrder(max_steps, ValidatedStep(search="grid", grid=grid)))
+    x_val, y_val = datamodule.val[0].double(), datamodule.val[1]
+    params, taus = dict(by_hand.named_parameters()), []
+    for _ in range(max_steps):
+        gradient = forget_gradient_by_hand(by_hand, datamodule)
+        start = {name: params[name].detach().clone() for name in NAMES}
+        losses = {}
+        with torch.no_grad():
+            for t in grid:
+                for name in NAMES:
+                    params[name].copy_(start[name] - t * gradient[name])
+                losses[t] = F.cross_entropy(by_hand(x_val), y_val).item()
+            best = min(grid, key=lambda t: (losses[t], t))
+            for name in NAMES:
+                params[name].copy_(start[name] - best * gradient[name])
+        taus.append(best)
+        if best == 0:
+            break
+    assert report.update_details["taus"] == taus and len(taus) > 1  # it took steps, then stopped (or ran out)
+    assert report.update_steps == sum(t > 0 for t in taus)
+    for name in NAMES:
+        torch.testing.assert_close(dict(model.named_parameters())[name], params[name], rtol=1e-9, atol=1e-12)
+
+
+def test_max_steps_is_checked():
+    with pytest.raises(ValueError, match="max_steps must be >= 1"):
+        IteratedFirstOrder(max_steps=0)
