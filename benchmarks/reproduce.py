@@ -90,6 +90,16 @@ METHODS: dict[str, Callable[[Setting], dict[str, Any]]] = {
     # issue 24: the closed form repeated while validation says it helps (each τ chosen anew)
     "SA iterated first-order, flattest": lambda s: dict(update=IteratedFirstOrder(), selection=Flattest()),
     "iterated first-order, last layer": lambda s: dict(update=IteratedFirstOrder(), selection=LastLayer()),
+    # issue 24: fine-tuning one layer on a retain subset, later epochs on stored features
+    "fine-tune flattest layer, 10,000 retain samples": lambda s: dict(
+        update=_fine_tune(s, retain_samples=10_000), selection=Flattest()
+    ),
+    "fine-tune last layer, 10,000 retain samples": lambda s: dict(
+        update=_fine_tune(s, retain_samples=10_000), selection=LastLayer()
+    ),
+    "fine-tune flattest layer, 5,000 retain samples, 3 epochs": lambda s: dict(
+        update=FineTune(epochs=3, lr=s.fine_tune_lr, retain_samples=5_000), selection=Flattest()
+    ),
 }
 
 
