@@ -19,8 +19,7 @@ TABLES = [
     "cifar10_cpu",
     "v0_2/mnist_targeted",
     "v0_2/cifar10_cpu",
-    "v0_3/iterated_mnist_targeted",
-    "v0_3/finetune_mnist_targeted",
+    "v0_3/mnist_targeted",
 ]
 
 
