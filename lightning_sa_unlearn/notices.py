@@ -36,16 +36,21 @@ def kind_of_unlearning(data: UnlearningData, *owners: Any) -> tuple[str, bool]:
     return notice, bool(near)
 
 
-def unchanged_model(tau: float | None, searched: bool) -> str | None:
-    """The notice for a step of size 0 (None for any other step)."""
-    if tau != 0:
+def unchanged_model(tau: float | None, searched: bool, moved: bool, update: str) -> str | None:
+    """The notice for an update that left the selected parameters as they were (None when it moved them)."""
+    if moved:
         return None
-    if searched:
+    if tau == 0 and searched:
         return (
             "τ = 0 was chosen: no step size lowered the validation objective beyond noise, so the model is unchanged "
             "(every before/after row is the same). Try update='fine_tune', another selection, or more validation data."
         )
-    return "τ = 0 was fixed (step_size=0): the model is unchanged."
+    if tau == 0:
+        return "τ = 0 was fixed (step_size=0): the model is unchanged."
+    return (
+        f"the {update} update left the selected parameters as they were (see the report's update_details), so the "
+        "model is unchanged."
+    )
 
 
 __all__ = ["kind_of_unlearning", "unchanged_model"]

@@ -130,7 +130,7 @@ def _run_stages(
             run=run,
         )
 
-    trials, margin, selection_fields, masks = None, None, {}, None
+    trials, margin, selection_fields, masks, start = None, None, {}, None, {}
     if selection.trials:  # the rule runs the update on each candidate and keeps the best
         guard = HarmGuard.start(run, objective, [])  # the validation objective per sample, before (None: guard off)
         with run.stage("selection"):
@@ -148,11 +148,16 @@ def _run_stages(
         if update.needs_forget_gradient and gradient is None:  # back-propagated only as deep as the selection
             with run.stage("forget_gradient"), trainable_only(run.model, names):
                 gradient = _forget_gradient(run)
+        start = _selected(run.model, names)
         with run.stage("update"), trainable_only(run.model, names):
             outcome = UpdateResult.of(update.apply(inputs_for(names, masks)))
             _check_finite(run, outcome, names, objective, read_validation=update.validation() is not None)
     guarded = guard.check(run, update, outcome) if guard is not None else None  # raises on a harmful update
-    unchanged = unchanged_model(outcome.tau, searched=bool(outcome.tau_search))
+    if start:  # the selected parameters before the update: did it move them?
+        moved = any(not torch.equal(p, start[n]) for n, p in _selected(run.model, names).items())
+    else:  # trial selection restored the start between trials: judge by the winner's step
+        moved = outcome.tau != 0
+    unchanged = unchanged_model(outcome.tau, bool(outcome.tau_search), moved, update.name)
     if unchanged is not None:
         rank_zero_warn(unchanged)
     evaluate("after")
@@ -343,6 +348,12 @@ def _decrement(measured: Measurements) -> dict[str, float] | None:
     if measured.gradient is None or measured.diagonal_sum is None:
         return None
     return newton_decrement(measured.model, measured.gradient, measured.diagonal_sum, measured.damping)
+
+
+def _selected(model: nn.Module, names: list[str]) -> dict[str, Tensor]:
+    """Copies of the selected parameters (to tell whether the update moved them)."""
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().clone() for n in names}
 
 
 def _count_updated(model: nn.Module, names: list[str], masks: dict[str, Tensor] | None) -> int:

@@ -88,3 +88,41 @@ def test_it_stops_where_a_hand_loop_over_the_same_validation_values_keeps_tau_ze
 def test_max_steps_is_checked():
     with pytest.raises(ValueError, match="max_steps must be >= 1"):
         IteratedFirstOrder(max_steps=0)
+
+
+@pytest.mark.parametrize("lr, best", [(2.0, 2), (20.0, 0)])  # overshooting after epoch 2; worse from the start
+def test_fine_tune_ends_at_the_epoch_a_hand_computation_of_the_validation_loss_picks(monkeypatch, lr, best):
+    """FineTune(best_epoch=True): the objective after each epoch (epoch 0: before) is the validation loss computed
+    by hand at the same weights, and the weights end at the least one."""
+    from lightning_sa_unlearn import FineTune
+    from lightning_sa_unlearn.updates import gradient_steps
+
+    datamodule, model = TensorDataModule(), float64_model()
+    x_val, y_val = datamodule.val[0].double(), datamodule.val[1]
+    params = dict(model.named_parameters())
+    trajectory = [{n: params[n].detach().clone() for n in NAMES}]
+    original = gradient_steps.fine_tune
+
+    def spy(*args, after_epoch=None, **kwargs):
+        def record(epoch):
+            trajectory.append({n: params[n].detach().clone() for n in NAMES})
+            after_epoch(epoch)
+
+        return original(*args, after_epoch=record, **kwargs)
+
+    monkeypatch.setattr(gradient_steps, "fine_tune", spy)
+    update = FineTune(epochs=4, lr=lr, momentum=0.9, best_epoch=True)
+    report = unlearn(model, datamodule, update)
+    by_hand = []
+    probe = float64_model()
+    probe_params = dict(probe.named_parameters())
+    with torch.no_grad():
+        for weights in trajectory:
+            for name in NAMES:
+                probe_params[name].copy_(weights[name])
+            by_hand.append(F.cross_entropy(probe(x_val), y_val).item())
+    details = report.update_details
+    assert details["epoch_objectives"] == pytest.approx(by_hand, rel=1e-9) and len(by_hand) == 5
+    assert min(range(len(by_hand)), key=by_hand.__getitem__) == details["best_epoch"] == best
+    for name in NAMES:
+        assert torch.equal(params[name], trajectory[best][name])

@@ -150,3 +150,14 @@ def test_the_report_only_curvature_is_named_as_it_ran_and_can_be_skipped(tiny_mo
     assert skipped.curvature is None and skipped.layer_sharpness == {} and "curvature_report" not in skipped.seconds
     assert skipped.selected_layers == ["net.fc2"] and (tmp_path / "plot.png").is_file()
     assert "update: first_order" in skipped.format_table()
+
+
+def test_an_update_that_keeps_the_weights_says_the_model_is_unchanged():
+    from lightning_sa_unlearn import FineTune
+
+    torch.manual_seed(1)
+    model, datamodule = TinyClassifier(), TensorDataModule()  # untrained: lr=20 makes every epoch worse
+    update = FineTune(epochs=2, lr=20.0, best_epoch=True)
+    with pytest.warns(UserWarning, match="the fine_tune update left the selected parameters as they were"):
+        report = SharpnessAwareUnlearning(selection="last", update=update, verbose=False).unlearn(model, datamodule)
+    assert report.update_details["best_epoch"] == 0

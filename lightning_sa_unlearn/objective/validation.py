@@ -19,6 +19,7 @@ from torch import nn
 
 from lightning_sa_unlearn.data import Relabelled, limit_samples
 from lightning_sa_unlearn.functional import LossFn, batches_for, loss_sum
+from lightning_sa_unlearn.objective.losses import sample_losses
 from lightning_sa_unlearn.objective.stored_features import Recorder, StoredFeatures
 
 if TYPE_CHECKING:
@@ -76,6 +77,23 @@ class ValidationObjective:
     def subset(self, samples: int) -> list[Any]:
         """This process's share of the first ``samples`` validation samples of the random order (as a list)."""
         return list(limit_samples(self.sample, math.ceil(samples / self.processes.world_size)))
+
+    def on_subset(self, model: nn.Module, names: Sequence[str], samples: int, record: Recorder) -> float:
+        """``J(θ)`` on the first ``samples`` validation samples (every process), through the shared store of the
+        layers below ``names`` while they are unchanged (:meth:`stored`)."""
+        batches, features, stored = self.stored(model, names, samples, record)
+
+        def measure() -> torch.Tensor:
+            if features is None or stored is None or not features.current():
+                return sample_losses(model, batches, self.loss_fn).losses
+            return features.losses([batches], [stored], self.loss_fn)[0].losses
+
+        losses = self.processes.agree(measure)
+        total, count = self.processes.sum(torch.tensor([losses.sum(), float(len(losses))], dtype=torch.float64))
+        value = float(total / count) if count else float("nan")
+        if self.relabelled is not None:
+            value += self.mean_loss(model, self.relabelled)
+        return value
 
     def stored(
         self, model: nn.Module, names: Sequence[str], samples: int, record: Recorder

@@ -66,6 +66,7 @@ def fine_tune(
     progress: Callable[[Iterable[Any]], Iterable[Any]] = lambda it: it,
     cache: FeatureCache | None = None,
     above: nn.Module | None = None,
+    after_epoch: Callable[[int], None] | None = None,
 ) -> int:
     """Minimise the mean loss over ``sources`` (``D_r`` and ``D̃_f``), updating only ``names``.
 
@@ -80,6 +81,7 @@ def fine_tune(
     With a ``cache`` of the frozen layers below the selection and the layers ``above`` them
     (:func:`~lightning_sa_unlearn.objective.stored_features.split_below`), epochs after the first
     train ``above`` on the stored features (:mod:`~lightning_sa_unlearn.objective.stored_features`).
+    ``after_epoch(epoch)`` runs after each epoch (in eval mode, the selected parameters trainable).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1 for update='fine_tune', got {epochs}.")
@@ -133,6 +135,8 @@ def fine_tune(
                     steps += 1
                 if cache is not None and epoch == 0:
                     cache.close()
+                if after_epoch is not None:
+                    after_epoch(epoch)
     except FloatingPointError:
         _reset(params, start)
         raise

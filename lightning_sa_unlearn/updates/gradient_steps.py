@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import torch
 from torch import Tensor
 
 from lightning_sa_unlearn.data import dataset_size, sized
@@ -168,7 +170,11 @@ class FineTune(Update):
         retain_samples: train on a seeded random subset of this many retain samples (None: all of
             ``D_r``; loaders that are not map-style give their first samples); the report's
             ``update_details`` gives the count (None for loaders whose size is unknown).
-        cache_features: where the model is a plain chain of modules up to the selection, run the
+        best_epoch: end at the epoch (0, the weights before, included) of least validation objective on
+            ``validation_samples`` validation samples, measured after every epoch through the stored outputs
+            of the layers below the selection (never the test set); ``epochs`` is then the most it trains.
+            The report's ``update_details`` gives ``epoch_objectives`` and the ``best_epoch``.
+        cache_features: where the model splits below the selection, run the
             frozen layers below it once per sample and train later epochs on their stored outputs
             (:mod:`~lightning_sa_unlearn.objective.stored_features`; up to 2 GiB of features). The same
             weights as without it for loaders that serve the same batches in every pass; the report's
@@ -189,6 +195,8 @@ class FineTune(Update):
         include_corrected: bool = True,
         retain_samples: int | None = None,
         cache_features: bool = True,
+        best_epoch: bool = False,
+        validation_samples: int = 2048,
     ) -> None:
         if retain_samples is not None and retain_samples < 1:
             raise ValueError(f"retain_samples must be >= 1 or None (all), got {retain_samples}.")
@@ -202,6 +210,12 @@ class FineTune(Update):
         self.epochs, self.lr, self.momentum, self.weight_decay = epochs, lr, momentum, weight_decay
         self.optimizer, self.include_corrected = optimizer, include_corrected
         self.retain_samples, self.cache_features = retain_samples, cache_features
+        if validation_samples < 1:
+            raise ValueError(f"validation_samples must be >= 1, got {validation_samples}.")
+        self.best_epoch, self.validation_samples = best_epoch, validation_samples
+
+    def validation(self) -> ValidationSpec | None:
+        return ValidationSpec() if self.best_epoch else None
 
     def advice(self, result: UpdateResult) -> str:
         return f"Lower FineTune's lr ({self.lr:g}) or epochs ({self.epochs})."
@@ -226,6 +240,7 @@ class FineTune(Update):
             for i, p in enumerate(params):
                 p.grad = summed[str(i)] / processes.world_size
 
+        tracker = _BestEpoch(inputs, self.validation_samples) if self.best_epoch else None
         steps = fine_tune(
             inputs.model,
             inputs.names,
@@ -241,11 +256,15 @@ class FineTune(Update):
             steps_per_epoch=steps_per_epoch,
             average_gradients=average_gradients if processes.world_size > 1 else None,
             progress=lambda it: run.progress(it, "fine-tuning", steps_per_epoch),
+            after_epoch=tracker,
             **cached,
         )
         used = "cache" in cached and cached["cache"].usable  # not when dropped at its limit, or left incomplete
         retain = _samples(data.retain, run.capped(self.retain_samples))
-        return {"steps": steps, "details": {"retain_samples": retain, "cached_below": below_path if used else None}}
+        details = {"retain_samples": retain, "cached_below": below_path if used else None}
+        if tracker is not None:
+            details.update(tracker.finish())
+        return {"steps": steps, "details": details}
 
     def _cache(self, inputs: UpdateInputs, sources: Sequence[Any]) -> tuple[dict[str, Any], str | None]:
         """``fine_tune``'s ``cache`` and ``above`` where the model allows it, and the last cached module's path."""
@@ -264,3 +283,35 @@ def _samples(loader: Any, limit: int | None) -> int | None:
     """How many samples of a map-style ``loader`` a read capped at ``limit`` takes (None for other loaders)."""
     size = dataset_size(loader)
     return None if size is None else min(size, limit or size)
+
+
+class _BestEpoch:
+    """After each epoch: the validation objective, and a copy of the selected parameters while it is the least so
+    far (epoch 0: the weights before fine-tuning). :meth:`finish` puts the best epoch's weights back."""
+
+    def __init__(self, inputs: UpdateInputs, samples: int) -> None:
+        if inputs.objective is None:
+            raise ValueError(
+                "FineTune(best_epoch=True) needs validation data: define val_dataloader() or retain_dataloader()."
+            )
+        self.inputs, self.samples = inputs, samples
+        self.params = dict(inputs.model.named_parameters())
+        self.objectives = [self._objective()]
+        self.best = {n: self.params[n].detach().clone() for n in inputs.names}
+
+    def _objective(self) -> float:
+        inputs = self.inputs
+        return inputs.objective.on_subset(inputs.model, inputs.names, self.samples, inputs.run.count)
+
+    def __call__(self, epoch: int) -> None:
+        value = self._objective()
+        if value < min(self.objectives):  # NaN never wins
+            self.best = {n: self.params[n].detach().clone() for n in self.inputs.names}
+        self.objectives.append(value)
+
+    def finish(self) -> dict[str, Any]:
+        with torch.no_grad():
+            for name, value in self.best.items():
+                self.params[name].copy_(value)
+        finite = [v if math.isfinite(v) else math.inf for v in self.objectives]
+        return {"epoch_objectives": self.objectives, "best_epoch": finite.index(min(finite))}
