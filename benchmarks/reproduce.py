@@ -100,6 +100,9 @@ METHODS: dict[str, Callable[[Setting], dict[str, Any]]] = {
     "fine-tune flattest layer, 5,000 retain samples, 3 epochs": lambda s: dict(
         update=FineTune(epochs=3, lr=s.fine_tune_lr, retain_samples=5_000), selection=Flattest()
     ),
+    "fine-tune flattest layer, 5,000 retain samples, best of 5 epochs": lambda s: dict(
+        update=FineTune(epochs=5, lr=s.fine_tune_lr, retain_samples=5_000, best_epoch=True), selection=Flattest()
+    ),
 }
 
 
