@@ -96,6 +96,20 @@ METHODS: dict[str, Callable[[Setting], dict[str, Any]]] = {
     "fine-tune flattest layer 10 epochs, D̃_f = triggered inputs, true labels": lambda s: dict(
         update=_fine_tune(s, epochs=10), selection=Flattest(), correction="labels"
     ),
+    # issue 24: a retain subset, the epoch chosen on validation plus the triggered inputs under their true labels
+    "fine-tune flattest layer, 5,000 retain samples, best of 10 epochs, D̃_f = triggered inputs, true labels": (
+        lambda s: dict(
+            update=FineTune(
+                epochs=10,
+                lr=s.fine_tune_lr,
+                retain_samples=5_000,
+                best_epoch=True,
+                objective="validation_and_forget",
+            ),
+            selection=Flattest(),
+            correction="labels",
+        )
+    ),
     "fine-tune all layers (reference), D̃_f = triggered inputs, true labels": lambda s: dict(
         update=_fine_tune(s), selection=AllLayers(), correction="labels"
     ),

@@ -13,6 +13,7 @@ from lightning_sa_unlearn.data import dataset_size, sized
 from lightning_sa_unlearn.functional import batches_for
 from lightning_sa_unlearn.objective.stored_features import FeatureCache, count_split_passes, split_below
 from lightning_sa_unlearn.updates.base import (
+    Objective,
     StepSize,
     Update,
     UpdateInputs,
@@ -173,7 +174,9 @@ class FineTune(Update):
         best_epoch: end at the epoch (0, the weights before, included) of least validation objective on
             ``validation_samples`` validation samples, measured after every epoch through the stored outputs
             of the layers below the selection (never the test set); ``epochs`` is then the most it trains.
-            The report's ``update_details`` gives ``epoch_objectives`` and the ``best_epoch``.
+            The report's ``update_details`` gives ``epoch_objectives`` and the ``best_epoch``. ``objective``
+            as :class:`ValidationSpec`'s (``"validation_and_forget"`` adds D_f's inputs under D̃_f's labels,
+            which sees a backdoor trigger).
         cache_features: where the model splits below the selection, run the
             frozen layers below it once per sample and train later epochs on their stored outputs
             (:mod:`~lightning_sa_unlearn.objective.stored_features`; up to 2 GiB of features). The same
@@ -197,6 +200,7 @@ class FineTune(Update):
         cache_features: bool = True,
         best_epoch: bool = False,
         validation_samples: int = 2048,
+        objective: Objective = "validation",
     ) -> None:
         if retain_samples is not None and retain_samples < 1:
             raise ValueError(f"retain_samples must be >= 1 or None (all), got {retain_samples}.")
@@ -213,9 +217,10 @@ class FineTune(Update):
         if validation_samples < 1:
             raise ValueError(f"validation_samples must be >= 1, got {validation_samples}.")
         self.best_epoch, self.validation_samples = best_epoch, validation_samples
+        self.spec = ValidationSpec(objective)
 
     def validation(self) -> ValidationSpec | None:
-        return ValidationSpec() if self.best_epoch else None
+        return self.spec if self.best_epoch else None
 
     def advice(self, result: UpdateResult) -> str:
         return f"Lower FineTune's lr ({self.lr:g}) or epochs ({self.epochs})."
