@@ -56,8 +56,9 @@ def test_the_committed_robustness_table_rebuilds_from_its_json(folder, robustnes
 
 
 def test_the_committed_backdoor_table_rebuilds_from_its_json(tmp_path):
-    load("backdoor").main(["--from-json", str(RESULTS / "v0_2" / "backdoor.json"), "--out", str(tmp_path)])
-    assert (tmp_path / "backdoor.md").read_bytes() == (RESULTS / "v0_2" / "backdoor.md").read_bytes()
+    for version in ("v0_2", "v0_3"):
+        load("backdoor").main(["--from-json", str(RESULTS / version / "backdoor.json"), "--out", str(tmp_path)])
+        assert (tmp_path / "backdoor.md").read_bytes() == (RESULTS / version / "backdoor.md").read_bytes()
 
 
 def test_the_machine_comes_from_the_json_or_else_from_the_table_beside_it(reproduce, tmp_path):
