@@ -57,6 +57,9 @@ METHODS = {
     "fine-tune flattest layer, 5,000 retain samples, 3 epochs (cached features)": lambda s: dict(
         curvature=None, update=FineTune(epochs=3, lr=s.fine_tune_lr, retain_samples=5_000)
     ),
+    "fine-tune flattest layer, 5,000 retain samples, best of 5 epochs on validation": lambda s: dict(
+        curvature=None, update=FineTune(epochs=5, lr=s.fine_tune_lr, retain_samples=5_000, best_epoch=True)
+    ),
 }
 
 
