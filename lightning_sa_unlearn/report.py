@@ -249,7 +249,14 @@ class UnlearningReport:
             lines[0] += (
                 f"; validation accuracy {100 * guard['accuracy_before']:.2f}% -> {100 * guard['accuracy_after']:.2f}%"
             )
-        return lines + [f"warning: {warning}" for warning in guard.get("warnings", [])]
+        warnings = guard.get("warnings", [])
+        if warnings:  # each was printed when it was raised: named here, not repeated
+            fired = ", ".join(guard.get("fired", [])) or "see the JSON report"
+            lines.append(
+                f"  kept with {len(warnings)} warning{'s' * (len(warnings) > 1)} ({fired}; their text is in the JSON "
+                "report's harm_guard.warnings)"
+            )
+        return lines
 
     def figures(self) -> dict[str, Figure]:
         """``{"sharpness": ..., "class_accuracy": ...}``: the panels of :meth:`plot` as separate figures, for
