@@ -72,6 +72,9 @@ def _fine_tune(setting: Setting, **options: Any) -> FineTune:
     return FineTune(epochs=setting.fine_tune_epochs, lr=setting.fine_tune_lr, **options)
 
 
+LR_GRID = [0.003, 0.01, 0.03]
+"""The lr values a validated fine-tune tries (around the settings' 0.01)."""
+
 # Row name (the results files key on it) -> the callback's parts for a setting; the curvature part is the setting's.
 METHODS: dict[str, Callable[[Setting], dict[str, Any]]] = {
     "fine-tune all layers on D_r": lambda s: dict(update=_fine_tune(s, include_corrected=False), selection=AllLayers()),
@@ -102,6 +105,10 @@ METHODS: dict[str, Callable[[Setting], dict[str, Any]]] = {
     ),
     "fine-tune flattest layer, 5,000 retain samples, best of 5 epochs": lambda s: dict(
         update=FineTune(epochs=5, lr=s.fine_tune_lr, retain_samples=5_000, best_epoch=True), selection=Flattest()
+    ),
+    # every choice on validation: the lr among three, then the epoch
+    "fine-tune flattest layer, 5,000 retain samples, lr and best of 5 epochs on validation": lambda s: dict(
+        update=FineTune(epochs=5, lr=LR_GRID, retain_samples=5_000, best_epoch=True), selection=Flattest()
     ),
 }
 

@@ -170,7 +170,8 @@ def test_every_method_builds_a_callback_from_the_settings_parts(name):
         assert callback.seed == 3 and not callback.verbose and not callback.progress_bar
         if isinstance(callback.update, FineTune):  # the setting's lr; its epochs unless the row names others
             epochs = 3 if "3 epochs" in method else 5 if "5 epochs" in method else setting.fine_tune_epochs
-            assert (callback.update.epochs, callback.update.lr) == (epochs, setting.fine_tune_lr), method
+            lr = reproduce.LR_GRID if "lr and best" in method else setting.fine_tune_lr
+            assert (callback.update.epochs, callback.update.lr) == (epochs, lr), method
     second_order = common.make_callback(setting, 0, **reproduce.METHODS["SA second-order, flattest"](setting)).update
     assert isinstance(second_order.solver, CG) and second_order.solver.max_iterations == 30
 

@@ -126,3 +126,26 @@ def test_fine_tune_ends_at_the_epoch_a_hand_computation_of_the_validation_loss_p
     assert min(range(len(by_hand)), key=by_hand.__getitem__) == details["best_epoch"] == best
     for name in NAMES:
         assert torch.equal(params[name], trajectory[best][name])
+
+
+def test_a_list_of_lrs_keeps_the_trial_that_separate_runs_of_each_lr_say_is_best():
+    """Each trial equals a separate FineTune(best_epoch=True) of that lr (the later trials on the first one's stored
+    features), and the search keeps the one of least validation objective."""
+    from lightning_sa_unlearn import FineTune
+
+    lrs, datamodule = [0.05, 2.0, 20.0], TensorDataModule()
+    search_model = float64_model()
+    report = unlearn(search_model, datamodule, FineTune(epochs=3, lr=lrs))
+    separate = {}
+    for lr in lrs:
+        model = float64_model()
+        details = unlearn(model, datamodule, FineTune(epochs=3, lr=lr, best_epoch=True)).update_details
+        separate[lr] = (min(details["epoch_objectives"]), details["best_epoch"], state(model))
+    trials = report.update_details["lr_search"]
+    assert [t["lr"] for t in trials] == lrs
+    for trial in trials:
+        objective, best_epoch, _ = separate[trial["lr"]]
+        assert trial["objective"] == pytest.approx(objective, rel=1e-12) and trial["best_epoch"] == best_epoch
+    chosen = min(lrs, key=lambda lr: separate[lr][0])
+    assert report.update_details["lr"] == chosen == 2.0
+    assert_same_state(search_model, separate[chosen][2])

@@ -22,7 +22,7 @@ from lightning_sa_unlearn.updates.base import (
     step_size_from,
 )
 from lightning_sa_unlearn.updates.descent import OPTIMIZERS, fine_tune, forget_loss_descent
-from lightning_sa_unlearn.updates.functional import default_tau_grid, forget_gradient
+from lightning_sa_unlearn.updates.functional import _reset, default_tau_grid, forget_gradient
 
 
 class FirstOrder(Update):
@@ -165,7 +165,10 @@ class FineTune(Update):
     """Train ``θ_S`` on ``D_r ∪ D̃_f`` (or ``D_r`` alone) with SGD or Adam, in eval mode (BatchNorm frozen).
 
     Args:
-        epochs, lr, momentum, weight_decay: the optimizer's settings.
+        epochs, lr, momentum, weight_decay: the optimizer's settings. A list for ``lr``: one fine-tune per
+            value from the same weights, each ended at its best epoch on validation (as ``best_epoch``), and the
+            one of least validation objective kept; later trials reuse the first one's stored features. The
+            report's ``update_details["lr_search"]`` gives each trial.
         optimizer: ``"sgd"`` (with momentum) or ``"adam"``.
         include_corrected: train on ``D_r ∪ D̃_f`` (True) or on ``D_r`` alone.
         retain_samples: train on a seeded random subset of this many retain samples (None: all of
@@ -191,7 +194,7 @@ class FineTune(Update):
     def __init__(
         self,
         epochs: int = 1,
-        lr: float = 0.01,
+        lr: float | list[float] = 0.01,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         optimizer: Literal["sgd", "adam"] = "sgd",
@@ -204,7 +207,8 @@ class FineTune(Update):
     ) -> None:
         if retain_samples is not None and retain_samples < 1:
             raise ValueError(f"retain_samples must be >= 1 or None (all), got {retain_samples}.")
-        if epochs < 1 or not lr > 0 or not 0 <= momentum < 1 or weight_decay < 0:
+        lrs = [float(v) for v in lr] if isinstance(lr, (list, tuple)) else [lr]
+        if not lrs or epochs < 1 or not all(v > 0 for v in lrs) or not 0 <= momentum < 1 or weight_decay < 0:
             raise ValueError(
                 "FineTune needs epochs >= 1, lr > 0, 0 <= momentum < 1 and weight_decay >= 0; got "
                 f"{epochs}, {lr}, {momentum}, {weight_decay}."
@@ -217,13 +221,13 @@ class FineTune(Update):
         if validation_samples < 1:
             raise ValueError(f"validation_samples must be >= 1, got {validation_samples}.")
         self.best_epoch, self.validation_samples = best_epoch, validation_samples
-        self.spec = ValidationSpec(objective)
+        self.spec, self.lrs = ValidationSpec(objective), lrs
 
     def validation(self) -> ValidationSpec | None:
-        return self.spec if self.best_epoch else None
+        return self.spec if self.best_epoch or len(self.lrs) > 1 else None
 
     def advice(self, result: UpdateResult) -> str:
-        return f"Lower FineTune's lr ({self.lr:g}) or epochs ({self.epochs})."
+        return f"Lower FineTune's lr ({self.lr}) or epochs ({self.epochs})."
 
     def apply(self, inputs: UpdateInputs) -> dict[str, Any]:
         run = inputs.run
@@ -239,19 +243,48 @@ class FineTune(Update):
             steps_per_epoch = processes.min(sum(lengths))
 
         cached, below_path = self._cache(inputs, sources)
+        params = dict(inputs.model.named_parameters())
+        start = {n: params[n].detach().clone() for n in inputs.names}
+        trials = []
+        for lr in self.lrs:  # one trial per lr, each from the same weights
+            _reset(params, start)
+            tracker = _BestEpoch(inputs, self.validation_samples) if self.validation() else None
+            steps = self._fine_tune(inputs, sources, lr, steps_per_epoch, cached, tracker)
+            found = tracker.finish() if tracker is not None else {}
+            value = min((v for v in found.get("epoch_objectives", []) if math.isfinite(v)), default=math.inf)
+            trials.append((value, lr, steps, found, {n: params[n].detach().clone() for n in inputs.names}))
+        value, lr, steps, found, weights = min(trials, key=lambda trial: trial[0])  # ties: the first lr
+        _reset(params, weights)
+        used = "cache" in cached and cached["cache"].usable  # not when dropped at its limit, or left incomplete
+        retain = _samples(data.retain, run.capped(self.retain_samples))
+        details = {"retain_samples": retain, "cached_below": below_path if used else None, **found}
+        if len(self.lrs) > 1:
+            details["lr"] = lr
+            details["lr_search"] = [{"lr": t[1], "objective": t[0], "best_epoch": t[3]["best_epoch"]} for t in trials]
+        return {"steps": steps, "details": details}
+
+    def _fine_tune(
+        self,
+        inputs: UpdateInputs,
+        sources: list[Any],
+        lr: float,
+        steps_per_epoch: int | None,
+        cached: dict[str, Any],
+        tracker: _BestEpoch | None,
+    ) -> int:
+        run, processes = inputs.run, inputs.run.processes
 
         def average_gradients(params: Sequence[Tensor]) -> None:  # one all-reduce for all selected tensors
             summed = processes.sum_tree({str(i): p.grad for i, p in enumerate(params)})
             for i, p in enumerate(params):
                 p.grad = summed[str(i)] / processes.world_size
 
-        tracker = _BestEpoch(inputs, self.validation_samples) if self.best_epoch else None
-        steps = fine_tune(
+        return fine_tune(
             inputs.model,
             inputs.names,
             sources,
             epochs=self.epochs,
-            lr=self.lr,
+            lr=lr,
             momentum=self.momentum,
             weight_decay=self.weight_decay,
             optimizer=self.optimizer,
@@ -264,16 +297,10 @@ class FineTune(Update):
             after_epoch=tracker,
             **cached,
         )
-        used = "cache" in cached and cached["cache"].usable  # not when dropped at its limit, or left incomplete
-        retain = _samples(data.retain, run.capped(self.retain_samples))
-        details = {"retain_samples": retain, "cached_below": below_path if used else None}
-        if tracker is not None:
-            details.update(tracker.finish())
-        return {"steps": steps, "details": details}
 
     def _cache(self, inputs: UpdateInputs, sources: Sequence[Any]) -> tuple[dict[str, Any], str | None]:
         """``fine_tune``'s ``cache`` and ``above`` where the model allows it, and the last cached module's path."""
-        if not self.cache_features or self.epochs < 2:
+        if not self.cache_features or self.epochs < 2 and len(self.lrs) < 2:
             return {}, None
         probe = next((x for x, _ in batches_for(inputs.model, sources[0])), None)
         split = split_below(inputs.model, inputs.names, probe)
