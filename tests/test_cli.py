@@ -125,8 +125,14 @@ def test_unlearn_under_ddp_spawn_writes_the_same_checkpoint(fitted, tmp_path):
     common = ["--config", str(cfg), "--ckpt_path", str(ckpt), *fixed]
     main(["unlearn", *common, "--output_path", str(single)])
     spawned = ["--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"]
-    # no retry: the abort at a worker's exit (gloo, issue #21) is worked around in processes._kept
-    main(["unlearn", *common, "--output_path", str(double), *spawned])
+    try:
+        main(["unlearn", *common, "--output_path", str(double), *spawned])
+    except torch.multiprocessing.ProcessExitedException as error:
+        # a gloo worker can still abort at its exit (SIGABRT, issue #21; processes._kept made it rarer, not gone:
+        # 3 in 57 runs on 2026-12-07, on this commit and the one before). One retry; the run itself is checked.
+        if "SIGABRT" not in str(error):
+            raise
+        main(["unlearn", *common, "--output_path", str(double), *spawned, "--overwrite", "true"])
     one, two = (torch.load(p, weights_only=True)["state_dict"] for p in (single, double))
     for name in one:
         torch.testing.assert_close(one[name], two[name], rtol=1e-5, atol=1e-6)
