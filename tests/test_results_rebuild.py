@@ -48,7 +48,7 @@ def test_a_committed_table_rebuilds_from_its_json(name, reproduce, tmp_path):
     assert (tmp_path / f"{base}.json").read_bytes() == (RESULTS / f"{name}.json").read_bytes()  # written unchanged
 
 
-@pytest.mark.parametrize("folder", [RESULTS, RESULTS / "v0_2"])
+@pytest.mark.parametrize("folder", [RESULTS, RESULTS / "v0_2", RESULTS / "v0_3"])
 def test_the_committed_robustness_table_rebuilds_from_its_json(folder, robustness, tmp_path):
     robustness.main(["--from-json", str(folder / "robustness.json"), "--out", str(tmp_path)])
     assert (tmp_path / "robustness.md").read_bytes() == (folder / "robustness.md").read_bytes()
