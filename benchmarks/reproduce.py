@@ -110,6 +110,9 @@ METHODS: dict[str, Callable[[Setting], dict[str, Any]]] = {
     "fine-tune flattest layer, 5,000 retain samples, lr and best of 5 epochs on validation": lambda s: dict(
         update=FineTune(epochs=5, lr=LR_GRID, retain_samples=5_000, best_epoch=True), selection=Flattest()
     ),
+    "fine-tune last layer, 5,000 retain samples, lr and best of 5 epochs on validation": lambda s: dict(
+        update=FineTune(epochs=5, lr=LR_GRID, retain_samples=5_000, best_epoch=True), selection=LastLayer()
+    ),
 }
 
 

@@ -46,14 +46,15 @@ from lightning_sa_unlearn import FineTune, FirstOrder, MembershipInference, Rele
 from lightning_sa_unlearn.evaluations import classification_metrics  # noqa: E402
 
 SCENARIOS = ("mnist_targeted", "mnist_backdoor", "mnist_deletion")
-RULES = ("flattest", "sharpest", "last", "all", "validated_layer", "fine_tune_flattest")
+RULES = ("flattest", "sharpest", "last", "all", "validated_layer", "fine_tune_flattest", "fine_tune_last")
 # issue 24's candidate, as a row beside the rules: the flattest layer fine-tuned on D̃_f and 5,000 retain samples,
 # the lr among three and the epoch (of at most 5) chosen on validation (the scenario's objective)
 CANDIDATES = {
-    "fine_tune_flattest": lambda objective: dict(
-        selection="flattest",
+    f"fine_tune_{rule}": lambda objective, rule=rule: dict(
+        selection=rule,
         update=FineTune(epochs=5, lr=[0.003, 0.01, 0.03], retain_samples=5_000, best_epoch=True, objective=objective),
     )
+    for rule in ("flattest", "last")
 }
 # Chosen on the validation split of mnist_targeted, seed 0: the largest lr on the grid 1e-5, 3e-5, 1e-4, 3e-4
 # (10 steps) at which the RETRAINED model keeps at least 95% of its class-9 accuracy (96%; at 3e-4 it kept 41%).
