@@ -63,6 +63,11 @@ METHODS = {
     "fine-tune flattest layer, 5,000 retain samples, lr of 3 and best of 5 epochs on validation": lambda s: dict(
         curvature=None, update=FineTune(epochs=5, lr=[0.003, 0.01, 0.03], retain_samples=5_000, best_epoch=True)
     ),
+    "fine-tune last layer, 5,000 retain samples, lr of 3 and best of 5 epochs on validation": lambda s: dict(
+        curvature=None,
+        selection=LastLayer(),
+        update=FineTune(epochs=5, lr=[0.003, 0.01, 0.03], retain_samples=5_000, best_epoch=True),
+    ),
 }
 
 
