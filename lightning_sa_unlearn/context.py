@@ -22,7 +22,7 @@ from lightning_sa_unlearn.data import Batches, ShuffledBatches, UnlearningData, 
 from lightning_sa_unlearn.functional import LossFn
 from lightning_sa_unlearn.processes import Processes
 from lightning_sa_unlearn.trainers import quiet_trainer
-from lightning_sa_unlearn.updates import default_forget_loss, loss_sum
+from lightning_sa_unlearn.updates import default_forget_loss, forget_gradient, loss_sum
 
 FAST_DEV_RUN_SAMPLES = 64
 
@@ -136,9 +136,24 @@ class UnlearningRun:
         )
 
     def mean_loss(self, model: nn.Module, batches: Iterable[Any] | None) -> float:
-        total, count = self.processes.agree(lambda: loss_sum(model, batches, self.loss_fn))
-        total, count = self.processes.sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
-        return total / count if count else float("nan")
+        return self.processes.mean(*self.processes.agree(lambda: loss_sum(model, batches, self.loss_fn)))
+
+    def forget_gradient(self) -> dict[str, Tensor]:
+        """``∇L_forget`` (eq. 7) of the trainable parameters at the current weights, summed over processes;
+        raises on a non-finite one."""
+        local = self.processes.agree(
+            lambda: forget_gradient(
+                self.model, self.forget, self.corrected, forget_loss=self.forget_loss, allow_empty=True
+            )
+        )
+        gradient = self.processes.sum_tree(local)
+        bad = [name for name, g in gradient.items() if not torch.isfinite(g).all()]
+        if bad:
+            raise RuntimeError(
+                f"the forget gradient of {bad} is not finite; check forget_loss and the "
+                "forget/corrected data. Weights were left unchanged."
+            )
+        return gradient
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:

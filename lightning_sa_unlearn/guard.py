@@ -209,7 +209,7 @@ class HarmGuard:
         when off or without validation data."""
         if not run.harm_guard:
             return None
-        parts, source = _validation_parts(objective)
+        parts, source = _validation_parts(objective, stored=bool(names))
         if not parts:
             rank_zero_warn(
                 "the harm guard is skipped: there is no validation data (neither val_dataloader() nor "
@@ -370,13 +370,15 @@ def _classes(labels: Tensor, classes: int) -> Tensor:
     return labels.long().clamp(0, classes - 1)
 
 
-def _validation_parts(objective: ValidationObjective | None) -> tuple[list[tuple[str, Iterable[Any]]], str]:
+def _validation_parts(
+    objective: ValidationObjective | None, stored: bool
+) -> tuple[list[tuple[str, Iterable[Any]]], str]:
     """The data of the objective, as the pipeline chose it for every reader (none: ``[]``): a random subset of
-    the validation data (the paired test needs few samples), plus the relabelled forget inputs if the
-    objective has them."""
+    the validation data (the paired test needs few samples; ``stored``: left empty, the objective's store fills
+    it), plus the relabelled forget inputs if the objective has them."""
     if objective is None:
         return [], ""
-    parts: list[tuple[str, Iterable[Any]]] = [("validation", objective.subset(GUARD_SAMPLES))]
+    parts: list[tuple[str, Iterable[Any]]] = [("validation", [] if stored else objective.subset(GUARD_SAMPLES))]
     if objective.relabelled is not None:
         parts.append(("forget inputs with corrected labels", objective.relabelled))
     return parts, objective.source

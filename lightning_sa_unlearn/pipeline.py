@@ -45,7 +45,7 @@ from lightning_sa_unlearn.selection import (
     trainable_layers,
 )
 from lightning_sa_unlearn.trials import select_by_trial
-from lightning_sa_unlearn.updates import Update, UpdateInputs, UpdateResult, ValidationSpec, forget_gradient
+from lightning_sa_unlearn.updates import Update, UpdateInputs, UpdateResult, ValidationSpec
 
 REPORT_SAMPLES = 256
 """Curvature samples read for the report alone when no part chooses by curvature (``LastLayer``, ...)."""
@@ -102,7 +102,7 @@ def _run_stages(
     gradient = None
     if selection.needs_forget_gradient:  # the rule reads the whole gradient
         with run.stage("forget_gradient"):
-            gradient = _forget_gradient(run)
+            gradient = run.forget_gradient()
     estimator, curvature = run.curvature, None
     if measure_curvature or selection.needs_curvature or update.needs_curvature:
         with run.stage("curvature"):
@@ -147,14 +147,15 @@ def _run_stages(
         guard = HarmGuard.start(run, objective, names)  # before the update; the layers below the selection run once
         if update.needs_forget_gradient and gradient is None:  # back-propagated only as deep as the selection
             with run.stage("forget_gradient"), trainable_only(run.model, names):
-                gradient = _forget_gradient(run)
+                gradient = run.forget_gradient()
         start = _selected(run.model, names)
         with run.stage("update"), trainable_only(run.model, names):
             outcome = UpdateResult.of(update.apply(inputs_for(names, masks)))
             _check_finite(run, outcome, names, objective, read_validation=update.validation() is not None)
     guarded = guard.check(run, update, outcome) if guard is not None else None  # raises on a harmful update
     if start:  # the selected parameters before the update: did it move them?
-        moved = any(not torch.equal(p, start[n]) for n, p in _selected(run.model, names).items())
+        params = dict(run.model.named_parameters())
+        moved = any(not torch.equal(params[n], value) for n, value in start.items())
     else:  # trial selection restored the start between trials: judge by the winner's step
         moved = outcome.tau != 0
     unchanged = unchanged_model(outcome.tau, bool(outcome.tau_search), moved, update.name)
@@ -212,20 +213,6 @@ def _summed_passes(run: UnlearningRun) -> dict[str, dict[str, float]]:
     counts = sums.state["passes"].tolist()
     summed = {s: {k: n for k, n in zip(PASS_KINDS, row) if n} for s, row in zip(stages, counts)}
     return {s: kinds for s, kinds in summed.items() if kinds}
-
-
-def _forget_gradient(run: UnlearningRun) -> dict[str, Tensor]:
-    local = run.processes.agree(
-        lambda: forget_gradient(run.model, run.forget, run.corrected, forget_loss=run.forget_loss, allow_empty=True)
-    )
-    gradient = run.processes.sum_tree(local)
-    bad = [name for name, g in gradient.items() if not torch.isfinite(g).all()]
-    if bad:
-        raise RuntimeError(
-            f"the forget gradient of {bad} is not finite; check forget_loss and the "
-            "forget/corrected data. Weights were left unchanged."
-        )
-    return gradient
 
 
 def _measurements(

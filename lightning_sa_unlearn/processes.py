@@ -33,6 +33,11 @@ class Processes:
         with _peer_failures():
             return _kept(self.strategy.reduce(value.to(self.device), reduce_op="sum"))
 
+    def mean(self, total: float, count: float) -> float:
+        """``Σ total / Σ count`` over the processes (NaN when no process counted anything)."""
+        total, count = self.sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
+        return total / count if count else float("nan")
+
     def min(self, value: int) -> int:
         if self.world_size == 1:
             return value

@@ -70,6 +70,10 @@ class RunContext(Protocol):
         """The mean loss over every process's batches."""
         ...
 
+    def forget_gradient(self) -> dict[str, Tensor]:
+        """``∇L_forget`` (eq. 7) of the trainable parameters at the current weights, summed over processes."""
+        ...
+
     def stage(self, name: str) -> AbstractContextManager[None]:
         """Time the work inside under ``name`` and count its passes there."""
         ...

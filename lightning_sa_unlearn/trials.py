@@ -46,9 +46,7 @@ def select_by_trial(
         start = {n: params[n].detach().clone() for n in names}
         with trainable_only(model, names):
             outcome = UpdateResult.of(update.apply(inputs_for(names)))
-        loss = objective.mean_loss(model, judge)
-        if objective.relabelled is not None:
-            loss += objective.mean_loss(model, objective.relabelled)
+        loss = objective(model, judge)
         states.append(({n: params[n].detach().clone() for n in names}, outcome, names))
         with torch.no_grad():
             for n, value in start.items():

@@ -59,17 +59,11 @@ class ValidationObjective:
 
     def mean_loss(self, model: nn.Module, batches: Iterable[Any] | None) -> float:
         """``Σ ℓ / N`` over every process's ``batches`` (NaN for none)."""
-        total, count = self.processes.agree(lambda: loss_sum(model, batches or [], self.loss_fn))
-        total, count = self.processes.sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
-        return total / count if count else float("nan")
+        return self.processes.mean(*self.processes.agree(lambda: loss_sum(model, batches or [], self.loss_fn)))
 
-    def __call__(self, model: nn.Module, samples: int | None = None) -> float:
-        """``J(θ)`` on all the validation data, or on the first ``samples`` of the random order (in all processes)."""
-        if samples is None:
-            value = self.mean_loss(model, self.batches)
-        else:
-            share = math.ceil(samples / self.processes.world_size)
-            value = self.mean_loss(model, list(limit_samples(self.sample, share)))
+    def __call__(self, model: nn.Module, batches: Iterable[Any] | None = None) -> float:
+        """``J(θ)`` on all the validation data, or on this process's ``batches`` of it (e.g. a :meth:`subset`)."""
+        value = self.mean_loss(model, self.batches if batches is None else batches)
         if self.relabelled is not None:
             value += self.mean_loss(model, self.relabelled)
         return value
@@ -89,8 +83,7 @@ class ValidationObjective:
             return features.losses([batches], [stored], self.loss_fn)[0].losses
 
         losses = self.processes.agree(measure)
-        total, count = self.processes.sum(torch.tensor([losses.sum(), float(len(losses))], dtype=torch.float64))
-        value = float(total / count) if count else float("nan")
+        value = self.processes.mean(float(losses.sum()), len(losses))
         if self.relabelled is not None:
             value += self.mean_loss(model, self.relabelled)
         return value

@@ -22,7 +22,7 @@ from lightning_sa_unlearn.updates.base import (
     step_size_from,
 )
 from lightning_sa_unlearn.updates.descent import OPTIMIZERS, fine_tune, forget_loss_descent
-from lightning_sa_unlearn.updates.functional import _reset, default_tau_grid, forget_gradient
+from lightning_sa_unlearn.updates.functional import _reset, default_tau_grid
 
 
 class FirstOrder(Update):
@@ -82,12 +82,7 @@ class IteratedFirstOrder(Update):
         steps: list[dict[str, Any]] = []
         for step in range(self.max_steps):
             if step:  # ∇L_forget at the new weights, through the selected parameters only
-                local = run.processes.agree(
-                    lambda: forget_gradient(
-                        inputs.model, run.forget, run.corrected, forget_loss=run.forget_loss, allow_empty=True
-                    )
-                )
-                gradient = run.processes.sum_tree(local)
+                gradient = run.forget_gradient()
             steps.append(self.step_size.apply(inputs, gradient, grid))
             if steps[-1]["tau"] == 0:
                 break

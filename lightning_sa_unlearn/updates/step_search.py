@@ -92,11 +92,7 @@ class SubsetObjective:
 
     def value(self, losses: list[Tensor]) -> float:
         """``Σ_t mean_i ℓ_i`` across every process."""
-        total = 0.0
-        for values in losses:
-            sums = self.processes.sum(torch.tensor([values.sum(), float(len(values))], dtype=torch.float64))
-            total += float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
-        return total
+        return sum(self.processes.mean(float(values.sum()), len(values)) for values in losses)
 
 
 def golden_section(evaluate: Callable[[float], float], low: float, high: float, evaluations: int) -> None:
