@@ -213,6 +213,7 @@ def run_new(setting_name: str, case: str, cache: str) -> dict:
     model = make_model(setting)
     model.load_state_dict(poisoned.state_dict())
     parts = new_cases(setting.damping, setting.curvature_samples, setting.fine_tune_epochs, setting.fine_tune_lr)[case]
+    parts.setdefault("selection", Flattest())  # the old API's default (the default is the last layer since 0.3)
     report = SharpnessAwareUnlearning(seed=0, verbose=False, progress_bar=False, **parts).unlearn(model, datamodule)
     return {
         "poisoned": weights_hash(poisoned),

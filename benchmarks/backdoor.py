@@ -39,6 +39,7 @@ from common import (  # noqa: E402
     stat,
     train,
     unlearn_or_refusal,
+    unlearning_cost,
     write_results,
 )
 
@@ -48,9 +49,11 @@ from lightning_sa_unlearn import (  # noqa: E402
     FirstOrder,
     Flattest,
     LastLayer,
+    StepThenFineTune,
     ValidatedLayer,
     ValidatedStep,
 )
+from lightning_sa_unlearn.updates import DEFAULT_LRS  # noqa: E402
 
 SCENARIO = "mnist_backdoor"
 
@@ -110,6 +113,21 @@ METHODS: dict[str, Callable[[Setting], dict[str, Any]]] = {
             correction="labels",
         )
     ),
+    # the default update (closed form, then the validated fine-tune) with both stages read by validation_and_forget
+    "step then fine-tune, last layer, best of 10 epochs, D̃_f = triggered inputs, true labels": lambda s: dict(
+        update=StepThenFineTune(
+            _steered(),
+            FineTune(
+                epochs=10,
+                lr=list(DEFAULT_LRS),
+                retain_samples=5_000,
+                best_epoch=True,
+                objective="validation_and_forget",
+            ),
+        ),
+        selection=LastLayer(),
+        correction="labels",
+    ),
     "fine-tune all layers (reference), D̃_f = triggered inputs, true labels": lambda s: dict(
         update=_fine_tune(s), selection=AllLayers(), correction="labels"
     ),
@@ -168,8 +186,11 @@ def run(seed: int, cache: str, methods: list[str]) -> dict[str, Any]:
         if parts.pop("correction", None) == "labels":  # D̃_f = the triggered inputs with their true labels
             data = make_datamodule(setting, seed, corrected_inputs="triggered")
         start = time.perf_counter()
-        report, refusal = unlearn_or_refusal(make_callback(setting, seed, **parts), model, data)
+        callback = make_callback(setting, seed, **parts)
+        report, refusal = unlearn_or_refusal(callback, model, data)
         results[method] = _row(model, datamodule, report, time.perf_counter() - start)
+        if report is not None:
+            results[method]["cost"] = unlearning_cost(setting, report, poisoned, data, callback)
         if report is None:  # the weights were restored: the row is the poisoned model's
             results[method].update(seconds=time.perf_counter() - start, selected_layers=[], tau=None, **refusal)
         r = results[method]

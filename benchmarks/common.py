@@ -27,11 +27,22 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_sa_unlearn import HarmfulUpdateError, HeldOutMetrics, SharpnessAwareUnlearning, UnlearningReport
+from lightning_sa_unlearn import (
+    FirstOrder,
+    Flattest,
+    HarmfulUpdateError,
+    HeldOutMetrics,
+    LastLayer,
+    SharpnessAwareUnlearning,
+    StepThenFineTune,
+    UnlearningReport,
+)
 from lightning_sa_unlearn.callback import quiet_trainer
-from lightning_sa_unlearn.curvature import CURVATURES, Curvature
+from lightning_sa_unlearn.curvature import CURVATURES, Curvature, default_curvature
 from lightning_sa_unlearn.datamodules import PoisonedLabelDataModule
 from lightning_sa_unlearn.models import CifarResNet18, CifarResNet20, ImageClassifier, PaperCNN
+from lightning_sa_unlearn.objective.losses import sample_losses
+from lightning_sa_unlearn.passes import unlearning_units
 from lightning_sa_unlearn.selection import trainable_layers
 
 
@@ -129,6 +140,9 @@ SETTINGS = {
         "synthetic", "targeted", 40, epochs=3, curvature_samples=None, extra={"synthetic_size": (600, 200)}
     ),
 }
+# Issue #24: sample unlearning on CIFAR-10 with the cifar10_cpu recipe: 1,000 random training images (true labels)
+# to delete; the gold standard is retrained on D_r alone.
+SETTINGS["cifar10_deletion"] = dataclasses.replace(SETTINGS["cifar10_cpu"], poison="deletion", flip_to=None)
 
 
 class TorchvisionResNet18(ImageClassifier):
@@ -149,6 +163,11 @@ MODELS = {
     "cifar_resnet18": CifarResNet18,
     "torchvision_resnet18": TorchvisionResNet18,
 }
+
+
+def lr_grid(setting: Setting) -> list[float]:
+    """Three fine-tune lrs around the setting's: 0.3, 1 and 3 times it (MNIST: 0.003, 0.01, 0.03)."""
+    return [round(setting.fine_tune_lr * factor, 10) for factor in (0.3, 1.0, 3.0)]
 
 
 def command_line(script: str, argv: list[str] | None = None) -> str:
@@ -252,10 +271,34 @@ def curvature_for(setting: Setting) -> Curvature:
     return CURVATURES[setting.curvature](samples=samples, damping=setting.damping)
 
 
+def default_parts() -> dict[str, Any]:
+    """The callback's default selection and update (version 0.3): the last layer, the closed form, then a
+    validated fine-tune."""
+    return dict(selection=LastLayer(), update=StepThenFineTune())
+
+
 def make_callback(setting: Setting, seed: int, **parts: Any) -> SharpnessAwareUnlearning:
-    """The callback for one run of ``setting``: its curvature part unless ``parts`` gives one; quiet."""
+    """The callback for one run of ``setting``: its curvature part unless ``parts`` gives one; quiet.
+
+    A row that names no selection or update gets the paper's method, the flattest layer and the first-order
+    closed form (the callback's defaults until version 0.3), so that every row keeps the meaning of its name;
+    the callback's own defaults are :func:`default_parts`."""
     parts.setdefault("curvature", curvature_for(setting))
+    parts.setdefault("selection", Flattest())
+    parts.setdefault("update", FirstOrder())
     return SharpnessAwareUnlearning(seed=seed, verbose=False, progress_bar=False, **parts)
+
+
+def unlearning_cost(
+    setting: Setting, report: UnlearningReport, fitted: torch.nn.Module, datamodule: Any, callback: Any
+) -> dict[str, Any]:
+    """Units of each stage of the unlearning itself (:func:`~lightning_sa_unlearn.passes.unlearning_units`, counted
+    passes with curvature and stored-feature passes priced by timing in this process), their sum, and that sum in %
+    of training's units (``epochs × |D|``). ``fitted``: the model before unlearning."""
+    estimator = callback.curvature or default_curvature(callback.loss_fn)  # the estimator the run used
+    units = unlearning_units(report, fitted, datamodule.train_dataloader(), estimator)
+    total, training = sum(units.values()), setting.epochs * len(datamodule.train_set)
+    return {"units": units, "unlearning_units": total, "units_percent": 100 * total / training}
 
 
 def unlearn_or_refusal(
@@ -290,11 +333,26 @@ def measure(model: pl.LightningModule, datamodule: PoisonedLabelDataModule) -> d
     with quiet_lightning():
         metrics = HeldOutMetrics()(model, datamodule)
     forget = metrics["forget"]
-    return {
+    measured = {
         "heldout": metrics["heldout"],
         "forget_true_labels": forget.get("accuracy_corrected_labels", forget["accuracy_trained_labels"]),
         "forget_trained_labels": forget["accuracy_trained_labels"],
     }
+    if datamodule.poison == "deletion":
+        measured["loss_threshold_auc"] = loss_threshold_auc(model, datamodule)
+    return measured
+
+
+def loss_threshold_auc(model: torch.nn.Module, datamodule: PoisonedLabelDataModule) -> float:
+    """The AUC of the loss-threshold membership attack: how well a per-sample loss separates ``D_f`` (members,
+    lower loss) from the test split. 0.5: no better than chance; ties count one half (Mann-Whitney U)."""
+    members = sample_losses(model, datamodule.forget_dataloader()).losses
+    outsiders = sample_losses(model, datamodule.test_dataloader()).losses
+    _, inverse, counts = torch.unique(torch.cat([outsiders, members]), return_inverse=True, return_counts=True)
+    last = counts.cumsum(0).double()
+    ranks = (last - (counts.double() - 1) / 2)[inverse]  # 1-based ranks, tied values at their mean rank
+    outsider_ranks = ranks[: len(outsiders)].sum() - len(outsiders) * (len(outsiders) + 1) / 2
+    return float(outsider_ranks / (len(outsiders) * len(members)))
 
 
 def stat(values: list[float], scale: float = 100.0, digits: int = 2) -> str:

@@ -28,6 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     SETTINGS,
     command_line,
+    default_parts,
+    lr_grid,
     make_callback,
     make_datamodule,
     make_model,
@@ -35,33 +37,43 @@ from common import (  # noqa: E402
     override,
     quiet_lightning,
     train,
+    unlearning_cost,
     write_results,
 )
 
-from lightning_sa_unlearn import GGN, FineTune, LastLayer  # noqa: E402
-from lightning_sa_unlearn.curvature import default_curvature  # noqa: E402
-from lightning_sa_unlearn.passes import seconds_per_gradient_sample, unlearning_units  # noqa: E402
+from lightning_sa_unlearn import GGN, AllLayers, FineTune, FirstOrder, Flattest, LastLayer  # noqa: E402
+from lightning_sa_unlearn.passes import seconds_per_gradient_sample  # noqa: E402
 from lightning_sa_unlearn.pipeline import UNLEARNING_STAGES  # noqa: E402
 
-# The callback's defaults (curvature=None: MonteCarloGGN read until the selection is confident) unless the method says.
+# curvature=None: the callback's default estimator (MonteCarloGGN read until the selection is confident).
 METHODS = {
-    "SA first order, flattest (defaults)": lambda s: dict(curvature=None),
-    "SA first order, flattest, GGN instead": lambda s: dict(curvature=GGN()),
-    "first order, last layer": lambda s: dict(curvature=None, selection=LastLayer()),
+    "defaults: step then fine-tune, last layer": lambda s: dict(curvature=None, **default_parts()),
+    "SA first order, flattest (defaults)": lambda s: dict(curvature=None, selection=Flattest(), update=FirstOrder()),
+    "SA first order, flattest, GGN instead": lambda s: dict(curvature=GGN(), selection=Flattest(), update=FirstOrder()),
+    "first order, last layer": lambda s: dict(curvature=None, selection=LastLayer(), update=FirstOrder()),
+    "fine-tune all layers on D_r, 1 epoch, lr of 3 on validation": lambda s: dict(
+        curvature=None,
+        selection=AllLayers(),
+        update=FineTune(epochs=1, lr=lr_grid(s), include_corrected=False, best_epoch=True),
+    ),
     "fine-tune flattest layer (1 epoch)": lambda s: dict(
-        curvature=None, update=FineTune(epochs=s.fine_tune_epochs, lr=s.fine_tune_lr)
+        curvature=None, selection=Flattest(), update=FineTune(epochs=s.fine_tune_epochs, lr=s.fine_tune_lr)
     ),
     "fine-tune flattest layer, 10,000 retain samples (1 epoch)": lambda s: dict(
-        curvature=None, update=FineTune(epochs=1, lr=s.fine_tune_lr, retain_samples=10_000)
+        curvature=None, selection=Flattest(), update=FineTune(epochs=1, lr=s.fine_tune_lr, retain_samples=10_000)
     ),
     "fine-tune flattest layer, 5,000 retain samples, 3 epochs (cached features)": lambda s: dict(
-        curvature=None, update=FineTune(epochs=3, lr=s.fine_tune_lr, retain_samples=5_000)
+        curvature=None, selection=Flattest(), update=FineTune(epochs=3, lr=s.fine_tune_lr, retain_samples=5_000)
     ),
     "fine-tune flattest layer, 5,000 retain samples, best of 5 epochs on validation": lambda s: dict(
-        curvature=None, update=FineTune(epochs=5, lr=s.fine_tune_lr, retain_samples=5_000, best_epoch=True)
+        curvature=None,
+        selection=Flattest(),
+        update=FineTune(epochs=5, lr=s.fine_tune_lr, retain_samples=5_000, best_epoch=True),
     ),
     "fine-tune flattest layer, 5,000 retain samples, lr of 3 and best of 5 epochs on validation": lambda s: dict(
-        curvature=None, update=FineTune(epochs=5, lr=[0.003, 0.01, 0.03], retain_samples=5_000, best_epoch=True)
+        curvature=None,
+        selection=Flattest(),
+        update=FineTune(epochs=5, lr=[0.003, 0.01, 0.03], retain_samples=5_000, best_epoch=True),
     ),
     "fine-tune last layer, 5,000 retain samples, lr of 3 and best of 5 epochs on validation": lambda s: dict(
         curvature=None,
@@ -78,14 +90,13 @@ def measure_method(setting, seed: int, fitted: torch.nn.Module, datamodule, part
         model.load_state_dict(fitted.state_dict())
         callback = make_callback(setting, seed, **parts)
         reports.append(callback.unlearn(model, datamodule))
-    estimator = callback.curvature or default_curvature(callback.loss_fn)  # the estimator the runs used
     seconds = {k: statistics.median(r.seconds.get(k, 0.0) for r in reports) for k in reports[0].seconds}
     # counted passes are the same in every run; curvature and the layers above stored outputs are timed here
-    units = unlearning_units(reports[0], fitted, datamodule.train_dataloader(), estimator)
+    cost = unlearning_cost(setting, reports[0], fitted, datamodule, callback)
     return {
         "seconds": seconds,
-        "units": units,
-        "unlearning_units": sum(units.values()),
+        "units": cost["units"],
+        "unlearning_units": cost["unlearning_units"],
         "sample_passes": reports[0].sample_passes,
         "report": {
             k: reports[0].to_dict()[k]

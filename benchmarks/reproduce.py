@@ -35,6 +35,7 @@ from common import (  # noqa: E402
     command_line,
     current_machine,
     load_clause,
+    lr_grid,
     machine_of,
     make_callback,
     make_datamodule,
@@ -45,6 +46,7 @@ from common import (  # noqa: E402
     sweep_layers,
     train,
     unlearn_or_refusal,
+    unlearning_cost,
     write_results,
 )
 from sweep import RULES, plot_sweep, sweep_lines  # noqa: E402
@@ -62,6 +64,7 @@ from lightning_sa_unlearn import (  # noqa: E402
     NewtonDecrement,
     SecondOrder,
     Sharpest,
+    StepThenFineTune,
     ValidatedLayer,
     ValidatedStep,
 )
@@ -78,6 +81,10 @@ LR_GRID = [0.003, 0.01, 0.03]
 # Row name (the results files key on it) -> the callback's parts for a setting; the curvature part is the setting's.
 METHODS: dict[str, Callable[[Setting], dict[str, Any]]] = {
     "fine-tune all layers on D_r": lambda s: dict(update=_fine_tune(s, include_corrected=False), selection=AllLayers()),
+    # issue 24's reference: all layers, 1 epoch on D_r, the lr (of three) and epoch (0 or 1) chosen on validation
+    "fine-tune all layers on D_r, lr on validation": lambda s: dict(
+        update=FineTune(epochs=1, lr=lr_grid(s), include_corrected=False, best_epoch=True), selection=AllLayers()
+    ),
     "first-order, last layer": lambda s: dict(selection=LastLayer()),
     "SA first-order, flattest": lambda s: dict(selection=Flattest()),
     # version 0.1 τ search (10-point grid, whole validation split) on the same models
@@ -113,6 +120,8 @@ METHODS: dict[str, Callable[[Setting], dict[str, Any]]] = {
     "fine-tune last layer, 5,000 retain samples, lr and best of 5 epochs on validation": lambda s: dict(
         update=FineTune(epochs=5, lr=LR_GRID, retain_samples=5_000, best_epoch=True), selection=LastLayer()
     ),
+    # the candidate default: the closed form on the last layer, then that fine-tune from there
+    "step then fine-tune, last layer": lambda s: dict(update=StepThenFineTune(), selection=LastLayer()),
 }
 
 
@@ -175,6 +184,8 @@ def run_seed(
         seconds = time.perf_counter() - start
         report_fields = report.to_dict() if report is not None else None
         results[key] = {**measure(model, datamodule), "seconds": seconds, "report": report_fields, **refusal}
+        if report is not None:
+            results[key]["cost"] = unlearning_cost(setting, report, poisoned, datamodule, callback)
         save()
         print(
             f"  {key}: {results[key]['seconds']:.1f} s, held-out {results[key]['heldout']['accuracy']:.4f}", flush=True

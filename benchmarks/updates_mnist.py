@@ -19,6 +19,7 @@ from lightning_sa_unlearn import (
     CG,
     GGN,
     FineTune,
+    FirstOrder,
     Flattest,
     ForgetLossDescent,
     LastLayer,
@@ -65,7 +66,8 @@ def main() -> None:
     rows = {}
     for name, parts in RUNS.items():
         model = PaperCNN.load_from_checkpoint(CHECKPOINT, weights_only=True)
-        parts = {"curvature": GGN(SAMPLES), **parts}  # GGN on SAMPLES samples, damping 1e-3 unless the run says
+        # GGN on SAMPLES samples, damping 1e-3, the flattest layer and the first order unless the run says
+        parts = {"curvature": GGN(SAMPLES), "selection": Flattest(), "update": FirstOrder(), **parts}
         callback = SharpnessAwareUnlearning(verbose=False, progress_bar=False, **parts)
         report = callback.unlearn(model, datamodule)
         rows[name] = report.to_dict()

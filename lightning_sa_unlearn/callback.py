@@ -64,11 +64,12 @@ class SharpnessAwareUnlearning(Callback):
             ``"hutchinson"``, ``"exact"``, ``"empirical_fisher"``. None: :class:`MonteCarloGGN` (or
             :class:`GGN` for a loss it cannot sample from) when a part needs curvature, read until the
             selection is confident; a configured estimator is always measured and reported.
-        selection: a :class:`~lightning_sa_unlearn.selection.Selection`, ``"flattest"``,
-            ``"sharpest"``, ``"last"``, ``"all"``, ``"newton_decrement"``, ``"validated_layer"``, or a
+        selection: a :class:`~lightning_sa_unlearn.selection.Selection`, ``"last"`` (default), ``"flattest"``
+            (paper section 4.1), ``"sharpest"``, ``"all"``, ``"newton_decrement"``, ``"validated_layer"``, or a
             list of module paths.
-        update: an :class:`~lightning_sa_unlearn.updates.Update` or ``"first_order"``,
-            ``"second_order"``, ``"forget_loss"``, ``"fine_tune"``.
+        update: an :class:`~lightning_sa_unlearn.updates.Update` or ``"step_then_fine_tune"`` (default: the
+            closed form, then a fine-tune that stops on validation), ``"first_order"`` (the paper's closed
+            form), ``"second_order"``, ``"forget_loss"``, ``"fine_tune"``, ``"iterated_first_order"``.
         evaluations: measured besides the held-out metrics (always measured): :class:`Evaluation`
             objects, ``"mia"`` (:class:`MembershipInference`) or ``"relearn"`` (:class:`RelearnAttack`).
         loss_fn: the training loss, ``loss_fn(logits, y)`` with mean reduction.
@@ -100,8 +101,8 @@ class SharpnessAwareUnlearning(Callback):
     def __init__(
         self,
         curvature: Curvature | str | None = None,
-        selection: Selection | str | list[str] = "flattest",
-        update: Update | str = "first_order",
+        selection: Selection | str | list[str] = "last",
+        update: Update | str = "step_then_fine_tune",
         evaluations: list[Evaluation | str] | None = None,
         loss_fn: Callable[..., Any] = F.cross_entropy,
         seed: int = 0,

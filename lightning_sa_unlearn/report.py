@@ -208,10 +208,12 @@ class UnlearningReport:
                 else ("no error estimate (one batch)" if math.isnan(lead) else "no spread between batches")
             )
             lines.append(f"  lead over the runner-up {margin['runner_up']}: {lead_text}")
-        tau = "n/a" if self.tau is None else f"{self.tau:.4g}"
+        tau, details = "n/a" if self.tau is None else f"{self.tau:.4g}", self.update_details or {}
+        lr = f" at lr {details['lr']:g}" if "lr" in details else ""
+        tuned = f", fine-tune ended at epoch {details['best_epoch']}{lr}" if "best_epoch" in details else ""
         lines += [
             "",
-            f"update: {self.update}, selection: {self.selection}, tau: {tau}, "
+            f"update: {self.update}, selection: {self.selection}, tau: {tau}{tuned}, "
             f"parameters updated: {self.num_updated_parameters:,}",
             *self._guard_lines(),
             "seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()),

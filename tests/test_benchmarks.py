@@ -171,6 +171,8 @@ def test_every_method_builds_a_callback_from_the_settings_parts(name):
         if isinstance(callback.update, FineTune):  # the setting's lr; its epochs unless the row names others
             epochs = 3 if "3 epochs" in method else 5 if "5 epochs" in method else setting.fine_tune_epochs
             lr = reproduce.LR_GRID if "lr and best" in method else setting.fine_tune_lr
+            if "lr on validation" in method:  # three around the setting's
+                lr = [pytest.approx(setting.fine_tune_lr * f) for f in (0.3, 1.0, 3.0)]
             assert (callback.update.epochs, callback.update.lr) == (epochs, lr), method
     second_order = common.make_callback(setting, 0, **reproduce.METHODS["SA second-order, flattest"](setting)).update
     assert isinstance(second_order.solver, CG) and second_order.solver.max_iterations == 30
@@ -282,3 +284,25 @@ def test_cost_over_seeds_summarises_each_seeds_table(tmp_path, one_thread):
     mean, spread = cells(summary, method)[2].split(" ± ")
     assert float(mean) == pytest.approx(sum(per_seed) / 2, abs=0.0051)  # the summary prints 2 decimals
     assert float(spread) == pytest.approx(abs(per_seed[0] - per_seed[1]) / math.sqrt(2), abs=0.0051)
+
+
+def test_the_benchmarks_default_row_is_the_callbacks_default():
+    from lightning_sa_unlearn import SharpnessAwareUnlearning, StepThenFineTune
+
+    callback, parts = SharpnessAwareUnlearning(), common.default_parts()
+    assert type(callback.selection) is type(parts["selection"]) is LastLayer
+    assert type(callback.update) is type(parts["update"]) is StepThenFineTune
+    assert repr(callback.update) == repr(parts["update"])
+
+
+def test_the_loss_threshold_auc_counts_the_pairs_a_test_sample_loses_by_hand(monkeypatch):
+    """AUC = P(test loss > forget loss), ties one half: test 0.5 beats 0.1, 0.2 and ties 0.5 twice (3), 0.3 beats
+    2, 0.9 beats 4: 9 of 12 pairs."""
+    from types import SimpleNamespace
+
+    losses = {"forget": [0.1, 0.2, 0.5, 0.5], "test": [0.5, 0.3, 0.9]}
+    monkeypatch.setattr(
+        common, "sample_losses", lambda model, loader: SimpleNamespace(losses=torch.tensor(losses[loader]).double())
+    )
+    data = SimpleNamespace(forget_dataloader=lambda: "forget", test_dataloader=lambda: "test")
+    assert common.loss_threshold_auc(None, data) == pytest.approx(9 / 12)

@@ -46,8 +46,12 @@ def independent_forget_gradient(model, datamodule, loss=None):
 
 
 def test_fit_then_unlearn_end_to_end(tmp_path):
-    callback = SharpnessAwareUnlearning(
-        report_path=str(tmp_path / "report.json"), plot_path=str(tmp_path / "sharpness.png"), verbose=False
+    callback = SharpnessAwareUnlearning(  # the paper's method (the defaults until 0.3): flattest, first order
+        selection="flattest",
+        update="first_order",
+        report_path=str(tmp_path / "report.json"),
+        plot_path=str(tmp_path / "sharpness.png"),
+        verbose=False,
     )
     datamodule = TensorDataModule()
     trainer = quiet_trainer(max_epochs=3, callbacks=[callback], logger=CSVLogger(tmp_path))
@@ -117,7 +121,7 @@ def test_auto_tau_never_worsens_the_validation_loss(tiny_model):
             return F.cross_entropy(model(x), y).item()
 
     loss_before = val_loss()
-    report = SharpnessAwareUnlearning(verbose=False).unlearn(model, datamodule)
+    report = SharpnessAwareUnlearning(update="first_order", verbose=False).unlearn(model, datamodule)
     losses = dict(report.tau_search)
     assert 0.0 in losses and report.tau == min(losses, key=losses.get)
     assert losses[0.0] == pytest.approx(loss_before, rel=1e-5)

@@ -130,7 +130,9 @@ def test_callback_warns_and_reports_a_narrow_lead(tiny_model, monkeypatch):
 
 def test_callback_reports_standard_errors(tiny_model):
     model, datamodule = tiny_model
-    report = SharpnessAwareUnlearning(verbose=False, curvature=MonteCarloGGN()).unlearn(model, datamodule)
+    report = SharpnessAwareUnlearning(selection="flattest", verbose=False, curvature=MonteCarloGGN()).unlearn(
+        model, datamodule
+    )
     assert report.sharpness_standard_error.keys() == report.layer_sharpness.keys()
     assert all(e > 0 for e in report.sharpness_standard_error.values())
     assert report.selection_margin["selected"] == report.selected_layers[0]

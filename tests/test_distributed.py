@@ -19,6 +19,7 @@ from lightning_sa_unlearn import (
     ForgetLossDescent,
     Hutchinson,
     SharpnessAwareUnlearning,
+    StepThenFineTune,
     TopFraction,
     ValidatedLayer,
     hessian_diagonal,
@@ -107,8 +108,26 @@ STAGES = [
         dict(update=ForgetLossDescent(steps=2, lr=0.05, retain_samples=100), selection=["net.fc1"]),
     ),
     ("masked", dict(selection=TopFraction(Flattest(), fraction=0.2), update=FirstOrder(0.01))),
+    (
+        "step_then_fine_tune",
+        dict(update=StepThenFineTune(fine_tune=FineTune(epochs=2, lr=[0.05, 0.2], best_epoch=True)), selection="last"),
+    ),
+    # batches of 32: the processes' SGD steps differ from one process's, so later stages start elsewhere
     ("fine_tune", dict(update=FineTune(epochs=2, lr=0.05), selection="last")),
 ]
+# Stages that read other data than the fit's: one batch per loader, so that the mean gradients of the two
+# processes' halves average to the one process's batch and every SGD step is the same step.
+DATA = {"step_then_fine_tune": dict(batch_size=256)}
+
+
+class RunOn(Callback):
+    """Run `callback` at the end of fit on `datamodule` instead of the trainer's."""
+
+    def __init__(self, callback, datamodule):
+        self.callback, self.datamodule = callback, datamodule
+
+    def on_train_end(self, trainer, pl_module):
+        self.callback.run(trainer, pl_module, self.datamodule)
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +137,12 @@ def runs(tmp_path_factory, fitted_tiny):
     folder = tmp_path_factory.mktemp("ddp")
     callbacks = []
     for tag, kwargs in STAGES:
-        callback = SharpnessAwareUnlearning(verbose=False, progress_bar=False, seed=3, **kwargs)
-        callbacks += [callback, SaveAfter(callback, tag, folder)]
+        own_data = tag in DATA
+        callback = SharpnessAwareUnlearning(
+            verbose=False, progress_bar=False, seed=3, unlearn_on_train_end=not own_data, **kwargs
+        )
+        first = RunOn(callback, TensorDataModule(**DATA[tag])) if own_data else callback
+        callbacks += [first, SaveAfter(callback, tag, folder)]
     harmful = SharpnessAwareUnlearning(
         update=FirstOrder(1e6), selection="last", unlearn_on_train_end=False, verbose=False
     )
@@ -134,7 +157,7 @@ def runs(tmp_path_factory, fitted_tiny):
     reports, weights = {}, {}
     for tag, kwargs in STAGES:
         report = SharpnessAwareUnlearning(verbose=False, progress_bar=False, seed=3, **kwargs).unlearn(
-            single, TensorDataModule()
+            single, TensorDataModule(**DATA.get(tag, {}))
         )
         reports[tag] = report.to_dict()
         weights[tag] = {k: v.detach().clone() for k, v in single.state_dict().items()}
@@ -158,6 +181,7 @@ def load(folder, tag, rank):
         "second_order",
         "forget_loss",
         "masked",
+        "step_then_fine_tune",
     ],
 )
 def test_two_processes_equal_one(runs, tag):

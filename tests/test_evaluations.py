@@ -262,7 +262,9 @@ def test_roc_auc_from_ranks_equals_the_pairwise_count():
 
 def test_one_curvature_batch_reports_no_error_estimate_and_round_trips(tiny_model, tmp_path):
     model, datamodule = tiny_model
-    report = SharpnessAwareUnlearning(verbose=False, curvature=GGN(samples=16)).unlearn(model, datamodule)
+    report = SharpnessAwareUnlearning(selection="flattest", verbose=False, curvature=GGN(samples=16)).unlearn(
+        model, datamodule
+    )
     assert math.isnan(report.selection_margin["lead_in_standard_errors"])
     report.to_json(tmp_path / "report.json")
     loaded = UnlearningReport.from_json(tmp_path / "report.json")

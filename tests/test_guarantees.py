@@ -73,7 +73,7 @@ HARMFUL = {
     "fixed tau 1e6": dict(update=FirstOrder(1e6)),
     "fixed tau 1e6, sample deletion": dict(update=FirstOrder(1e6)),
     "grid without 0": dict(update=FirstOrder(ValidatedStep(search="grid", grid=[10.0, 100.0]))),  # golden tries 0
-    "fine-tune lr 1e6": dict(update=FineTune(lr=1e6)),
+    "fine-tune lr 1e6": dict(update=FineTune(lr=1e6), selection="flattest"),
     "second order, fixed tau": dict(
         update=SecondOrder(1e4, solver=CG(max_iterations=30, tolerance=1e-2)), curvature=SMALL
     ),
@@ -203,7 +203,7 @@ def test_a_significant_fall_of_accuracy_on_a_few_samples_is_refused(corrected):
 def test_fine_tuning_at_lr_1e6_is_refused_on_90_validation_samples(tiny_model):
     model, datamodule = tiny_model  # the case: the loss rose from 0.17 to 21,800, 1.41 SE, and was kept
     assert len(datamodule.val[1]) == 90
-    refused(model, datamodule, HarmfulUpdateError, "more than doubled", update=FineTune(lr=1e6))
+    refused(model, datamodule, HarmfulUpdateError, "more than doubled", update=FineTune(lr=1e6), selection="flattest")
 
 
 class SwapLastTwoClasses(Update):
@@ -344,7 +344,7 @@ UNCONVERGED = [CG(max_iterations=2), LiSSA(max_iterations=2, scale=1000.0)]  # a
 def test_an_unconverged_solve_is_applied_with_a_warning_only_if_harmless(solver, tiny_model):
     model, datamodule = tiny_model
     with pytest.warns(UserWarning, match=f"the {solver.name} solve stopped at max_iterations=2 with relative residual"):
-        report = unlearn(model, datamodule, update=SecondOrder(solver=solver), curvature=SMALL)
+        report = unlearn(model, datamodule, update=SecondOrder(solver=solver), curvature=SMALL, selection="flattest")
     assert report.solver["status"] == "max_iterations"
     with pytest.warns(UserWarning, match="applied only if the harm guard passes"):
         refused(
@@ -354,6 +354,7 @@ def test_an_unconverged_solve_is_applied_with_a_warning_only_if_harmless(solver,
             f"The {solver.name} solve stopped at max_iterations with relative residual",
             update=SecondOrder(1e4, solver=solver),
             curvature=SMALL,
+            selection="flattest",
         )
 
 

@@ -90,7 +90,7 @@ def test_max_steps_is_checked():
         IteratedFirstOrder(max_steps=0)
 
 
-@pytest.mark.parametrize("lr, best", [(2.0, 2), (20.0, 0)])  # overshooting after epoch 2; worse from the start
+@pytest.mark.parametrize("lr, best", [(2.0, 1), (20.0, 0)])  # overshooting after epoch 1; worse from the start
 def test_fine_tune_ends_at_the_epoch_a_hand_computation_of_the_validation_loss_picks(monkeypatch, lr, best):
     """FineTune(best_epoch=True): the objective after each epoch (epoch 0: before) is the validation loss computed
     by hand at the same weights, and the weights end at the least one."""

@@ -9,7 +9,9 @@ from lightning_sa_unlearn.passes import count_samples, stage_units
 
 def test_the_report_counts_each_stage_by_hand(tiny_model):
     model, datamodule = tiny_model  # 30 forget samples, 90 validation samples, batches of 32
-    report = SharpnessAwareUnlearning(selection=Layers(["net.fc2"]), verbose=False).unlearn(model, datamodule)
+    report = SharpnessAwareUnlearning(selection=Layers(["net.fc2"]), update="first_order", verbose=False).unlearn(
+        model, datamodule
+    )
     passes, validation, probe = report.sample_passes, 90, 32
     assert report.validation_samples == report.harm_guard["samples"] == validation
     # forget and corrected inputs are equal: one forward and backward gives both losses

@@ -26,7 +26,7 @@ def test_search_and_guard_on_stored_features_equal_the_whole_model(monkeypatch, 
         if not stored:
             monkeypatch.setattr(StoredFeatures, "find", classmethod(lambda cls, *args: None))
         seen = samples_through(target.net.conv)
-        callback = SharpnessAwareUnlearning(selection=Layers([layer]), verbose=False)
+        callback = SharpnessAwareUnlearning(selection=Layers([layer]), update="first_order", verbose=False)
         reports.append(callback.unlearn(target, datamodule))
         conv_samples.append(sum(seen))
     cached, whole = reports

@@ -22,6 +22,7 @@ from lightning_sa_unlearn.updates.functional import (
 )
 from lightning_sa_unlearn.updates.gradient_steps import FineTune, FirstOrder, ForgetLossDescent, IteratedFirstOrder
 from lightning_sa_unlearn.updates.second_order import CG, SECOND_ORDER_TAUS, SOLVERS, LiSSA, SecondOrder, Solver
+from lightning_sa_unlearn.updates.step_then_fine_tune import DEFAULT_LRS, StepThenFineTune, default_fine_tune
 
 UPDATES = {
     "first_order": FirstOrder,
@@ -29,10 +30,12 @@ UPDATES = {
     "forget_loss": ForgetLossDescent,
     "fine_tune": FineTune,
     "iterated_first_order": IteratedFirstOrder,
+    "step_then_fine_tune": StepThenFineTune,
 }
 
 __all__ = [
     "CG",
+    "DEFAULT_LRS",
     "OPTIMIZERS",
     "SECOND_ORDER_TAUS",
     "SOLVERS",
@@ -46,6 +49,7 @@ __all__ = [
     "SecondOrder",
     "Solver",
     "StepSize",
+    "StepThenFineTune",
     "Update",
     "UpdateInputs",
     "UpdateResult",
@@ -53,6 +57,7 @@ __all__ = [
     "ValidationSpec",
     "apply_first_order",
     "choose_tau",
+    "default_fine_tune",
     "default_forget_loss",
     "default_tau_grid",
     "fine_tune",

@@ -33,16 +33,22 @@ from lightning_sa_unlearn.updates.functional import (
 
 
 def interleave(sources: Sequence[Iterable[Any]], rng: random.Random) -> Iterable[Any]:
-    """Batches from several loaders in random order, each source drawn in proportion to what it has left."""
+    """Batches from several loaders in random order, each source drawn in proportion to what it has left.
+
+    A sized source leaves the draw with its last batch, so ``rng`` makes one draw per batch served: processes
+    that stop after the same number of batches (a capped epoch under DDP) leave it where one process does."""
     iterators = [iter(s) for s in sources]
-    remaining = [sized(s) or 1 for s in sources]
+    lengths = [sized(s) for s in sources]
+    remaining = [length or 1 for length in lengths]
     while iterators:
         i = rng.choices(range(len(iterators)), weights=[max(r, 1) for r in remaining])[0]
         try:
             yield next(iterators[i])
             remaining[i] -= 1
+            if lengths[i] is not None and remaining[i] <= 0:
+                del iterators[i], remaining[i], lengths[i]
         except StopIteration:
-            del iterators[i], remaining[i]
+            del iterators[i], remaining[i], lengths[i]
 
 
 OPTIMIZERS = ("sgd", "adam")
