@@ -126,6 +126,7 @@ METHODS: dict[str, Callable[[Setting], dict[str, Any]]] = {
             ),
         ),
         selection=LastLayer(),
+        curvature=None,  # the callback's default estimator (its report-only pass)
         correction="labels",
     ),
     "fine-tune all layers (reference), D̃_f = triggered inputs, true labels": lambda s: dict(

@@ -34,6 +34,7 @@ from common import (  # noqa: E402
     _digest,
     command_line,
     current_machine,
+    default_parts,
     load_clause,
     lr_grid,
     machine_of,
@@ -64,7 +65,6 @@ from lightning_sa_unlearn import (  # noqa: E402
     NewtonDecrement,
     SecondOrder,
     Sharpest,
-    StepThenFineTune,
     ValidatedLayer,
     ValidatedStep,
 )
@@ -121,7 +121,8 @@ METHODS: dict[str, Callable[[Setting], dict[str, Any]]] = {
         update=FineTune(epochs=5, lr=LR_GRID, retain_samples=5_000, best_epoch=True), selection=LastLayer()
     ),
     # the candidate default: the closed form on the last layer, then that fine-tune from there
-    "step then fine-tune, last layer": lambda s: dict(update=StepThenFineTune(), selection=LastLayer()),
+    # (the callback's defaults, curvature included: SharpnessAwareUnlearning() with only seed and quiet output)
+    "step then fine-tune, last layer": lambda s: dict(curvature=None, **default_parts()),
 }
 
 

@@ -104,8 +104,10 @@ def _run_stages(
         with run.stage("forget_gradient"):
             gradient = run.forget_gradient()
     estimator, curvature = run.curvature, None
-    if measure_curvature or selection.needs_curvature or update.needs_curvature:
-        with run.stage("curvature"):
+    if selection.needs_curvature or update.needs_curvature or measure_curvature:
+        # a configured estimator that no part reads feeds the report alone: timed as reporting
+        needed = selection.needs_curvature or update.needs_curvature
+        with run.stage("curvature" if needed else "curvature_report"):
             curvature = estimator.measure(run, selection.stopping_rule(estimator.confidence))
         _warn_if_unsure(run, curvature, selection)
     elif report_sharpness:  # nothing chooses by curvature: a small fixed sample, for the report's sharpness only
