@@ -1,5 +1,7 @@
 """IteratedFirstOrder against hand loops: the closed form taken again at the new weights, stopped by validation."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -149,3 +151,33 @@ def test_a_list_of_lrs_keeps_the_trial_that_separate_runs_of_each_lr_say_is_best
     chosen = min(lrs, key=lambda lr: separate[lr][0])
     assert report.update_details["lr"] == chosen == 2.0
     assert_same_state(search_model, separate[chosen][2])
+
+
+def test_an_lr_that_diverges_midway_is_one_lost_trial_not_a_failed_run(monkeypatch):
+    """The first lr's loss turns NaN on its 3rd batch (inside the first epoch, while features are being stored):
+    that trial keeps its epoch 0 and says it diverged, and the next lr trains as a separate run of it alone."""
+    from lightning_sa_unlearn import FineTune
+    from lightning_sa_unlearn.updates import gradient_steps
+
+    original, bad = gradient_steps.fine_tune, 0.7
+
+    def spy(*args, lr, loss_fn, **kwargs):
+        calls = []
+
+        def failing(logits, y):
+            calls.append(1)
+            return loss_fn(logits, y) * (math.nan if len(calls) == 3 else 1.0)
+
+        return original(*args, lr=lr, loss_fn=failing if lr == bad else loss_fn, **kwargs)
+
+    monkeypatch.setattr(gradient_steps, "fine_tune", spy)
+    datamodule, search_model, alone = TensorDataModule(), float64_model(), float64_model()
+    report = unlearn(search_model, datamodule, FineTune(epochs=3, lr=[bad, 0.05]))
+    expected = unlearn(alone, datamodule, FineTune(epochs=3, lr=0.05, best_epoch=True))
+    trials = report.update_details["lr_search"]
+    assert trials[0]["diverged"] and trials[0]["best_epoch"] == 0 and not trials[1]["diverged"]
+    assert trials[1]["objective"] == pytest.approx(min(expected.update_details["epoch_objectives"]), rel=1e-12)
+    assert report.update_details["lr"] == 0.05 and report.update_details["cached_below"] is not None
+    assert_same_state(search_model, state(alone))
+    with pytest.raises(FloatingPointError, match="not finite"):  # one lr: nothing to fall back on
+        unlearn(float64_model(), datamodule, FineTune(epochs=3, lr=bad, best_epoch=True))

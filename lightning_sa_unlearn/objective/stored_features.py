@@ -105,6 +105,11 @@ class FeatureCache:
         """Each source's stored ``(features, labels)`` batches, in the order the first epoch read them."""
         return self.stored
 
+    def reset(self) -> None:
+        """Forget a first epoch that did not finish (a diverged trial), so that the next first epoch stores anew."""
+        if not self.closed:
+            self.stored, self.bytes, self.dropped = [[] for _ in self.sources], 0, False
+
     def close(self) -> None:
         """The first epoch is over: nothing more is stored, and an incomplete store is let go."""
         self.closed = True

@@ -244,8 +244,19 @@ class FineTune(Update):
         for lr in self.lrs:  # one trial per lr, each from the same weights
             _reset(params, start)
             tracker = _BestEpoch(inputs, self.validation_samples) if self.validation() else None
-            steps = self._fine_tune(inputs, sources, lr, steps_per_epoch, cached, tracker)
+            diverged = False
+            try:
+                steps = self._fine_tune(inputs, sources, lr, steps_per_epoch, cached, tracker)
+            except FloatingPointError:
+                if tracker is None or len(self.lrs) == 1:  # nothing measured to fall back on
+                    raise
+                # this lr diverged: the trial keeps its best epoch before that (epoch 0 at least); its steps are lost
+                steps, diverged = 0, True
+                tracker.objectives.append(math.inf)
+                if "cache" in cached:
+                    cached["cache"].reset()
             found = tracker.finish() if tracker is not None else {}
+            found.update({"diverged": True} if diverged else {})
             value = min((v for v in found.get("epoch_objectives", []) if math.isfinite(v)), default=math.inf)
             trials.append((value, lr, steps, found, {n: params[n].detach().clone() for n in inputs.names}))
         value, lr, steps, found, weights = min(trials, key=lambda trial: trial[0])  # ties: the first lr
@@ -255,7 +266,15 @@ class FineTune(Update):
         details = {"retain_samples": retain, "cached_below": below_path if used else None, **found}
         if len(self.lrs) > 1:
             details["lr"] = lr
-            details["lr_search"] = [{"lr": t[1], "objective": t[0], "best_epoch": t[3]["best_epoch"]} for t in trials]
+            details["lr_search"] = [
+                {
+                    "lr": t[1],
+                    "objective": t[0],
+                    "best_epoch": t[3]["best_epoch"],
+                    "diverged": t[3].get("diverged", False),
+                }
+                for t in trials
+            ]
         return {"steps": steps, "details": details}
 
     def _fine_tune(
