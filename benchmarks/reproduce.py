@@ -65,6 +65,7 @@ from lightning_sa_unlearn import (  # noqa: E402
     NewtonDecrement,
     SecondOrder,
     Sharpest,
+    StepThenFineTune,
     ValidatedLayer,
     ValidatedStep,
 )
@@ -123,6 +124,10 @@ METHODS: dict[str, Callable[[Setting], dict[str, Any]]] = {
     # the candidate default: the closed form on the last layer, then that fine-tune from there
     # (the callback's defaults, curvature included: SharpnessAwareUnlearning() with only seed and quiet output)
     "step then fine-tune, last layer": lambda s: dict(curvature=None, **default_parts()),
+    # cifar_resnet20 only: the default update on the last residual block and the classifier
+    "step then fine-tune, ResNet-20's last block and last layer": lambda s: dict(
+        curvature=None, selection=Layers(["net.11", "net.14"]), update=StepThenFineTune()
+    ),
 }
 
 

@@ -121,7 +121,7 @@ def plot(setting: str, runs: dict[str, dict], path: str) -> None:
 
     deletion = setting == "cifar10_deletion"
     methods = sorted({m for r in runs.values() for m, row in r.items() if isinstance(row, dict) and "cost" in row})
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 6))
     for method in methods:
         if setting == "mnist_backdoor":
             y = backdoor_entry(runs, method)["asr_minus_retrained_mean"]
@@ -130,8 +130,9 @@ def plot(setting: str, runs: dict[str, dict], path: str) -> None:
         else:
             y = label_entry(runs, method)["gap_restored_mean"]
         x = max(runs[s][method]["cost"]["units_percent"] for s in runs if method in runs[s])
-        ax.scatter([x], [y], s=40)
-        ax.annotate(method, (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
+        ax.scatter([x], [y], s=40, label=method if len(method) < 70 else method[:67] + "...")
+    reference = 0.0 if setting in ("mnist_backdoor", "cifar10_deletion") else 100.0
+    ax.scatter([100.0], [reference], marker="*", s=120, color="black", label="retrained from scratch")
     ax.axvline(UNITS_PERCENT_MAX, color="grey", linestyle=":", label=f"cost target {UNITS_PERCENT_MAX:g}%")
     ax.set_xscale("log")
     ax.set_xlabel("cost, % of training units (largest over seeds)")
@@ -143,7 +144,7 @@ def plot(setting: str, runs: dict[str, dict], path: str) -> None:
         else "held-out gap restored % (retrained = 100)"
     )
     ax.set_title(f"{setting}: quality against cost (mean over seeds)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=1)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
