@@ -69,7 +69,7 @@ from lightning_sa_unlearn import (  # noqa: E402
     ValidatedLayer,
     ValidatedStep,
 )
-from lightning_sa_unlearn.selection import select_layers  # noqa: E402
+from lightning_sa_unlearn.selection import select_layers, trainable_layers  # noqa: E402
 
 
 def _fine_tune(setting: Setting, **options: Any) -> FineTune:
@@ -124,9 +124,11 @@ METHODS: dict[str, Callable[[Setting], dict[str, Any]]] = {
     # the candidate default: the closed form on the last layer, then that fine-tune from there
     # (the callback's defaults, curvature included: SharpnessAwareUnlearning() with only seed and quiet output)
     "step then fine-tune, last layer": lambda s: dict(curvature=None, **default_parts()),
-    # cifar_resnet20 only: the default update on the last residual block and the classifier
-    "step then fine-tune, ResNet-20's last block and last layer": lambda s: dict(
-        curvature=None, selection=Layers(["net.11", "net.14"]), update=StepThenFineTune()
+    # the default update on the last 5 layers (ResNet-20: its last residual block and the classifier; at most all)
+    "step then fine-tune, last 5 layers": lambda s: dict(
+        curvature=None,
+        selection=LastLayer(num_layers=min(5, len(trainable_layers(make_model(s))))),
+        update=StepThenFineTune(),
     ),
 }
 

@@ -115,6 +115,8 @@ STAGES = [
     # batches of 32: the processes' SGD steps differ from one process's, so later stages start elsewhere
     ("fine_tune", dict(update=FineTune(epochs=2, lr=0.05), selection="last")),
 ]
+# A stage that names no selection or update runs the paper's method (the defaults until version 0.3).
+STAGES = [(tag, {"selection": "flattest", "update": "first_order", **kwargs}) for tag, kwargs in STAGES]
 # Stages that read other data than the fit's: one batch per loader, so that the mean gradients of the two
 # processes' halves average to the one process's batch and every SGD step is the same step.
 DATA = {"step_then_fine_tune": dict(batch_size=256)}
