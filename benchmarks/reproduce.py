@@ -276,7 +276,14 @@ def summarize(name: str, results: dict[str, Any], out: str, machine: dict[str, A
     if target is not None:
         header += [f"class {target} acc %", "other classes acc %"]
     header += ["gap restored %"] + ([f"class {target} gap restored %"] if target is not None else [])
-    header += ["D_f acc (true labels) %", "seconds", "seconds / retraining"]
+    header += ["D_f acc (true labels) %"]
+    # columns that only newer results files have (a table rebuilt from an older file keeps its columns)
+    extra = [
+        (key, title)
+        for key, title in (("loss_threshold_auc", "MIA AUC (D_f vs test)"), ("cost", "units % of training"))
+        if any(key in r for run in runs.values() for r in run.values() if isinstance(r, dict))
+    ]
+    header += [title for _, title in extra] + ["seconds", "seconds / retraining"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row, stat(column(row, lambda r, run: r["heldout"]["accuracy"]))]
@@ -290,8 +297,15 @@ def summarize(name: str, results: dict[str, Any], out: str, machine: dict[str, A
         if target is not None:
             key = f"accuracy_class_{target}"
             cells.append("" if fixed else stat(column(row, lambda r, run: gap(r, run, key)), 100.0, 0))
+        cells.append(stat(column(row, lambda r, run: r["forget_true_labels"])))
+        for key, _ in extra:
+            values = [
+                runs[s][row][key] if key != "cost" else runs[s][row][key]["units_percent"]
+                for s in seeds
+                if key in runs[s].get(row, {})
+            ]
+            cells.append(stat(values, 1.0, 3 if key != "cost" else 2) if values else "")
         cells += [
-            stat(column(row, lambda r, run: r["forget_true_labels"])),
             "" if row == "poisoned" else stat(column(row, lambda r, run: r["seconds"]), 1.0, 1),
             ""
             if row in ("poisoned", "retrained")
