@@ -130,7 +130,10 @@ def plot(setting: str, runs: dict[str, dict], path: str) -> None:
         else:
             y = label_entry(runs, method)["gap_restored_mean"]
         x = max(runs[s][method]["cost"]["units_percent"] for s in runs if method in runs[s])
-        ax.scatter([x], [y], s=40, label=method if len(method) < 70 else method[:67] + "...")
+        label = method if len(method) < 70 else method[:67] + "..."
+        seeds = sum(method in run for run in runs.values())
+        label += f" ({seeds} of {len(runs)} seeds)" if seeds < len(runs) else ""
+        ax.scatter([x], [y], s=40, label=label)
     reference = 0.0 if setting in ("mnist_backdoor", "cifar10_deletion") else 100.0
     ax.scatter([100.0], [reference], marker="*", s=120, color="black", label="retrained from scratch")
     ax.axvline(UNITS_PERCENT_MAX, color="grey", linestyle=":", label=f"cost target {UNITS_PERCENT_MAX:g}%")
