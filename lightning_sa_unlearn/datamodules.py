@@ -35,6 +35,10 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
     * ``poison="deletion"``: nothing is poisoned; ``num_poisoned`` random training samples, with
       their true labels, are a deletion request (sample unlearning). There is no ``D̃_f``:
       :meth:`corrected_dataloader` returns None, and ``train_labels="corrected"`` trains on ``D_r``.
+    * ``discovered=q`` (< 1): only a seeded ``round(q · num_poisoned)`` of the poisoned samples form ``D_f`` and
+      ``D̃_f`` (an audit that found part of the poison); the rest stay in ``D_r`` as they were trained, wrong
+      label (and trigger) included, at :attr:`unidentified_positions`. The poisoned samples, and so the
+      trained and retrained models, are the same for every ``q``.
     * ``flip_to=k``: every poisoned label becomes class ``k`` instead of a random other class (a
       fixed label flip, e.g. 9 → 7). Random flips spread D_f over nine classes, so the true class
       keeps the majority and a small model barely fits them; a fixed flip does real damage.
@@ -73,6 +77,7 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
         trigger_size: int = 3,
         trigger_corner: Literal["bottom_right", "top_left"] = "bottom_right",
         corrected_inputs: Literal["clean", "triggered"] = "clean",
+        discovered: float = 1.0,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -95,6 +100,10 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
             raise ValueError(f"trigger_size must be >= 1, got {trigger_size}.")
         if num_poisoned < 0:
             raise ValueError(f"num_poisoned must be >= 0, got {num_poisoned}.")
+        if not 0 < discovered <= 1:
+            raise ValueError(f"discovered must be in (0, 1] (the share of the poison that is known), got {discovered}.")
+        if discovered < 1 and poison == "deletion":
+            raise ValueError("discovered < 1 applies to poisons (labels or a trigger), not to a deletion request.")
         self.save_hyperparameters()
         self.dataset, self.root, self.download = dataset, root, download
         self.poison, self.num_poisoned = poison, num_poisoned
@@ -104,6 +113,7 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
         self.seed, self.synthetic_size, self.train_labels = seed, synthetic_size, train_labels
         self.device, self.flip_to = device, flip_to
         self.trigger_size, self.trigger_corner, self.corrected_inputs = trigger_size, trigger_corner, corrected_inputs
+        self.discovered = discovered
         self._ready = False
 
     # ----------------------------------------------------------------------------- loading
@@ -139,24 +149,31 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
             poisoned_labels[positions] = self.flip_to
         if self.poison == "backdoor":
             poisoned_labels[positions] = self.target_class
+        poisoned, known = positions, self._discover(positions)  # known: D_f
         is_forget = torch.zeros(len(train_index), dtype=torch.bool)
-        is_forget[positions] = True
+        is_forget[known] = True
+        self.poisoned_positions = poisoned
+        """Positions in ``train_set`` of every poisoned sample, known or not (sorted)."""
+        self.unidentified_positions = poisoned[~torch.isin(poisoned, known)]
+        """Positions in ``train_set`` of the poisoned samples left out of ``D_f`` (``discovered < 1``): they stay in
+        ``D_r`` with their trained labels and inputs."""
 
         x = images[train_index]
         self._white = images.amax(dim=(0, 2, 3))  # per channel: the trigger's colour, in normalized units
         trained_x = x.clone()
         if self.poison == "backdoor":
-            trained_x[positions] = self.stamp_trigger(x[positions])
+            trained_x[poisoned] = self.stamp_trigger(x[poisoned])
         # indices into the original training split
-        self.train_indices, self.val_indices, self.poisoned_indices = train_index, val_index, train_index[positions]
-        self.forget_set = TensorDataset(trained_x[positions], poisoned_labels[positions])
+        self.train_indices, self.val_indices, self.poisoned_indices = train_index, val_index, train_index[poisoned]
+        self.forget_set = TensorDataset(trained_x[known], poisoned_labels[known])
         corrected_x = trained_x if self.corrected_inputs == "triggered" else x
-        self.corrected_set = TensorDataset(corrected_x[positions], true_labels[positions])
-        self.retain_set = TensorDataset(x[~is_forget], true_labels[~is_forget])
+        self.corrected_set = TensorDataset(corrected_x[known], true_labels[known])
+        # as trained: clean samples with their true labels, unidentified poison with its wrong labels (and trigger)
+        self.retain_set = TensorDataset(trained_x[~is_forget], poisoned_labels[~is_forget])
         if self.train_labels == "poisoned":
             self.train_set = TensorDataset(trained_x, poisoned_labels)
         elif self.poison == "deletion":  # the gold standard of sample unlearning: D_r alone
-            self.train_set = self.retain_set
+            self.train_set = self.retain_set  # (discovered is 1 here: D_r holds no poison)
         else:  # the gold standard: D_r ∪ D̃_f, the same images with true labels (no trigger)
             self.train_set = TensorDataset(x, true_labels)
         self.val_set = TensorDataset(images[val_index], labels[val_index])
@@ -177,6 +194,15 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
         corner = slice(-size, None) if self.trigger_corner == "bottom_right" else slice(0, size)
         stamped[..., corner, corner] = self._white.to(images)[:, None, None]
         return stamped
+
+    def _discover(self, positions: Tensor) -> Tensor:
+        """The known part of the poison: ``round(discovered · n)`` of ``positions`` (at least 1), drawn by a generator
+        of its own, so the poisoned samples themselves do not depend on ``discovered``; sorted."""
+        if self.discovered == 1 or len(positions) == 0:
+            return positions
+        count = max(1, round(self.discovered * len(positions)))
+        generator = torch.Generator().manual_seed(self.seed + 1_000_003)
+        return positions[torch.randperm(len(positions), generator=generator)[:count]].sort().values
 
     def _choose_poisoned(self, true_labels: Tensor, generator: torch.Generator) -> Tensor:
         if self.flip_to is not None and not 0 <= self.flip_to < self.num_classes:

@@ -128,3 +128,60 @@ def test_a_backdoor_offers_both_corrected_sets():
     assert torch.equal(clean.stamp_trigger(clean.corrected_set.tensors[0]), forget_x)  # clean: the trigger removed
     assert not torch.equal(clean.corrected_set.tensors[0], forget_x)
     assert torch.equal(clean.retain_set.tensors[0], triggered.retain_set.tensors[0])  # nothing else changes
+
+
+def positions_of(dm, dataset):
+    """Positions in ``dm.train_set`` of each image of ``dataset`` (exact tensor match; images are distinct)."""
+    train_x = dm.train_set.tensors[0].flatten(1)
+    return sorted(int((train_x == x.flatten()).all(1).nonzero()[0]) for x in dataset.tensors[0])
+
+
+@pytest.mark.parametrize("poison", ["targeted", "backdoor"])
+def test_a_discovered_fraction_splits_the_poison_into_known_and_unidentified(poison):
+    full, part = synthetic(poison=poison, num_poisoned=40), synthetic(poison=poison, num_poisoned=40, discovered=0.25)
+    assert torch.equal(full.poisoned_indices, part.poisoned_indices)  # the same poison, so the same trained models
+    assert all(torch.equal(a, b) for a, b in zip(full.train_set.tensors, part.train_set.tensors))
+    known, unidentified = positions_of(part, part.forget_set), part.unidentified_positions.tolist()
+    assert len(part.forget_set) == len(part.corrected_set) == 10 and len(unidentified) == 30
+    assert not set(known) & set(unidentified)
+    assert sorted(known + unidentified) == positions_of(full, full.forget_set) == full.poisoned_positions.tolist()
+    assert len(part.retain_set) == len(part.train_set) - 10 and len(full.unidentified_positions) == 0
+    # the unidentified poison stays in D_r as it was trained: wrong label (and trigger) included
+    retain_x, retain_y = part.retain_set.tensors
+    train_x, train_y = part.train_set.tensors
+    true_y = synthetic(poison=poison, num_poisoned=40, train_labels="corrected").train_set.tensors[1]
+    for position in unidentified[:5]:
+        row = (retain_x.flatten(1) == train_x[position].flatten()).all(1).nonzero()[0]
+        assert retain_y[row] == train_y[position] != true_y[position]
+
+
+def test_the_discovered_choice_depends_on_the_seed_alone():
+    torch.manual_seed(123)
+    a = synthetic(num_poisoned=40, discovered=0.5, seed=3).unidentified_positions
+    torch.manual_seed(456)  # the global RNG state does not enter
+    b = synthetic(num_poisoned=40, discovered=0.5, seed=3).unidentified_positions
+    c = synthetic(num_poisoned=40, discovered=0.5, seed=4).unidentified_positions
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_every_process_chooses_the_same_discovered_samples():
+    """What DDP relies on: a fresh process (another rank) builds the same split from the same arguments."""
+    import subprocess
+    import sys
+
+    code = (
+        "from lightning_sa_unlearn import PoisonedLabelDataModule as D;"
+        "d=D(dataset='synthetic', num_poisoned=40, seed=5, discovered=0.25); d.setup('fit');"
+        "print(d.unidentified_positions.tolist())"
+    )
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    here = synthetic(num_poisoned=40, seed=5, discovered=0.25).unidentified_positions.tolist()
+    assert other.strip().splitlines()[-1] == str(here)
+
+
+@pytest.mark.parametrize("discovered", [0.0, 1.5])
+def test_discovered_must_be_a_share(discovered):
+    with pytest.raises(ValueError, match="discovered must be in"):
+        synthetic(discovered=discovered)
+    with pytest.raises(ValueError, match="not to a deletion request"):
+        synthetic(poison="deletion", discovered=0.5)
