@@ -71,6 +71,10 @@ def run(seed: int, discovered: float, cache: str) -> dict:
     }
 
 
+def precision(row: dict) -> str:
+    return "-" if row["precision_at_k"] is None else f"{row['precision_at_k']:.3f}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         lines.append(
             f"| {row['seed']} | {row['discovered']:g} | {row['known']} | {row['unidentified']} | "
-            f"{100 * row['heldout']['after']:.2f} | {100 * row['gap_restored']:.0f} | {row['precision_at_k']:.3f} | "
+            f"{100 * row['heldout']['after']:.2f} | {100 * row['gap_restored']:.0f} | {precision(row)} | "
             f"{row['cost']['units_percent']:.2f} |"
         )
     text = "\n".join(lines) + "\n"

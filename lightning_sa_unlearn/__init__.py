@@ -16,6 +16,7 @@ from lightning_sa_unlearn.curvature import (
     hessian_diagonal,
 )
 from lightning_sa_unlearn.datamodules import PoisonedLabelDataModule
+from lightning_sa_unlearn.discovery import Suspects, rank_suspects
 from lightning_sa_unlearn.evaluations import Evaluation, HeldOutMetrics, MembershipInference, RelearnAttack
 from lightning_sa_unlearn.guard import HarmfulUpdateError, paired_standard_error
 from lightning_sa_unlearn.pipeline import UnlearningRun
@@ -88,6 +89,7 @@ __all__ = [
     "Solver",
     "StepSize",
     "StepThenFineTune",
+    "Suspects",
     "TopFraction",
     "UnlearningReport",
     "UnlearningRun",
@@ -99,6 +101,7 @@ __all__ = [
     "hessian_diagonal",
     "layer_sharpness",
     "paired_standard_error",
+    "rank_suspects",
     "select_layers",
 ]
 __version__ = "0.3.0.dev0"
