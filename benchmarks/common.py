@@ -233,7 +233,7 @@ def make_datamodule(
     return datamodule
 
 
-def train(setting: Setting, seed: int, labels: str, path: str) -> tuple[pl.LightningModule, float]:
+def train(setting: Setting, seed: int, labels: str, path: str, **options: Any) -> tuple[pl.LightningModule, float]:
     """Train (or load from the cache) one model; returns it and its training seconds.
 
     The seed is set before the model is built, so that its initial weights do not depend on what the
@@ -254,7 +254,7 @@ def train(setting: Setting, seed: int, labels: str, path: str) -> tuple[pl.Light
         benchmark=setting.device == "cuda",
     )
     start = time.perf_counter()
-    trainer.fit(model, make_datamodule(setting, seed, labels))
+    trainer.fit(model, make_datamodule(setting, seed, labels, **options))
     seconds = time.perf_counter() - start
     if setting.device is not None:  # Lightning hands the model back on the CPU after fit
         model.to(setting.device)

@@ -45,6 +45,8 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
 
     ``train_labels="corrected"`` serves the same training images with their true labels
     (``D_r ∪ D̃_f``), for the model retrained from scratch that unlearning is measured against.
+    ``train_labels="retain"`` serves ``D_r`` as it is: retraining without the identified samples (with
+    ``discovered < 1`` the unidentified poison stays in it).
 
     The validation split is held out of the training images before poisoning, so its labels are
     clean; by default it is what exceeds 50,000 training images (the paper's setting: MNIST 50,000
@@ -71,7 +73,7 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         synthetic_size: tuple[int, int] = (1200, 400),
-        train_labels: Literal["poisoned", "corrected"] = "poisoned",
+        train_labels: Literal["poisoned", "corrected", "retain"] = "poisoned",
         device: str | None = None,
         flip_to: int | None = None,
         trigger_size: int = 3,
@@ -84,8 +86,8 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
             raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}.")
         if poison not in POISONS:
             raise ValueError(f"unknown poison {poison!r}; choose one of {POISONS}.")
-        if train_labels not in ("poisoned", "corrected"):
-            raise ValueError(f"train_labels must be 'poisoned' or 'corrected', got {train_labels!r}.")
+        if train_labels not in ("poisoned", "corrected", "retain"):
+            raise ValueError(f"train_labels must be 'poisoned', 'corrected' or 'retain', got {train_labels!r}.")
         if flip_to is not None and poison not in ("targeted", "untargeted"):
             raise ValueError(f"flip_to applies to label flips only, not to poison={poison!r}.")
         if trigger_corner not in ("bottom_right", "top_left"):
@@ -170,7 +172,9 @@ class PoisonedLabelDataModule(pl.LightningDataModule):
         self.corrected_set = TensorDataset(corrected_x[known], true_labels[known])
         # as trained: clean samples with their true labels, unidentified poison with its wrong labels (and trigger)
         self.retain_set = TensorDataset(trained_x[~is_forget], poisoned_labels[~is_forget])
-        if self.train_labels == "poisoned":
+        if self.train_labels == "retain":
+            self.train_set = self.retain_set
+        elif self.train_labels == "poisoned":
             self.train_set = TensorDataset(trained_x, poisoned_labels)
         elif self.poison == "deletion":  # the gold standard of sample unlearning: D_r alone
             self.train_set = self.retain_set  # (discovered is 1 here: D_r holds no poison)

@@ -185,3 +185,9 @@ def test_discovered_must_be_a_share(discovered):
         synthetic(discovered=discovered)
     with pytest.raises(ValueError, match="not to a deletion request"):
         synthetic(poison="deletion", discovered=0.5)
+
+
+def test_retain_labels_train_on_d_r_as_it_is_the_unidentified_poison_included():
+    dm = synthetic(num_poisoned=40, discovered=0.25, train_labels="retain")
+    assert all(torch.equal(a, b) for a, b in zip(dm.train_set.tensors, dm.retain_set.tensors))
+    assert len(dm.train_set) == len(synthetic(num_poisoned=40).train_set) - 10
