@@ -44,6 +44,7 @@ from common import (  # noqa: E402
 from lightning_sa_unlearn import GGN, AllLayers, FineTune, FirstOrder, Flattest, LastLayer  # noqa: E402
 from lightning_sa_unlearn.passes import seconds_per_gradient_sample  # noqa: E402
 from lightning_sa_unlearn.pipeline import UNLEARNING_STAGES  # noqa: E402
+from lightning_sa_unlearn.updates import DEFAULT_LRS  # noqa: E402
 
 # curvature=None: the callback's default estimator (MonteCarloGGN read until the selection is confident).
 METHODS = {
@@ -73,12 +74,12 @@ METHODS = {
     "fine-tune flattest layer, 5,000 retain samples, lr of 3 and best of 5 epochs on validation": lambda s: dict(
         curvature=None,
         selection=Flattest(),
-        update=FineTune(epochs=5, lr=[0.003, 0.01, 0.03], retain_samples=5_000, best_epoch=True),
+        update=FineTune(epochs=5, lr=list(DEFAULT_LRS), retain_samples=5_000, best_epoch=True),
     ),
     "fine-tune last layer, 5,000 retain samples, lr of 3 and best of 5 epochs on validation": lambda s: dict(
         curvature=None,
         selection=LastLayer(),
-        update=FineTune(epochs=5, lr=[0.003, 0.01, 0.03], retain_samples=5_000, best_epoch=True),
+        update=FineTune(epochs=5, lr=list(DEFAULT_LRS), retain_samples=5_000, best_epoch=True),
     ),
 }
 

@@ -70,14 +70,15 @@ from lightning_sa_unlearn import (  # noqa: E402
     ValidatedStep,
 )
 from lightning_sa_unlearn.selection import select_layers, trainable_layers  # noqa: E402
+from lightning_sa_unlearn.updates import DEFAULT_LRS  # noqa: E402
 
 
 def _fine_tune(setting: Setting, **options: Any) -> FineTune:
     return FineTune(epochs=setting.fine_tune_epochs, lr=setting.fine_tune_lr, **options)
 
 
-LR_GRID = [0.003, 0.01, 0.03]
-"""The lr values a validated fine-tune tries (around the settings' 0.01)."""
+LR_GRID = list(DEFAULT_LRS)
+"""The lr values a validated fine-tune tries: the default update's (around the MNIST settings' 0.01)."""
 
 # Row name (the results files key on it) -> the callback's parts for a setting; the curvature part is the setting's.
 METHODS: dict[str, Callable[[Setting], dict[str, Any]]] = {
@@ -279,11 +280,14 @@ def summarize(name: str, results: dict[str, Any], out: str, machine: dict[str, A
     header += ["D_f acc (true labels) %"]
     # columns that only newer results files have (a table rebuilt from an older file keeps its columns)
     extra = [
-        (key, title)
-        for key, title in (("loss_threshold_auc", "MIA AUC (D_f vs test)"), ("cost", "units % of training"))
+        (key, title, pick, digits)
+        for key, title, pick, digits in (
+            ("loss_threshold_auc", "MIA AUC (D_f vs test)", lambda value: value, 3),
+            ("cost", "units % of training", lambda value: value["units_percent"], 2),
+        )
         if any(key in r for run in runs.values() for r in run.values() if isinstance(r, dict))
     ]
-    header += [title for _, title in extra] + ["seconds", "seconds / retraining"]
+    header += [title for _, title, _, _ in extra] + ["seconds", "seconds / retraining"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row, stat(column(row, lambda r, run: r["heldout"]["accuracy"]))]
@@ -298,13 +302,9 @@ def summarize(name: str, results: dict[str, Any], out: str, machine: dict[str, A
             key = f"accuracy_class_{target}"
             cells.append("" if fixed else stat(column(row, lambda r, run: gap(r, run, key)), 100.0, 0))
         cells.append(stat(column(row, lambda r, run: r["forget_true_labels"])))
-        for key, _ in extra:
-            values = [
-                runs[s][row][key] if key != "cost" else runs[s][row][key]["units_percent"]
-                for s in seeds
-                if key in runs[s].get(row, {})
-            ]
-            cells.append(stat(values, 1.0, 3 if key != "cost" else 2) if values else "")
+        for key, _, pick, digits in extra:
+            values = [pick(runs[s][row][key]) for s in seeds if key in runs[s].get(row, {})]
+            cells.append(stat(values, 1.0, digits) if values else "")
         cells += [
             "" if row == "poisoned" else stat(column(row, lambda r, run: r["seconds"]), 1.0, 1),
             ""

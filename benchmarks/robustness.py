@@ -51,6 +51,7 @@ from lightning_sa_unlearn import (  # noqa: E402
     ValidatedStep,
 )
 from lightning_sa_unlearn.evaluations import classification_metrics  # noqa: E402
+from lightning_sa_unlearn.updates import DEFAULT_LRS  # noqa: E402
 
 SCENARIOS = ("mnist_targeted", "mnist_backdoor", "mnist_deletion")
 RULES = ("flattest", "sharpest", "last", "all", "validated_layer", "fine_tune_flattest", "fine_tune_last", "default")
@@ -59,7 +60,7 @@ RULES = ("flattest", "sharpest", "last", "all", "validated_layer", "fine_tune_fl
 CANDIDATES = {
     f"fine_tune_{rule}": lambda objective, rule=rule: dict(
         selection=rule,
-        update=FineTune(epochs=5, lr=[0.003, 0.01, 0.03], retain_samples=5_000, best_epoch=True, objective=objective),
+        update=FineTune(epochs=5, lr=list(DEFAULT_LRS), retain_samples=5_000, best_epoch=True, objective=objective),
     )
     for rule in ("flattest", "last")
 }
@@ -68,7 +69,7 @@ CANDIDATES["default"] = lambda objective: dict(
     selection="last",
     update=StepThenFineTune(
         FirstOrder(ValidatedStep(objective=objective)),
-        FineTune(epochs=5, lr=[0.003, 0.01, 0.03], retain_samples=5_000, best_epoch=True, objective=objective),
+        FineTune(epochs=5, lr=list(DEFAULT_LRS), retain_samples=5_000, best_epoch=True, objective=objective),
     ),
 )
 # Chosen on the validation split of mnist_targeted, seed 0: the largest lr on the grid 1e-5, 3e-5, 1e-4, 3e-4

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from torch import Tensor, nn
 
-from lightning_sa_unlearn.updates.functional import _reset, apply_first_order, choose_tau
+from lightning_sa_unlearn.updates.functional import _copy, _reset, apply_first_order, choose_tau
 from lightning_sa_unlearn.updates.step_search import search_tau
 
 if TYPE_CHECKING:
@@ -228,7 +228,7 @@ class ValidatedStep(StepSize):
         self, inputs: UpdateInputs, objective: ValidationObjective, direction: dict[str, Tensor], grid: Sequence[float]
     ) -> dict[str, Any]:
         params = dict(inputs.model.named_parameters())
-        start = {n: params[n].detach().clone() for n in inputs.names}
+        start = _copy(params, inputs.names)
 
         def move(tau: float) -> None:
             _reset(params, start)

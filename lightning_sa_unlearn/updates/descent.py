@@ -24,6 +24,7 @@ from lightning_sa_unlearn.updates.functional import (
     Batch,
     ForgetLoss,
     Masks,
+    _copy,
     _reset,
     apply_first_order,
     default_forget_loss,
@@ -102,7 +103,7 @@ def fine_tune(
         opt = torch.optim.Adam(selected, lr=lr, weight_decay=weight_decay)
     rng = random.Random(seed)
     steps = 0
-    start = {n: params[n].detach().clone() for n in names}
+    start = _copy(params, names)
     try:
         with eval_mode(model), torch.enable_grad(), trainable_only(model, names):
             for epoch in range(epochs):
@@ -194,7 +195,7 @@ def forget_loss_descent(
 
     params = dict(model.named_parameters())
     best_step, best_loss, best = 0, math.inf, None
-    start = {n: params[n].detach().clone() for n in names}
+    start = _copy(params, names)
     if validation_loss is not None:
         best_loss, best = validation_loss(model), start
     with eval_mode(model), _restored_on_divergence(params, start):
@@ -234,7 +235,7 @@ def forget_loss_descent(
                         "the weights were restored. Lower lr or steps."
                     )
                 if loss < best_loss:
-                    best_step, best_loss, best = step, loss, {n: params[n].detach().clone() for n in names}
+                    best_step, best_loss, best = step, loss, _copy(params, names)
     if best is None:
         return steps
     _reset(params, best)

@@ -167,7 +167,7 @@ def choose_tau(
     Returns the chosen τ and ``{τ: validation loss}``. Non-finite losses never win.
     """
     params = dict(model.named_parameters())
-    start = {n: params[n].detach().clone() for n in names}
+    start = _copy(params, names)
     losses: dict[float, float] = {}
     for tau in progress(grid):
         _reset(params, start)
@@ -180,6 +180,11 @@ def choose_tau(
     _reset(params, start)
     apply_first_order(model, gradient, names, best, masks)
     return best, losses
+
+
+def _copy(params: dict[str, nn.Parameter], names: Sequence[str]) -> dict[str, Tensor]:
+    """Detached copies of ``names``' parameters (what :func:`_reset` puts back)."""
+    return {n: params[n].detach().clone() for n in names}
 
 
 @torch.no_grad()

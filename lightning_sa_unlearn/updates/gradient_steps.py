@@ -6,7 +6,6 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import torch
 from torch import Tensor
 
 from lightning_sa_unlearn.data import dataset_size, sized
@@ -22,7 +21,7 @@ from lightning_sa_unlearn.updates.base import (
     step_size_from,
 )
 from lightning_sa_unlearn.updates.descent import OPTIMIZERS, fine_tune, forget_loss_descent
-from lightning_sa_unlearn.updates.functional import _reset, default_tau_grid
+from lightning_sa_unlearn.updates.functional import _copy, _reset, default_tau_grid
 
 
 class FirstOrder(Update):
@@ -239,26 +238,24 @@ class FineTune(Update):
 
         cached, below_path = self._cache(inputs, sources)
         params = dict(inputs.model.named_parameters())
-        start = {n: params[n].detach().clone() for n in inputs.names}
+        start = _copy(params, inputs.names)
         trials = []
         for lr in self.lrs:  # one trial per lr, each from the same weights
             _reset(params, start)
             tracker = _BestEpoch(inputs, self.validation_samples) if self.validation() else None
-            diverged = False
             try:
                 steps = self._fine_tune(inputs, sources, lr, steps_per_epoch, cached, tracker)
             except FloatingPointError:
                 if tracker is None or len(self.lrs) == 1:  # nothing measured to fall back on
                     raise
                 # this lr diverged: the trial keeps its best epoch before that (epoch 0 at least); its steps are lost
-                steps, diverged = 0, True
-                tracker.objectives.append(math.inf)
+                steps = 0
+                tracker.diverged()
                 if "cache" in cached:
                     cached["cache"].reset()
             found = tracker.finish() if tracker is not None else {}
-            found.update({"diverged": True} if diverged else {})
             value = min((v for v in found.get("epoch_objectives", []) if math.isfinite(v)), default=math.inf)
-            trials.append((value, lr, steps, found, {n: params[n].detach().clone() for n in inputs.names}))
+            trials.append((value, lr, steps, found, _copy(params, inputs.names)))
         value, lr, steps, found, weights = min(trials, key=lambda trial: trial[0])  # ties: the first lr
         _reset(params, weights)
         used = "cache" in cached and cached["cache"].usable  # not when dropped at its limit, or left incomplete
@@ -342,8 +339,8 @@ class _BestEpoch:
             )
         self.inputs, self.samples = inputs, samples
         self.params = dict(inputs.model.named_parameters())
-        self.objectives = [self._objective()]
-        self.best = {n: self.params[n].detach().clone() for n in inputs.names}
+        self.objectives, self.failed = [self._objective()], False
+        self.best = _copy(self.params, inputs.names)
 
     def _objective(self) -> float:
         inputs = self.inputs
@@ -352,12 +349,16 @@ class _BestEpoch:
     def __call__(self, epoch: int) -> None:
         value = self._objective()
         if value < min(self.objectives):  # NaN never wins
-            self.best = {n: self.params[n].detach().clone() for n in self.inputs.names}
+            self.best = _copy(self.params, self.inputs.names)
         self.objectives.append(value)
 
+    def diverged(self) -> None:
+        """The epoch under way ended with a non-finite loss: it counts as an infinite objective."""
+        self.objectives.append(math.inf)
+        self.failed = True
+
     def finish(self) -> dict[str, Any]:
-        with torch.no_grad():
-            for name, value in self.best.items():
-                self.params[name].copy_(value)
+        _reset(self.params, self.best)
         finite = [v if math.isfinite(v) else math.inf for v in self.objectives]
-        return {"epoch_objectives": self.objectives, "best_epoch": finite.index(min(finite))}
+        found = {"epoch_objectives": self.objectives, "best_epoch": finite.index(min(finite))}
+        return {**found, "diverged": True} if self.failed else found
