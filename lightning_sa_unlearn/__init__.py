@@ -16,7 +16,7 @@ from lightning_sa_unlearn.curvature import (
     hessian_diagonal,
 )
 from lightning_sa_unlearn.datamodules import PoisonedLabelDataModule
-from lightning_sa_unlearn.discovery import Suspects, rank_suspects
+from lightning_sa_unlearn.discovery import ExtendedForgetData, Suspects, rank_suspects
 from lightning_sa_unlearn.evaluations import Evaluation, HeldOutMetrics, MembershipInference, RelearnAttack
 from lightning_sa_unlearn.guard import HarmfulUpdateError, paired_standard_error
 from lightning_sa_unlearn.pipeline import UnlearningRun
@@ -63,6 +63,7 @@ __all__ = [
     "EmpiricalFisher",
     "Evaluation",
     "ExactHessian",
+    "ExtendedForgetData",
     "FineTune",
     "IteratedFirstOrder",
     "FirstOrder",

@@ -1,37 +1,66 @@
-"""Finding poison that was not identified: rank training samples by how much the unlearned model rejects their
-trained labels (issue #25).
+"""Finding poison that was not identified, and unlearning it too (issue #25).
 
 After unlearning a systematic poison from the part of it that is known, the model predicts the true class for
-the rest too; the unidentified poisoned samples are then those whose trained label the model now disagrees with.
+the rest too; the unidentified poisoned samples are then those whose trained label the model now rejects.
+:func:`rank_suspects` ranks the retain set by that rejection; :class:`ExtendedForgetData` moves the candidates
+into ``D_f`` (with the unlearned model's classes as ``D̃_f``) for a second run:
+
+    report = callback.unlearn(model, data)                 # round 1: D_f = the known poison
+    suspects = rank_suspects(model, data.retain_dataloader(), before=fitted)
+    model.load_state_dict(fitted.state_dict())             # round 2 starts again from the fitted model
+    callback.unlearn(model, ExtendedForgetData(data, suspects.candidates(), suspects.candidate_labels()))
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, RandomSampler, Subset
 
 from lightning_sa_unlearn.data import is_map_style
-from lightning_sa_unlearn.objective.losses import sample_losses
+from lightning_sa_unlearn.functional import batches_for, eval_mode
+from lightning_sa_unlearn.objective.losses import SampleLosses, sample_losses
+from lightning_sa_unlearn.objective.stored_features import PROBE_SAMPLES, split_below
+
+BLOCK_BATCHES = 64
+"""Batches whose stored features are held at once when both models share the layers below their changes."""
 
 
 @dataclass(frozen=True)
 class Suspects:
-    """Training samples ranked by suspicion, most suspect first."""
+    """Training samples ranked by suspicion, most suspect first (every tensor in that order)."""
 
     positions: Tensor
     """Positions in the loader's dataset (``loader.dataset[position]``)."""
     scores: Tensor
     """``ℓ_after(x, y) − ℓ_before(x, y)`` under the trained label ``y`` (``ℓ_after`` alone without ``before``)."""
+    predicted: Tensor
+    """The unlearned model's class for each sample: its proposed label."""
+    flagged: Tensor
+    """Whether unlearning turned the sample away from its trained label: ``before`` predicted ``y`` and the
+    unlearned model does not (without ``before``: the unlearned model does not predict ``y``)."""
+    passes: dict[str, int]
+    """Samples through the models, by kind (:mod:`~lightning_sa_unlearn.passes`): ``forward`` for a whole
+    model, ``forward_above`` for the layers above outputs that both models share."""
 
     def top(self, k: int) -> Tensor:
         """The positions of the ``k`` most suspect samples."""
         return self.positions[:k]
+
+    def candidates(self) -> Tensor:
+        """The positions of the flagged samples, most suspect first."""
+        return self.positions[self.flagged]
+
+    def candidate_labels(self) -> Tensor:
+        """The unlearned model's classes for :meth:`candidates`, in the same order."""
+        return self.predicted[self.flagged]
 
 
 def rank_suspects(
@@ -40,12 +69,14 @@ def rank_suspects(
     before: nn.Module | None = None,
     loss_fn: Callable[..., Tensor] = F.cross_entropy,
 ) -> Suspects:
-    """Every sample of ``loader`` (a map-style DataLoader of ``(x, y)`` with the labels the model was trained on),
-    scored by ``s = ℓ(model(x), y) − ℓ(before(x), y)``: how far unlearning moved the model away from the trained
-    label. With ``before=None`` the score is ``ℓ(model(x), y)`` alone. One forward pass per sample and model.
+    """Every sample of ``loader`` (a map-style DataLoader of ``(x, y)`` with the labels the model was trained on,
+    one class per sample), scored by ``s = ℓ(model(x), y) − ℓ(before(x), y)``: how far unlearning moved the model
+    away from the trained label. With ``before=None`` the score is ``ℓ(model(x), y)`` alone.
 
-    The samples are read in dataset order (the loader's own sampler and shuffling are not used), so that the
-    returned positions index ``loader.dataset``.
+    One forward pass per sample and model; when the two differ only above some layer output (the unlearning
+    updated the last layers), that output is computed once and both models' upper layers read it. The samples
+    are read in dataset order (the loader's sampler and shuffling are not used): positions index
+    ``loader.dataset``.
     """
     if not is_map_style(loader):
         raise ValueError(
@@ -53,11 +84,130 @@ def rank_suspects(
             f"its dataset; got {type(loader).__name__}."
         )
     ordered = DataLoader(loader.dataset, batch_size=loader.batch_size or 256, shuffle=False)
-    scores = sample_losses(model, ordered, loss_fn).losses
-    if before is not None:
-        scores = scores - sample_losses(before, ordered, loss_fn).losses
+    n = len(loader.dataset)
+    if before is None:
+        after, earlier, passes = sample_losses(model, ordered, loss_fn), None, {"forward": n}
+    else:
+        after, earlier, passes = _both(model, before, ordered, loss_fn, n)
+    if len(after.predicted) != n:
+        raise ValueError("rank_suspects ranks samples with one class label each; got labels per position.")
+    scores = after.losses if earlier is None else after.losses - earlier.losses
+    rejected = after.predicted != after.labels
+    flagged = rejected if earlier is None else rejected & (earlier.predicted == earlier.labels)
     order = torch.argsort(scores, descending=True, stable=True)
-    return Suspects(positions=order, scores=scores[order])
+    return Suspects(order, scores[order], after.predicted[order], flagged[order], passes)
 
 
-__all__ = ["Suspects", "rank_suspects"]
+def _both(
+    model: nn.Module, before: nn.Module, ordered: DataLoader, loss_fn: Callable[..., Tensor], n: int
+) -> tuple[SampleLosses, SampleLosses, dict[str, int]]:
+    """Both models' :class:`SampleLosses`, through their shared lower layers once where a split exists."""
+    changed = _changed(model, before)
+    probe = next((x for x, _ in batches_for(model, ordered)), None)
+    probe = probe[:PROBE_SAMPLES] if isinstance(probe, Tensor) else probe
+    split = split_below(model, changed, probe) if changed else None
+    split_before = split_below(before, changed, probe) if split else None
+    if split is None or split_before is None:
+        return sample_losses(model, ordered, loss_fn), sample_losses(before, ordered, loss_fn), {"forward": 2 * n}
+    below, above, _ = split
+    parts: list[tuple[SampleLosses, SampleLosses]] = []
+    with eval_mode(model), torch.no_grad():
+        for block in _blocks(batches_for(model, ordered)):
+            features = [(below(x), y) for x, y in block]
+            parts.append((sample_losses(above, features, loss_fn), sample_losses(split_before[1], features, loss_fn)))
+    return _joined(p[0] for p in parts), _joined(p[1] for p in parts), {"forward": n, "forward_above": 2 * n}
+
+
+def _changed(model: nn.Module, before: nn.Module) -> list[str]:
+    """Names of the parameters and buffers whose values differ between two models of one architecture."""
+    mine, theirs = model.state_dict(), before.state_dict()
+    if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
+        raise ValueError("before must be the model as it was before unlearning: same parameters and buffers.")
+    return [name for name in mine if not torch.equal(mine[name], theirs[name].to(mine[name].device))]
+
+
+def _blocks(batches: Iterator[Any]) -> Iterator[list[Any]]:
+    iterator = iter(batches)
+    while block := list(islice(iterator, BLOCK_BATCHES)):
+        yield block
+
+
+def _joined(parts: Any) -> SampleLosses:
+    parts = list(parts)
+    return SampleLosses(
+        *(torch.cat([getattr(p, f) for p in parts]) for f in ("losses", "labels", "predicted", "correct"))
+    )
+
+
+class _Relabelled(Dataset):
+    def __init__(self, samples: Dataset, labels: Tensor) -> None:
+        self.samples, self.labels = samples, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Any, Tensor]:
+        return self.samples[index][0], self.labels[index]
+
+
+class ExtendedForgetData(pl.LightningDataModule):
+    """``datamodule`` with the retain samples at ``positions`` moved into the forget set: ``D_f`` gains them with
+    their trained labels, ``D̃_f`` with ``labels``, and ``D_r`` loses them. The training, validation and test
+    loaders are ``datamodule``'s own. ``datamodule`` must be set up and serve map-style forget, corrected and
+    retain loaders; ``positions`` index ``retain_dataloader().dataset`` (as :func:`rank_suspects` returns them).
+    """
+
+    def __init__(self, datamodule: Any, positions: Tensor, labels: Tensor) -> None:
+        super().__init__()
+        self.source = datamodule
+        corrected = datamodule.corrected_dataloader() if hasattr(datamodule, "corrected_dataloader") else None
+        self._forget, self._retain = datamodule.forget_dataloader(), datamodule.retain_dataloader()
+        if corrected is None or not all(map(is_map_style, (self._forget, corrected, self._retain))):
+            raise ValueError(
+                "ExtendedForgetData needs map-style forget_dataloader(), corrected_dataloader() and "
+                "retain_dataloader() (DataLoaders over indexable datasets): sample deletion has no labels to add."
+            )
+        positions, labels = torch.as_tensor(positions, dtype=torch.long), torch.as_tensor(labels, dtype=torch.long)
+        size = len(self._retain.dataset)
+        if positions.shape != labels.shape or positions.dim() != 1:
+            raise ValueError(f"give one label per position: {tuple(positions.shape)} vs {tuple(labels.shape)}.")
+        if len(positions.unique()) != len(positions) or (
+            len(positions) and not 0 <= positions.min() <= positions.max() < size
+        ):
+            raise ValueError(f"positions must be distinct positions in the retain set (0 .. {size - 1}).")
+        moved = Subset(self._retain.dataset, positions.tolist())
+        keep = torch.ones(size, dtype=torch.bool)
+        keep[positions] = False
+        self.target_class = getattr(datamodule, "target_class", None)
+        self.forget_set = ConcatDataset([self._forget.dataset, moved])
+        self.corrected_set = ConcatDataset([corrected.dataset, _Relabelled(moved, labels)])
+        self.retain_set = Subset(self._retain.dataset, keep.nonzero().flatten().tolist())
+
+    def _like(self, loader: DataLoader, dataset: Dataset) -> DataLoader:
+        shuffle = isinstance(loader.sampler, RandomSampler)
+        return DataLoader(dataset, batch_size=loader.batch_size, shuffle=shuffle, num_workers=loader.num_workers)
+
+    def forget_dataloader(self) -> DataLoader:
+        return self._like(self._forget, self.forget_set)
+
+    def corrected_dataloader(self) -> DataLoader:
+        return self._like(self._forget, self.corrected_set)  # D_f's batch size: the two stay aligned
+
+    def retain_dataloader(self) -> DataLoader:
+        return self._like(self._retain, self.retain_set)
+
+    def train_dataloader(self) -> Any:
+        return self.source.train_dataloader()
+
+    def val_dataloader(self) -> Any:
+        return self.source.val_dataloader()
+
+    def test_dataloader(self) -> Any:
+        return self.source.test_dataloader()
+
+    def triggered_test_dataloader(self) -> Any:
+        loader = getattr(self.source, "triggered_test_dataloader", None)
+        return None if loader is None else loader()
+
+
+__all__ = ["ExtendedForgetData", "Suspects", "rank_suspects"]

@@ -1,11 +1,14 @@
 """rank_suspects against a hand computation on a tiny float64 model (issue #25)."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_sa_unlearn.discovery import rank_suspects
+from lightning_sa_unlearn import PoisonedLabelDataModule
+from lightning_sa_unlearn.discovery import ExtendedForgetData, rank_suspects
 
 
 def tiny(seed):
@@ -33,3 +36,98 @@ def test_scores_are_the_rise_of_each_samples_loss_under_its_trained_label():
 def test_a_loader_without_positions_is_refused():
     with pytest.raises(ValueError, match="map-style DataLoader"):
         rank_suspects(tiny(0), [(torch.zeros(1, 2, 2).double(), torch.zeros(1, dtype=torch.long))])
+
+
+def test_models_that_differ_in_their_last_layer_share_one_pass_through_the_layers_below():
+    """The stored-feature path gives the scores of two whole forward passes, at one whole pass plus two heads."""
+    torch.manual_seed(0)
+    x, y = torch.randn(70, 4).double(), torch.randint(0, 3, (70,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    before = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    after = copy.deepcopy(before)
+    with torch.no_grad():
+        after[2].weight.add_(torch.randn(3, 5).double())
+    suspects = rank_suspects(after, loader, before=before)
+    with torch.no_grad():
+        by_hand = F.cross_entropy(after(x), y, reduction="none") - F.cross_entropy(before(x), y, reduction="none")
+    torch.testing.assert_close(suspects.scores, by_hand[suspects.positions], rtol=1e-12, atol=1e-12)
+    assert suspects.passes == {"forward": 70, "forward_above": 140}
+    with torch.no_grad():
+        after[0].bias.add_(1.0)  # a change in the first layer: nothing is shared, two whole passes
+    whole = rank_suspects(after, loader, before=before)
+    with torch.no_grad():
+        by_hand = F.cross_entropy(after(x), y, reduction="none") - F.cross_entropy(before(x), y, reduction="none")
+    assert whole.passes == {"forward": 140}
+    torch.testing.assert_close(whole.scores, by_hand[whole.positions], rtol=1e-12, atol=1e-12)
+
+
+def test_flagged_samples_are_those_unlearning_turned_away_from_their_trained_label():
+    torch.manual_seed(1)
+    x, y = torch.randn(60, 2, 2).double(), torch.randint(0, 3, (60,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    after, before = tiny(3), tiny(4)
+    suspects = rank_suspects(after, loader, before=before)
+    with torch.no_grad():
+        now, then = after(x).argmax(1), before(x).argmax(1)
+    expected = ((then == y) & (now != y)).nonzero().flatten()
+    assert len(expected) > 0
+    assert sorted(suspects.candidates().tolist()) == expected.tolist()
+    assert torch.equal(suspects.candidate_labels(), now[suspects.candidates()])
+    alone = rank_suspects(after, loader)  # without `before`: every sample the model now rejects
+    assert sorted(alone.candidates().tolist()) == (now != y).nonzero().flatten().tolist()
+
+
+def test_before_must_have_the_models_parameters():
+    loader = DataLoader(TensorDataset(torch.zeros(4, 2, 2).double(), torch.zeros(4, dtype=torch.long)), batch_size=2)
+    other = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2)).double()
+    with pytest.raises(ValueError, match="before must be the model as it was"):
+        rank_suspects(tiny(0), loader, before=other)
+
+
+def data(poison="targeted"):
+    dm = PoisonedLabelDataModule(dataset="synthetic", num_poisoned=40, seed=0, discovered=0.25, poison=poison)
+    dm.setup("fit")
+    return dm
+
+
+def test_extended_forget_data_moves_the_candidates_from_d_r_into_d_f_with_their_new_labels():
+    dm = data()
+    positions, labels = torch.tensor([7, 2, 30]), torch.tensor([9, 9, 1])
+    extended = ExtendedForgetData(dm, positions, labels)
+    retain_x, retain_y = dm.retain_set.tensors
+    forget = [b for b in extended.forget_dataloader()]
+    corrected = [b for b in extended.corrected_dataloader()]
+    fx, fy = torch.cat([b[0] for b in forget]), torch.cat([b[1] for b in forget])
+    cx, cy = torch.cat([b[0] for b in corrected]), torch.cat([b[1] for b in corrected])
+    known_x, known_y = dm.forget_set.tensors
+    assert torch.equal(fx, torch.cat([known_x, retain_x[positions]])) and torch.equal(fx, cx)
+    assert torch.equal(fy, torch.cat([known_y, retain_y[positions]]))  # D_f: the labels the model was trained on
+    assert torch.equal(cy, torch.cat([dm.corrected_set.tensors[1], labels]))  # D̃_f: the new labels
+    assert [len(b[1]) for b in forget] == [len(b[1]) for b in corrected]
+    rx = torch.cat([b[0] for b in extended.retain_dataloader()])
+    assert len(rx) == len(retain_x) - 3
+    kept = torch.ones(len(retain_x), dtype=torch.bool)
+    kept[positions] = False
+    assert torch.equal(rx.flatten(1).sum(1).sort().values, retain_x[kept].flatten(1).sum(1).sort().values)
+    assert extended.train_dataloader().dataset is dm.train_set and extended.target_class == dm.target_class
+
+
+@pytest.mark.parametrize(
+    "positions, labels, message",
+    [
+        ([1, 1], [0, 0], "distinct positions"),
+        ([-1], [0], "distinct positions"),
+        ([10_000], [0], "distinct positions"),
+        ([1, 2], [0], "one label per position"),
+    ],
+)
+def test_extended_forget_data_refuses_positions_it_cannot_move(positions, labels, message):
+    with pytest.raises(ValueError, match=message):
+        ExtendedForgetData(data(), torch.tensor(positions), torch.tensor(labels))
+
+
+def test_sample_deletion_has_no_labels_to_extend():
+    dm = PoisonedLabelDataModule(dataset="synthetic", num_poisoned=40, seed=0, poison="deletion")
+    dm.setup("fit")
+    with pytest.raises(ValueError, match="sample deletion has no labels"):
+        ExtendedForgetData(dm, torch.tensor([0]), torch.tensor([1]))

@@ -18,6 +18,7 @@ from lightning_sa_unlearn import (
     Flattest,
     ForgetLossDescent,
     Hutchinson,
+    PoisonedLabelDataModule,
     SharpnessAwareUnlearning,
     StepThenFineTune,
     TopFraction,
@@ -122,6 +123,22 @@ STAGES = [(tag, {"selection": "flattest", "update": "first_order", **kwargs}) fo
 DATA = {"step_then_fine_tune": dict(batch_size=256)}
 
 
+class RecordDiscovered(Callback):
+    """Build a data module with part of the poison discovered on this process; save what it chose."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def on_train_end(self, trainer, pl_module):
+        (self.folder / f"discovered_rank{trainer.global_rank}.json").write_text(json.dumps(discovered_split()))
+
+
+def discovered_split():
+    data = PoisonedLabelDataModule(dataset="synthetic", num_poisoned=40, seed=5, discovered=0.25)
+    data.setup("fit")
+    return [data.unidentified_positions.tolist(), data.forget_set.tensors[1].tolist(), len(data.retain_set)]
+
+
 class RunOn(Callback):
     """Run `callback` at the end of fit on `datamodule` instead of the trainer's."""
 
@@ -148,7 +165,7 @@ def runs(tmp_path_factory, fitted_tiny):
     harmful = SharpnessAwareUnlearning(
         update=FirstOrder(1e6), selection="last", unlearn_on_train_end=False, verbose=False
     )
-    callbacks.append(ExpectFailure(harmful, folder))
+    callbacks += [ExpectFailure(harmful, folder), RecordDiscovered(folder)]
     trainer = quiet_trainer(
         devices=2, strategy="ddp_spawn", max_epochs=1, limit_train_batches=1, limit_val_batches=0, callbacks=callbacks
     )
@@ -300,3 +317,10 @@ def test_validated_layer_makes_the_same_choice_on_every_process(runs):
         assert [t["chosen"] for t in trials] == [t["chosen"] for t in single]
         for mine, one in zip(trials, single):
             assert mine["validation_objective"] == pytest.approx(one["validation_objective"], rel=1e-4)
+
+
+def test_every_process_chooses_the_same_discovered_samples(runs):
+    folder = runs[0]
+    ranks = [json.loads((folder / f"discovered_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0] == ranks[1] == discovered_split()
+    assert len(ranks[0][0]) == 30 and len(ranks[0][1]) == 10  # 40 poisoned samples, a quarter of them known
