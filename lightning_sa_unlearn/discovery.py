@@ -3,7 +3,7 @@
 After unlearning a systematic poison from the part of it that is known, the model predicts the true class for
 the rest too; the unidentified poisoned samples are then those whose trained label the model now rejects.
 :func:`rank_suspects` ranks the retain set by that rejection; :class:`ExtendedForgetData` moves the candidates
-into ``D_f`` (with the unlearned model's classes as ``D̃_f``) for a second run:
+into ``D_f`` (in ``D̃_f`` with the unlearned model's most probable other class) for a second run:
 
     report = callback.unlearn(model, data)                 # round 1: D_f = the known poison
     suspects = rank_suspects(model, data.retain_dataloader(), before=fitted)
@@ -13,9 +13,9 @@ into ``D_f`` (with the unlearned model's classes as ``D̃_f``) for a second run:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import islice
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,11 +26,11 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, RandomSampler, 
 
 from lightning_sa_unlearn.data import is_map_style
 from lightning_sa_unlearn.functional import batches_for, eval_mode
-from lightning_sa_unlearn.objective.losses import SampleLosses, sample_losses
+from lightning_sa_unlearn.objective.losses import per_sample_loss
 from lightning_sa_unlearn.objective.stored_features import PROBE_SAMPLES, split_below
 
-BLOCK_BATCHES = 64
-"""Batches whose stored features are held at once when both models share the layers below their changes."""
+LOSS_HALVING = math.log(2)
+"""The default flagging threshold: a score above ``ln 2`` means the trained label's probability at least halved."""
 
 
 @dataclass(frozen=True)
@@ -41,11 +41,11 @@ class Suspects:
     """Positions in the loader's dataset (``loader.dataset[position]``)."""
     scores: Tensor
     """``ℓ_after(x, y) − ℓ_before(x, y)`` under the trained label ``y`` (``ℓ_after`` alone without ``before``)."""
-    predicted: Tensor
-    """The unlearned model's class for each sample: its proposed label."""
+    proposed_labels: Tensor
+    """The unlearned model's most probable class other than ``y``: the label a poisoned sample would get."""
     flagged: Tensor
-    """Whether unlearning turned the sample away from its trained label: ``before`` predicted ``y`` and the
-    unlearned model does not (without ``before``: the unlearned model does not predict ``y``)."""
+    """``score > threshold``; with cross-entropy and ``ln 2``: the unlearned model gives ``y`` at most half the
+    probability that ``before`` gave it (without ``before``: at most 1/2)."""
     passes: dict[str, int]
     """Samples through the models, by kind (:mod:`~lightning_sa_unlearn.passes`): ``forward`` for a whole
     model, ``forward_above`` for the layers above outputs that both models share."""
@@ -59,8 +59,8 @@ class Suspects:
         return self.positions[self.flagged]
 
     def candidate_labels(self) -> Tensor:
-        """The unlearned model's classes for :meth:`candidates`, in the same order."""
-        return self.predicted[self.flagged]
+        """:attr:`proposed_labels` of :meth:`candidates`, in the same order."""
+        return self.proposed_labels[self.flagged]
 
 
 def rank_suspects(
@@ -68,15 +68,17 @@ def rank_suspects(
     loader: Any,
     before: nn.Module | None = None,
     loss_fn: Callable[..., Tensor] = F.cross_entropy,
+    threshold: float = LOSS_HALVING,
 ) -> Suspects:
-    """Every sample of ``loader`` (a map-style DataLoader of ``(x, y)`` with the labels the model was trained on,
-    one class per sample), scored by ``s = ℓ(model(x), y) − ℓ(before(x), y)``: how far unlearning moved the model
-    away from the trained label. With ``before=None`` the score is ``ℓ(model(x), y)`` alone.
+    """Every sample of ``loader`` (a map-style DataLoader of ``(x, y)``, one class ``y`` per sample, the labels the
+    model was trained on), scored by ``s = ℓ(model(x), y) − ℓ(before(x), y)``: how far unlearning moved the model
+    away from the trained label. With ``before=None`` the score is ``ℓ(model(x), y)`` alone. Samples with
+    ``s > threshold`` are flagged.
 
     One forward pass per sample and model; when the two differ only above some layer output (the unlearning
-    updated the last layers), that output is computed once and both models' upper layers read it. The samples
-    are read in dataset order (the loader's sampler and shuffling are not used): positions index
-    ``loader.dataset``.
+    updated the last layers), that output is computed once and both models' upper layers read it
+    (:func:`shared_split`). The samples are read in dataset order (the loader's sampler and shuffling are not
+    used): positions index ``loader.dataset``.
     """
     if not is_map_style(loader):
         raise ValueError(
@@ -85,37 +87,42 @@ def rank_suspects(
         )
     ordered = DataLoader(loader.dataset, batch_size=loader.batch_size or 256, shuffle=False)
     n = len(loader.dataset)
-    if before is None:
-        after, earlier, passes = sample_losses(model, ordered, loss_fn), None, {"forward": n}
-    else:
-        after, earlier, passes = _both(model, before, ordered, loss_fn, n)
-    if len(after.predicted) != n:
-        raise ValueError("rank_suspects ranks samples with one class label each; got labels per position.")
-    scores = after.losses if earlier is None else after.losses - earlier.losses
-    rejected = after.predicted != after.labels
-    flagged = rejected if earlier is None else rejected & (earlier.predicted == earlier.labels)
-    order = torch.argsort(scores, descending=True, stable=True)
-    return Suspects(order, scores[order], after.predicted[order], flagged[order], passes)
-
-
-def _both(
-    model: nn.Module, before: nn.Module, ordered: DataLoader, loss_fn: Callable[..., Tensor], n: int
-) -> tuple[SampleLosses, SampleLosses, dict[str, int]]:
-    """Both models' :class:`SampleLosses`, through their shared lower layers once where a split exists."""
-    changed = _changed(model, before)
     probe = next((x for x, _ in batches_for(model, ordered)), None)
+    split = None if before is None else shared_split(model, before, probe)
+    if split is None:
+        below, above, above_before = nn.Identity(), model, before
+        passes = {"forward": n if before is None else 2 * n}
+    else:
+        (below, above, above_before), passes = split, {"forward": n, "forward_above": 2 * n}
+    scores, proposed = [], []
+    with eval_mode(model), eval_mode(model if before is None else before), torch.no_grad():
+        for x, y in batches_for(model, ordered):
+            features = below(x)
+            logits = above(features)
+            if logits.dim() != 2 or y.dim() != 1 or bool((y < 0).any()):
+                raise ValueError("rank_suspects ranks samples with one class label each (logits [B, C], labels ≥ 0).")
+            score = per_sample_loss(loss_fn, logits, y).double()
+            if above_before is not None:
+                score = score - per_sample_loss(loss_fn, above_before(features), y).double()
+            scores.append(score.cpu())
+            proposed.append(logits.scatter(1, y[:, None], float("-inf")).argmax(1).cpu())
+    score, labels = torch.cat(scores), torch.cat(proposed)
+    order = torch.argsort(score, descending=True, stable=True)
+    return Suspects(order, score[order], labels[order], score[order] > threshold, passes)
+
+
+def shared_split(model: nn.Module, before: nn.Module, probe: Any) -> tuple[nn.Module, nn.Module, nn.Module] | None:
+    """``(below, above, above_before)`` with ``model(x) = above(below(x))`` and ``before(x) = above_before(below(x))``:
+    every parameter and buffer that differs between the two lies above ``below``
+    (:func:`~lightning_sa_unlearn.objective.stored_features.split_below`, checked on ``probe``). None when nothing
+    differs or no such split exists."""
+    changed = _changed(model, before)
     probe = probe[:PROBE_SAMPLES] if isinstance(probe, Tensor) else probe
     split = split_below(model, changed, probe) if changed else None
     split_before = split_below(before, changed, probe) if split else None
     if split is None or split_before is None:
-        return sample_losses(model, ordered, loss_fn), sample_losses(before, ordered, loss_fn), {"forward": 2 * n}
-    below, above, _ = split
-    parts: list[tuple[SampleLosses, SampleLosses]] = []
-    with eval_mode(model), torch.no_grad():
-        for block in _blocks(batches_for(model, ordered)):
-            features = [(below(x), y) for x, y in block]
-            parts.append((sample_losses(above, features, loss_fn), sample_losses(split_before[1], features, loss_fn)))
-    return _joined(p[0] for p in parts), _joined(p[1] for p in parts), {"forward": n, "forward_above": 2 * n}
+        return None
+    return split[0], split[1], split_before[1]
 
 
 def _changed(model: nn.Module, before: nn.Module) -> list[str]:
@@ -124,19 +131,6 @@ def _changed(model: nn.Module, before: nn.Module) -> list[str]:
     if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
         raise ValueError("before must be the model as it was before unlearning: same parameters and buffers.")
     return [name for name in mine if not torch.equal(mine[name], theirs[name].to(mine[name].device))]
-
-
-def _blocks(batches: Iterator[Any]) -> Iterator[list[Any]]:
-    iterator = iter(batches)
-    while block := list(islice(iterator, BLOCK_BATCHES)):
-        yield block
-
-
-def _joined(parts: Any) -> SampleLosses:
-    parts = list(parts)
-    return SampleLosses(
-        *(torch.cat([getattr(p, f) for p in parts]) for f in ("losses", "labels", "predicted", "correct"))
-    )
 
 
 class _Relabelled(Dataset):
@@ -210,4 +204,4 @@ class ExtendedForgetData(pl.LightningDataModule):
         return None if loader is None else loader()
 
 
-__all__ = ["ExtendedForgetData", "Suspects", "rank_suspects"]
+__all__ = ["ExtendedForgetData", "Suspects", "rank_suspects", "shared_split"]

@@ -61,20 +61,24 @@ def test_models_that_differ_in_their_last_layer_share_one_pass_through_the_layer
     torch.testing.assert_close(whole.scores, by_hand[whole.positions], rtol=1e-12, atol=1e-12)
 
 
-def test_flagged_samples_are_those_unlearning_turned_away_from_their_trained_label():
+def test_flagged_samples_are_those_whose_trained_label_lost_half_its_probability():
     torch.manual_seed(1)
     x, y = torch.randn(60, 2, 2).double(), torch.randint(0, 3, (60,))
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
     after, before = tiny(3), tiny(4)
     suspects = rank_suspects(after, loader, before=before)
     with torch.no_grad():
-        now, then = after(x).argmax(1), before(x).argmax(1)
-    expected = ((then == y) & (now != y)).nonzero().flatten()
-    assert len(expected) > 0
-    assert sorted(suspects.candidates().tolist()) == expected.tolist()
-    assert torch.equal(suspects.candidate_labels(), now[suspects.candidates()])
-    alone = rank_suspects(after, loader)  # without `before`: every sample the model now rejects
-    assert sorted(alone.candidates().tolist()) == (now != y).nonzero().flatten().tolist()
+        now, then = after(x).softmax(1), before(x).softmax(1)
+    picked = lambda p: p.gather(1, y[:, None]).squeeze(1)  # noqa: E731
+    halved = (picked(now) < picked(then) / 2).nonzero().flatten()
+    assert 0 < len(halved) < 60
+    assert sorted(suspects.candidates().tolist()) == halved.tolist()
+    other = now.scatter(1, y[:, None], -1.0).argmax(1)  # the most probable class that is not the trained one
+    assert torch.equal(suspects.candidate_labels(), other[suspects.candidates()])
+    assert not torch.any(suspects.candidate_labels() == y[suspects.candidates()])
+    alone = rank_suspects(after, loader)  # without `before`: the trained label has less than even odds
+    assert sorted(alone.candidates().tolist()) == (picked(now) < 0.5).nonzero().flatten().tolist()
+    assert rank_suspects(after, loader, threshold=float("inf")).candidates().numel() == 0
 
 
 def test_before_must_have_the_models_parameters():
@@ -131,3 +135,9 @@ def test_sample_deletion_has_no_labels_to_extend():
     dm.setup("fit")
     with pytest.raises(ValueError, match="sample deletion has no labels"):
         ExtendedForgetData(dm, torch.tensor([0]), torch.tensor([1]))
+
+
+def test_labels_per_position_are_refused():
+    loader = DataLoader(TensorDataset(torch.zeros(4, 2, 2).double(), torch.zeros(4, 2, dtype=torch.long)), batch_size=2)
+    with pytest.raises(ValueError, match="one class label each"):
+        rank_suspects(tiny(0), loader)
