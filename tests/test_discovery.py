@@ -5,9 +5,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TensorDataModule
+from test_iterated import NAMES, float64_model, forget_loss_by_hand, unlearn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_sa_unlearn import PoisonedLabelDataModule
+from lightning_sa_unlearn import FirstOrder, FixedStep, PoisonedLabelDataModule
 from lightning_sa_unlearn.discovery import ExtendedForgetData, rank_suspects
 
 
@@ -141,3 +143,23 @@ def test_labels_per_position_are_refused():
     loader = DataLoader(TensorDataset(torch.zeros(4, 2, 2).double(), torch.zeros(4, 2, dtype=torch.long)), batch_size=2)
     with pytest.raises(ValueError, match="one class label each"):
         rank_suspects(tiny(0), loader)
+
+
+def test_a_second_round_on_extended_forget_data_takes_the_closed_form_over_the_moved_samples_too():
+    """Paper eq. 7 by hand over D_f + the moved samples: Σ ℓ(x, new label) − Σ ℓ(x, trained label) added."""
+    datamodule, tau = TensorDataModule(), 0.003
+    positions, labels = torch.tensor([4, 0, 17]), torch.tensor([2, 1, 0])
+    model = float64_model()
+    unlearn(model, ExtendedForgetData(datamodule, positions, labels), FirstOrder(FixedStep(tau)))
+    by_hand = float64_model()
+    moved = datamodule.num_forget + positions  # retain position p is sample num_forget + p of the tensors
+    x = datamodule.x.double()
+    params = dict(by_hand.named_parameters())
+    loss = (
+        forget_loss_by_hand(by_hand, datamodule)
+        + F.cross_entropy(by_hand(x[moved]), labels, reduction="sum")
+        - F.cross_entropy(by_hand(x[moved]), datamodule.poisoned[moved], reduction="sum")
+    )
+    gradient = torch.autograd.grad(loss, [params[n] for n in NAMES])
+    for name, g in zip(NAMES, gradient):
+        torch.testing.assert_close(dict(model.named_parameters())[name], params[name] - tau * g, rtol=1e-10, atol=1e-12)

@@ -21,13 +21,18 @@ def float64_model():
     return model.eval()
 
 
-def forget_gradient_by_hand(model, datamodule):
-    """∇ of Σ_{D̃_f} ℓ(x, y_true) − Σ_{D_f} ℓ(x, y_poisoned) (paper eq. 7, sum reduction) for the last layer."""
+def forget_loss_by_hand(model, datamodule):
+    """Σ_{D̃_f} ℓ(x, y_true) − Σ_{D_f} ℓ(x, y_poisoned) (paper eq. 7, sum reduction)."""
     n = datamodule.num_forget
     x = datamodule.x[:n].double()
-    loss = F.cross_entropy(model(x), datamodule.y[:n], reduction="sum") - F.cross_entropy(
+    return F.cross_entropy(model(x), datamodule.y[:n], reduction="sum") - F.cross_entropy(
         model(x), datamodule.poisoned[:n], reduction="sum"
     )
+
+
+def forget_gradient_by_hand(model, datamodule):
+    """∇ of :func:`forget_loss_by_hand` for the last layer."""
+    loss = forget_loss_by_hand(model, datamodule)
     params = dict(model.named_parameters())
     return dict(zip(NAMES, torch.autograd.grad(loss, [params[n] for n in NAMES])))
 
