@@ -39,7 +39,7 @@ from common import (  # noqa: E402
     unlearn_or_refusal,
     unlearning_cost,
 )
-from discovery_tables import plot, table  # noqa: E402
+from discovery_tables import plot, table, targets, verdicts  # noqa: E402
 
 from lightning_sa_unlearn import AllLayers, FineTune  # noqa: E402
 from lightning_sa_unlearn.discovery import ExtendedForgetData, rank_suspects, shared_split  # noqa: E402
@@ -142,6 +142,22 @@ def add_retraining(setting_name: str, rows: list[dict], cache: str, train_missin
         row["retrain_without_identified"] = {"heldout": accuracy, "gap_restored": (accuracy - p) / (r - p)}
 
 
+def write(out: str, results: dict) -> str:
+    """``discovery[_<setting>].md``, ``.json`` and ``.png`` under ``out`` from ``results``; returns the table."""
+    setting = results["setting"]
+    name = "discovery" if setting == "mnist_targeted" else f"discovery_{setting}"
+    results["targets"] = targets(results["rows"]) if setting == "mnist_targeted" else None
+    text = table(setting, results["rows"], results["command"], results["threads"], results["load_average"])
+    text += verdicts(results["targets"])
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    plot(setting, results["rows"], os.path.join(out, f"{name}.png"))
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", default="mnist_targeted", choices=["mnist_targeted", "cifar10_cpu"])
@@ -153,32 +169,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--retrain", action="store_true", help="train the retrained-without-identified models missing")
     parser.add_argument(
         "--retrain-only",
-        action="store_true",
-        help="read the results file and add the models retrained without the identified samples (trains the missing)",
+        metavar="PATH",
+        help="read a results file and add the models retrained without the identified samples (trains the missing)",
     )
+    parser.add_argument("--from-json", metavar="PATH", help="run nothing: rebuild the table and plot of a results file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    name = "discovery" if args.setting == "mnist_targeted" else f"discovery_{args.setting}"
-    load = [list(os.getloadavg())]
-    if args.retrain_only:
-        with open(os.path.join(args.out, f"{name}.json")) as f:
-            earlier = json.load(f)
-        rows, load = earlier["rows"], earlier["load_average"]
-        command = f"{earlier['command']}; then {command_line('discovery.py', argv)}"
-        add_retraining(args.setting, rows, args.cache, train_missing=True)
+    if args.from_json or args.retrain_only:
+        with open(args.from_json or args.retrain_only) as f:
+            results = json.load(f)
+        if args.retrain_only:
+            results["command"] += f"; then {command_line('discovery.py', argv)}"
+            add_retraining(results["setting"], results["rows"], args.cache, train_missing=True)
     else:
+        load = [list(os.getloadavg())]
         rows = [run(args.setting, seed, q, args.cache) for q in args.discovered for seed in args.seeds]
         add_retraining(args.setting, rows, args.cache, train_missing=args.retrain)
         load.append(list(os.getloadavg()))
-        command = command_line("discovery.py", argv)
-    text = table(args.setting, rows, command, args.threads, load)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{name}.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
-        json.dump({"setting": args.setting, "command": command, "load_average": load, "rows": rows}, f, indent=1)
-    plot(args.setting, rows, os.path.join(args.out, f"{name}.png"))
-    print(text)
+        results = {
+            "setting": args.setting,
+            "command": command_line("discovery.py", argv),
+            "threads": args.threads,
+            "load_average": load,
+            "rows": rows,
+        }
+    print(write(args.out, results))
 
 
 if __name__ == "__main__":

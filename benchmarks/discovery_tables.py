@@ -114,3 +114,58 @@ def plot(setting: str, rows: list[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+TARGET_SHARE = 0.25
+
+
+def targets(rows: list[dict]) -> dict[str, Any]:
+    """Issue #25's targets on mnist_targeted: at 25% discovered, the defaults restore ≥ 80% of the gap (mean over
+    seeds) and the top k holds ≥ 0.8 unidentified poison; at every share below 1 the defaults restore more of the
+    gap than retraining without the identified samples (means); the whole round costs ≤ 15% of training units."""
+    picks = methods(rows)
+    defaults = next(iter(picks.values()))
+    below_one = sorted({row["discovered"] for row in rows if row["discovered"] < 1})
+    at = [row for row in rows if row["discovered"] == TARGET_SHARE]
+    beats = {
+        f"{q:g}": statistics.mean(values(rows, q, defaults)) > statistics.mean(values(rows, q, picks[RETRAIN]))
+        for q in below_one
+        if values(rows, q, picks[RETRAIN])
+    }
+    pairs = [(defaults(r), picks[RETRAIN](r)) for r in rows if r["discovered"] < 1 and picks[RETRAIN](r) is not None]
+    gap = 100 * statistics.mean(values(rows, TARGET_SHARE, defaults)) if at else None
+    precision = statistics.mean(values(rows, TARGET_SHARE, lambda r: r["ranking"]["precision_at_k"])) if at else None
+    rounds = [v for row in rows if (v := row.get("round_units_percent")) is not None]
+    return {
+        "gap_restored_at_0.25_mean": gap,
+        "gap_restored_at_0.25_met": gap is not None and gap >= 80,
+        "beats_retraining_without_identified": beats,
+        "beats_retraining_met": bool(beats) and len(beats) == len(below_one) and all(beats.values()),
+        "runs_beating_retraining": [sum(ours > theirs for ours, theirs in pairs), len(pairs)],
+        "precision_at_k_at_0.25_mean": precision,
+        "precision_met": precision is not None and precision >= 0.8,
+        "whole_round_units_percent_max": max(rounds) if rounds else None,
+        "cost_met": bool(rounds) and max(rounds) <= 15,
+    }
+
+
+def verdicts(result: dict[str, Any] | None) -> str:
+    """The targets as a short section of the table; empty without targets."""
+    if result is None:
+        return ""
+    met = lambda key: "met" if result[key] else "missed"  # noqa: E731
+    beats = ", ".join(
+        f"{q}: {'yes' if won else 'no'}" for q, won in result["beats_retraining_without_identified"].items()
+    )
+    won, runs = result["runs_beating_retraining"]
+    return (
+        "\n## Issue #25's targets\n\n"
+        f"- At 25% discovered, gap restored {result['gap_restored_at_0.25_mean']:.1f}% (≥ 80%): "
+        f"{met('gap_restored_at_0.25_met')}.\n"
+        f"- More of the gap than retraining without the identified samples at every share below 1 ({beats}; "
+        f"in {won} of {runs} runs): {met('beats_retraining_met')}.\n"
+        f"- Precision at k at 25% discovered {result['precision_at_k_at_0.25_mean']:.3f} (≥ 0.8): "
+        f"{met('precision_met')}.\n"
+        f"- Whole round (unlearn, rank, unlearn again) at most {result['whole_round_units_percent_max']:.2f}% of "
+        f"training units (≤ 15%): {met('cost_met')}.\n"
+    )

@@ -85,6 +85,9 @@ def rank_suspects(
             "rank_suspects needs a map-style DataLoader (a dataset with __getitem__), so that positions index "
             f"its dataset; got {type(loader).__name__}."
         )
+    devices = {p.device for m in (model, before) if m is not None for p in m.parameters()}
+    if len(devices) > 1:
+        raise ValueError(f"model and before must be on one device; found {sorted(map(str, devices))}.")
     ordered = DataLoader(loader.dataset, batch_size=loader.batch_size or 256, shuffle=False)
     n = len(loader.dataset)
     probe = next((x for x, _ in batches_for(model, ordered)), None)
