@@ -73,8 +73,8 @@ def unlearned(setting_name: str, seed: int, parts: dict, fitted: Any, data: Any,
 def ranking_units(suspects: Any, model: Any, before: Any, data: Any) -> float:
     """Units of :func:`rank_suspects`' passes; those above the shared layers at their timed share of a pass."""
     x = next(iter(data.retain_dataloader()))[0]
-    split = shared_split(model, before, x) if "forward_above" in suspects.passes else None
-    share = None if split is None else above_share(before, split[0], split[2], x)
+    split = shared_split(before, model, x) if "forward_above" in suspects.passes else None  # before's own modules
+    share = None if split is None else above_share(before, split[0], split[1], x)
     return stage_units(suspects.passes, above_share=share)
 
 

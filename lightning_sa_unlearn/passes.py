@@ -18,9 +18,10 @@ samples are priced at the measured ratio of the estimator's seconds per sample t
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -52,12 +53,25 @@ def stage_units(
     return total + sum(PASS_UNITS[kind] * n * above_share for kind, n in above.items())
 
 
+@contextlib.contextmanager
+def _untouched(model: nn.Module) -> Iterator[None]:
+    """Timing runs the model as it is (train mode included); afterwards its buffers (BatchNorm's running
+    statistics) are as before and its gradients cleared, so that timing never changes the model it prices."""
+    buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                buffer.copy_(buffers[name])
+        model.zero_grad(set_to_none=True)
+
+
 def seconds_per_gradient_sample(model: nn.Module, batches: Iterable[Any], samples: int = 2048) -> float:
     """Median over 3 repeats of one forward+backward pass (cross-entropy), per sample, on the first ``samples``."""
     chosen = list(limit_samples(batches, samples))
-    seconds = _median_seconds(lambda: _gradient_pass(model, chosen)) / sum(len(y) for _, y in chosen)
-    model.zero_grad(set_to_none=True)
-    return seconds
+    with _untouched(model):
+        return _median_seconds(lambda: _gradient_pass(model, chosen)) / sum(len(y) for _, y in chosen)
 
 
 def curvature_cost(
@@ -74,12 +88,12 @@ def curvature_cost(
     own = list(zip(x.split(size), y.split(size)))
     generator = torch.Generator().manual_seed(0)
     ratios = []
-    for _ in range(repeats):
-        measured = _median_seconds(
-            lambda: curvature.diagonal_sum(model, own, loss_fn=F.cross_entropy, generator=generator), repeats=1
-        )
-        ratios.append(measured / _median_seconds(lambda: _gradient_pass(model, own), repeats=1))
-    model.zero_grad(set_to_none=True)
+    with _untouched(model):
+        for _ in range(repeats):
+            measured = _median_seconds(
+                lambda: curvature.diagonal_sum(model, own, loss_fn=F.cross_entropy, generator=generator), repeats=1
+            )
+            ratios.append(measured / _median_seconds(lambda: _gradient_pass(model, own), repeats=1))
     return statistics.median(ratios)
 
 
@@ -90,16 +104,16 @@ def _gradient_pass(model: nn.Module, batches: list[Any]) -> None:
 
 
 def above_share(model: nn.Module, below: nn.Module, above: nn.Module, x: torch.Tensor) -> float:
-    """Seconds of a forward+backward through ``above`` on ``below(x)`` over those through the whole model (medians)."""
-    with torch.no_grad():
-        features = below(x)
+    """Seconds of a forward+backward through ``above`` on ``below(x)`` over those through the whole model (medians).
+    ``below`` and ``above`` hold ``model``'s own modules (as :func:`split_below` returns them)."""
 
     def timed(forward: nn.Module, inputs: torch.Tensor) -> float:
         return _median_seconds(lambda: forward(inputs).logsumexp(1).sum().backward(), repeats=5)
 
-    share = timed(above, features) / timed(model, x)
-    model.zero_grad(set_to_none=True)
-    return share
+    with _untouched(model):
+        with torch.no_grad():
+            features = below(x)
+        return timed(above, features) / timed(model, x)
 
 
 def unlearning_units(

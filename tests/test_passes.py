@@ -58,3 +58,24 @@ def test_counting_sees_kinds_and_skips_per_example_calls():
         layer(x)
     torch.func.vmap(layer)(x)  # per-example calls: the batch dimension is hidden
     assert seen == [("forward_backward_above", 5), ("forward_above", 5)]
+
+
+def test_timing_leaves_the_priced_model_as_it_was():
+    """The timed passes run in train mode: BatchNorm's running statistics must come back as they were."""
+    from lightning_sa_unlearn import GGN
+    from lightning_sa_unlearn.objective.stored_features import split_below
+    from lightning_sa_unlearn.passes import above_share, curvature_cost, seconds_per_gradient_sample
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.ReLU(), torch.nn.Linear(6, 3)
+    ).train()
+    batches = [(torch.randn(16, 4) + 3, torch.randint(0, 3, (16,))) for _ in range(4)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    below, above, _ = split_below(model, ["3.weight", "3.bias"], batches[0][0])
+    assert seconds_per_gradient_sample(model, batches) > 0
+    assert above_share(model, below, above, batches[0][0]) > 0
+    assert curvature_cost(model, batches, GGN(), samples=32, repeats=2) > 0
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and model.training
+    assert all(p.grad is None for p in model.parameters())
