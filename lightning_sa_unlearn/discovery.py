@@ -78,7 +78,8 @@ def rank_suspects(
     One forward pass per sample and model; when the two differ only above some layer output (the unlearning
     updated the last layers), that output is computed once and both models' upper layers read it
     (:func:`shared_split`). The samples are read in dataset order (the loader's sampler and shuffling are not
-    used): positions index ``loader.dataset``.
+    used): positions index ``loader.dataset``. Every process that calls it ranks the whole loader; under DDP,
+    use the result of one process (``trainer.strategy.broadcast``) where kernels are not deterministic.
     """
     if not is_map_style(loader):
         raise ValueError(
@@ -88,17 +89,19 @@ def rank_suspects(
     devices = {p.device for m in (model, before) if m is not None for p in m.parameters()}
     if len(devices) > 1:
         raise ValueError(f"model and before must be on one device; found {sorted(map(str, devices))}.")
-    ordered = DataLoader(loader.dataset, batch_size=loader.batch_size or 256, shuffle=False)
     n = len(loader.dataset)
-    probe = next((x for x, _ in batches_for(model, ordered)), None)
-    split = None if before is None else shared_split(model, before, probe)
-    if split is None:
-        below, above, above_before = nn.Identity(), model, before
-        passes = {"forward": n if before is None else 2 * n}
-    else:
-        (below, above, above_before), passes = split, {"forward": n, "forward_above": 2 * n}
-    scores, proposed = [], []
+    if n == 0:
+        raise ValueError("rank_suspects got an empty loader: there is nothing to rank.")
+    ordered = DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
     with eval_mode(model), eval_mode(model if before is None else before), torch.no_grad():
+        probe = next((x for x, _ in batches_for(model, ordered)), None)
+        split = None if before is None else shared_split(model, before, probe)
+        if split is None:
+            below, above, above_before = nn.Identity(), model, before
+            passes = {"forward": n if before is None else 2 * n}
+        else:
+            (below, above, above_before), passes = split, {"forward": n, "forward_above": 2 * n}
+        scores, proposed = [], []
         for x, y in batches_for(model, ordered):
             features = below(x)
             logits = above(features)
@@ -123,7 +126,7 @@ def shared_split(model: nn.Module, before: nn.Module, probe: Any) -> tuple[nn.Mo
     probe = probe[:PROBE_SAMPLES] if isinstance(probe, Tensor) else probe
     split = split_below(model, changed, probe) if changed else None
     split_before = split_below(before, changed, probe) if split else None
-    if split is None or split_before is None:
+    if split is None or split_before is None or split[2] != split_before[2]:  # not the same cut: no sharing
         return None
     return split[0], split[1], split_before[1]
 
@@ -149,7 +152,8 @@ class _Relabelled(Dataset):
 
 class ExtendedForgetData(pl.LightningDataModule):
     """``datamodule`` with the retain samples at ``positions`` moved into the forget set: ``D_f`` gains them with
-    their trained labels, ``D̃_f`` with ``labels``, and ``D_r`` loses them. The training, validation and test
+    their trained labels, ``D̃_f`` with ``labels`` (the same inputs: a backdoor's trigger stays on them), and
+    ``D_r`` loses them. The training, validation and test
     loaders are ``datamodule``'s own. ``datamodule`` must be set up and serve map-style forget, corrected and
     retain loaders; ``positions`` index ``retain_dataloader().dataset`` (as :func:`rank_suspects` returns them).
     """
@@ -159,10 +163,12 @@ class ExtendedForgetData(pl.LightningDataModule):
         self.source = datamodule
         corrected = datamodule.corrected_dataloader() if hasattr(datamodule, "corrected_dataloader") else None
         self._forget, self._retain = datamodule.forget_dataloader(), datamodule.retain_dataloader()
-        if corrected is None or not all(map(is_map_style, (self._forget, corrected, self._retain))):
+        if corrected is None:
+            raise ValueError("ExtendedForgetData needs corrected_dataloader(): sample deletion has no labels to add.")
+        if not all(map(is_map_style, (self._forget, corrected, self._retain))):
             raise ValueError(
                 "ExtendedForgetData needs map-style forget_dataloader(), corrected_dataloader() and "
-                "retain_dataloader() (DataLoaders over indexable datasets): sample deletion has no labels to add."
+                "retain_dataloader() (DataLoaders over indexable datasets of (x, y) items)."
             )
         positions, labels = torch.as_tensor(positions, dtype=torch.long), torch.as_tensor(labels, dtype=torch.long)
         size = len(self._retain.dataset)
@@ -181,8 +187,14 @@ class ExtendedForgetData(pl.LightningDataModule):
         self.retain_set = Subset(self._retain.dataset, keep.nonzero().flatten().tolist())
 
     def _like(self, loader: DataLoader, dataset: Dataset) -> DataLoader:
-        shuffle = isinstance(loader.sampler, RandomSampler)
-        return DataLoader(dataset, batch_size=loader.batch_size, shuffle=shuffle, num_workers=loader.num_workers)
+        return DataLoader(
+            dataset,
+            batch_size=loader.batch_size,
+            shuffle=isinstance(loader.sampler, RandomSampler),
+            num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn,
+            pin_memory=loader.pin_memory,
+        )
 
     def forget_dataloader(self) -> DataLoader:
         return self._like(self._forget, self.forget_set)

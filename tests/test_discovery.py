@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TensorDataModule
 from test_iterated import NAMES, float64_model, forget_loss_by_hand, unlearn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from lightning_sa_unlearn import FirstOrder, FixedStep, PoisonedLabelDataModule
 from lightning_sa_unlearn.discovery import ExtendedForgetData, rank_suspects
@@ -110,11 +110,11 @@ def test_extended_forget_data_moves_the_candidates_from_d_r_into_d_f_with_their_
     assert torch.equal(fy, torch.cat([known_y, retain_y[positions]]))  # D_f: the labels the model was trained on
     assert torch.equal(cy, torch.cat([dm.corrected_set.tensors[1], labels]))  # D̃_f: the new labels
     assert [len(b[1]) for b in forget] == [len(b[1]) for b in corrected]
-    rx = torch.cat([b[0] for b in extended.retain_dataloader()])
-    assert len(rx) == len(retain_x) - 3
     kept = torch.ones(len(retain_x), dtype=torch.bool)
     kept[positions] = False
-    assert torch.equal(rx.flatten(1).sum(1).sort().values, retain_x[kept].flatten(1).sum(1).sort().values)
+    rx = torch.stack([x for x, _ in extended.retain_set])
+    assert torch.equal(rx, retain_x[kept]) and len(rx) == len(retain_x) - 3
+    assert isinstance(extended.retain_dataloader().sampler, RandomSampler)  # shuffled, as the source's
     assert extended.train_dataloader().dataset is dm.train_set and extended.target_class == dm.target_class
 
 
@@ -163,3 +163,44 @@ def test_a_second_round_on_extended_forget_data_takes_the_closed_form_over_the_m
     gradient = torch.autograd.grad(loss, [params[n] for n in NAMES])
     for name, g in zip(NAMES, gradient):
         torch.testing.assert_close(dict(model.named_parameters())[name], params[name] - tau * g, rtol=1e-10, atol=1e-12)
+
+
+class Branchy(torch.nn.Module):
+    """Not a chain: a traced split (torch.fx) shares its trunk; BatchNorm and dropout behave as in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Dropout(0.5))
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.trunk(x)
+        return self.head(torch.relu(h) + 0.1 * h)
+
+
+def test_a_traced_split_of_a_model_in_train_mode_scores_as_in_eval_mode_and_keeps_its_modes():
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 4).double(), torch.randint(0, 3, (40,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    before = Branchy().double()
+    with torch.no_grad():
+        before.trunk[1].running_mean.uniform_(-1, 1)
+    after = copy.deepcopy(before)
+    with torch.no_grad():
+        after.head.weight.add_(torch.randn(3, 6).double())
+    state = {k: v.clone() for k, v in before.state_dict().items()}
+    suspects = rank_suspects(after.train(), loader, before=before.train())
+    assert suspects.passes == {"forward": 40, "forward_above": 80}
+    assert after.training and before.training and after.trunk[2].training
+    assert all(torch.equal(state[k], v) for k, v in before.state_dict().items())
+    with torch.no_grad():
+        by_hand = F.cross_entropy(after.eval()(x), y, reduction="none") - F.cross_entropy(
+            before.eval()(x), y, reduction="none"
+        )
+    torch.testing.assert_close(suspects.scores, by_hand[suspects.positions], rtol=1e-12, atol=1e-12)
+
+
+def test_an_empty_loader_is_refused():
+    loader = DataLoader(TensorDataset(torch.zeros(0, 2, 2).double(), torch.zeros(0, dtype=torch.long)), batch_size=2)
+    with pytest.raises(ValueError, match="empty loader"):
+        rank_suspects(tiny(0), loader)
