@@ -88,7 +88,7 @@ def test_the_targets_of_issue_24_rebuild_from_the_committed_results(tmp_path):
     assert json.loads((tmp_path / "targets.json").read_text()) == json.loads((folder / "targets.json").read_text())
 
 
-@pytest.mark.parametrize("name", ["discovery"])
+@pytest.mark.parametrize("name", ["discovery", "discovery_cifar10_cpu"])
 def test_the_committed_discovery_table_and_targets_rebuild_from_their_json(name, tmp_path):
     load("discovery").main(["--from-json", str(RESULTS / "v0_3" / f"{name}.json"), "--out", str(tmp_path)])
     assert (tmp_path / f"{name}.md").read_bytes() == (RESULTS / "v0_3" / f"{name}.md").read_bytes()
